@@ -19,7 +19,7 @@ from higgs_tune.errors import HiggsTuneError
 _COMMANDS = {
     "make-tiny": "higgs_tune.tiny_cli:make_tiny_command",
     "prepare": "higgs_tune.data.commands:prepare_command",
-    "inspect": "higgs_tune.data.commands:inspect_command",
+    "inspect": "higgs_tune.data.inspect_cli:inspect_command",
     "convert": "higgs_tune.model.commands:convert_command",
     "train": "higgs_tune.train.commands:train_command",
     "demo": "higgs_tune.train.commands:demo_command",
