@@ -33,3 +33,7 @@ def demo_manifest() -> Path:
 @pytest.fixture(scope="session")
 def demo_heldout() -> Path:
     return DEMO_DIR / "heldout.jsonl"
+
+
+# Prepared code caches of the demo data (tests/fixtures_data.py): demo_cache, demo_heldout_cache.
+from fixtures_data import demo_cache, demo_heldout_cache  # noqa: E402,F401

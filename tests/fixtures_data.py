@@ -1,0 +1,32 @@
+"""Session fixtures: the bundled demo data prepared into code caches with the tiny stack.
+
+tests/conftest.py imports them (`from fixtures_data import demo_cache, demo_heldout_cache`),
+so every test can ask for `demo_cache` / `demo_heldout_cache` (a cache folder Path; open it
+with `higgs_tune.data.cache.CodeCache.open`). Preparing the 26 + 6 demo clips with the tiny
+codec takes a few seconds.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from higgs_tune.data.prepare import prepare_manifest
+
+
+def prepare_demo_cache(manifest: Path, model_dir: Path, out_dir: Path, **kw) -> Path:
+    """Prepare `manifest` with the tiny stack into `out_dir` (strict, no progress bars)."""
+    return prepare_manifest(manifest, model_dir, out_dir, progress=False, **kw).cache_dir
+
+
+@pytest.fixture(scope="session")
+def demo_cache(tiny_dir, demo_manifest, tmp_path_factory) -> Path:
+    """Code cache of examples/data/demo/manifest.jsonl: 26 clips, 2 with an explicit ref_audio."""
+    return prepare_demo_cache(demo_manifest, tiny_dir, tmp_path_factory.mktemp("demo_cache") / "cache")
+
+
+@pytest.fixture(scope="session")
+def demo_heldout_cache(tiny_dir, demo_heldout, tmp_path_factory) -> Path:
+    """Code cache of examples/data/demo/heldout.jsonl: 6 clips, 2 per speaker."""
+    return prepare_demo_cache(demo_heldout, tiny_dir, tmp_path_factory.mktemp("demo_heldout_cache") / "cache")
