@@ -1,0 +1,63 @@
+"""`higgs-tune train CONFIG.yaml [key=value ...]` and `higgs-tune demo [--out DIR]`."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import click
+
+from higgs_tune.config import ConfigError
+from higgs_tune.errors import HiggsTuneError
+
+
+class ConfigProblem(HiggsTuneError):
+    """A config that failed validation (the message lists every problem)."""
+
+
+def _setup_logging(verbose: bool) -> None:
+    from rich.logging import RichHandler
+
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
+                        handlers=[RichHandler(show_path=False, show_time=False, markup=False)], force=True)
+    for noisy in ("transformers", "accelerate", "peft", "torch", "urllib3", "filelock", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@click.command("train", context_settings={"ignore_unknown_options": True})
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.argument("overrides", nargs=-1, type=click.UNPROCESSED)
+@click.option("--resume", default=None, help="'auto' (newest verified checkpoint of output_dir) or a checkpoint folder.")
+@click.option("--resume-weights-only", is_flag=True, help="Start a new run from the --resume checkpoint's weights (fresh optimizer, schedule and data order).")
+@click.option("--overwrite", is_flag=True, help="Replace higgs-tune's own artefacts in a non-empty output_dir.")
+@click.option("--verbose", is_flag=True, help="Debug logging.")
+def train_command(config, overrides, resume, resume_weights_only, overwrite, verbose):
+    """Fine-tune Higgs Audio v2 as CONFIG.yaml says; OVERRIDES are section.key=value pairs."""
+    from higgs_tune.config import load_config
+    from higgs_tune.train.recipe import train
+
+    _setup_logging(verbose)
+    try:
+        cfg = load_config(config, list(overrides))
+    except ConfigError as e:
+        raise ConfigProblem(str(e)) from None
+    if resume_weights_only and not resume:
+        raise ConfigProblem("--resume-weights-only needs --resume PATH (the checkpoint whose weights to start from).")
+    result = train(cfg, resume=resume, overwrite=overwrite, resume_weights_only=resume_weights_only)
+    click.echo(f"done: {result.steps} steps; final weights in {result.final_dir}")
+
+
+@click.command("demo")
+@click.option("--out", "out_dir", default="demo-run", show_default=True, type=click.Path(file_okay=False),
+              help="Folder for the tiny stack, the code caches and the run.")
+@click.option("--max-steps", type=int, default=None, help="Override the preset's train.max_steps.")
+@click.option("--overwrite", is_flag=True, help="Start the demo run afresh if DIR/run exists.")
+@click.option("--verbose", is_flag=True)
+def demo_command(out_dir, max_steps, overwrite, verbose):
+    """Fine-tune the tiny offline Higgs stack on the bundled demo data (CPU, a few minutes),
+    evaluate it and write DIR/run/report.html."""
+    from higgs_tune.train.demo import run_demo
+
+    _setup_logging(verbose)
+    report = run_demo(Path(out_dir), max_steps=max_steps, overwrite=overwrite)
+    click.echo(f"demo finished; open {report}")

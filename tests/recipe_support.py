@@ -1,0 +1,34 @@
+"""Configs for recipe tests: the demo preset pointed at the session's tiny stack and caches."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from higgs_tune.config import config_from_dict
+
+
+def preset_dict(tiny_dir: Path, train_cache: Path, heldout_cache: Path | None, output_dir: Path) -> dict:
+    from importlib.resources import files as res_files
+
+    text = res_files("higgs_tune.resources").joinpath("demo-tiny-cpu.yaml").read_text(encoding="utf-8")
+    for key, value in {"TINY_MODEL": tiny_dir, "DEMO_CACHE": train_cache,
+                       "DEMO_HELDOUT_CACHE": heldout_cache or "", "OUTPUT_DIR": output_dir}.items():
+        text = text.replace("${" + key + "}", str(value))
+    data = yaml.safe_load(text)
+    data["logging"]["report_to"] = []  # no TensorBoard files in tests
+    return data
+
+
+def small_config(tiny_dir, train_cache, heldout_cache, output_dir, overrides=()):
+    """The demo preset, small and fast: no eval/samples unless overridden."""
+    data = preset_dict(tiny_dir, train_cache, heldout_cache, output_dir)
+    base = ["train.sample_steps=null", "train.eval_steps=null", "checkpoint.keep_best=false",
+            "data.eval_cache=null"]
+    return config_from_dict(data, base + list(overrides))
+
+
+def write_config(path: Path, cfg) -> Path:
+    cfg.save(path)
+    return path
