@@ -8,7 +8,11 @@ Nothing here imports torch: the config is checked before any model is loaded.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import difflib
+import re
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,9 +20,15 @@ from typing import Any
 
 import yaml
 
+from higgs_tune.errors import HiggsTuneError
 
-class ConfigError(ValueError):
-    """One or more problems in a config; `problems` holds one line per problem."""
+
+class ConfigError(HiggsTuneError, ValueError):
+    """One or more problems in a config; `problems` holds one line per problem.
+
+    A HiggsTuneError so the CLI prints it without a traceback; a ValueError for callers
+    that treat it as bad input.
+    """
 
     def __init__(self, problems: list[str], source: str | None = None):
         self.problems = list(problems)
@@ -138,17 +148,34 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     # ------------------------------------------------------------------ validation
-    def validate(self, source: str | None = None) -> "Config":
-        """Collect every problem; raise one ConfigError listing them all."""
+    def validate(self, source: str | None = None, given: set[str] | None = None) -> "Config":
+        """Collect every problem; raise one ConfigError listing them all.
+
+        `given`: the dotted keys the user set (from `config_from_dict`). Options that only
+        matter in another mode are contradictions when given explicitly; for a Config built
+        in code (given=None) they count as given when they differ from the default.
+        """
         p: list[str] = []
-        m, f, d, t, c = self.model, self.finetune, self.data, self.train, self.checkpoint
+        m, f, d, t, c, h = self.model, self.finetune, self.data, self.train, self.checkpoint, self.health
 
         def one_of(name, value, allowed):
             if value not in allowed:
-                p.append(f"{name}: {value!r} is not one of {', '.join(map(str, allowed))}.")
+                close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
+                hint = f" Did you mean {close[0]!r}?" if close else ""
+                p.append(f"{name}: {value!r} is not one of {', '.join(map(str, allowed))}.{hint}")
+
+        def was_given(section: str, name: str) -> bool:
+            if given is not None:
+                return f"{section}.{name}" in given
+            obj = getattr(self, section)
+            default = next(x for x in dataclasses.fields(obj) if x.name == name)
+            value = default.default_factory() if default.default is dataclasses.MISSING else default.default
+            return getattr(obj, name) != value
 
         one_of("model.dtype", m.dtype, ("bfloat16", "float16", "float32"))
         one_of("model.attn_implementation", m.attn_implementation, ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"))
+        if not m.name_or_path:
+            p.append("model.name_or_path is empty: give a hub id or a local checkpoint folder.")
         one_of("finetune.mode", f.mode, ("lora", "full"))
         known_pathways = ("text_attn", "text_mlp", "audio_mlp", "audio_attn")
         known_modules = ("audio_lm_head", "audio_embeddings", "text_lm_head", "text_embeddings", "audio_attn")
@@ -158,6 +185,10 @@ class Config:
             one_of("finetune.train_modules", name, known_modules)
         for name in f.freeze:
             one_of("finetune.freeze", name, tuple(dict.fromkeys(known_pathways + known_modules)))
+        for name in ("pathways", "train_modules", "freeze"):
+            dup = sorted({x for x in getattr(f, name) if getattr(f, name).count(x) > 1})
+            if dup:
+                p.append(f"finetune.{name} lists {', '.join(dup)} more than once: list each once.")
         if f.mode == "lora":
             if not f.pathways and not f.train_modules:
                 p.append("finetune.pathways is empty in lora mode: nothing would be trained. Name at least one pathway.")
@@ -165,24 +196,34 @@ class Config:
                 p.append("finetune.freeze is a full-mode option; in lora mode everything outside the adapters is frozen already. Remove it.")
             if f.lora_r <= 0:
                 p.append(f"finetune.lora_r must be > 0, got {f.lora_r}.")
+            if f.lora_alpha <= 0:
+                p.append(f"finetune.lora_alpha must be > 0, got {f.lora_alpha}.")
             if not 0 <= f.lora_dropout < 1:
                 p.append(f"finetune.lora_dropout must be in [0, 1), got {f.lora_dropout}.")
-        else:
-            defaults = FinetuneConfig()
+            overlap = sorted(set(f.pathways) & set(f.train_modules))
+            if overlap:
+                p.append(f"finetune: {', '.join(overlap)} is both a LoRA pathway and a fully trained module: choose one (remove it from pathways or train_modules).")
+        elif f.mode == "full":
             lora_fields = ("lora_r", "lora_alpha", "lora_dropout", "use_rslora", "use_dora")
-            changed = [n for n in lora_fields if getattr(f, n) != getattr(defaults, n)]
+            changed = [n for n in lora_fields if was_given("finetune", n)]
             if changed:
                 p.append(f"finetune.{', finetune.'.join(changed)} set in full mode: LoRA options have no effect there. Remove them or use mode: lora.")
-            if f.pathways != defaults.pathways and f.pathways:
-                p.append("finetune.pathways set in full mode: all weights are trained; use finetune.freeze to keep parts frozen.")
+            if f.pathways and was_given("finetune", "pathways"):
+                p.append("finetune.pathways set in full mode: all weights are trained; use finetune.freeze to keep parts frozen (or pathways: []).")
+            if f.train_modules:
+                p.append("finetune.train_modules set in full mode: every module is trained already. Remove it (use finetune.freeze to keep parts frozen).")
         if "audio_attn" in f.pathways + f.train_modules and not m.audio_self_attention:
             p.append("finetune names audio_attn but model.audio_self_attention is false: set it true or remove audio_attn.")
+        if "text_lm_head" in f.train_modules and not m.use_text_head:
+            p.append("finetune.train_modules has text_lm_head but model.use_text_head is false: set use_text_head true or remove text_lm_head.")
 
         if not d.train_cache:
             p.append("data.train_cache is required: the folder written by `higgs-tune prepare`.")
         one_of("data.task", d.task, ("tts", "voice_clone", "mixed"))
         if not 0 <= d.clone_probability <= 1:
             p.append(f"data.clone_probability must be in [0, 1], got {d.clone_probability}.")
+        if d.task != "mixed" and was_given("data", "clone_probability"):
+            p.append(f"data.clone_probability is used only with data.task: mixed (task is {d.task!r}). Remove it or set task: mixed.")
         if not 0 <= d.eval_fraction < 1:
             p.append(f"data.eval_fraction must be in [0, 1), got {d.eval_fraction}.")
         if d.eval_cache and d.eval_fraction:
@@ -193,15 +234,25 @@ class Config:
         if d.max_sequence_length > d.max_tokens_per_batch:
             p.append(f"data.max_sequence_length ({d.max_sequence_length}) exceeds data.max_tokens_per_batch ({d.max_tokens_per_batch}): the longest sample would not fit a batch. Raise the budget.")
         if d.num_workers < 0:
-            p.append("data.num_workers must be >= 0.")
+            p.append(f"data.num_workers must be >= 0, got {d.num_workers}.")
 
         lw = self.loss
         if lw.text_weight < 0 or lw.audio_weight < 0:
-            p.append("loss.text_weight and loss.audio_weight must be >= 0.")
+            p.append(f"loss.text_weight and loss.audio_weight must be >= 0, got {lw.text_weight} and {lw.audio_weight}.")
         if lw.text_weight == 0 and lw.audio_weight == 0:
-            p.append("loss.text_weight and loss.audio_weight are both 0: nothing would be learned.")
+            p.append("loss.text_weight and loss.audio_weight are both 0: nothing would be learned. Set one > 0.")
         if lw.text_weight > 0 and not m.use_text_head:
             p.append("loss.text_weight > 0 but model.use_text_head is false: set use_text_head true or text_weight 0.")
+        if lw.codebook_weights is not None:
+            if any(w < 0 for w in lw.codebook_weights) or not any(w > 0 for w in lw.codebook_weights):
+                p.append(f"loss.codebook_weights must be >= 0 with at least one > 0, got {lw.codebook_weights}.")
+            if lw.audio_weight == 0:
+                p.append("loss.codebook_weights is set but loss.audio_weight is 0: the audio loss is off. Remove one of them.")
+
+        if h.chance_after_steps < 0 or h.copy_check_steps < 0:
+            p.append("health.chance_after_steps and health.copy_check_steps must be >= 0.")
+        if not 0 < h.chance_tolerance < 1:
+            p.append(f"health.chance_tolerance must be in (0, 1), got {h.chance_tolerance}.")
 
         if t.max_steps is None and t.num_epochs is None:
             p.append("train.max_steps or train.num_epochs is required.")
@@ -211,41 +262,56 @@ class Config:
             p.append(f"train.num_epochs must be > 0, got {t.num_epochs}.")
         if t.learning_rate <= 0:
             p.append(f"train.learning_rate must be > 0, got {t.learning_rate}.")
+        if t.weight_decay < 0:
+            p.append(f"train.weight_decay must be >= 0, got {t.weight_decay}.")
         if len(t.adam_betas) != 2 or not all(0 <= b < 1 for b in t.adam_betas):
             p.append(f"train.adam_betas must be two numbers in [0, 1), got {t.adam_betas}.")
         one_of("train.lr_scheduler", t.lr_scheduler, ("cosine", "linear", "constant"))
         one_of("train.mixed_precision", t.mixed_precision, ("no", "bf16", "fp16"))
         if t.gradient_accumulation_steps < 1:
-            p.append("train.gradient_accumulation_steps must be >= 1.")
+            p.append(f"train.gradient_accumulation_steps must be >= 1, got {t.gradient_accumulation_steps}.")
+        if t.max_grad_norm < 0:
+            p.append(f"train.max_grad_norm must be >= 0 (0 disables clipping), got {t.max_grad_norm}.")
         if t.warmup_steps < 0:
-            p.append("train.warmup_steps must be >= 0.")
-        if t.max_steps is not None and t.warmup_steps > t.max_steps:
-            p.append(f"train.warmup_steps ({t.warmup_steps}) exceeds train.max_steps ({t.max_steps}).")
+            p.append(f"train.warmup_steps must be >= 0, got {t.warmup_steps}.")
+        if t.max_steps is not None and t.max_steps > 0 and t.warmup_steps > t.max_steps:
+            p.append(f"train.warmup_steps ({t.warmup_steps}) exceeds train.max_steps ({t.max_steps}): the peak learning rate would never be reached. Lower warmup_steps.")
         for name in ("log_steps", "eval_steps", "sample_steps"):
             v = getattr(t, name)
             if v is not None and v <= 0:
                 p.append(f"train.{name} must be > 0 (or null), got {v}.")
+        if t.sample_steps is not None and t.num_samples < 1:
+            p.append(f"train.num_samples must be >= 1 when train.sample_steps is set, got {t.num_samples}.")
         if t.mixed_precision == "fp16" and m.dtype == "bfloat16":
             p.append("train.mixed_precision fp16 with model.dtype bfloat16: use bf16, or load float32/float16 weights.")
 
         if not c.output_dir:
             p.append("checkpoint.output_dir is required: the run folder for checkpoints, metrics and samples.")
+        if c.output_dir_fallback is not None and c.output_dir and Path(c.output_dir_fallback) == Path(c.output_dir):
+            p.append("checkpoint.output_dir_fallback is the same folder as checkpoint.output_dir: give another disk's folder or remove it.")
         if c.save_steps <= 0:
             p.append(f"checkpoint.save_steps must be > 0, got {c.save_steps}.")
         if c.save_total_limit is not None and c.save_total_limit < 1:
-            p.append("checkpoint.save_total_limit must be >= 1 (or null to keep all).")
+            p.append(f"checkpoint.save_total_limit must be >= 1 (or null to keep all), got {c.save_total_limit}.")
         one_of("checkpoint.on_save_error", c.on_save_error, ("abort", "continue"))
+        if c.min_free_gb < 0:
+            p.append(f"checkpoint.min_free_gb must be >= 0, got {c.min_free_gb}.")
+        has_eval = bool(d.eval_cache or d.eval_fraction)
         if c.keep_best:
             if t.eval_steps is None:
                 p.append("checkpoint.keep_best needs train.eval_steps: the best checkpoint is chosen by eval loss.")
-            elif c.save_steps % t.eval_steps:
-                p.append(f"checkpoint.save_steps ({c.save_steps}) is not a multiple of train.eval_steps ({t.eval_steps}): with keep_best every save needs a fresh eval loss.")
-            if not d.eval_cache and not d.eval_fraction:
+            elif t.eval_steps > 0 and c.save_steps > 0 and c.save_steps % t.eval_steps:
+                p.append(f"checkpoint.save_steps ({c.save_steps}) is not a multiple of train.eval_steps ({t.eval_steps}): with keep_best every save needs a fresh eval loss. Make save_steps a multiple of eval_steps.")
+            if not has_eval:
                 p.append("checkpoint.keep_best needs a held-out split: set data.eval_cache or data.eval_fraction.")
-        if t.eval_steps is not None and not d.eval_cache and not d.eval_fraction:
+        if t.eval_steps is not None and not has_eval:
             p.append("train.eval_steps is set but there is no held-out split: set data.eval_cache or data.eval_fraction.")
         for name in self.logging.report_to:
             one_of("logging.report_to", name, ("tensorboard", "wandb", "trackio", "none"))
+        if "none" in self.logging.report_to and len(self.logging.report_to) > 1:
+            p.append(f"logging.report_to lists none beside {', '.join(x for x in self.logging.report_to if x != 'none')}: use [none] alone or drop it.")
+        if self.logging.preview_samples < 0:
+            p.append(f"logging.preview_samples must be >= 0, got {self.logging.preview_samples}.")
 
         if p:
             raise ConfigError(p, source)
@@ -262,42 +328,93 @@ class Config:
 ALIASES = {("model", "use_audio_out_self_attention"): "audio_self_attention"}
 
 
-def _build(cls, data: Any, path: str, problems: list[str]):
-    """Instantiate dataclass `cls` from a mapping, recording unknown keys and type errors."""
+def _section_classes() -> dict[str, type]:
+    hints = typing.get_type_hints(Config)
+    return {f.name: hints[f.name] for f in dataclasses.fields(Config)}
+
+
+def _did_you_mean(section: str, key: str) -> str:
+    """A hint for an unknown key: close names in its section, or the section where it lives."""
+    classes = _section_classes()
+    if not section:
+        close = difflib.get_close_matches(str(key), list(classes), n=2, cutoff=0.6)
+        return f" Did you mean {' or '.join(close)}?" if close else f" Sections: {', '.join(classes)}."
+    elsewhere = [s for s, cls in classes.items() if s != section and key in {x.name for x in dataclasses.fields(cls)}]
+    if elsewhere:  # the right name in the wrong section beats a near miss in this one
+        return f" It belongs in another section: {elsewhere[0]}.{key}."
+    names = [x.name for x in dataclasses.fields(classes[section])] if section in classes else []
+    close = difflib.get_close_matches(str(key), names, n=2, cutoff=0.6)
+    if close:
+        return f" Did you mean {' or '.join(f'{section}.{c}' for c in close)}?"
+    return ""
+
+
+def _build(cls, data: Any, path: str, problems: list[str], given: set[str], bad: set[str]):
+    """Instantiate dataclass `cls` from a mapping, recording unknown keys and type errors.
+
+    `given` collects the dotted keys present; `bad` the keys (or sections) whose value was
+    rejected here, so that validation does not add a second, derived complaint about them.
+    """
     if not isinstance(data, dict):
-        problems.append(f"{path or 'config'}: expected a mapping, got {type(data).__name__}.")
+        problems.append(f"{path or 'config'}: expected a mapping of settings, got {type(data).__name__} {data!r}.")
+        bad.add(path)
         return cls()
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
+    section = path.split(".")[-1] if path else ""
     kwargs = {}
-    for key, value in data.items():
-        section = path.split(".")[-1] if path else ""
-        key = ALIASES.get((section, key), key)
-        full = f"{path}.{key}" if path else key
+    seen_as: dict[str, str] = {}
+    for raw_key, value in data.items():
+        key = ALIASES.get((section, raw_key), raw_key)
+        full = f"{path}.{key}" if path else str(key)
         if key not in names:
-            close = [n for n in names if n.startswith(str(key)[:4])]
-            hint = f" Did you mean {', '.join(sorted(close))}?" if close else ""
-            problems.append(f"{full}: unknown key.{hint}")
+            problems.append(f"{path + '.' if path else ''}{raw_key}: unknown key.{_did_you_mean(section, raw_key)}")
             continue
+        if key in seen_as:
+            problems.append(f"{path}.{raw_key} and {path}.{seen_as[key]} are the same setting: keep only {path}.{key}.")
+            bad.add(full)
+            continue
+        seen_as[key] = raw_key
+        given.add(full)
         hint = hints[key]
+        if isinstance(value, _Override):
+            # `key=value` from the command line: the YAML reading of the text, unless the
+            # setting is a string and YAML made something else of it (`Speak: slowly.`).
+            ok, _ = _coerce(value.parsed, hint)
+            value = value.parsed if ok or not _coerce(value.raw, hint)[0] else value.raw
         if dataclasses.is_dataclass(hint):
-            kwargs[key] = _build(hint, value, full, problems)
+            if value is None:  # an empty section in YAML (`train:` with nothing under it)
+                value = {}
+            kwargs[key] = _build(hint, value, full, problems, given, bad)
         else:
             ok, coerced = _coerce(value, hint)
             if not ok:
                 problems.append(f"{full}: expected {_type_name(hint)}, got {value!r}.")
+                bad.add(full)
                 continue
             kwargs[key] = coerced
     return cls(**kwargs)
 
 
 def _type_name(hint) -> str:
+    """The expected type in words: `float | None` -> "a number or null"."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _type_name(a) for a in args)
+    if origin is list:
+        return f"a list of {_type_name(args[0]).split(' ', 1)[-1]}s" if args else "a list"
+    if isinstance(hint, type):
+        return {"str": "a string", "int": "an integer", "float": "a number", "bool": "true or false"}.get(hint.__name__, hint.__name__)
     return str(hint).replace("typing.", "")
+
+
+# YAML 1.1 (PyYAML) reads `3e-4` as a string (it wants `3.0e-4`): accept such numbers for floats.
+_FLOAT_RE = re.compile(r"^[-+]?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?$")
 
 
 def _coerce(value: Any, hint) -> tuple[bool, Any]:
     origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return True, None
         for a in args:
@@ -326,39 +443,68 @@ def _coerce(value: Any, hint) -> tuple[bool, Any]:
     if hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return True, float(value)
+        if isinstance(value, str) and _FLOAT_RE.match(value.strip()):
+            return True, float(value)
         return False, value
     if hint is str:
         return (isinstance(value, str), value)
     return isinstance(value, hint), value
 
 
+@dataclass(frozen=True)
+class _Override:
+    """An override's value: its text and the YAML reading of it (`_build` picks by type)."""
+
+    raw: str
+    parsed: Any
+
+
 def apply_overrides(data: dict, overrides: list[str], problems: list[str]) -> dict:
-    """Apply `section.key=value` overrides; values are parsed as YAML (`3e-4`, `[a, b]`, `null`)."""
+    """Apply `section.key=value` overrides in place; values are parsed as YAML (`3e-4`, `[a, b]`, `null`)."""
     for item in overrides:
         if "=" not in item:
-            problems.append(f"override {item!r}: expected section.key=value.")
+            problems.append(f"override {item!r}: expected section.key=value, e.g. train.learning_rate=3e-4.")
             continue
         dotted, raw = item.split("=", 1)
-        parts = dotted.strip().split(".")
+        parts = [x.strip() for x in dotted.strip().split(".")]
+        if len(parts) < 2 or not all(parts):
+            problems.append(f"override {item!r}: expected section.key=value, e.g. train.learning_rate=3e-4.")
+            continue
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as e:
+            problems.append(f"override {item!r}: the value is not valid YAML ({str(e).splitlines()[0]}). Quote it.")
+            continue
         node = data
         for part in parts[:-1]:
-            node = node.setdefault(part, {})
+            if node.get(part) is None:
+                node[part] = {}
+            node = node[part]
             if not isinstance(node, dict):
                 problems.append(f"override {item!r}: {part} is not a section.")
                 break
         else:
-            node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+            node[parts[-1]] = _Override(raw.strip(), value)
     return data
 
 
 def config_from_dict(data: dict, overrides: list[str] = (), source: str | None = None) -> Config:
+    """Build and validate a Config from a mapping (+ overrides); one ConfigError lists every problem."""
     problems: list[str] = []
-    data = apply_overrides(dict(data or {}), list(overrides), problems)
-    cfg = _build(Config, data, "", problems)
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError([f"the config must be a mapping of sections (model, finetune, data, ...), got {type(data).__name__}."], source)
+    data = apply_overrides(copy.deepcopy(data), list(overrides), problems)
+    given: set[str] = set()
+    bad: set[str] = set()
+    cfg = _build(Config, data, "", problems, given, bad)
     try:
-        cfg.validate(source)
+        cfg.validate(source, given)
     except ConfigError as e:
-        problems.extend(e.problems)
+        # A value rejected while reading was replaced by its default; validation messages
+        # about that key would describe the default, not what the user wrote: drop them.
+        problems.extend(x for x in e.problems if not any(re.search(rf"(?<![\w.]){re.escape(b)}(?![\w])", x) for b in bad))
     if problems:
         raise ConfigError(problems, source)
     return cfg
@@ -371,10 +517,26 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError([f"config file {path} does not exist."]) from None
+    except IsADirectoryError:
+        raise ConfigError([f"config file {path} is a folder: give the YAML file."]) from None
     except UnicodeDecodeError as e:
         raise ConfigError([f"config file {path} is not UTF-8 ({e.reason} at byte {e.start})."]) from None
     try:
-        data = yaml.safe_load(text) or {}
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise ConfigError([f"config file {path} is not valid YAML: {e}"]) from None
     return config_from_dict(data, overrides, source=str(path))
+
+
+def config_help() -> str:
+    """Every setting with its type, default and help text (for `higgs-tune train --help-config`)."""
+    lines = []
+    for section, cls in _section_classes().items():
+        lines.append(f"{section}:")
+        hints = typing.get_type_hints(cls)
+        for fld in dataclasses.fields(cls):
+            default = fld.default_factory() if fld.default is dataclasses.MISSING else fld.default
+            lines.append(f"  {fld.name} ({_type_name(hints[fld.name])}, default {default!r}): {fld.metadata.get('help', '')}")
+    aliases = ", ".join(f"{s}.{a} -> {s}.{c}" for (s, a), c in ALIASES.items())
+    lines.append(f"aliases: {aliases}")
+    return "\n".join(lines)
