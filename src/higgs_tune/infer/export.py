@@ -1,0 +1,176 @@
+"""`higgs-tune export`: base model + adapter -> one merged folder that plain `transformers` loads.
+
+    export_merged("models/higgs", "runs/x/final", "models/higgs-mine")
+
+The LoRA deltas are merged into the base weights with PEFT's `merge_and_unload` (fully
+trained modules, `modules_to_save`, replace their base copies; audio self-attention blocks,
+when the run added them, are merged and saved with the rest). A full fine-tune's weights are
+loaded onto the base and saved the same way. The folder written:
+
+    config.json, generation_config.json, model.safetensors   HiggsAudioV2ForConditionalGeneration
+    tokenizer.json, tokenizer_config.json, chat_template.jinja
+    processor_config.json                                     audio tokenizer path -> OUT/audio_tokenizer
+    audio_tokenizer/                                          copied from the base (codec unchanged)
+    higgs_tune_export.json                                    base, adapter, dtype, text head, audio attention
+
+so `HiggsAudioV2ForConditionalGeneration.from_pretrained(OUT)` and
+`HiggsAudioV2Processor.from_pretrained(OUT)` work without higgs-tune, and give the outputs of
+base + adapter (tests/test_infer_export.py compares greedy codes). `generation_config.json`
+keeps the base's repetition-aware sampling settings (`ras_win_len`, ...).
+
+Two things plain `transformers` cannot know, recorded in `higgs_tune_export.json`:
+- `use_text_head`: pass `use_text_head=True` to `from_pretrained` to keep `text_lm_head`
+  (only needed to train further with a text loss; generation does not use it);
+- `audio_self_attention`: the added blocks are higgs-tune modules. transformers ignores their
+  weights (a different model!); load such an export with higgs-tune
+  (`model.audio_self_attention: true`, or `higgs-tune generate --model OUT`).
+
+The folder is written under a temporary name and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from higgs_tune.errors import ModelLoadError, OutputDirError
+
+EXPORT_MARKER = "higgs_tune_export.json"
+AUDIO_TOKENIZER_DIR = "audio_tokenizer"
+
+
+@dataclass
+class ExportResult:
+    out_dir: Path
+    merged_lora: bool  # False: full fine-tune weights (nothing to merge)
+    audio_self_attention: bool
+    use_text_head: bool
+    num_parameters: int
+    notes: list[str] = field(default_factory=list)
+
+
+def _check_out_dir(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise OutputDirError(f"{out} exists and is a file. Choose a folder path for the export.")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise OutputDirError(f"{out} is not empty. Choose an empty or new folder, or pass --overwrite to replace it.")
+        if not (out / EXPORT_MARKER).is_file():
+            raise OutputDirError(
+                f"{out} is not empty and was not written by `higgs-tune export` (no {EXPORT_MARKER}); "
+                "--overwrite only replaces earlier exports. Choose another folder."
+            )
+
+
+def export_merged(
+    model: str | Path | None,
+    adapter: str | Path,
+    out_dir: str | Path,
+    *,
+    dtype: str = "float32",
+    audio_tokenizer: str | Path | None = None,
+    overwrite: bool = False,
+) -> ExportResult:
+    """Merge `adapter` (a run's checkpoint-N/ or final/, or a PEFT folder) into `model` and save to `out_dir`.
+
+    `model` None: the base recorded in the checkpoint's config.yaml. `dtype`: the saved weights'
+    dtype (merging runs in it; float32 is exact, bfloat16 halves the size).
+    """
+    from peft import PeftModel
+
+    from higgs_tune.infer.generate import _adapter_needs_text_head, load_inference_stack
+    from higgs_tune.model.audio_attention import has_audio_self_attention
+    from higgs_tune.model.load import TEXT_HEAD_KEY, checkpoint_keys, resolve_audio_tokenizer, resolve_checkpoint
+
+    out = Path(out_dir)
+    _check_out_dir(out, overwrite)
+    adapter = Path(adapter)
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ModelLoadError(f"export dtype {dtype!r} is not one of float32, bfloat16, float16.")
+
+    # Keep the text head when the base has one or the adapter trained it: the export is then a
+    # complete checkpoint to fine-tune further (from_pretrained drops it unless asked).
+    stack_base = model
+    if stack_base is None:
+        from higgs_tune.infer.generate import _adapter_base_from_checkpoint
+
+        stack_base = _adapter_base_from_checkpoint(adapter) if adapter.is_dir() else None
+    text_head = None
+    if stack_base is not None:
+        base_folder = resolve_checkpoint(stack_base)
+        text_head = TEXT_HEAD_KEY in checkpoint_keys(base_folder) or (adapter.is_dir() and _adapter_needs_text_head(adapter))
+    stack = load_inference_stack(
+        stack_base, adapter, device="cpu", dtype=dtype, audio_tokenizer=audio_tokenizer, use_text_head=text_head
+    )
+    net = stack.model
+    merged_lora = isinstance(net, PeftModel)
+    if merged_lora:
+        net = net.merge_and_unload()
+    # A merged model is a plain checkpoint: nothing in it points back at the adapter.
+    net.config.name_or_path = str(out)
+    for p in net.parameters():
+        p.requires_grad_(False)
+    audio_attn = has_audio_self_attention(net)
+    use_text_head = net.text_lm_head is not None
+
+    base_folder = resolve_checkpoint(stack.base)
+    codec_source = Path(resolve_audio_tokenizer(base_folder, audio_tokenizer))
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".tmp-{out.name}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    try:
+        tmp.mkdir()
+        net.save_pretrained(str(tmp))
+        codec_dir = tmp / AUDIO_TOKENIZER_DIR
+        if codec_source.is_dir():
+            shutil.copytree(codec_source, codec_dir)
+        else:  # a Hub id: save the loaded codec
+            stack.processor.audio_tokenizer.save_pretrained(str(codec_dir))
+        processor = stack.processor
+        # processor_config.json records where the audio tokenizer lives: the copy in the export.
+        processor.audio_tokenizer.name_or_path = str((out / AUDIO_TOKENIZER_DIR).resolve())
+        processor.save_pretrained(str(tmp))
+        recorded = json.loads((tmp / "processor_config.json").read_text(encoding="utf-8"))["audio_tokenizer"]
+        if recorded.get("audio_tokenizer_name_or_path") != str((out / AUDIO_TOKENIZER_DIR).resolve()):
+            raise ModelLoadError(
+                f"processor_config.json recorded the audio tokenizer as {recorded!r} instead of the exported copy; "
+                "this transformers version saves processors differently. Report it with the transformers version."
+            )
+        notes = list(stack.notes)
+        if audio_attn:
+            notes.append(
+                "this model has higgs-tune's audio self-attention blocks: plain transformers ignores their weights "
+                "(a different model). Load it with higgs-tune (model.audio_self_attention: true, or `higgs-tune generate --model OUT`)."
+            )
+        marker = {
+            "format": "higgs-tune-export",
+            "base_model": stack.base,
+            "adapter": str(adapter),
+            "merged_lora": merged_lora,
+            "dtype": dtype,
+            "use_text_head": use_text_head,
+            "audio_self_attention": audio_attn,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "notes": notes,
+        }
+        (tmp / EXPORT_MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return ExportResult(
+        out_dir=out,
+        merged_lora=merged_lora,
+        audio_self_attention=audio_attn,
+        use_text_head=use_text_head,
+        num_parameters=sum(p.numel() for p in net.parameters()),
+        notes=notes,
+    )
