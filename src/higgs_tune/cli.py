@@ -60,3 +60,7 @@ class _LazyGroup(click.Group):
 @click.version_option(package_name="higgs-tune")
 def main():
     """higgs-tune: fine-tune Higgs Audio v2 (LoRA or full), with the training signal checked."""
+
+
+if __name__ == "__main__":
+    main()

@@ -248,6 +248,54 @@ def load_trainable(base_model, in_dir: str | Path, is_trainable: bool = False):
     return base_model
 
 
+def verify_trainable(model, folder: str | Path) -> None:
+    """Check that `save_trainable(model, folder)` wrote exactly the weights `model` holds now.
+
+    Reads the saved safetensors back (no model is built, so this is cheap even at 3B) and
+    compares every tensor bit for bit with the live weights: LoRA -> the adapter state dict
+    PEFT would save (+ audio self-attention extras), full -> the whole state dict. Also parses
+    adapter_config.json the way peft does. Raises ModelLoadError naming the first mismatch.
+    """
+    from peft import PeftConfig, PeftModel, get_peft_model_state_dict
+    from safetensors import safe_open
+
+    from higgs_tune.model.load import checkpoint_keys
+
+    folder = Path(folder)
+    if isinstance(model, PeftModel):
+        PeftConfig.from_pretrained(str(folder))  # the config peft will read
+        expected = {k: v for k, v in get_peft_model_state_dict(model).items()}
+        files = {k: folder / "adapter_model.safetensors" for k in expected}
+        extras = _audio_attention_extras(model)
+        expected.update(extras)
+        files.update({k: folder / EXTRA_WEIGHTS for k in extras})
+    else:
+        expected = dict(model.state_dict())
+        files = checkpoint_keys(folder)
+        # save_pretrained drops tied/ignored keys; every key it wrote must match the model
+        expected = {k: v for k, v in expected.items() if k in files}
+        if not expected:
+            raise ModelLoadError(f"{folder}: none of the saved tensors belongs to the model being trained.")
+    handles = {}
+    try:
+        for key, tensor in expected.items():
+            path = files.get(key)
+            if path is None or not path.is_file():
+                raise ModelLoadError(f"{folder}: {key} was not saved ({path.name if path else 'no file'} missing).")
+            if path not in handles:
+                handles[path] = safe_open(str(path), framework="pt")
+            f = handles[path]
+            if key not in f.keys():
+                raise ModelLoadError(f"{path}: tensor {key} is missing.")
+            saved = f.get_tensor(key)
+            live = tensor.detach().to("cpu")
+            if saved.shape != live.shape or saved.dtype != live.dtype or not torch.equal(saved, live):
+                raise ModelLoadError(f"{path}: tensor {key} differs from the weights in memory "
+                                     f"(saved {tuple(saved.shape)} {saved.dtype}, live {tuple(live.shape)} {live.dtype}).")
+    finally:
+        handles.clear()
+
+
 def _load_exact(model, tensors: dict[str, torch.Tensor], where, only_audio_attention: bool) -> None:
     expected = set(model.state_dict())
     if only_audio_attention:

@@ -22,6 +22,7 @@ wrapper would step it once per process).
 from __future__ import annotations
 
 import contextlib
+import datetime
 import logging
 import math
 import time
@@ -40,6 +41,7 @@ DATA_REPORT_FILE = "data_report.txt"
 SAMPLES_DIR = "samples"
 INSPECT_BATCHES = 4  # batches inspected before the model loads
 PREVIEW_EVERY_LOGS = 5  # the prediction preview is printed every 5th log step (and at step 1)
+PROCESS_GROUP_TIMEOUT_MIN = 60
 SAMPLE_MAX_COLUMNS = 400  # generated audio columns per sample prompt (16 s at 25 frames/s)
 
 
@@ -51,6 +53,7 @@ class TrainResult:
     steps: int
     last_metrics: dict
     warnings: list
+    model: object = None  # the trained model (unwrapped; a PeftModel in lora mode)
 
 
 # ----------------------------------------------------------------------------- data
@@ -155,10 +158,10 @@ def train(cfg: Config, *, resume: str | None = None, overwrite: bool = False,
     (random labels, an injected NaN) to prove that the health checks fire.
     """
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import InitProcessGroupKwargs, set_seed
 
     from higgs_tune.model.load import load_model, load_processor
-    from higgs_tune.model.lora import apply_finetuning, load_trainable, parameter_report, save_trainable
+    from higgs_tune.model.lora import apply_finetuning, load_trainable, parameter_report, save_trainable, verify_trainable
     from higgs_tune.train.checkpoint import CheckpointManager, find_resume_checkpoint, load_training_state
     from higgs_tune.train.health import HealthMonitor
     from higgs_tune.train.logging import MetricsLogger, reduce_metrics
@@ -168,12 +171,17 @@ def train(cfg: Config, *, resume: str | None = None, overwrite: bool = False,
 
     t, ck = cfg.train, cfg.checkpoint
     # --- setup: processes, seed, output folder (checked before any model loads) ----------------
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=t.mixed_precision)
+    # rank 0 writes (and verifies) a full-model checkpoint while the others wait at a barrier
+    pg_timeout = InitProcessGroupKwargs(timeout=datetime.timedelta(minutes=PROCESS_GROUP_TIMEOUT_MIN))
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=t.mixed_precision,
+                              kwargs_handlers=[pg_timeout])
     set_seed(t.seed)
     run_dir = prepare_output_dir(cfg, overwrite=overwrite, resume=resume, estimate_bytes=rough_checkpoint_bytes(cfg))
     resume_from = find_resume_checkpoint(run_dir, resume) if resume else None
+    # resuming a run that died before its first checkpoint restarts it at step 0
+    resume_step = _checkpoint_step(resume_from) if resume_from else (0 if resume else None)
     logger = MetricsLogger(run_dir, cfg.logging.report_to, accelerator.is_main_process,
-                           resume_step=_checkpoint_step(resume_from) if resume_from else None, config=cfg.to_dict())
+                           resume_step=resume_step, config=cfg.to_dict())
     say = logger.console.print if accelerator.is_main_process else (lambda *a, **k: None)
     say(f"run folder: {run_dir} · {accelerator.num_processes} process(es) on {accelerator.device}")
 
@@ -210,19 +218,18 @@ def train(cfg: Config, *, resume: str | None = None, overwrite: bool = False,
     wrapped, optimizer = accelerator.prepare(loss_module, optimizer)
     health = HealthMonitor.for_model(cfg.health, cfg.loss, model.config, processor.tokenizer, on_warning=logger.log_warning)
 
-    def verify_weights(folder: Path) -> None:
-        # the saved trainable weights must load back onto a fresh base model
-        load_trainable(load_model(cfg.model), folder)
-
+    # every save is read back and compared bit for bit with the weights in memory
     checkpoints = CheckpointManager(run_dir, accelerator, ck, save_weights=lambda d: save_trainable(model, d),
-                                    verify_weights=verify_weights,
+                                    verify_weights=lambda d: verify_trainable(model, d),
                                     estimate_bytes=estimate_checkpoint_bytes(model, cfg.finetune.mode))
 
     # --- resume: optimizer, scheduler, RNG of this rank, step, data position -------------------
     step, epoch = 0, 0
     if resume_from is not None and not resume_weights_only:
+        # last before the loop: it restores this rank's RNG streams
         state = load_training_state(resume_from, optimizer=optimizer, scheduler=scheduler, config=cfg,
-                                    world_size=accelerator.num_processes, rank=accelerator.process_index)
+                                    grad_scaler=accelerator.scaler, world_size=accelerator.num_processes,
+                                    rank=accelerator.process_index)
         step, epoch = state.step, int(state.epoch)
         data.sampler.load_state_dict(state.sampler_state)
         say(f"resumed from {resume_from} at step {step} (epoch {epoch}, batch {state.sampler_state['batches_consumed']})")
@@ -278,7 +285,7 @@ def train(cfg: Config, *, resume: str | None = None, overwrite: bool = False,
                                                       step=step, num_samples=cfg.logging.preview_samples,
                                                       stream_eos_id=data.tokens.stream_eos))
         if data.eval_set is not None and t.eval_steps and (step % t.eval_steps == 0 or step == total_steps):
-            eval_metrics = evaluate(wrapped, loss_module, data, accelerator)
+            eval_metrics = evaluate(wrapped, data, accelerator)
             logger.log(step, eval_metrics, split="eval")
             eval_loss = eval_metrics["loss"]
             wrapped.train()
@@ -301,7 +308,7 @@ def train(cfg: Config, *, resume: str | None = None, overwrite: bool = False,
     logger.close()
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    return TrainResult(run_dir, Path(final_dir), checkpoints.best, step, last_metrics, warnings)
+    return TrainResult(run_dir, Path(final_dir), checkpoints.best, step, last_metrics, warnings, model)
 
 
 # ----------------------------------------------------------------------------- loop helpers
@@ -333,7 +340,7 @@ def _checkpoint_step(folder: Path) -> int:
 
 
 @torch.no_grad()
-def evaluate(wrapped, loss_module, data: TrainData, accelerator) -> dict:
+def evaluate(wrapped, data: TrainData, accelerator) -> dict:
     """Token-weighted loss and accuracies over this rank's share of the held-out set, reduced."""
     from higgs_tune.train.logging import reduce_metrics
     from higgs_tune.train.loss import StepMetrics
@@ -368,11 +375,14 @@ def write_samples(model, processor, data: TrainData, out_dir: Path, n: int, acce
     """Generate the fixed prompts on the main process and save WAVs (other ranks wait)."""
     from higgs_tune.infer.generate import SamplingOptions, generate_speech, write_wav
 
+    from higgs_tune.train.distributed import preserved_rng
+
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
         unwrapped = accelerator.unwrap_model(model)
         options = SamplingOptions(temperature=0.0, ras_win_len=None, max_new_tokens=SAMPLE_MAX_COLUMNS, seed=0)
-        results = generate_speech(unwrapped, processor, data.tokens, sample_requests(data, n), options)
+        with preserved_rng():  # how often samples are made must not change the training run
+            results = generate_speech(unwrapped, processor, data.tokens, sample_requests(data, n), options)
         for r in results:
             write_wav(out_dir / f"{r.id}.wav", r.wav, r.sample_rate)
         logger.log_event("samples", step, folder=str(out_dir), files=[f"{r.id}.wav" for r in results],

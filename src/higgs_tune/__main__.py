@@ -1,0 +1,5 @@
+"""`python -m higgs_tune` = the higgs-tune command."""
+
+from higgs_tune.cli import main
+
+main()

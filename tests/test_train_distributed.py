@@ -1,0 +1,70 @@
+"""Two processes on CPU (torchrun, gloo): identical weights on both ranks, one save per
+checkpoint with every rank's RNG state, exact resume in two processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from recipe_support import small_config
+
+HERE = Path(__file__).resolve().parent
+TORCHRUN = Path(sys.executable).with_name("torchrun")
+pytestmark = pytest.mark.multiproc
+
+
+def _torchrun(config: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(HERE) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "PYTHONUNBUFFERED": "1", "COLUMNS": "500", "OMP_NUM_THREADS": "1"}
+    cmd = [str(TORCHRUN), "--standalone", "--nproc_per_node", "2", str(HERE / "dist_train_script.py"), str(config), str(out), *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+
+
+def _train_losses(run_dir: Path) -> dict[int, float]:
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: (r["loss"], r["grad_norm"]) for r in rows if r.get("event") == "metrics" and r["split"] == "train"}
+
+
+def test_two_processes_train_save_once_and_resume_exactly(tiny_dir, demo_cache, tmp_path):
+    overrides = ["train.max_steps=4", "train.log_steps=1", "train.warmup_steps=1", "checkpoint.save_steps=2"]
+    run = tmp_path / "run"
+    config = tmp_path / "run.yaml"
+    small_config(tiny_dir, demo_cache, None, run, overrides).save(config)
+    p = _torchrun(config, tmp_path / "weights")
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
+
+    # both ranks hold the same trained weights
+    r0, r1 = (load_file(tmp_path / "weights" / f"rank{r}.safetensors") for r in (0, 1))
+    assert r0.keys() == r1.keys() and len(r0) > 0
+    for k in r0:
+        assert torch.equal(r0[k], r1[k]), k
+
+    # one folder per checkpoint, written once, holding both ranks' RNG states
+    assert sorted(x.name for x in run.iterdir() if x.name.startswith(("checkpoint-", "final", ".tmp"))) == ["checkpoint-2", "final"]
+    state = torch.load(run / "checkpoint-2" / "training_state.pt", weights_only=True)
+    assert state["world_size"] == 2 and len(state["rng"]) == 2
+    assert json.loads((run / "checkpoint-2" / "manifest.json").read_text())["world_size"] == 2
+
+    # resume from checkpoint-2 in two processes: steps 3-4 equal the uninterrupted run
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(run / "checkpoint-2", resumed / "checkpoint-2")
+    shutil.copy(run / "config.yaml", resumed / "config.yaml")
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    (resumed / "metrics.jsonl").write_text("\n".join(x for x in lines if json.loads(x).get("step", 0) <= 2) + "\n")
+    config2 = tmp_path / "resumed.yaml"
+    small_config(tiny_dir, demo_cache, None, resumed, overrides).save(config2)
+    p = _torchrun(config2, tmp_path / "weights2", "--resume", "auto")
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
+    assert _train_losses(resumed) == _train_losses(run)
+    w = load_file(tmp_path / "weights2" / "rank0.safetensors")
+    for k in r0:
+        assert torch.equal(w[k], r0[k]), k
