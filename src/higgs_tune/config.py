@@ -190,8 +190,9 @@ class Config:
             if dup:
                 p.append(f"finetune.{name} lists {', '.join(dup)} more than once: list each once.")
         if f.mode == "lora":
-            if not f.pathways and not f.train_modules:
-                p.append("finetune.pathways is empty in lora mode: nothing would be trained. Name at least one pathway.")
+            if not f.pathways:
+                p.append("finetune.pathways is empty in lora mode: LoRA needs at least one pathway (text_attn, text_mlp, "
+                         "audio_mlp, audio_attn). To train only finetune.train_modules, use mode: full with freeze for the rest.")
             if f.freeze:
                 p.append("finetune.freeze is a full-mode option; in lora mode everything outside the adapters is frozen already. Remove it.")
             if f.lora_r <= 0:
