@@ -96,3 +96,30 @@ def test_nan_stops_the_run_naming_step_samples_and_checkpoint(tiny_dir, demo_cac
     # the good checkpoint is intact and no final/ was written from a broken model
     assert (tmp_path / "run" / "checkpoint-2" / "manifest.json").is_file()
     assert not (tmp_path / "run" / "final").exists()
+
+
+def test_resume_weights_only_starts_a_new_run_from_trained_weights(tiny_dir, demo_cache, tmp_path):
+    common = ["train.log_steps=1", "train.warmup_steps=1", "checkpoint.save_steps=1000", "loss.text_weight=0"]
+    first = train(small_config(tiny_dir, demo_cache, None, tmp_path / "a", ["train.max_steps=6", *common]))
+    fresh = _records(first.run_dir)[0]["audio_loss"]
+    second = train(small_config(tiny_dir, demo_cache, None, tmp_path / "b", ["train.max_steps=1", *common]),
+                   resume=str(first.final_dir), resume_weights_only=True)
+    start = _records(second.run_dir)[0]
+    assert start["step"] == 1  # a new run: step, schedule and data order start afresh
+    assert start["audio_loss"] < fresh - 0.3  # but from the trained weights
+
+
+def test_train_cli_reports_every_config_problem_at_once(tmp_path):
+    from click.testing import CliRunner
+
+    from higgs_tune.cli import main
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  dtype: float8\ntrain:\n  learning_rate: -1\n  max_stepz: 3\nfinetune:\n  mode: lora\n  pathways: [text_attn, nope]\n")
+    result = CliRunner().invoke(main, ["train", str(bad), "loss.text_weight=-2"])
+    assert result.exit_code == 2
+    out = result.output
+    assert "Traceback" not in out
+    for needle in ["model.dtype", "train.learning_rate", "train.max_stepz", "finetune.pathways", "nope",
+                   "loss.text_weight", "data.train_cache", "checkpoint.output_dir"]:
+        assert needle in out, needle

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import click
@@ -41,10 +42,11 @@ def train_command(config, overrides, resume, resume_weights_only, overwrite, ver
         cfg = load_config(config, list(overrides))
     except ConfigError as e:
         raise ConfigProblem(str(e)) from None
-    if resume_weights_only and not resume:
-        raise ConfigProblem("--resume-weights-only needs --resume PATH (the checkpoint whose weights to start from).")
+    if resume_weights_only and (not resume or resume == "auto"):
+        raise ConfigProblem("--resume-weights-only needs --resume PATH: the checkpoint folder whose weights start the new run.")
     result = train(cfg, resume=resume, overwrite=overwrite, resume_weights_only=resume_weights_only)
-    click.echo(f"done: {result.steps} steps; final weights in {result.final_dir}")
+    if int(os.environ.get("RANK", "0")) == 0:
+        click.echo(f"done: {result.steps} steps; final weights in {result.final_dir}")
 
 
 @click.command("demo")

@@ -176,10 +176,16 @@ def train(cfg: Config, *, resume: str | None = None, overwrite: bool = False,
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=t.mixed_precision,
                               kwargs_handlers=[pg_timeout])
     set_seed(t.seed)
-    run_dir = prepare_output_dir(cfg, overwrite=overwrite, resume=resume, estimate_bytes=rough_checkpoint_bytes(cfg))
+    # --resume-weights-only starts a new run (its own, empty folder) from another run's weights
+    continuing = resume if not resume_weights_only else None
+    run_dir = prepare_output_dir(cfg, overwrite=overwrite, resume=continuing, estimate_bytes=rough_checkpoint_bytes(cfg))
     resume_from = find_resume_checkpoint(run_dir, resume) if resume else None
+    if resume_weights_only and resume_from is None:
+        raise CheckpointError(f"--resume-weights-only {resume}: no checkpoint found there. Name a checkpoint folder.")
     # resuming a run that died before its first checkpoint restarts it at step 0
-    resume_step = _checkpoint_step(resume_from) if resume_from else (0 if resume else None)
+    resume_step = None
+    if continuing:
+        resume_step = _checkpoint_step(resume_from) if resume_from else 0
     logger = MetricsLogger(run_dir, cfg.logging.report_to, accelerator.is_main_process,
                            resume_step=resume_step, config=cfg.to_dict())
     say = logger.console.print if accelerator.is_main_process else (lambda *a, **k: None)
@@ -242,6 +248,7 @@ def train(cfg: Config, *, resume: str | None = None, overwrite: bool = False,
     window_metrics = StepMetrics()
     last_ckpt = str(resume_from) if resume_from else None
     last_metrics, eval_loss, tokens_seen, tic = {}, None, 0, time.perf_counter()
+    first_batch_checked = False
     wrapped.train()
     while step < total_steps:
         # One optimizer step = `accum` micro-batches. Count the step's tokens on every rank first,
@@ -258,8 +265,9 @@ def train(cfg: Config, *, resume: str | None = None, overwrite: bool = False,
             with sync:
                 with accelerator.autocast():
                     out = wrapped(**batch)  # through the DDP wrapper: its hooks fire
-                if step == 0 and i == 0:
+                if not first_batch_checked:  # layout/shift checks on the run's first batch
                     health.check_batch(step, batch, out)
+                    first_batch_checked = True
                 accelerator.backward(out.loss_for_step(counts, scale=accelerator.num_processes))
             window_metrics.add(out)
             tokens_seen += int(batch["attention_mask"].sum())
