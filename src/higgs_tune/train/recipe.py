@@ -362,15 +362,21 @@ def evaluate(wrapped, data: TrainData, accelerator) -> dict:
 
 
 def sample_requests(data: TrainData, n: int) -> list:
-    """The fixed prompts generated during training: the first n held-out (else training) clips,
-    each cloned from another clip of its speaker (or plain TTS when it has none)."""
+    """The fixed prompts generated during training: n held-out (else training) clips, one per
+    speaker in turn, each cloned from another clip of its speaker (plain TTS when it has none)."""
     from higgs_tune.infer.generate import GenerationRequest
 
     source = data.eval_set if data.eval_set is not None else data.train_set
     pool = list(data.train_set.entries)
     cache = data.train_set.cache
+    # one clip per speaker first (round robin), so the samples cover the voices
+    by_speaker: dict[str, list] = {}
+    for entry in source.entries:
+        by_speaker.setdefault(entry.speaker, []).append(entry)
+    queues = list(by_speaker.values())
+    chosen = [q[i] for i in range(max(map(len, queues), default=0)) for q in queues if i < len(q)][:n]
     requests = []
-    for entry in source.entries[:n]:
+    for entry in chosen:
         ref = next((e for e in pool if e.speaker == entry.speaker and e.id != entry.id), None)
         if ref is None:
             requests.append(GenerationRequest(text=entry.text, id=entry.id))
