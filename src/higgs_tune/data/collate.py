@@ -183,18 +183,40 @@ class TokenBudgetBatchSampler:
         return batches
 
     def _pack(self, indices: list[int], lengths: Sequence[int]) -> list[list[int]]:
-        """Greedy: extend the batch while (size + 1) x longest <= max_tokens and size < max_batch_size."""
-        batches, batch, longest = [], [], 0
-        for i in indices:
-            new_longest = max(longest, lengths[i])
-            if batch and (len(batch) >= self.max_batch_size or (len(batch) + 1) * new_longest > self.max_tokens):
-                batches.append(batch)
-                batch, new_longest = [], lengths[i]
-            batch.append(i)
-            longest = new_longest
-        if batch:
-            batches.append(batch)
-        return batches
+        """Cut `indices` (in order; sorted by length within a bucket) into contiguous batches:
+        the fewest batches that respect the budget, and among those the least padding.
+
+        Dynamic programme over cut points: best[j] = (batches, padded tokens) for indices[:j];
+        a batch indices[i:j] is allowed when j - i <= max_batch_size and (j - i) x its longest
+        <= max_tokens. Greedy fill-to-the-limit would instead pack a run of short samples with
+        the first long ones, paying their padding (20% on the bimodal demo data, 6-9% here).
+        """
+        n = len(indices)
+        if n == 0:
+            return []
+        lens = [lengths[i] for i in indices]
+        prefix = [0]
+        for v in lens:
+            prefix.append(prefix[-1] + v)
+        inf = (float("inf"), float("inf"))
+        best: list[tuple[float, float]] = [(0, 0)] + [inf] * n
+        cut = [0] * (n + 1)
+        for j in range(1, n + 1):
+            longest = 0
+            for i in range(j - 1, max(-1, j - 1 - self.max_batch_size), -1):
+                longest = max(longest, lens[i])
+                size = j - i
+                if size * longest > self.max_tokens:
+                    break  # a longer batch only grows `size x longest`
+                batches, padding = best[i]
+                candidate = (batches + 1, padding + size * longest - (prefix[j] - prefix[i]))
+                if candidate < best[j]:
+                    best[j], cut[j] = candidate, i
+        out, j = [], n
+        while j > 0:
+            out.append(indices[cut[j]:j])
+            j = cut[j]
+        return out[::-1]
 
     def _equalize(self, batches: list[list[int]], lengths: Sequence[int]) -> list[list[int]]:
         """Make len(batches) divisible by num_replicas so every rank runs the same steps."""
