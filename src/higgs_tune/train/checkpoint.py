@@ -496,6 +496,15 @@ def _failure_fix(e: BaseException, final: bool) -> str:
     return "Earlier checkpoints are intact: fix the cause above, then resume with --resume auto."
 
 
+def require_unsharded(accelerator) -> None:
+    """Refuse FSDP / DeepSpeed / Megatron runs: their optimizer state differs on every rank, and
+    saving rank 0's state would silently lose the others. Call it before any model loads."""
+    kind = accelerator.distributed_type  # a str enum: compares equal to its name
+    if kind in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+        raise CheckpointError(f"checkpoints of {kind.value} runs (sharded optimizer state) are not supported yet: "
+                              "launch with plain data parallelism (accelerate launch --multi_gpu).")
+
+
 class CheckpointManager:
     """Writes, verifies, rotates and indexes the checkpoints of one run folder.
 
@@ -525,11 +534,7 @@ class CheckpointManager:
         self._estimate = estimate_bytes
         self._failures = 0
         if accelerator is not None:
-            # A sharded optimizer (FSDP, DeepSpeed ZeRO) has a different state on every rank;
-            # saving rank 0's state would silently lose the others.
-            kind = accelerator.distributed_type  # a str enum: compares equal to its name
-            if kind in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
-                raise CheckpointError(f"checkpoints of {kind.value} runs (sharded optimizer state) are not supported: launch with plain data parallelism (accelerate launch --multi_gpu).")
+            require_unsharded(accelerator)
             if accelerator.num_processes != dist_utils.world_size():
                 raise CheckpointError(f"the accelerator has {accelerator.num_processes} processes but torch.distributed reports {dist_utils.world_size()}: the process group is not set up as accelerate expects.")
         self.is_main = dist_utils.is_main()

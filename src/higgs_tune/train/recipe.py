@@ -107,7 +107,7 @@ def train(cfg: Config, *, resume: str | None = None, overwrite: bool = False,
 
     from higgs_tune.model.load import load_model, load_processor
     from higgs_tune.model.lora import apply_finetuning, load_trainable, parameter_report, save_trainable, verify_trainable
-    from higgs_tune.train.checkpoint import CheckpointManager, find_resume_checkpoint, load_training_state
+    from higgs_tune.train.checkpoint import CheckpointManager, find_resume_checkpoint, load_training_state, require_unsharded
     from higgs_tune.train.health import HealthMonitor
     from higgs_tune.train.logging import MetricsLogger, reduce_metrics
     from higgs_tune.train.loss import HiggsLossModule, StepMetrics, TokenCounts
@@ -120,6 +120,7 @@ def train(cfg: Config, *, resume: str | None = None, overwrite: bool = False,
     pg_timeout = InitProcessGroupKwargs(timeout=datetime.timedelta(minutes=PROCESS_GROUP_TIMEOUT_MIN))
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=t.mixed_precision,
                               kwargs_handlers=[pg_timeout])
+    require_unsharded(accelerator)  # before anything loads: FSDP/DeepSpeed checkpoints are not supported
     set_seed(t.seed)
     # --resume-weights-only starts a new run (its own, empty folder) from another run's weights
     continuing = resume if not resume_weights_only else None
