@@ -67,8 +67,8 @@ def run_demo(out: Path, *, max_steps: int | None = None, overwrite: bool = False
         log.info("building the tiny Higgs Audio v2 stack in %s", tiny)
         make_tiny(tiny, seed=0, overwrite=True)
     for name, manifest in (("train", data / "manifest.jsonl"), ("heldout", data / "heldout.jsonl")):
-        result = prepare_manifest(manifest, tiny, out / "cache" / name, progress=False)
-        log.info("prepared %s: %s", name, result)
+        r = prepare_manifest(manifest, tiny, out / "cache" / name, progress=False)
+        log.info("prepared %s: %d clips (%d encoded, %d reused from the cache) in %s", name, r.entries, r.encoded, r.reused, r.cache_dir)
 
     cfg = demo_config(out, max_steps)
     run = train(cfg, overwrite=overwrite)
