@@ -116,6 +116,7 @@ def train(cfg: Config, *, resume: str | None = None, overwrite: bool = False,
 
     t, ck = cfg.train, cfg.checkpoint
     # --- setup: processes, seed, output folder (checked before any model loads) ----------------
+    _fresh_accelerate_state()
     # rank 0 writes (and verifies) a full-model checkpoint while the others wait at a barrier
     pg_timeout = InitProcessGroupKwargs(timeout=datetime.timedelta(minutes=PROCESS_GROUP_TIMEOUT_MIN))
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=t.mixed_precision,
@@ -270,6 +271,18 @@ def train(cfg: Config, *, resume: str | None = None, overwrite: bool = False,
 
 
 # ----------------------------------------------------------------------------- loop helpers
+def _fresh_accelerate_state() -> None:
+    """Accelerate keeps its settings (mixed precision, ...) in process-wide singletons. Outside a
+    live process group, clear them so that a second run in the same Python process (a notebook,
+    a benchmark, the tests) gets its own config instead of an error or the first run's settings."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        AcceleratorState._reset_state(reset_partial_state=True)  # noqa: SLF001 - no public reset exists
+        GradientState._reset_state()  # noqa: SLF001
+
+
+
 def _endless(data: TrainData, epoch: int):
     """(epoch, batch) of this rank forever, epoch after epoch, from the sampler's position.
 
