@@ -201,6 +201,24 @@ def test_show_refuses_a_prompt_that_differs_from_the_sample(tiny_dir, tmp_path):
         render_sample(sample, drifted, tokenizer, tokens)
 
 
+def test_show_renders_partial_utf8_tokens_as_bytes(tiny_dir):
+    """Byte-level BPE splits Arabic diacritics (2 UTF-8 bytes) into one-byte tokens; decoded alone each
+    is U+FFFD. --show must print the bytes ("\\xd9" "\\x8e"), not a column of replacement characters."""
+    tokenizer, tokens = _tokens(tiny_dir)
+    text = "مَرْحَبًا"  # meem, fatha (U+064E = d9 8e), reh, sukun (U+0652 = d9 92), ...
+    target = torch.zeros(K, 1, dtype=torch.long)
+    sample = build_sample(Conversation.tts(text), tokenizer, tokens, target_codes=target, sample_id="ar")
+    prompt = {"input_ids": sample["input_ids"][None, : sample["segments"][0].token_start]}
+    rendered = render_sample(sample, prompt, tokenizer, tokens)
+    assert "\ufffd" not in rendered
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    start = next(i for i in range(len(sample["input_ids"])) if sample["input_ids"][i : i + len(ids)].tolist() == ids)
+    lines = {int(line.split()[0]): line.split()[1] for line in rendered.splitlines() if line[:5].strip().isdigit()}
+    shown = [lines[start + i] for i in range(len(ids))]
+    assert shown == ['"م"', '"\\xd9"', '"\\x8e"', '"ر"', '"\\xd9"', '"\\x92"', '"ح"', '"\\xd9"', '"\\x8e"',
+                     '"ب"', '"\\xd9"', '"\\x8b"', '"ا"']
+
+
 def test_show_unknown_id(tiny_dir, tmp_path):
     cache = _hand_made_cache(tmp_path / "cache")
     cfg = _write_config(tmp_path / "run.yaml", _config(tiny_dir, cache, tmp_path / "run", task="tts"))
@@ -266,6 +284,30 @@ def test_missing_and_damaged_index(tmp_path):
     assert f"error: no code cache at {missing} (folder not found)." in result.output
 
 
+@pytest.mark.parametrize("damage, detail", [
+    (lambda i: i["codes"].__setitem__("key_ref", 5), "malformed shards/codes/entries: TypeError: 'int' object is not subscriptable"),
+    (lambda i: i["codes"]["key_ref"].pop("num_frames"), "malformed shards/codes/entries: KeyError: 'num_frames'"),
+    (lambda i: i["shards"].__setitem__("codes-00000.safetensors", 3), "malformed shards/codes/entries: AttributeError: 'int' object has no attribute 'get'"),
+    (lambda i: i["shards"].__setitem__("../elsewhere.bin", {"keys": [], "sha256": ""}), "shard name '../elsewhere.bin' is not codes-NNNNN.safetensors"),
+    (lambda i: i["entries"][0].__setitem__("key", ["key_ref"]), "malformed shards/codes/entries: TypeError: unhashable type: 'list'"),
+    (lambda i: i["entries"][1].__setitem__("text", None), "entry 2 has wrong types for text"),
+    (lambda i: i["entries"][1].__setitem__("num_frames", 7), "entry 'hand_made' lists 7 frames, its codes have 3"),
+    (lambda i: i["header"].__setitem__("num_codebooks", "8"), "header num_codebooks='8', codebook_size=1024, frame_rate=25, sample_rate=24000: expected positive numbers"),
+], ids=["codes-entry", "codes-frames", "shard-meta", "shard-name", "entry-key", "entry-text", "entry-frames", "header-type"])
+def test_index_that_parses_but_is_malformed_is_a_clear_error(tmp_path, damage, detail):
+    """A hand-edited index whose JSON is valid but whose parts have the wrong shape: one error line, no traceback."""
+    cache = _hand_made_cache(tmp_path / "cache")
+    index = json.loads((cache / "index.json").read_text(encoding="utf-8"))
+    damage(index)
+    (cache / "index.json").write_text(json.dumps(index), encoding="utf-8")
+    result = CliRunner().invoke(main, ["inspect", str(cache)])
+    assert result.exit_code == 2, result.output
+    assert result.stderr == (
+        f"error: {cache / 'index.json'} is damaged ({detail}). Fix: rebuild the cache: run "
+        f"`higgs-tune prepare MANIFEST --model MODEL --out {cache}` with --overwrite.\n"
+    )
+
+
 def test_rejects_are_listed(tiny_dir, tmp_path):
     """A manifest with a missing file and a too-short clip, prepared with --skip-invalid."""
     import soundfile as sf
@@ -303,6 +345,8 @@ def test_reason_kinds():
     assert reason_kinds("audio: 'a.wav' is too short: 0.100 s < 0.3 s; text: is empty") == ["audio is too short", "text is empty"]
     assert reason_kinds("audio: 'x.flac' file not found (looked for /data/x.flac)") == ["audio file not found"]
     assert reason_kinds("") == ["unknown"]
+    # counts inside a message do not split a kind: 1 and 3 NaN samples are the same kind of problem
+    assert reason_kinds("audio: 'a.wav' has 1 NaN/Inf sample(s)") == reason_kinds("audio: 'b.wav' has 3 NaN/Inf sample(s)") == ["audio has NaN/Inf samples"]
 
 
 # ----------------------------------------------------------------------------- statistics on hand-made data

@@ -163,6 +163,9 @@ def test_unknown_and_missing_keys(tmp_path, tiny_dir):
         ("emotion", "unknown key", "remove it (known keys: audio, text, speaker, language, id, scene, ref_audio, ref_text)"),
         ("text", "missing required key", 'add "text"'),
     ]
+    # the alias next to the real key: renaming would duplicate it, so the fix is to remove it
+    err = strict_error(tmp_path, tiny_dir, [{**row(), "transcript": "Hello there."}])
+    assert [(p.field, p.message, p.fix) for p in err.problems] == [("transcript", "unknown key", "remove it (the row already has 'text')")]
 
 
 def test_empty_text(tmp_path, tiny_dir):
@@ -277,7 +280,7 @@ def test_valid_rows_parsed_with_defaults(tmp_path):
     manifest = write_manifest(tmp_path, [
         "\ufeff" + json.dumps(row("audio/a.wav", scene="A quiet room.")),
         "",
-        row("audio/b.flac", id="clip-b", ref_audio="audio/a.wav", ref_text="Hello there."),
+        json.dumps(row("audio/b.flac", id="clip-b", ref_audio="audio/a.wav", ref_text="Hello there.")) + "\r",  # CRLF
         {**row("audio/c.wav"), "id": None, "scene": None, "ref_audio": None, "ref_text": None},
     ])
     v = validate_manifest(manifest)
@@ -359,9 +362,17 @@ def test_convert_folder_of_pairs(tmp_path):
         {"id": "spk2_001", "audio": "voices/spk2/001.wav", "text": "مرحبا", "speaker": "spk2", "language": "en"},
     ]
     assert not validate_manifest(result.manifest).problems
-    with pytest.raises(DataError, match="already exists. Fix: pass --overwrite"):
+    written = result.manifest.read_bytes()
+    again = convert_folder(ds, language="en")  # unchanged folder: the manifest is reused as it is
+    assert (again.rows, again.unchanged, result.unchanged) == (3, True, False)
+    assert result.manifest.read_bytes() == written
+    (ds / "solo.txt").write_text("Solo, changed.", encoding="utf-8")
+    with pytest.raises(DataError, match=r"voices.jsonl already exists and differs from what .*voices converts to now. Fix: delete it"):
         convert_folder(ds, language="en")
-    assert convert_folder(ds, language="en", overwrite=True).rows == 3
+    assert result.manifest.read_bytes() == written
+    replaced = convert_folder(ds, language="en", overwrite=True)
+    assert (replaced.rows, replaced.unchanged) == (3, False)
+    assert read_jsonl(result.manifest)[0]["text"] == "Solo, changed."
 
 
 def test_convert_folder_reports_all_problems_and_writes_nothing(tmp_path):
@@ -412,3 +423,24 @@ def test_convert_community_metadata_json(tmp_path, wrapped):
     ]
     assert result.outside_root
     assert [r.id for r in validate_manifest(out, allow_outside_root=True).rows] == ["huo_000", "huo_001"]
+
+
+def test_convert_metadata_numeric_speaker_and_non_string_text(tmp_path):
+    """Numeric speaker ids (common in community datasets) become names; a non-string transcript is
+    reported against metadata.json, where the user can fix it, not against the generated manifest."""
+    ds = tmp_path / "d"
+    tone(ds / "a.wav")
+    tone(ds / "b.wav", freq=330)
+    (ds / "metadata.json").write_text(json.dumps([
+        {"audio_file": "a.wav", "text": "Fine.", "speaker_id": 1034},
+        {"audio_file": "b.wav", "text": 7, "speaker_id": 1034},
+    ]), encoding="utf-8")
+    with pytest.raises(DataError) as e:
+        convert_folder(ds, language="en")
+    assert str(e.value) == (
+        f"cannot convert {ds}: 1 problem(s); nothing was written:\n"
+        f"  - {ds / 'metadata.json'} sample 2: \"text\"/\"transcript\" is int 7, not a string. Fix: write the transcript as a JSON string."
+    )
+    (ds / "metadata.json").write_text(json.dumps([{"audio_file": "a.wav", "text": "Fine.", "speaker_id": 1034}]), encoding="utf-8")
+    result = convert_folder(ds, language="en")
+    assert read_jsonl(result.manifest) == [{"id": "a", "audio": "d/a.wav", "text": "Fine.", "speaker": "1034", "language": "en"}]

@@ -413,11 +413,31 @@ def test_cli_from_folder(tiny_dir, demo_manifest, tmp_path):
     res = runner.invoke(cli, ["prepare", "--from-folder", str(ds), "--language", "en"])
     assert res.exit_code == 0, res.output
     assert res.output == f"wrote {tmp_path / 'speaker_x.jsonl'} (2 rows)\n"
-    res = runner.invoke(cli, ["prepare", "--from-folder", str(ds), "--language", "en", "--model", str(tiny_dir), "--out", str(tmp_path / "c")])
-    assert res.exit_code == 2 and "speaker_x.jsonl already exists. Fix: pass --overwrite" in res.output
-    res = runner.invoke(cli, ["prepare", "--from-folder", str(ds), "--language", "en", "--overwrite", "--model", str(tiny_dir), "--out", str(tmp_path / "c")])
+    # the same folder again, now encoding: the identical manifest is reused, and a second identical
+    # run stays incremental (it used to demand --overwrite, which also rebuilt the cache from scratch)
+    encode = ["prepare", "--from-folder", str(ds), "--language", "en", "--model", str(tiny_dir), "--out", str(tmp_path / "c")]
+    res = runner.invoke(cli, encode)
     assert res.exit_code == 0, res.output
+    assert res.stdout.splitlines()[0] == f"{tmp_path / 'speaker_x.jsonl'} is up to date (2 rows)"
+    assert res.stdout.splitlines()[-1].startswith(f"prepared 2 clips in {tmp_path / 'c'}, 2 encoded, 0 reused")
+    res = runner.invoke(cli, encode)
+    assert res.exit_code == 0, res.output
+    assert res.stdout.splitlines()[-1] == f"prepared 2 clips in {tmp_path / 'c'}, 0 encoded, 2 reused"
+    # a changed folder: the manifest differs, so replacing it needs --overwrite (or deleting it)
+    (ds / "en_a_001.txt").write_text("A new transcript.\n", encoding="utf-8")
+    res = runner.invoke(cli, encode)
+    assert res.exit_code == 2
+    assert res.stderr == (
+        f"error: {tmp_path / 'speaker_x.jsonl'} already exists and differs from what {ds} converts to now. Fix: delete it "
+        "(the code cache stays incremental), pass --overwrite to replace it (with --model/--out this also rebuilds the cache "
+        "from scratch), or pass --manifest-out to write elsewhere.\n"
+    )
+    (tmp_path / "speaker_x.jsonl").unlink()
+    res = runner.invoke(cli, encode)
+    assert res.exit_code == 0, res.output
+    assert res.stdout.splitlines()[-1] == f"prepared 2 clips in {tmp_path / 'c'}, 0 encoded, 2 reused"
     entries = CodeCache.open(tmp_path / "c").entries
+    assert entries[1].text == "A new transcript."
     assert [(e.id, e.speaker, e.audio) for e in entries] == [("en_a_000", "speaker_x", "speaker_x/en_a_000.flac"), ("en_a_001", "speaker_x", "speaker_x/en_a_001.flac")]
 
 

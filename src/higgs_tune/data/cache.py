@@ -50,6 +50,11 @@ REJECTS_NAME = "rejects.jsonl"
 SHARD_RE = re.compile(r"^codes-(\d{5})\.safetensors$")
 TMP_RE = re.compile(r"^\..+\.tmp-\d+$")
 HEADER_KEYS = ("codec_fingerprint", "num_codebooks", "codebook_size", "frame_rate", "sample_rate")
+# Types of an index entry's fields (CacheEntry); a damaged index is refused at open, not mid-training.
+ENTRY_TYPES = {
+    "id": str, "key": str, "speaker": str, "text": str, "language": str, "scene": (str, type(None)),
+    "ref_key": (str, type(None)), "ref_text": (str, type(None)), "duration_s": (int, float), "num_frames": int, "audio": str,
+}
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -160,29 +165,13 @@ class CodeCache:
         except KeyError:
             raise KeyError(f"no codes for key {key!r} in {self.cache_dir}: use an entry's key or ref_key") from None
 
-    @classmethod
-    def open(cls, cache_dir: str | Path) -> "CodeCache":
-        """Load and check a cache folder; DataError naming the file and the fix if it is not usable."""
-        cache_dir = Path(os.path.abspath(cache_dir))
-        if not cache_dir.is_dir():
-            raise DataError(f"no code cache at {cache_dir} (folder not found). Fix: {_fix(cache_dir)}.")
-        index = read_index(cache_dir)
-        if index is None:
-            has_shards = any(SHARD_RE.match(p.name) for p in cache_dir.iterdir())
-            why = "prepare stopped before finishing its first shard" if has_shards else "it is not a prepared cache"
-            raise DataError(f"{cache_dir / INDEX_NAME} not found ({why}). Fix: {_fix(cache_dir)}.")
-        header = index["header"]
-        index_path = cache_dir / INDEX_NAME
-        damaged = f"Fix: rebuild the cache: {_fix(cache_dir, header)} with --overwrite."
-        missing = [k for k in HEADER_KEYS if k not in header]
-        if missing:
-            raise DataError(f"{index_path} is damaged (header lacks {', '.join(missing)}). {damaged}")
-        if index.get("complete") is not True:
-            raise DataError(f"{index_path}: prepare did not finish (interrupted?); the cache is incomplete. Fix: {_fix(cache_dir, header)} again; it resumes from the finished shards.")
-
-        K, V = header["num_codebooks"], header["codebook_size"]
+    @staticmethod
+    def _load_parts(cache_dir: Path, index: dict, index_path: Path, damaged: str, K: int, V: int):
+        """Shards (checksummed), the code map and the entries of a parsed index -> (codes, entries)."""
         codes: dict[str, torch.Tensor] = {}
         for name, meta in index["shards"].items():
+            if not SHARD_RE.match(name):
+                raise DataError(f"{index_path} is damaged (shard name {name!r} is not codes-NNNNN.safetensors). {damaged}")
             path = cache_dir / name
             try:
                 data = path.read_bytes()
@@ -212,10 +201,54 @@ class CodeCache:
             for key in (e["key"], e["ref_key"]):
                 if key is not None and key not in index["codes"]:
                     raise DataError(f"{index_path} is damaged (entry {e['id']!r} refers to codes {key!r} that are not in the cache). {damaged}")
-            entries.append(CacheEntry(**{n: e[n] for n in names}))
+            entry = CacheEntry(**{n: e[n] for n in names})
+            wrong = [n for n, kind in ENTRY_TYPES.items() if not isinstance(getattr(entry, n), kind) or isinstance(getattr(entry, n), bool)]
+            if wrong:
+                raise DataError(f"{index_path} is damaged (entry {i + 1} has wrong types for {', '.join(wrong)}). {damaged}")
+            if entry.num_frames != index["codes"][entry.key]["num_frames"]:
+                raise DataError(
+                    f"{index_path} is damaged (entry {entry.id!r} lists {entry.num_frames} frames, its codes have "
+                    f"{index['codes'][entry.key]['num_frames']}). {damaged}"
+                )
+            entries.append(entry)
         # Only the codes the entries use stay in memory.
         used = {e.key for e in entries} | {e.ref_key for e in entries if e.ref_key}
         codes = {k: v for k, v in codes.items() if k in used}
+        return codes, entries
+
+    @classmethod
+    def open(cls, cache_dir: str | Path) -> "CodeCache":
+        """Load and check a cache folder; DataError naming the file and the fix if it is not usable."""
+        cache_dir = Path(os.path.abspath(cache_dir))
+        if not cache_dir.is_dir():
+            raise DataError(f"no code cache at {cache_dir} (folder not found). Fix: {_fix(cache_dir)}.")
+        index = read_index(cache_dir)
+        if index is None:
+            has_shards = any(SHARD_RE.match(p.name) for p in cache_dir.iterdir())
+            why = "prepare stopped before finishing its first shard" if has_shards else "it is not a prepared cache"
+            raise DataError(f"{cache_dir / INDEX_NAME} not found ({why}). Fix: {_fix(cache_dir)}.")
+        header = index["header"]
+        index_path = cache_dir / INDEX_NAME
+        damaged = f"Fix: rebuild the cache: {_fix(cache_dir, header)} with --overwrite."
+        missing = [k for k in HEADER_KEYS if k not in header]
+        if missing:
+            raise DataError(f"{index_path} is damaged (header lacks {', '.join(missing)}). {damaged}")
+        if index.get("complete") is not True:
+            raise DataError(f"{index_path}: prepare did not finish (interrupted?); the cache is incomplete. Fix: {_fix(cache_dir, header)} again; it resumes from the finished shards.")
+
+        K, V = header["num_codebooks"], header["codebook_size"]
+        def positive(v, kinds) -> bool:
+            return isinstance(v, kinds) and not isinstance(v, bool) and v > 0
+
+        if not (all(positive(header[k], int) for k in ("num_codebooks", "codebook_size"))
+                and all(positive(header[k], (int, float)) for k in ("frame_rate", "sample_rate"))):
+            shown = ", ".join(f"{k}={header[k]!r}" for k in HEADER_KEYS[1:])
+            raise DataError(f"{index_path} is damaged (header {shown}: expected positive numbers). {damaged}")
+        try:
+            codes, entries = cls._load_parts(cache_dir, index, index_path, damaged, K, V)
+        except (KeyError, TypeError, AttributeError, ValueError) as e:
+            # hand-edited or partly overwritten: the JSON parses but its parts have the wrong shape
+            raise DataError(f"{index_path} is damaged (malformed shards/codes/entries: {type(e).__name__}: {e}). {damaged}") from None
 
         rejects_path = cache_dir / REJECTS_NAME
         try:

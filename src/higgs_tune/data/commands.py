@@ -21,7 +21,7 @@ from higgs_tune.data.prepare import DEFAULT_BATCH_SECONDS, DEFAULT_PAD_TOLERANCE
 @click.option("--min-seconds", type=float, default=DEFAULT_MIN_SECONDS, show_default=True, help="Shorter clips are invalid.")
 @click.option("--max-seconds", type=float, default=DEFAULT_MAX_SECONDS, show_default=True, help="Longer clips are invalid.")
 @click.option("--allow-outside-root", is_flag=True, help="Accept audio paths outside the manifest's folder.")
-@click.option("--overwrite", is_flag=True, help="Rebuild CACHE_DIR from scratch (needed when it holds codes of another codec); with --from-folder, replace an existing manifest.")
+@click.option("--overwrite", is_flag=True, help="Rebuild CACHE_DIR from scratch (needed when it holds codes of another codec); with --from-folder, replace an existing manifest that differs (an identical one is reused).")
 @click.option("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, show_default=True, help="Clips per shard file; an interrupted run loses at most one shard of work.")
 @click.option("--device", default=None, help="Device for the codec (default: cuda if available, else cpu).")
 @click.option("--from-folder", "from_folder", type=click.Path(file_okay=False), metavar="DIR", help="Convert a folder of <name>.wav + <name>.txt pairs (or with a metadata.json) into a manifest first.")
@@ -51,7 +51,7 @@ def prepare_command(manifest, model, out_dir, skip_invalid, batch_seconds, pad_t
 
     if from_folder:
         converted = convert_folder(from_folder, manifest_out=manifest_out, overwrite=overwrite, language=language)
-        click.echo(f"wrote {converted.manifest} ({converted.rows} rows)")
+        click.echo(f"{converted.manifest} is up to date ({converted.rows} rows)" if converted.unchanged else f"wrote {converted.manifest} ({converted.rows} rows)")
         if converted.ignored_keys:
             click.echo(f"  metadata.json keys with no manifest field, not copied: {', '.join(converted.ignored_keys)}")
         if converted.outside_root:

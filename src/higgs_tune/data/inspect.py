@@ -173,7 +173,7 @@ def reason_kinds(reason: str) -> list[str]:
     """The kinds of problem in a rejects.jsonl reason, to count rejects by kind.
 
     A reason lists "field: message" parts joined by "; " (`manifest.validate_manifest`); the
-    quoted value, the details after a colon and parenthesised notes are dropped:
+    quoted value, the details after a colon, parenthesised notes and counts are dropped:
     "audio: 'a.wav' is too short: 0.100 s < 0.3 s; text: is empty" -> ["audio is too short", "text is empty"].
     """
     kinds = []
@@ -181,7 +181,8 @@ def reason_kinds(reason: str) -> list[str]:
         field, _, message = part.partition(": ")
         if not message:
             field, message = "", field
-        message = re.sub(r"\([^)]*\)", "", re.sub(r"'[^']*'", "", message)).split(":", 1)[0]
+        message = re.sub(r"'[^']*'", "", message).replace("(s)", "s")
+        message = re.sub(r"\b\d+\b", "", re.sub(r"\([^)]*\)", "", message)).split(":", 1)[0]  # counts do not split a kind
         kinds.append(" ".join(f"{field} {message}".split()) or "unknown")
     return kinds or ["unknown"]
 
@@ -556,6 +557,33 @@ def check_prompt_matches(sample: dict, prompt: dict, tokens) -> int:
     return cut
 
 
+def _byte_decoder() -> dict[str, int]:
+    """The inverse of the GPT-2 / Llama-3 byte-level BPE alphabet (printable stand-in -> byte)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+_BYTE_DECODER = _byte_decoder()
+
+
+def _escape(text: str) -> str:
+    """Quote a token's text; bytes that are not whole UTF-8 characters (surrogate-escaped) as \\xNN."""
+    out = []
+    for ch in text:
+        if "\udc80" <= ch <= "\udcff":
+            out.append(f"\\x{ord(ch) - 0xDC00:02x}")
+        else:
+            out.append({"\\": "\\\\", "\n": "\\n", "\t": "\\t", "\r": "\\r", '"': '\\"'}.get(ch, ch))
+    return '"' + "".join(out) + '"'
+
+
 def _token_text(tokenizer, tok: int, tokens, special_ids: set[int]) -> str:
     if tok == tokens.audio_out:
         return "AO"
@@ -564,7 +592,13 @@ def _token_text(tokenizer, tok: int, tokens, special_ids: set[int]) -> str:
     if tok in special_ids:
         return tokenizer.convert_ids_to_tokens(tok)
     text = tokenizer.decode([tok])
-    return '"' + text.replace("\\", "\\\\").replace("\n", "\\n").replace("\t", "\\t").replace('"', '\\"') + '"'
+    if "\ufffd" in text:
+        # A byte-level BPE token can hold part of a multi-byte character (Arabic diacritics,
+        # CJK, emoji): decoding it alone gives U+FFFD. Show its bytes instead (e.g. "\\xd9").
+        piece = tokenizer.convert_ids_to_tokens(tok)
+        if isinstance(piece, str) and piece and all(c in _BYTE_DECODER for c in piece):
+            text = bytes(_BYTE_DECODER[c] for c in piece).decode("utf-8", errors="surrogateescape")
+    return _escape(text)
 
 
 def _code(v: int, tokens) -> str:

@@ -231,7 +231,10 @@ def _parse_rows(manifest: Path, root: Path, allow_outside_root: bool) -> tuple[l
             if key in KNOWN_KEYS:
                 continue
             target = KEY_ALIASES.get(key) or next(iter(difflib.get_close_matches(key, KNOWN_KEYS, n=1, cutoff=0.75)), None)
-            fix = f"rename it to {target!r}" if target else f"remove it (known keys: {', '.join(KNOWN_KEYS)})"
+            if target and target in obj:
+                fix = f"remove it (the row already has {target!r})"  # renaming would give the row the key twice
+            else:
+                fix = f"rename it to {target!r}" if target else f"remove it (known keys: {', '.join(KNOWN_KEYS)})"
             d.add(key, "unknown key", fix)
         for key in REQUIRED_KEYS:
             if key not in obj:
@@ -344,6 +347,7 @@ class ConvertResult:
     rows: int
     ignored_keys: list[str]  # metadata.json keys that have no manifest equivalent
     outside_root: bool  # some audio lies outside the manifest's folder: prepare needs --allow-outside-root
+    unchanged: bool = False  # the manifest already held exactly these rows: nothing was written
 
 
 def _read_transcript(path: Path, problems: list[str]) -> str | None:
@@ -383,7 +387,12 @@ def _from_metadata(folder: Path, meta_path: Path, language: str | None, problems
         if text is None:
             tfile = s.get("transcript_file")
             text = _read_transcript(folder / tfile if tfile else audio_path.with_suffix(".txt"), problems)
-        speaker = s.get("speaker", s.get("speaker_id")) or folder.name
+        if text is not None and not isinstance(text, str):
+            problems.append(f"{where}: \"text\"/\"transcript\" is {type(text).__name__} {json.dumps(text)[:40]}, not a string. Fix: write the transcript as a JSON string.")
+            continue
+        speaker = s.get("speaker", s.get("speaker_id"))
+        # numeric speaker ids (LibriTTS-style 1034) are names too
+        speaker = str(speaker) if isinstance(speaker, int) and not isinstance(speaker, bool) else speaker or folder.name
         row = {"id": s.get("id") or audio_path.stem, "audio": audio_path, "text": text, "speaker": speaker,
                "language": s.get("language") or language}
         for key in ("scene", "ref_audio", "ref_text"):
@@ -423,15 +432,16 @@ def convert_folder(folder: str | Path, *, manifest_out: str | Path | None = None
     With `metadata.json` in the folder its samples are used (audio_file/audio,
     text/transcript/transcript_file/<stem>.txt, speaker/speaker_id, language, scene, id);
     otherwise every audio file with a same-name .txt, speaker = the folder it sits in.
-    `language` fills rows that have none. All problems are raised at once; an existing
-    manifest is replaced only with overwrite.
+    `language` fills rows that have none. All problems are raised at once. An existing
+    manifest with exactly these rows is kept (`unchanged`); a different one is replaced
+    only with overwrite.
     """
     folder = Path(os.path.abspath(folder))
     if not folder.is_dir():
         raise DataError(f"--from-folder {folder}: not a folder. Fix: give the folder holding the audio and transcripts.")
     out = Path(os.path.abspath(manifest_out)) if manifest_out else folder.parent / f"{folder.name}.jsonl"
-    if out.exists() and not overwrite:
-        raise DataError(f"{out} already exists. Fix: pass --overwrite to replace it, or --manifest-out to write elsewhere.")
+    if out.exists() and not out.is_file():
+        raise DataError(f"{out} is not a file. Fix: pass --manifest-out PATH.jsonl to write the manifest elsewhere.")
 
     problems: list[str] = []
     meta_path = folder / "metadata.json"
@@ -461,6 +471,19 @@ def convert_folder(folder: str | Path, *, manifest_out: str | Path | None = None
                 outside = outside or value.startswith("../")
             record[key] = value
         lines.append(json.dumps(record, ensure_ascii=False))
+    data = ("\n".join(lines) + "\n").encode("utf-8")
+    result = ConvertResult(manifest=out, rows=len(lines), ignored_keys=ignored, outside_root=outside)
+    if out.exists():
+        # Re-running the same `prepare --from-folder ... --out CACHE` must stay incremental:
+        # an unchanged manifest is reused (a changed one needs --overwrite, which rebuilds CACHE too).
+        if out.read_bytes() == data:
+            return dataclasses.replace(result, unchanged=True)
+        if not overwrite:
+            raise DataError(
+                f"{out} already exists and differs from what {folder} converts to now. Fix: delete it (the code cache "
+                "stays incremental), pass --overwrite to replace it (with --model/--out this also rebuilds the cache from "
+                "scratch), or pass --manifest-out to write elsewhere."
+            )
     out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(out, ("\n".join(lines) + "\n").encode("utf-8"))
-    return ConvertResult(manifest=out, rows=len(lines), ignored_keys=ignored, outside_root=outside)
+    atomic_write_bytes(out, data)
+    return result
