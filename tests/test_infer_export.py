@@ -50,6 +50,10 @@ def test_export_loads_with_plain_transformers_and_gives_the_same_codes(tiny_dir,
         assert (out / "audio_tokenizer" / name).read_bytes() == (tiny_dir / "audio_tokenizer" / name).read_bytes()
     recorded = json.loads((out / "processor_config.json").read_text())["audio_tokenizer"]["audio_tokenizer_name_or_path"]
     assert recorded == str((out / "audio_tokenizer").resolve())
+    # transformers resolves that path as written: the user is told what to change after moving the export
+    assert (f"note: processor_config.json points at the audio tokenizer by absolute path ({recorded}): if you move or "
+            "upload the export, set audio_tokenizer_name_or_path there to its new place (or a Hub id) for plain "
+            "transformers; higgs-tune finds OUT/audio_tokenizer by itself.") in " ".join(result.output.split())
     assert json.loads((out / "generation_config.json").read_text())["ras_win_len"] == 7
     marker = json.loads((out / EXPORT_MARKER).read_text())
     assert (marker["base_model"], marker["adapter"], marker["merged_lora"], marker["use_text_head"], marker["audio_self_attention"]) == (

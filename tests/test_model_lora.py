@@ -269,3 +269,56 @@ def test_collapse_names():
     assert collapse_names([f"model.layers.{i}.{m}" for i in range(4) for m in ("audio_attn", "audio_post_audio_attn_layer_norm")]) == [
         "model.layers.{0..3}.audio_attn", "model.layers.{0..3}.audio_post_audio_attn_layer_norm",
     ]
+
+
+def test_real_3b_shapes_on_the_meta_device():
+    """The released model's module tree (Llama-3.2-3B + DualFFN; no memory: meta device): every pathway
+    resolves to all 28 layers, and the counts are the published ~3.6B LLM + ~2.2B audio adapter,
+    + ~0.7B when audio self-attention is added."""
+    from transformers import HiggsAudioV2Config, HiggsAudioV2ForConditionalGeneration
+
+    from higgs_tune.model.audio_attention import enable_audio_self_attention
+
+    config = HiggsAudioV2Config(codebook_size=1026)  # 1024 codes + stream BOS/EOS rows
+    assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads,
+            config.intermediate_size, config.vocab_size) == (3072, 28, 24, 8, 8192, 128256)
+    with torch.device("meta"):
+        model = HiggsAudioV2ForConditionalGeneration(config, use_text_head=True)
+    targets = resolve_targets(model, ["text_attn", "text_mlp", "audio_mlp"])
+    assert {k: len(v) for k, v in targets.items()} == {"text_attn": 112, "text_mlp": 84, "audio_mlp": 84}
+    assert {k: collapse_names(v) for k, v in targets.items()} == {
+        "text_attn": ["model.layers.{0..27}.self_attn.{q,k,v,o}_proj"],
+        "text_mlp": ["model.layers.{0..27}.mlp.{gate,up,down}_proj"],
+        "audio_mlp": ["model.layers.{0..27}.audio_mlp.{gate,up,down}_proj"],
+    }
+    assert resolve_train_modules(model, ["audio_lm_head", "audio_embeddings", "text_lm_head", "text_embeddings"]) == {
+        "audio_lm_head": ["audio_lm_head"],
+        "audio_embeddings": ["model.embed_audio_tokens.embed_audio_tokens"],
+        "text_lm_head": ["text_lm_head"],
+        "text_embeddings": ["model.embed_tokens"],
+    }
+    report = parameter_report(model)
+    rows = {r.group: r.total for r in report.rows}
+    text_vocab, audio_vocab = 128256 * 3072, 8 * 1026 * 3072
+    assert rows == {
+        "text_attn": 704_643_072,
+        "text_mlp": 2_113_929_216,
+        "audio_mlp": 2_113_929_216,
+        "audio_attn": 0,
+        "norms": 347_136,
+        "embeddings": text_vocab + audio_vocab,
+        "heads": text_vocab + audio_vocab,
+        "other": 0,
+    }
+    assert report.total == sum(p.numel() for p in model.parameters()) == 5_771_283_456
+    llm = rows["text_attn"] + rows["text_mlp"] + 2 * text_vocab + 28 * 2 * 3072 + 3072  # + input/post norms, final norm
+    audio_adapter = rows["audio_mlp"] + 2 * audio_vocab + 28 * 2 * 3072  # + audio norms
+    assert llm + audio_adapter == report.total
+    assert (llm, audio_adapter) == (3_606_752_256, 2_164_531_200)  # ~3.6B + ~2.2B
+
+    with torch.device("meta"):
+        assert enable_audio_self_attention(model) == 28
+    assert {k: len(v) for k, v in resolve_targets(model, ["audio_attn"]).items()} == {"audio_attn": 112}
+    with_block = {r.group: r.total for r in parameter_report(model).rows}
+    assert with_block["audio_attn"] == 28 * (704_643_072 // 28 + 3072) == 704_729_088  # ~0.7B
+    assert {k: v for k, v in with_block.items() if k != "audio_attn"} == {k: v for k, v in rows.items() if k != "audio_attn"}

@@ -9,7 +9,7 @@ loaded onto the base and saved the same way. The folder written:
 
     config.json, generation_config.json, model.safetensors   HiggsAudioV2ForConditionalGeneration
     tokenizer.json, tokenizer_config.json, chat_template.jinja
-    processor_config.json                                     audio tokenizer path -> OUT/audio_tokenizer
+    processor_config.json                                     absolute path of OUT/audio_tokenizer (a note says so)
     audio_tokenizer/                                          copied from the base (codec unchanged)
     higgs_tune_export.json                                    base, adapter, dtype, text head, audio attention
 
@@ -148,6 +148,13 @@ def export_merged(
                 "this model has higgs-tune's audio self-attention blocks: plain transformers ignores their weights "
                 "(a different model). Load it with higgs-tune (model.audio_self_attention: true, or `higgs-tune generate --model OUT`)."
             )
+        # transformers resolves audio_tokenizer_name_or_path as written (no relative paths), so
+        # plain from_pretrained finds the codec only while the export stays where it was written.
+        notes.append(
+            f"processor_config.json points at the audio tokenizer by absolute path ({(out / AUDIO_TOKENIZER_DIR).resolve()}): "
+            "if you move or upload the export, set audio_tokenizer_name_or_path there to its new place (or a Hub id) "
+            "for plain transformers; higgs-tune finds OUT/audio_tokenizer by itself."
+        )
         marker = {
             "format": "higgs-tune-export",
             "base_model": stack.base,
