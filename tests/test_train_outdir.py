@@ -309,6 +309,19 @@ def test_rough_estimate_without_local_weights_assumes_the_released_model(tmp_pat
     assert rough_checkpoint_bytes(full) == int((5.8e9 * 2 + 5.8e9 * 8) * 1.01) + (8 << 20)
 
 
+def test_rough_estimate_names_a_missing_model_folder_and_survives_a_malformed_id(tmp_path):
+    from higgs_tune.errors import ModelLoadError
+
+    # a typo in a local path is the model loader's one-line error, before the output folder is touched
+    with pytest.raises(ModelLoadError) as e:
+        rough_checkpoint_bytes(make_cfg(tmp_path, f"model.name_or_path={tmp_path}/no-such-model"))
+    assert str(e.value) == (f"checkpoint folder {tmp_path}/no-such-model does not exist. Set model.name_or_path to a "
+                            "Higgs Audio v2 folder or Hub id.")
+    # neither a folder nor a valid hub id (huggingface_hub raises HFValidationError): the fallback estimate
+    cfg = make_cfg(tmp_path, "model.name_or_path=a/b/c", "model.dtype=bfloat16")
+    assert rough_checkpoint_bytes(cfg) == int((1e8 * 2 + 1e8 * 8) * 1.01) + (8 << 20)
+
+
 def test_run_artefact_names_are_documented_constants():
     assert outdir.RUN_FILES == {"config.yaml", "checkpoints.json", "metrics.jsonl", "train.log", "param_report.txt", "data_report.txt",
                                 "report.html", "report.json", "summary.json"}

@@ -88,10 +88,10 @@ def test_nan_stops_the_run_naming_step_samples_and_checkpoint(tiny_dir, demo_cac
     with pytest.raises(TrainingHealthError) as e:
         train(cfg, _batch_hook=poison)
     msg = str(e.value)
-    assert "step 3" in msg
+    # the step named is the one that failed: the one after the last logged step (numbered as logged)
+    assert [r["step"] for r in _records(tmp_path / "run")] == [1, 2]
+    assert msg.startswith("step 3: non-finite loss = nan")
     assert "checkpoint-2" in msg
-    ids = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])  # the run did log
-    assert ids["step"] == 1
     assert any(sid in msg for sid in ("en_a_", "en_b_", "ar_a_"))
     # the good checkpoint is intact and no final/ was written from a broken model
     assert (tmp_path / "run" / "checkpoint-2" / "manifest.json").is_file()
@@ -123,3 +123,91 @@ def test_train_cli_reports_every_config_problem_at_once(tmp_path):
     for needle in ["model.dtype", "train.learning_rate", "train.max_stepz", "finetune.pathways", "nope",
                    "loss.text_weight", "data.train_cache", "checkpoint.output_dir"]:
         assert needle in out, needle
+
+
+def test_log_records_the_applied_lr_fractional_epochs_and_a_final_eval(tiny_dir, demo_cache, demo_heldout_cache, tmp_path):
+    # a held-out set without eval_steps: evaluated once, at the end ("None: only at the end")
+    cfg = small_config(tiny_dir, demo_cache, demo_heldout_cache, tmp_path / "run", [
+        "data.eval_cache=" + str(demo_heldout_cache), "train.max_steps=2", "train.log_steps=1", "train.warmup_steps=2",
+        "train.learning_rate=0.004", "checkpoint.save_steps=1000"])
+    result = train(cfg)
+    train_rows = _records(result.run_dir)
+    # warm-up 2: step 1 runs at half the peak LR, step 2 at the peak (not the LR of the step after)
+    assert [(r["step"], r["lr"]) for r in train_rows] == [(1, 0.002), (2, 0.004)]
+    # 4 batches per epoch of the demo data: a quarter of an epoch per step
+    assert [r["epoch"] for r in train_rows] == [0.25, 0.5]
+    evals = _records(result.run_dir, "eval")
+    assert [r["step"] for r in evals] == [2]
+    manifest = json.loads((result.final_dir / "manifest.json").read_text())
+    assert manifest["eval_loss"] == evals[0]["loss"]
+
+
+def test_interrupt_mid_run_then_resume_is_exact_with_accumulation_across_epochs(tiny_dir, demo_cache, tmp_path):
+    # 2 epochs of 4 batches in windows of 3: step 2 takes batches 3, 4 of epoch 0 and 0 of epoch 1
+    overrides = ["train.max_steps=null", "train.num_epochs=2", "train.gradient_accumulation_steps=3", "train.log_steps=1",
+                 "train.warmup_steps=1", "checkpoint.save_steps=2", "finetune.lora_dropout=0.1"]
+    straight = train(small_config(tiny_dir, demo_cache, None, tmp_path / "straight", overrides))
+    assert straight.steps == 3
+
+    def ctrl_c(step, batch, model):
+        if step == 3:
+            raise KeyboardInterrupt
+        return batch
+
+    run_dir = tmp_path / "interrupted"
+    with pytest.raises(KeyboardInterrupt):
+        train(small_config(tiny_dir, demo_cache, None, run_dir, overrides), _batch_hook=ctrl_c)
+    assert sorted(p.name for p in run_dir.iterdir() if p.name.startswith(("checkpoint-", ".tmp-", "final"))) == ["checkpoint-2"]
+    resumed = train(small_config(tiny_dir, demo_cache, None, run_dir, overrides), resume="auto")
+
+    def by_step(run):
+        return {r["step"]: {k: v for k, v in r.items() if k not in ("time", "tokens_per_s")} for r in _records(run)}
+
+    assert by_step(resumed.run_dir) == by_step(straight.run_dir)
+    assert [r["epoch"] for r in _records(straight.run_dir)] == [0.75, 1.5, 2.25]
+    assert json.loads((run_dir / "final" / "manifest.json").read_text())["metrics"]["loss"] == _records(straight.run_dir)[-1]["loss"]
+
+
+def test_ctrl_c_prints_where_to_resume_without_a_traceback(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from higgs_tune.cli import main
+    from higgs_tune.config import config_from_dict
+    from higgs_tune.train import recipe
+
+    run = tmp_path / "run"
+    config = tmp_path / "cfg.yaml"
+    config_from_dict({"data": {"train_cache": str(tmp_path / "cache")}, "train": {"max_steps": 10},
+                      "checkpoint": {"output_dir": str(run)}}).save(config)
+
+    def interrupted(cfg, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(recipe, "train", interrupted)
+    result = CliRunner().invoke(main, ["train", str(config), "train.log_steps=5"])
+    assert result.exit_code == 130
+    assert result.output == (f"interrupted before the first checkpoint: nothing to resume from; `higgs-tune train {config} "
+                             "train.log_steps=5 --resume auto` starts the run again from step 0.\n")
+
+    for step in (2, 4):  # complete checkpoints (a manifest), and a torn save that has none
+        (run / f"checkpoint-{step}").mkdir(parents=True)
+        (run / f"checkpoint-{step}" / "manifest.json").write_text(json.dumps(
+            {"format": "higgs-tune-checkpoint", "format_version": 1, "step": step, "files": {}}))
+    (run / "checkpoint-6").mkdir()
+    result = CliRunner().invoke(main, ["train", str(config)])
+    assert result.exit_code == 130
+    assert result.output == (f"interrupted: the newest complete checkpoint is {run / 'checkpoint-4'} (step 4). Continue with:\n"
+                             f"  higgs-tune train {config} --resume auto\n")
+
+
+def test_demo_run_again_says_to_add_overwrite_before_building_anything(tmp_path):
+    from higgs_tune.errors import OutputDirError
+    from higgs_tune.train.demo import run_demo
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text("{}\n")
+    with pytest.raises(OutputDirError) as e:
+        run_demo(tmp_path)
+    assert str(e.value) == (f"{tmp_path / 'run'} is not empty (an earlier demo run): add --overwrite to train the demo "
+                            "again (the tiny stack and the code caches are reused), or choose another --out.")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # nothing built

@@ -345,6 +345,21 @@ def _find_main(run_dir: Path, which: str | Path) -> tuple[str, str | None]:
     return "ok", None
 
 
+def newest_complete_checkpoint(run_dir: str | Path) -> tuple[int, Path] | None:
+    """(step, folder) of the newest checkpoint of `run_dir` with a readable manifest, or None.
+
+    Cheap (no hashing): for messages such as "interrupted, resume from ..."; resuming itself
+    re-verifies every file (`find_resume_checkpoint`).
+    """
+    for step, path in _candidates(Path(run_dir)):
+        try:
+            read_manifest(path)
+        except CheckpointError:
+            continue
+        return step, path
+    return None
+
+
 def find_resume_checkpoint(run_dir: str | Path, which: str | Path = "auto") -> Path | None:
     """The checkpoint to resume from, or None when `run_dir` has none yet.
 
@@ -633,8 +648,10 @@ class CheckpointManager:
                 log.error("%s", message)
             raise CheckpointError(f"{message}\n{fix}") from error
         if self.is_main:
+            # the message names the cause; a traceback only for an unexpected error (a bug, not a full disk)
+            expected = isinstance(error, (CheckpointError, OSError))
             log.error("%s -- on_save_error=continue: training goes on and the next save tries again (%d failed save(s) in a row); "
-                      "earlier checkpoints are intact.", message, self._failures, exc_info=error)
+                      "earlier checkpoints are intact.", message, self._failures, exc_info=None if expected else error)
         return None
 
     def _save_on_main(self, step, *, final, **kw) -> tuple[tuple[str, str, str], BaseException | None]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
+import sys
 from pathlib import Path
 
 import click
@@ -44,9 +46,28 @@ def train_command(config, overrides, resume, resume_weights_only, overwrite, ver
         raise ConfigProblem(str(e)) from None
     if resume_weights_only and (not resume or resume == "auto"):
         raise ConfigProblem("--resume-weights-only needs --resume PATH: the checkpoint folder whose weights start the new run.")
-    result = train(cfg, resume=resume, overwrite=overwrite, resume_weights_only=resume_weights_only)
+    try:
+        result = train(cfg, resume=resume, overwrite=overwrite, resume_weights_only=resume_weights_only)
+    except KeyboardInterrupt:
+        # Ctrl-C: a save in progress removed its temporary folder, so every checkpoint is complete
+        if int(os.environ.get("RANK", "0")) == 0:
+            click.echo(interrupted_message(cfg, config, overrides), err=True)
+        sys.exit(130)
     if int(os.environ.get("RANK", "0")) == 0:
         click.echo(f"done: {result.steps} steps; final weights in {result.final_dir}")
+
+
+def interrupted_message(cfg, config: str, overrides) -> str:
+    """What a person needs after Ctrl-C: the newest complete checkpoint and the command to resume."""
+    from higgs_tune.train.checkpoint import newest_complete_checkpoint
+
+    folders = [cfg.checkpoint.output_dir] + ([cfg.checkpoint.output_dir_fallback] if cfg.checkpoint.output_dir_fallback else [])
+    found = [c for c in (newest_complete_checkpoint(Path(f)) for f in folders) if c is not None]
+    command = shlex.join(["higgs-tune", "train", config, *overrides, "--resume", "auto"])
+    if not found:
+        return f"interrupted before the first checkpoint: nothing to resume from; `{command}` starts the run again from step 0."
+    step, path = max(found)
+    return f"interrupted: the newest complete checkpoint is {path} (step {step}). Continue with:\n  {command}"
 
 
 @click.command("demo")

@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 
 from higgs_tune.config import config_from_dict
-from higgs_tune.errors import DataError
+from higgs_tune.errors import DataError, OutputDirError
 
 log = logging.getLogger("higgs_tune.demo")
 
@@ -62,6 +62,11 @@ def run_demo(out: Path, *, max_steps: int | None = None, overwrite: bool = False
 
     out = out.resolve()
     data = demo_data_dir()
+    run_dir = out / "run"
+    if not overwrite and run_dir.is_dir() and any(run_dir.iterdir()):
+        # before anything is built: the demo has no --resume, so train's own advice would not apply
+        raise OutputDirError(f"{run_dir} is not empty (an earlier demo run): add --overwrite to train the demo again "
+                             "(the tiny stack and the code caches are reused), or choose another --out.")
     tiny = out / "tiny-model"
     if not (tiny / "config.json").is_file():
         log.info("building the tiny Higgs Audio v2 stack in %s", tiny)

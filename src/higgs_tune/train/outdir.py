@@ -97,12 +97,19 @@ def _read_safetensors_header(path: Path) -> dict[str, tuple[str, list[int]]]:
 
 def _local_weight_files(name_or_path: str) -> list[Path]:
     """The model's safetensors files if they are on this machine (a folder, or the hub cache)."""
-    folder = Path(name_or_path)
+    folder = Path(name_or_path).expanduser()
     if folder.is_dir():
         return sorted(folder.glob("*.safetensors"))
+    if str(name_or_path).startswith(("/", ".", "~")):  # a local path, never a hub id: say it is missing now
+        from higgs_tune.model.load import resolve_checkpoint
+
+        resolve_checkpoint(name_or_path)  # raises the model loader's own ModelLoadError
     from huggingface_hub import try_to_load_from_cache  # offline: looks only at the local cache
 
-    index = try_to_load_from_cache(name_or_path, "model.safetensors.index.json")
+    try:
+        index = try_to_load_from_cache(name_or_path, "model.safetensors.index.json")
+    except ValueError:  # not a folder here and not a valid hub id (a typo'd path): loading the model says so
+        return []
     if isinstance(index, str):
         shards = sorted(set(json.loads(Path(index).read_text(encoding="utf-8"))["weight_map"].values()))
         paths = [try_to_load_from_cache(name_or_path, s) for s in shards]

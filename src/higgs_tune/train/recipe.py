@@ -177,7 +177,7 @@ def train(cfg: Config, *, resume: str | None = None, overwrite: bool = False,
                                     estimate_bytes=estimate_checkpoint_bytes(model, cfg.finetune.mode))
 
     # --- resume: optimizer, scheduler, RNG of this rank, step, data position -------------------
-    step, epoch = 0, 0
+    step, epoch, state = 0, 0, None
     if resume_from is not None and not resume_weights_only:
         # last before the loop: it restores this rank's RNG streams
         state = load_training_state(resume_from, optimizer=optimizer, scheduler=scheduler, config=cfg,
@@ -186,6 +186,9 @@ def train(cfg: Config, *, resume: str | None = None, overwrite: bool = False,
         step, epoch = state.step, int(state.epoch)
         data.sampler.load_state_dict(state.sampler_state)
         say(f"resumed from {resume_from} at step {step} (epoch {epoch}, batch {state.sampler_state['batches_consumed']})")
+        if step >= total_steps:
+            say(f"the run already reached step {step} of {total_steps}: nothing left to train "
+                "(with lr_scheduler: constant, a larger train.max_steps continues it)")
     elif resume_from is not None:
         say(f"loaded weights only from {resume_from}; optimizer, schedule and data order start afresh")
 
@@ -194,10 +197,13 @@ def train(cfg: Config, *, resume: str | None = None, overwrite: bool = False,
     draws = _endless(data, epoch)
     window_metrics = StepMetrics()
     last_ckpt = str(resume_from) if resume_from else None
-    last_metrics, eval_loss, tokens_seen, tic = {}, None, 0, time.perf_counter()
+    # what the next save records: the checkpoint's own values on resume, as the uninterrupted run has them
+    last_metrics, eval_loss = (dict(state.metrics), state.eval_loss) if state is not None else ({}, None)
+    tokens_seen, tic = 0, time.perf_counter()
     first_batch_checked = False
     wrapped.train()
     while step < total_steps:
+        step += 1  # the optimizer step being computed, numbered from 1 as it is logged
         # One optimizer step = `accum` micro-batches. Count the step's tokens on every rank first,
         # so each token weighs the same whatever micro-batch or rank it landed in.
         window = [next(draws) for _ in range(accum)]
@@ -226,16 +232,16 @@ def train(cfg: Config, *, resume: str | None = None, overwrite: bool = False,
         scaler_skips = accelerator.scaler is not None and not math.isfinite(grad_norm)
         health.check_step(step, step_metrics, grad_norm=None if scaler_skips else grad_norm, sample_ids=ids,
                           last_checkpoint=last_ckpt)
+        lr = scheduler.get_last_lr()[0]  # the learning rate this step is applied with
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        step += 1
         epoch = window[-1][0]
 
         if step % t.log_steps == 0 or step == 1 or step == total_steps:
             elapsed = time.perf_counter() - tic
             tokens = torch.tensor(tokens_seen, device=accelerator.device)
-            last_metrics = {**step_metrics, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm, "epoch": epoch,
+            last_metrics = {**step_metrics, "lr": lr, "grad_norm": grad_norm, "epoch": _epochs_done(data, epoch),
                             "tokens_per_s": float(accelerator.reduce(tokens, "sum")) / max(elapsed, 1e-9)}
             logger.log(step, last_metrics)
             tokens_seen, tic = 0, time.perf_counter()
@@ -243,7 +249,7 @@ def train(cfg: Config, *, resume: str | None = None, overwrite: bool = False,
                 logger.log_preview(prediction_preview(out.predictions, window[-1][1]["sample_ids"], processor.tokenizer,
                                                       step=step, num_samples=cfg.logging.preview_samples,
                                                       stream_eos_id=data.tokens.stream_eos))
-        if data.eval_set is not None and t.eval_steps and (step % t.eval_steps == 0 or step == total_steps):
+        if data.eval_set is not None and ((t.eval_steps and step % t.eval_steps == 0) or step == total_steps):
             eval_metrics = evaluate(wrapped, data, accelerator)
             logger.log(step, eval_metrics, split="eval")
             eval_loss = eval_metrics["loss"]
@@ -293,6 +299,12 @@ def _endless(data: TrainData, epoch: int):
         for batch in data.batches(epoch):
             yield epoch, batch
         epoch += 1
+
+
+def _epochs_done(data: TrainData, epoch: int) -> float:
+    """Epochs of training data consumed so far (1.5 = one epoch and half of the next), as logged."""
+    position = data.sampler.state_dict()
+    return epoch + position["batches_consumed"] / max(1, data.sampler.batches_per_epoch)
 
 
 def _to_device(batch: dict, device) -> dict:
