@@ -1,0 +1,30 @@
+"""The README's main command, `higgs-tune demo`, end to end through the CLI (fewer steps)."""
+
+from __future__ import annotations
+
+import json
+
+from click.testing import CliRunner
+
+from higgs_tune.cli import main
+
+
+def test_demo_command_trains_evaluates_and_writes_the_report(tmp_path):
+    out = tmp_path / "demo"
+    result = CliRunner().invoke(main, ["demo", "--out", str(out), "--max-steps", "12"])
+    assert result.exit_code == 0, result.output
+    run = out / "run"
+    report = run / "report.html"
+    assert str(report) in result.output
+    html = report.read_text(encoding="utf-8")
+    assert "<svg" in html and "<audio" in html and "Evaluation" in html
+    metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    train = [m for m in metrics if m.get("event") == "metrics" and m["split"] == "train"]
+    assert train[-1]["step"] == 12 and train[-1]["audio_loss"] < train[0]["audio_loss"]
+    summary = json.loads((run / "eval" / "results.json").read_text())["summary"]
+    assert summary["num_clips"] == 6 and set(summary) >= {"wer", "cer", "speaker_similarity", "duration_ratio", "stop_rate"}
+    assert (run / "final" / "adapter_model.safetensors").is_file()
+
+    # a second run refuses to touch the finished one, and says how to start over
+    again = CliRunner().invoke(main, ["demo", "--out", str(out)])
+    assert again.exit_code == 2 and "--overwrite" in again.output
