@@ -24,6 +24,10 @@ def test_demo_command_trains_evaluates_and_writes_the_report(tmp_path):
     summary = json.loads((run / "eval" / "results.json").read_text())["summary"]
     assert summary["num_clips"] == 6 and set(summary) >= {"wer", "cer", "speaker_similarity", "duration_ratio", "stop_rate"}
     assert (run / "final" / "adapter_model.safetensors").is_file()
+    # the step-12 samples went to TensorBoard as audio, beside their WAVs
+    wavs = sorted(p.stem for p in (run / "samples" / "step-12").glob("*.wav"))
+    events = b"".join(p.read_bytes() for p in (run / "tensorboard").glob("events.out.tfevents.*"))
+    assert len(wavs) == 2 and all(f"samples/{w}".encode() in events for w in wavs)
 
     # a second run refuses to touch the finished one, and says how to start over
     again = CliRunner().invoke(main, ["demo", "--out", str(out)])

@@ -258,6 +258,18 @@ class MetricsLogger:
             self._tb.add_text(f"{preview.record.get('split', 'train')}/preview",
                               "\n".join("    " + line for line in preview.text.splitlines()), preview.record["step"])
 
+    def log_audio(self, step: int, name: str, wav, sample_rate: int) -> None:
+        """A generated sample to the trackers that take audio (TensorBoard, wandb); the WAV file
+        itself is written by the caller and listed in a "samples" record of metrics.jsonl."""
+        if not self.is_main_process:
+            return
+        if self._tb is not None:
+            self._tb.add_audio(f"samples/{name}", torch.as_tensor(wav).reshape(1, -1), step, sample_rate=sample_rate)
+        if self._wandb is not None:
+            import wandb
+
+            self._wandb.log({f"samples/{name}": wandb.Audio(wav, sample_rate=sample_rate)}, step=step)
+
     def log_event(self, event: str, step: int, **fields) -> None:
         """Any other record (e.g. "checkpoint", "resume"), metrics.jsonl only."""
         if self.is_main_process:

@@ -374,6 +374,7 @@ def write_samples(model, processor, data: TrainData, out_dir: Path, n: int, acce
             results = generate_speech(unwrapped, processor, data.tokens, sample_requests(data, n), options)
         for r in results:
             write_wav(out_dir / f"{r.id}.wav", r.wav, r.sample_rate)
+            logger.log_audio(step, r.id, r.wav, r.sample_rate)
         logger.log_event("samples", step, folder=str(out_dir), files=[f"{r.id}.wav" for r in results],
                          stopped=[r.stopped for r in results], frames=[r.num_frames for r in results])
     accelerator.wait_for_everyone()
