@@ -3,10 +3,22 @@
 from __future__ import annotations
 
 import json
+import logging
 
+import pytest
 from click.testing import CliRunner
 
 from higgs_tune.cli import main
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging():
+    """The CLI configures the root logger for people (rich, INFO); later tests expect pytest's."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 def test_demo_command_trains_evaluates_and_writes_the_report(tmp_path):

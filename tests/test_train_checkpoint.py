@@ -572,10 +572,18 @@ def test_rng_states_round_trip_through_the_safe_loader(tmp_path):
 def test_sharded_accelerator_is_refused(tmp_path):
     from accelerate.utils import DistributedType
 
-    fsdp = SimpleNamespace(distributed_type=DistributedType.FSDP, num_processes=1)
     cfg = H.make_config(tmp_path, STEPS)
-    with pytest.raises(CheckpointError, match=r"^checkpoints of FSDP runs \(sharded optimizer state\) are not supported"):
+    deepspeed = SimpleNamespace(distributed_type=DistributedType.DEEPSPEED, num_processes=1)
+    with pytest.raises(CheckpointError, match=r"^checkpoints of DEEPSPEED runs \(sharded optimizer state\) are not supported"):
+        CheckpointManager(tmp_path, deepspeed, cfg.checkpoint, lambda d: None, lambda d: None)
+    # FSDP is supported (tests/test_train_fsdp.py), but only with the module to gather the shards from
+    fsdp = SimpleNamespace(distributed_type=DistributedType.FSDP, num_processes=1)
+    with pytest.raises(CheckpointError, match=r"needs CheckpointManager\(sharded_root=\.\.\.\)"):
         CheckpointManager(tmp_path, fsdp, cfg.checkpoint, lambda d: None, lambda d: None)
+    fsdp1 = SimpleNamespace(distributed_type=DistributedType.FSDP, num_processes=1,
+                            state=SimpleNamespace(fsdp_plugin=SimpleNamespace(fsdp_version=1, use_orig_params=False)))
+    with pytest.raises(CheckpointError, match=r"FSDP1 needs fsdp_use_orig_params: true"):
+        CheckpointManager(tmp_path, fsdp1, cfg.checkpoint, lambda d: None, lambda d: None, sharded_root=torch.nn.Linear(1, 1))
 
 
 # ---------------------------------------------------------------- separate processes

@@ -195,8 +195,10 @@ def test_overwrite_removes_only_our_artefacts(tmp_path, caplog):
     caplog.set_level(logging.WARNING, logger="higgs_tune")
     assert prepare_output_dir(cfg, overwrite=True, estimate_bytes=MB) == out
     assert listing(out) == ["config.yaml"]
-    assert caplog.messages == [f"output dir: --overwrite removed 7 earlier run artefact(s) from {out}: .tmp-checkpoint-1500-12345, "
-                               "checkpoint-1000, checkpoint-500, checkpoints.json, config.yaml, metrics.jsonl, samples"]
+    # the warnings only (an earlier in-process CLI run may have left INFO records flowing to caplog)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert warnings == [f"output dir: --overwrite removed 7 earlier run artefact(s) from {out}: .tmp-checkpoint-1500-12345, "
+                        "checkpoint-1000, checkpoint-500, checkpoints.json, config.yaml, metrics.jsonl, samples"]
 
 
 def test_overwrite_space_check_counts_what_it_frees(tmp_path, monkeypatch):

@@ -181,8 +181,9 @@ def _freeze(model, names) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- save / load
-def _audio_attention_extras(model) -> dict[str, torch.Tensor]:
-    """Audio self-attention weights not stored by PEFT's adapter, under canonical names."""
+def _audio_attention_extras(model, state_dict=None) -> dict[str, torch.Tensor]:
+    """Audio self-attention weights not stored by PEFT's adapter, under canonical names.
+    `state_dict`: the model's full state dict when its parameters are sharded (FSDP)."""
     from peft import PeftModel
 
     if not isinstance(model, PeftModel):
@@ -191,28 +192,30 @@ def _audio_attention_extras(model) -> dict[str, torch.Tensor]:
     if any(AUDIO_ATTN in m for m in to_save):
         return {}  # the adapter holds the trained copies
     out = {}
-    for name, tensor in model.state_dict().items():
+    for name, tensor in (model.state_dict() if state_dict is None else state_dict).items():
         if "lora_" in name or not any(part in name for part in AUDIO_ATTN_KEY_PARTS):
             continue
         out[canonical_name(name)] = tensor.detach().contiguous()
     return out
 
 
-def save_trainable(model, out_dir: str | Path) -> Path:
+def save_trainable(model, out_dir: str | Path, state_dict=None) -> Path:
     """lora: PEFT adapter folder (+ extra_weights.safetensors for audio self-attention);
-    full: `save_pretrained` safetensors of the whole model."""
+    full: `save_pretrained` safetensors of the whole model. `state_dict`: the model's full
+    state dict, given when its parameters are sharded (FSDP; gathered by the caller)."""
     from peft import PeftModel
     from safetensors.torch import save_file
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    kw = {} if state_dict is None else {"state_dict": state_dict}
     if isinstance(model, PeftModel):
-        model.save_pretrained(str(out))
-        extras = _audio_attention_extras(model)
+        model.save_pretrained(str(out), **kw)
+        extras = _audio_attention_extras(model, state_dict)
         if extras:
             save_file(extras, str(out / EXTRA_WEIGHTS), metadata={"format": "pt", "content": "higgs-tune audio self-attention"})
     else:
-        model.save_pretrained(str(out))
+        model.save_pretrained(str(out), **kw)
     return out
 
 
@@ -248,13 +251,14 @@ def load_trainable(base_model, in_dir: str | Path, is_trainable: bool = False):
     return base_model
 
 
-def verify_trainable(model, folder: str | Path) -> None:
+def verify_trainable(model, folder: str | Path, state_dict=None) -> None:
     """Check that `save_trainable(model, folder)` wrote exactly the weights `model` holds now.
 
     Reads the saved safetensors back (no model is built, so this is cheap even at 3B) and
     compares every tensor bit for bit with the live weights: LoRA -> the adapter state dict
     PEFT would save (+ audio self-attention extras), full -> the whole state dict. Also parses
     adapter_config.json the way peft does. Raises ModelLoadError naming the first mismatch.
+    `state_dict`: the model's full state dict when its parameters are sharded (FSDP), as saved.
     """
     from peft import PeftConfig, PeftModel, get_peft_model_state_dict
     from safetensors import safe_open
@@ -264,13 +268,13 @@ def verify_trainable(model, folder: str | Path) -> None:
     folder = Path(folder)
     if isinstance(model, PeftModel):
         PeftConfig.from_pretrained(str(folder))  # the config peft will read
-        expected = {k: v for k, v in get_peft_model_state_dict(model).items()}
+        expected = {k: v for k, v in get_peft_model_state_dict(model, state_dict=state_dict).items()}
         files = {k: folder / "adapter_model.safetensors" for k in expected}
-        extras = _audio_attention_extras(model)
+        extras = _audio_attention_extras(model, state_dict)
         expected.update(extras)
         files.update({k: folder / EXTRA_WEIGHTS for k in extras})
     else:
-        expected = dict(model.state_dict())
+        expected = dict(model.state_dict() if state_dict is None else state_dict)
         files = checkpoint_keys(folder)
         # save_pretrained drops tied/ignored keys; every key it wrote must match the model
         expected = {k: v for k, v in expected.items() if k in files}

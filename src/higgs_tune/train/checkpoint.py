@@ -27,6 +27,14 @@ Multi-process: every rank calls `save` (the RNG states are gathered from all ran
 main process writes, and every rank leaves `save` at the same collective with the same outcome,
 so a failed save makes all ranks continue or all ranks raise.
 
+FSDP (`sharded_root` given): every rank's shard differs, so `save` first gathers, on all ranks,
+the full model state dict and the full optimizer state dict onto rank 0's CPU
+(`torch.distributed.checkpoint.state_dict`, full_state_dict + cpu_offload). The weights are
+written from that state dict; the optimizer state is stored keyed by parameter name
+(`optimizer_layout: full-fqn` in training_state.pt) and loaded back on every rank with
+`set_optimizer_state_dict`. The folder layout, manifest and verification are the same, so such a
+checkpoint is as complete as a DDP one (it resumes only into an FSDP run of the same world size).
+
 Nothing here unpickles arbitrary objects: tensors and plain containers go through
 `torch.save` and are read with `torch.load(weights_only=True)`; everything else is JSON/YAML.
 """
@@ -75,6 +83,8 @@ KEY_SCHEDULER = "scheduler"
 KEY_GRAD_SCALER = "grad_scaler"
 KEY_SAMPLER = "sampler_state"
 KEY_RNG = "rng"  # list, one rng_state() per rank, in rank order
+KEY_OPTIMIZER_LAYOUT = "optimizer_layout"  # absent: optimizer.state_dict(); OPTIMIZER_FULL_FQN: FSDP, gathered
+OPTIMIZER_FULL_FQN = "full-fqn"  # torch.distributed.checkpoint full optimizer state dict (keyed by parameter name)
 
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 _LEFTOVER_RE = re.compile(r"^\.(?:tmp|old)-.+-(\d+)$")  # .tmp-<name>-<pid> / .old-<name>-<pid>
@@ -418,6 +428,7 @@ def load_training_state(
     rank: int,
     grad_scaler: Any | None = None,
     config: Any | None = None,
+    sharded_root: torch.nn.Module | None = None,
 ) -> TrainingState:
     """Restore optimizer, scheduler, grad scaler and this rank's RNG states from `ckpt`.
 
@@ -425,7 +436,8 @@ def load_training_state(
     scheduler were built over the same parameters, and as the LAST thing before the loop:
     anything drawing random numbers after it moves the restored RNG streams away from the
     uninterrupted run. Raises CheckpointError (suggesting --resume-weights-only) when the
-    world size differs or `config` changes a key of RESUME_KEYS.
+    world size differs or `config` changes a key of RESUME_KEYS. `sharded_root`: the FSDP-wrapped
+    module (as given to CheckpointManager) in an FSDP run; collective then (call on every rank).
     """
     ckpt = Path(ckpt)
     manifest = read_manifest(ckpt)
@@ -455,9 +467,21 @@ def load_training_state(
     if state.get(KEY_STEP) != manifest["step"] or state.get(KEY_WORLD_SIZE) != saved_ws:
         raise CheckpointError(f"{path} says step {state.get(KEY_STEP)} / world size {state.get(KEY_WORLD_SIZE)}, its manifest step {manifest['step']} / {saved_ws}: the files come from different saves.")
 
+    layout = state.get(KEY_OPTIMIZER_LAYOUT)
+    if (layout == OPTIMIZER_FULL_FQN) != (sharded_root is not None):
+        saved_by, run = ("an FSDP", "without FSDP") if sharded_root is None else ("a non-FSDP", "with FSDP")
+        raise CheckpointError(f"{path} was saved by {saved_by} run, this run is {run}: the optimizer state cannot be "
+                              f"restored. Launch as the checkpoint was saved, or use --resume-weights-only {ckpt}.")
     _check_optimizer_shapes(ckpt, state[KEY_OPTIMIZER], optimizer)
     try:
-        optimizer.load_state_dict(state[KEY_OPTIMIZER])
+        if sharded_root is not None:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            # every rank read the full state; each keeps its own shard of it
+            set_optimizer_state_dict(sharded_root, optimizer, state[KEY_OPTIMIZER],
+                                     options=StateDictOptions(full_state_dict=True))
+        else:
+            optimizer.load_state_dict(state[KEY_OPTIMIZER])
     except (ValueError, KeyError) as e:
         raise CheckpointError(f"{path}: the optimizer state does not fit this optimizer ({e}). Use --resume-weights-only.") from e
     if scheduler is not None:
@@ -511,13 +535,24 @@ def _failure_fix(e: BaseException, final: bool) -> str:
     return "Earlier checkpoints are intact: fix the cause above, then resume with --resume auto."
 
 
+def is_fsdp(accelerator) -> bool:
+    """True when `accelerator` shards the model with FSDP (the checkpoints then gather, see the module doc)."""
+    return accelerator is not None and accelerator.distributed_type == "FSDP"
+
+
 def require_unsharded(accelerator) -> None:
-    """Refuse FSDP / DeepSpeed / Megatron runs: their optimizer state differs on every rank, and
-    saving rank 0's state would silently lose the others. Call it before any model loads."""
+    """Refuse DeepSpeed / Megatron runs: their optimizer state differs on every rank, and saving
+    rank 0's state would silently lose the others. FSDP is supported (its state is gathered), with
+    FSDP1 only with use_orig_params=True (frozen parameters, optimizer state by parameter name).
+    Call it before any model loads."""
     kind = accelerator.distributed_type  # a str enum: compares equal to its name
-    if kind in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+    if kind in ("DEEPSPEED", "MEGATRON_LM"):
         raise CheckpointError(f"checkpoints of {kind.value} runs (sharded optimizer state) are not supported yet: "
-                              "launch with plain data parallelism (accelerate launch --multi_gpu).")
+                              "launch with plain data parallelism (accelerate launch --multi_gpu) or FSDP.")
+    plugin = getattr(getattr(accelerator, "state", None), "fsdp_plugin", None)
+    if kind == "FSDP" and plugin is not None and getattr(plugin, "fsdp_version", 1) == 1 and not plugin.use_orig_params:
+        raise CheckpointError("FSDP1 needs fsdp_use_orig_params: true (LoRA freezes parameters, and checkpoints store "
+                              "the optimizer state by parameter name); set it, or use fsdp_version: 2.")
 
 
 class CheckpointManager:
@@ -530,6 +565,10 @@ class CheckpointManager:
     ckpt_cfg: `cfg.checkpoint` (save_total_limit, keep_best, on_save_error, min_free_gb).
     estimate_bytes: expected size of one checkpoint (train.outdir.estimate_checkpoint_bytes),
         used for the free-space check of the first save; later saves use the previous size.
+    sharded_root: FSDP runs only (required there): the FSDP-wrapped root module, and
+        `weights_prefix` the name of the trained model inside it (e.g. "model."). The full state
+        dicts are gathered from it, and save_weights / verify_weights are then called as
+        `f(dir, state_dict=full_weights)` with the trained model's full state dict.
     """
 
     def __init__(
@@ -541,6 +580,8 @@ class CheckpointManager:
         verify_weights: Callable[[Path], None],
         *,
         estimate_bytes: int | None = None,
+        sharded_root: torch.nn.Module | None = None,
+        weights_prefix: str = "",
     ):
         self.run_dir = Path(run_dir)
         self.cfg = ckpt_cfg
@@ -548,6 +589,9 @@ class CheckpointManager:
         self.verify_weights = verify_weights
         self._estimate = estimate_bytes
         self._failures = 0
+        self.sharded_root, self.weights_prefix = sharded_root, weights_prefix
+        if is_fsdp(accelerator) and sharded_root is None:
+            raise CheckpointError("an FSDP run needs CheckpointManager(sharded_root=...) to gather the sharded state.")
         if accelerator is not None:
             require_unsharded(accelerator)
             if accelerator.num_processes != dist_utils.world_size():
@@ -634,9 +678,11 @@ class CheckpointManager:
         # without them and a run resumed from this save all draw the same numbers.
         with dist_utils.preserved_rng() as mine:
             rng = dist_utils.gather_to_main(mine)  # every rank's state, on rank 0
+            full = self._gather_sharded(optimizer)  # FSDP: collective, the full state on rank 0
             outcome, error = self._save_on_main(step, optimizer=optimizer, scheduler=scheduler, sampler_state=sampler_state,
                                                 epoch=epoch, metrics=dict(metrics or {}), config=config, grad_scaler=grad_scaler,
-                                                eval_loss=eval_loss, final=final, rng=rng) if self.is_main else (None, None)
+                                                eval_loss=eval_loss, final=final, rng=rng, full=full) if self.is_main else (None, None)
+            del full
         # The one point where all ranks meet after a save: everyone learns the same outcome.
         status, message, fix = dist_utils.broadcast_from_main(outcome)
         if status == "ok":
@@ -654,6 +700,19 @@ class CheckpointManager:
                       "earlier checkpoints are intact.", message, self._failures, exc_info=None if expected else error)
         return None
 
+    def _gather_sharded(self, optimizer) -> tuple[dict, dict] | None:
+        """FSDP: (trained model's full state dict, full optimizer state dict) on rank 0's CPU
+        (empty dicts on the other ranks); None without FSDP. Collective."""
+        if self.sharded_root is None:
+            return None
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        model_sd = get_model_state_dict(self.sharded_root, options=options)
+        n = len(self.weights_prefix)
+        weights = {k[n:]: v for k, v in model_sd.items() if k.startswith(self.weights_prefix)}
+        return weights, get_optimizer_state_dict(self.sharded_root, optimizer, options=options)
+
     def _save_on_main(self, step, *, final, **kw) -> tuple[tuple[str, str, str], BaseException | None]:
         """(("ok", path, ""), None) or (("failed", message, fix), the exception)."""
         try:
@@ -665,7 +724,7 @@ class CheckpointManager:
             return ("failed", f"saving {what} to {self.run_dir} failed: {type(e).__name__}: {e}", _failure_fix(e, final)), e
 
     def _write(self, step: int, *, optimizer, scheduler, sampler_state, epoch, metrics, config, grad_scaler,
-               eval_loss, final, rng) -> Path:
+               eval_loss, final, rng, full=None) -> Path:
         name = FINAL_NAME if final else f"{CHECKPOINT_PREFIX}{step}"
         target = self.run_dir / name
         tmp = self.run_dir / f"{TMP_PREFIX}{name}-{os.getpid()}"
@@ -682,17 +741,22 @@ class CheckpointManager:
         moved_aside = False
         try:
             tmp.mkdir()
-            self.save_weights(tmp)
+            if full is None:
+                self.save_weights(tmp)
+            else:
+                self.save_weights(tmp, state_dict=full[0])
             state = {
                 KEY_STEP: int(step),
                 KEY_EPOCH: epoch,
                 KEY_WORLD_SIZE: self.world_size,
-                KEY_OPTIMIZER: optimizer.state_dict(),
+                KEY_OPTIMIZER: optimizer.state_dict() if full is None else full[1],
                 KEY_SCHEDULER: scheduler.state_dict() if scheduler is not None else None,
                 KEY_GRAD_SCALER: grad_scaler.state_dict() if grad_scaler is not None else None,
                 KEY_SAMPLER: sampler_state,
                 KEY_RNG: rng,
             }
+            if full is not None:
+                state[KEY_OPTIMIZER_LAYOUT] = OPTIMIZER_FULL_FQN
             torch.save(state, tmp / TRAINING_STATE_FILE)
             write_config_yaml(tmp / CONFIG_FILE, config)
             # Durable before the manifest vouches for them: file data, then folder entries.
@@ -719,7 +783,7 @@ class CheckpointManager:
                 os.fsync(f.fileno())
             for d in _dirs_under(tmp) + [tmp]:
                 fsync_path(d)
-            self._verify_written(tmp, manifest)
+            self._verify_written(tmp, manifest, None if full is None else full[0])
 
             # Publish: one atomic rename. An existing folder of that name (a damaged checkpoint
             # from an abandoned attempt, or an earlier final) is moved aside first, because a
@@ -770,7 +834,7 @@ class CheckpointManager:
                 f"checkpoint.min_free_gb={self.cfg.min_free_gb} GB kept free. Free space, or lower checkpoint.save_total_limit."
             )
 
-    def _verify_written(self, folder: Path, manifest: dict) -> None:
+    def _verify_written(self, folder: Path, manifest: dict, weights: dict | None = None) -> None:
         """Read back what was just written: the manifest, the file list, the training state, the weights.
 
         The hashes in the manifest were computed by reading the files back after their fsync,
@@ -800,7 +864,10 @@ class CheckpointManager:
                 f"{folder / TRAINING_STATE_FILE} cannot be read back with weights_only=True ({_short_torch_error(e)}). "
                 "sampler_state may hold only tensors, numbers, strings, lists, tuples and dicts."
             ) from e
-        self.verify_weights(folder)
+        if weights is None:
+            self.verify_weights(folder)
+        else:
+            self.verify_weights(folder, state_dict=weights)
 
     def _rotate(self, keep: str) -> None:
         """Keep the newest `save_total_limit` step checkpoints, the one just written and the best."""

@@ -1,7 +1,8 @@
 """The training recipe: setup -> loop -> save, top to bottom.
 
-One recipe for one CPU/GPU, DDP (`accelerate launch --multi_gpu` / `torchrun`) and the
-tiny CPU demo. It wires the parts together and holds no model or data logic of its own:
+One recipe for one CPU/GPU, DDP (`accelerate launch --multi_gpu` / `torchrun`), FSDP
+(`accelerate launch` with an FSDP config; checkpoints gather the shards, see train.checkpoint)
+and the tiny CPU demo. It wires the parts together and holds no model or data logic of its own:
 
     setup   config (validated by the caller) -> accelerator, seed -> output folder checked
             (before any model loads) -> tokenizer + codec -> datasets, sampler, collator ->
@@ -31,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from higgs_tune.config import Config
+from higgs_tune.config import Config, ConfigError
 from higgs_tune.data.pipeline import TrainData, build_train_data
 from higgs_tune.errors import CheckpointError, TrainingHealthError
 
@@ -107,7 +108,8 @@ def train(cfg: Config, *, resume: str | None = None, overwrite: bool = False,
 
     from higgs_tune.model.load import load_model, load_processor
     from higgs_tune.model.lora import apply_finetuning, load_trainable, parameter_report, save_trainable, verify_trainable
-    from higgs_tune.train.checkpoint import CheckpointManager, find_resume_checkpoint, load_training_state, require_unsharded
+    from higgs_tune.train.checkpoint import (CheckpointManager, find_resume_checkpoint, is_fsdp, load_training_state,
+                                             require_unsharded)
     from higgs_tune.train.health import HealthMonitor
     from higgs_tune.train.logging import MetricsLogger, reduce_metrics
     from higgs_tune.train.loss import HiggsLossModule, StepMetrics, TokenCounts
@@ -121,7 +123,11 @@ def train(cfg: Config, *, resume: str | None = None, overwrite: bool = False,
     pg_timeout = InitProcessGroupKwargs(timeout=datetime.timedelta(minutes=PROCESS_GROUP_TIMEOUT_MIN))
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=t.mixed_precision,
                               kwargs_handlers=[pg_timeout])
-    require_unsharded(accelerator)  # before anything loads: FSDP/DeepSpeed checkpoints are not supported
+    require_unsharded(accelerator)  # before anything loads: DeepSpeed checkpoints are not supported
+    fsdp = is_fsdp(accelerator)
+    if fsdp and t.sample_steps:
+        raise ConfigError(["train.sample_steps: generating samples during an FSDP run is not supported (the main "
+                           "process alone cannot run a sharded model); set train.sample_steps: null."])
     set_seed(t.seed)
     # --resume-weights-only starts a new run (its own, empty folder) from another run's weights
     continuing = resume if not resume_weights_only else None
@@ -169,12 +175,14 @@ def train(cfg: Config, *, resume: str | None = None, overwrite: bool = False,
     optimizer = torch.optim.AdamW(trainable, lr=t.learning_rate, betas=tuple(t.adam_betas), weight_decay=t.weight_decay)
     scheduler = make_scheduler(optimizer, t.lr_scheduler, t.warmup_steps, total_steps)
     wrapped, optimizer = accelerator.prepare(loss_module, optimizer)
+    trainable = [p for p in model.parameters() if p.requires_grad]  # FSDP replaced them with sharded ones
     health = HealthMonitor.for_model(cfg.health, cfg.loss, model.config, processor.tokenizer, on_warning=logger.log_warning)
 
     # every save is read back and compared bit for bit with the weights in memory
-    checkpoints = CheckpointManager(run_dir, accelerator, ck, save_weights=lambda d: save_trainable(model, d),
-                                    verify_weights=lambda d: verify_trainable(model, d),
-                                    estimate_bytes=estimate_checkpoint_bytes(model, cfg.finetune.mode))
+    checkpoints = CheckpointManager(run_dir, accelerator, ck, save_weights=lambda d, state_dict=None: save_trainable(model, d, state_dict),
+                                    verify_weights=lambda d, state_dict=None: verify_trainable(model, d, state_dict),
+                                    estimate_bytes=estimate_checkpoint_bytes(model, cfg.finetune.mode),
+                                    sharded_root=wrapped if fsdp else None, weights_prefix="model.")
 
     # --- resume: optimizer, scheduler, RNG of this rank, step, data position -------------------
     step, epoch, state = 0, 0, None
@@ -182,7 +190,7 @@ def train(cfg: Config, *, resume: str | None = None, overwrite: bool = False,
         # last before the loop: it restores this rank's RNG streams
         state = load_training_state(resume_from, optimizer=optimizer, scheduler=scheduler, config=cfg,
                                     grad_scaler=accelerator.scaler, world_size=accelerator.num_processes,
-                                    rank=accelerator.process_index)
+                                    rank=accelerator.process_index, sharded_root=wrapped if fsdp else None)
         step, epoch = state.step, int(state.epoch)
         data.sampler.load_state_dict(state.sampler_state)
         say(f"resumed from {resume_from} at step {step} (epoch {epoch}, batch {state.sampler_state['batches_consumed']})")

@@ -1,0 +1,46 @@
+"""Run under `torchrun --nproc_per_node 2` with ACCELERATE_USE_FSDP=true and FSDP_* set: train
+from CONFIG with FSDP2 on CPU (gloo).
+
+    torchrun --standalone --nproc_per_node 2 tests/fsdp_train_script.py CONFIG [--resume PATH]
+
+accelerate 1.15 enables FSDP only on accelerators (CUDA, XPU, ...): on CPU it silently falls back
+to DDP (`distributed_type` MULTI_CPU) even with an FSDP plugin. torch's FSDP2 itself runs on CPU,
+so this script switches accelerate's state to FSDP right after the Accelerator is built, exactly
+as `accelerate launch` with an FSDP config does on GPUs; everything after that (prepare ->
+fully_shard, clipping, no_sync, the recipe, the checkpoints) is the code a GPU run uses.
+"""
+
+import sys
+
+import accelerate
+import torch
+from accelerate import FullyShardedDataParallelPlugin
+from accelerate.state import PartialState
+from accelerate.utils import DistributedType
+
+from higgs_tune.config import load_config
+from higgs_tune.train.recipe import train
+
+_accelerator_init = accelerate.Accelerator.__init__
+
+
+def _fsdp_on_cpu(self, *args, **kwargs):
+    _accelerator_init(self, *args, **kwargs)
+    plugin = FullyShardedDataParallelPlugin()  # reads FSDP_VERSION etc. from the environment
+    PartialState().distributed_type = DistributedType.FSDP
+    self.state.distributed_type = DistributedType.FSDP
+    self.state.fsdp_plugin = plugin
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    accelerate.Accelerator.__init__ = _fsdp_on_cpu
+    resume = sys.argv[sys.argv.index("--resume") + 1] if "--resume" in sys.argv else None
+    result = train(load_config(sys.argv[1]), resume=resume)
+    trained = [p for p in result.model.parameters() if p.requires_grad]
+    # the parameters the run trained were FSDP2 shards (DTensors), not DDP replicas
+    print("trained parameter types:", sorted({type(p).__name__ for p in trained}))
+
+
+if __name__ == "__main__":
+    main()
