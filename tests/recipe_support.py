@@ -32,3 +32,27 @@ def small_config(tiny_dir, train_cache, heldout_cache, output_dir, overrides=())
 def write_config(path: Path, cfg) -> Path:
     cfg.save(path)
     return path
+
+
+HERE = Path(__file__).resolve().parent
+
+
+def torchrun2(script: str, *args: str, env: dict | None = None):
+    """Run tests/<script> under `torchrun --standalone --nproc_per_node 2` (gloo on CPU)."""
+    import os
+    import subprocess
+    import sys
+
+    full_env = {**os.environ, **(env or {}), "PYTHONPATH": str(HERE) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+                "PYTHONUNBUFFERED": "1", "COLUMNS": "500", "OMP_NUM_THREADS": "1"}
+    torchrun = Path(sys.executable).with_name("torchrun")
+    cmd = [str(torchrun), "--standalone", "--nproc_per_node", "2", str(HERE / script), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=full_env, timeout=600)
+
+
+def train_losses(run_dir: Path) -> dict[int, tuple[float, float]]:
+    """step -> (loss, grad_norm) of the train records in run_dir/metrics.jsonl."""
+    import json
+
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: (r["loss"], r["grad_norm"]) for r in rows if r.get("event") == "metrics" and r["split"] == "train"}

@@ -4,33 +4,15 @@ checkpoint with every rank's RNG state, exact resume in two processes."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from recipe_support import small_config
+from recipe_support import small_config, torchrun2, train_losses
 
-HERE = Path(__file__).resolve().parent
-TORCHRUN = Path(sys.executable).with_name("torchrun")
 pytestmark = pytest.mark.multiproc
-
-
-def _torchrun(config: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(HERE) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "PYTHONUNBUFFERED": "1", "COLUMNS": "500", "OMP_NUM_THREADS": "1"}
-    cmd = [str(TORCHRUN), "--standalone", "--nproc_per_node", "2", str(HERE / "dist_train_script.py"), str(config), str(out), *extra]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-
-
-def _train_losses(run_dir: Path) -> dict[int, float]:
-    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: (r["loss"], r["grad_norm"]) for r in rows if r.get("event") == "metrics" and r["split"] == "train"}
 
 
 def test_two_processes_train_save_once_and_resume_exactly(tiny_dir, demo_cache, tmp_path):
@@ -38,7 +20,7 @@ def test_two_processes_train_save_once_and_resume_exactly(tiny_dir, demo_cache, 
     run = tmp_path / "run"
     config = tmp_path / "run.yaml"
     small_config(tiny_dir, demo_cache, None, run, overrides).save(config)
-    p = _torchrun(config, tmp_path / "weights")
+    p = torchrun2("dist_train_script.py", str(config), str(tmp_path / "weights"))
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
 
     # both ranks hold the same trained weights
@@ -62,9 +44,9 @@ def test_two_processes_train_save_once_and_resume_exactly(tiny_dir, demo_cache, 
     (resumed / "metrics.jsonl").write_text("\n".join(x for x in lines if json.loads(x).get("step", 0) <= 2) + "\n")
     config2 = tmp_path / "resumed.yaml"
     small_config(tiny_dir, demo_cache, None, resumed, overrides).save(config2)
-    p = _torchrun(config2, tmp_path / "weights2", "--resume", "auto")
+    p = torchrun2("dist_train_script.py", str(config2), str(tmp_path / "weights2"), "--resume", "auto")
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
-    assert _train_losses(resumed) == _train_losses(run)
+    assert train_losses(resumed) == train_losses(run)
     w = load_file(tmp_path / "weights2" / "rank0.safetensors")
     for k in r0:
         assert torch.equal(w[k], r0[k]), k

@@ -4,34 +4,16 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from recipe_support import small_config
+from recipe_support import small_config, torchrun2, train_losses
 
-HERE = Path(__file__).resolve().parent
-TORCHRUN = Path(sys.executable).with_name("torchrun")
 pytestmark = pytest.mark.multiproc
 FSDP_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_AUTO_WRAP_POLICY": "NO_WRAP"}
-
-
-def _torchrun(config: Path, *extra: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, **FSDP_ENV, "PYTHONPATH": str(HERE) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "PYTHONUNBUFFERED": "1", "COLUMNS": "500", "OMP_NUM_THREADS": "1"}
-    cmd = [str(TORCHRUN), "--standalone", "--nproc_per_node", "2", str(HERE / "fsdp_train_script.py"), str(config), *extra]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-
-
-def _train_losses(run_dir: Path) -> dict[int, float]:
-    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: (r["loss"], r["grad_norm"]) for r in rows if r.get("event") == "metrics" and r["split"] == "train"}
 
 
 def test_fsdp_two_processes_save_full_state_and_resume_exactly(tiny_dir, demo_cache, tmp_path):
@@ -39,10 +21,10 @@ def test_fsdp_two_processes_save_full_state_and_resume_exactly(tiny_dir, demo_ca
     run = tmp_path / "run"
     config = tmp_path / "run.yaml"
     small_config(tiny_dir, demo_cache, None, run, overrides).save(config)
-    p = _torchrun(config)
+    p = torchrun2("fsdp_train_script.py", str(config), env=FSDP_ENV)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
     assert "2 process(es)" in p.stdout and "trained parameter types: ['DTensor']" in p.stdout
-    assert all(norm > 0 for _, norm in _train_losses(run).values())  # clipping sees the sharded gradients
+    assert all(norm > 0 for _, norm in train_losses(run).values())  # clipping sees the sharded gradients
 
     # the checkpoint holds the full optimizer state, keyed by parameter name, for every trained tensor
     state = torch.load(run / "checkpoint-2" / "training_state.pt", weights_only=True)
@@ -63,9 +45,9 @@ def test_fsdp_two_processes_save_full_state_and_resume_exactly(tiny_dir, demo_ca
     (resumed / "metrics.jsonl").write_text("\n".join(x for x in lines if json.loads(x).get("step", 0) <= 2) + "\n")
     config2 = tmp_path / "resumed.yaml"
     small_config(tiny_dir, demo_cache, None, resumed, overrides).save(config2)
-    p = _torchrun(config2, "--resume", "auto")
+    p = torchrun2("fsdp_train_script.py", str(config2), "--resume", "auto", env=FSDP_ENV)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
-    assert _train_losses(resumed) == _train_losses(run)
+    assert train_losses(resumed) == train_losses(run)
     a, b = (load_file(d / "final" / "adapter_model.safetensors") for d in (run, resumed))
     assert a.keys() == b.keys()
     for k in a:

@@ -34,7 +34,7 @@ import torch
 
 from higgs_tune.config import Config, ConfigError
 from higgs_tune.data.pipeline import TrainData, build_train_data
-from higgs_tune.errors import CheckpointError, TrainingHealthError
+from higgs_tune.errors import CheckpointError
 
 log = logging.getLogger("higgs_tune.train")
 
