@@ -56,3 +56,17 @@ def train_losses(run_dir: Path) -> dict[int, tuple[float, float]]:
 
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: (r["loss"], r["grad_norm"]) for r in rows if r.get("event") == "metrics" and r["split"] == "train"}
+
+
+def run_folder_at_checkpoint(run: Path, step: int, dest: Path) -> Path:
+    """A copy of `run` as it stood right after checkpoint-<step> was saved (its checkpoint, its
+    config.yaml, its metrics up to that step): a resume from there must replay what followed."""
+    import json
+    import shutil
+
+    dest.mkdir()
+    shutil.copytree(run / f"checkpoint-{step}", dest / f"checkpoint-{step}")
+    shutil.copy(run / "config.yaml", dest / "config.yaml")
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    (dest / "metrics.jsonl").write_text("\n".join(x for x in lines if json.loads(x).get("step", 0) <= step) + "\n")
+    return dest

@@ -3,14 +3,12 @@
 
 from __future__ import annotations
 
-import json
-import shutil
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from recipe_support import small_config, torchrun2, train_losses
+from recipe_support import run_folder_at_checkpoint, small_config, torchrun2, train_losses
 
 pytestmark = pytest.mark.multiproc
 FSDP_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_AUTO_WRAP_POLICY": "NO_WRAP"}
@@ -37,12 +35,7 @@ def test_fsdp_two_processes_save_full_state_and_resume_exactly(tiny_dir, demo_ca
     assert (sorted(s["exp_avg"].numel() for s in opt_state.values()) == sorted(v.numel() for v in adapter.values()))
 
     # resume from checkpoint-2 in two processes: steps 3-4 and the final weights equal the uninterrupted run
-    resumed = tmp_path / "resumed"
-    resumed.mkdir()
-    shutil.copytree(run / "checkpoint-2", resumed / "checkpoint-2")
-    shutil.copy(run / "config.yaml", resumed / "config.yaml")
-    lines = (run / "metrics.jsonl").read_text().splitlines()
-    (resumed / "metrics.jsonl").write_text("\n".join(x for x in lines if json.loads(x).get("step", 0) <= 2) + "\n")
+    resumed = run_folder_at_checkpoint(run, 2, tmp_path / "resumed")
     config2 = tmp_path / "resumed.yaml"
     small_config(tiny_dir, demo_cache, None, resumed, overrides).save(config2)
     p = torchrun2("fsdp_train_script.py", str(config2), "--resume", "auto", env=FSDP_ENV)
