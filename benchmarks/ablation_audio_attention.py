@@ -125,14 +125,14 @@ def demo_compare(steps: int) -> tuple[dict, dict]:
     the demo preset in full fine-tuning, with and without the block; final train and held-out
     audio CE per codebook from each run's metrics.jsonl."""
     import json
-
-    import yaml
     from importlib.resources import files
 
+    import yaml
+
+    from higgs_tune.app.demo import demo_data_dir
     from higgs_tune.config import config_from_dict
     from higgs_tune.data.prepare import prepare_manifest
     from higgs_tune.tiny import make_tiny
-    from higgs_tune.train.demo import demo_data_dir
     from higgs_tune.train.recipe import train as run_recipe
 
     results = []

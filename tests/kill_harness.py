@@ -51,7 +51,7 @@ def main() -> None:
         else:
             raise SystemExit(f"unknown kill point {kill!r}")
     torch.set_num_threads(1)
-    from higgs_tune.cli import main as cli
+    from higgs_tune.app.cli import main as cli
 
     sys.argv = ["higgs-tune", "train", *args]
     cli()

@@ -14,7 +14,7 @@ import torch
 import yaml
 from click.testing import CliRunner
 
-from higgs_tune.cli import main
+from higgs_tune.app.cli import main
 from higgs_tune.config import config_from_dict
 from higgs_tune.data.cache import CacheWriter, CodeCache
 from higgs_tune.data.collate import Collator
@@ -59,8 +59,8 @@ def _tokens(tiny_dir):
 
 def _train_data(tiny_dir, cfg: dict):
     """What `train` builds from this config (the recipe's builder) and its SpecialTokens."""
-    from higgs_tune.model.load import load_processor
     from higgs_tune.data.pipeline import build_train_data
+    from higgs_tune.model.load import load_processor
 
     data = build_train_data(config_from_dict(cfg), load_processor(tiny_dir))
     return data, data.tokens

@@ -13,7 +13,7 @@ import torch
 from click.testing import CliRunner
 from fixtures_data import prepare_demo_cache
 
-from higgs_tune.cli import main as cli
+from higgs_tune.app.cli import main as cli
 from higgs_tune.data.audio import read_audio, to_codec_input
 from higgs_tune.data.cache import CacheWriter, CodeCache
 from higgs_tune.data.manifest import ManifestError

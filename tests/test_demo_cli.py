@@ -8,7 +8,7 @@ import logging
 import pytest
 from click.testing import CliRunner
 
-from higgs_tune.cli import main
+from higgs_tune.app.cli import main
 
 
 @pytest.fixture(autouse=True)

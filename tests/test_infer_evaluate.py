@@ -16,7 +16,7 @@ import pytest
 import soundfile as sf
 from click.testing import CliRunner
 
-from higgs_tune.cli import main
+from higgs_tune.app.cli import main
 from higgs_tune.errors import ModelLoadError
 from higgs_tune.infer.evaluate import (
     CSV_COLUMNS,
@@ -27,8 +27,9 @@ from higgs_tune.infer.evaluate import (
     plan_items,
     read_results,
 )
-from higgs_tune.infer.generate import SamplingOptions, load_inference_stack
-from higgs_tune.infer.tiny_eval_models import make_tiny_adapter, make_tiny_eval_models
+from higgs_tune.infer.generate import SamplingOptions
+from higgs_tune.infer.loading import load_inference_stack
+from higgs_tune.tiny.eval_models import make_tiny_adapter, make_tiny_eval_models
 
 DEMO = Path(__file__).resolve().parents[1] / "examples" / "data" / "demo"
 HELDOUT_IDS = ["en_a_008", "en_a_009", "en_b_008", "en_b_009", "ar_a_010", "ar_a_011"]

@@ -10,11 +10,12 @@ import torch
 from click.testing import CliRunner
 from safetensors import safe_open
 
-from higgs_tune.cli import main
+from higgs_tune.app.cli import main
 from higgs_tune.errors import OutputDirError
 from higgs_tune.infer.export import EXPORT_MARKER, export_merged
-from higgs_tune.infer.generate import GenerationRequest, SamplingOptions, encode_reference, generate_speech, load_inference_stack
-from higgs_tune.infer.tiny_eval_models import make_tiny_adapter
+from higgs_tune.infer.generate import GenerationRequest, SamplingOptions, encode_reference, generate_speech
+from higgs_tune.infer.loading import load_inference_stack
+from higgs_tune.tiny.eval_models import make_tiny_adapter
 
 DEMO = Path(__file__).resolve().parents[1] / "examples" / "data" / "demo"
 REF_TEXT = "The morning train was right on time."

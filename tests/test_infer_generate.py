@@ -16,22 +16,20 @@ import soundfile as sf
 import torch
 from click.testing import CliRunner
 
-from higgs_tune.cli import main
+from higgs_tune.app.cli import main
+from higgs_tune.app.requests import pick_speaker_reference, read_batch_file
 from higgs_tune.data.layout import Conversation, build_prompt
 from higgs_tune.errors import DataError, ModelLoadError
 from higgs_tune.infer.generate import (
     GenerationError,
     GenerationRequest,
     SamplingOptions,
-    check_adapter_fits,
     encode_reference,
     generate_speech,
-    load_inference_stack,
-    pick_speaker_reference,
-    read_batch_file,
     write_wav,
 )
-from higgs_tune.infer.tiny_eval_models import make_tiny_adapter
+from higgs_tune.infer.loading import check_adapter_fits, load_inference_stack
+from higgs_tune.tiny.eval_models import make_tiny_adapter
 
 DEMO = Path(__file__).resolve().parents[1] / "examples" / "data" / "demo"
 REF_AUDIO = DEMO / "audio" / "en_a_000.flac"

@@ -19,11 +19,12 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from higgs_tune.cli import main
+from higgs_tune.app.charts import Series, nice_ticks, svg_line_chart
+from higgs_tune.app.cli import main
+from higgs_tune.app.report import build_report
 from higgs_tune.errors import DataError
 from higgs_tune.infer.evaluate import CSV_COLUMNS, write_results
 from higgs_tune.infer.generate import write_wav
-from higgs_tune.infer.report import Series, build_report, nice_ticks, svg_line_chart
 from higgs_tune.train.health import HealthWarning
 from higgs_tune.train.logging import MetricsLogger
 

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 from test_model_support import model_inputs, synthetic_batch
 
-from higgs_tune.cli import main
+from higgs_tune.app.cli import main
 from higgs_tune.config import ModelConfig
 from higgs_tune.errors import ModelLoadError
 from higgs_tune.model.convert import convert_checkpoint, convert_key

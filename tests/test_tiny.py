@@ -123,7 +123,7 @@ def test_make_tiny_refuses_non_empty_folder(tmp_path):
 def test_make_tiny_cli_refuses_without_overwrite(tmp_path):
     from click.testing import CliRunner
 
-    from higgs_tune.cli import main
+    from higgs_tune.app.cli import main
 
     (tmp_path / "keep.txt").write_text("x")
     result = CliRunner().invoke(main, ["make-tiny", str(tmp_path)])

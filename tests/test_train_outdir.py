@@ -329,7 +329,7 @@ def test_run_artefact_names_are_documented_constants():
                                 "report.html", "report.json", "summary.json"}
     assert outdir.RUN_DIRS == {"final", "samples", "tensorboard", "wandb", "logs", "eval"}
     # the names the recipe, the metrics logger and the report write are among them
-    from higgs_tune.infer.report import REPORT_NAME
+    from higgs_tune.app.report import REPORT_NAME
     from higgs_tune.train.logging import METRICS_FILE, TENSORBOARD_DIR
     from higgs_tune.train.recipe import DATA_REPORT_FILE, PARAM_REPORT_FILE, SAMPLES_DIR
 

@@ -7,10 +7,10 @@ import math
 
 import pytest
 import torch
+from recipe_support import small_config
 
 from higgs_tune.errors import TrainingHealthError
 from higgs_tune.train.recipe import train
-from recipe_support import small_config
 
 LN_AUDIO = math.log(1026)
 
@@ -112,7 +112,7 @@ def test_resume_weights_only_starts_a_new_run_from_trained_weights(tiny_dir, dem
 def test_train_cli_reports_every_config_problem_at_once(tmp_path):
     from click.testing import CliRunner
 
-    from higgs_tune.cli import main
+    from higgs_tune.app.cli import main
 
     bad = tmp_path / "bad.yaml"
     bad.write_text("model:\n  dtype: float8\ntrain:\n  learning_rate: -1\n  max_stepz: 3\nfinetune:\n  mode: lora\n  pathways: [text_attn, nope]\n")
@@ -171,7 +171,7 @@ def test_interrupt_mid_run_then_resume_is_exact_with_accumulation_across_epochs(
 def test_ctrl_c_prints_where_to_resume_without_a_traceback(tmp_path, monkeypatch):
     from click.testing import CliRunner
 
-    from higgs_tune.cli import main
+    from higgs_tune.app.cli import main
     from higgs_tune.config import config_from_dict
     from higgs_tune.train import recipe
 
@@ -201,8 +201,8 @@ def test_ctrl_c_prints_where_to_resume_without_a_traceback(tmp_path, monkeypatch
 
 
 def test_demo_run_again_says_to_add_overwrite_before_building_anything(tmp_path):
+    from higgs_tune.app.demo import run_demo
     from higgs_tune.errors import OutputDirError
-    from higgs_tune.train.demo import run_demo
 
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "metrics.jsonl").write_text("{}\n")

@@ -45,13 +45,13 @@ from higgs_tune.errors import DataError, ModelLoadError
 from higgs_tune.infer import metrics as M
 from higgs_tune.infer.generate import (
     GenerationRequest,
-    InferenceStack,
     SamplingOptions,
     encode_reference,
     generate_speech,
     load_codec_audio,
     write_wav,
 )
+from higgs_tune.infer.loading import InferenceStack
 
 DEFAULT_ASR_MODEL = "openai/whisper-large-v3"
 DEFAULT_SPEAKER_MODEL = "microsoft/wavlm-base-plus-sv"
@@ -80,7 +80,7 @@ def _load_error(kind: str, name: str, option: str, e: Exception) -> ModelLoadErr
     return ModelLoadError(
         f"cannot load the {kind} model {name!r} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). "
         f"Fix: pass {option} with a local folder or a Hub id you can download (offline tests use "
-        "`higgs_tune.infer.tiny_eval_models.make_tiny_eval_models`)."
+        "`higgs_tune.tiny.eval_models.make_tiny_eval_models`)."
     )
 
 

@@ -37,7 +37,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from peft import PeftModel
+
 from higgs_tune.errors import ModelLoadError, OutputDirError
+from higgs_tune.infer.loading import adapter_base_from_checkpoint, adapter_needs_text_head, load_inference_stack
+from higgs_tune.model.audio_attention import has_audio_self_attention
+from higgs_tune.model.load import TEXT_HEAD_KEY, checkpoint_keys, resolve_audio_tokenizer, resolve_checkpoint
 
 EXPORT_MARKER = "higgs_tune_export.json"
 AUDIO_TOKENIZER_DIR = "audio_tokenizer"
@@ -80,12 +85,6 @@ def export_merged(
     `model` None: the base recorded in the checkpoint's config.yaml. `dtype`: the saved weights'
     dtype (merging runs in it; float32 is exact, bfloat16 halves the size).
     """
-    from peft import PeftModel
-
-    from higgs_tune.infer.generate import _adapter_needs_text_head, load_inference_stack
-    from higgs_tune.model.audio_attention import has_audio_self_attention
-    from higgs_tune.model.load import TEXT_HEAD_KEY, checkpoint_keys, resolve_audio_tokenizer, resolve_checkpoint
-
     out = Path(out_dir)
     _check_out_dir(out, overwrite)
     adapter = Path(adapter)
@@ -96,13 +95,11 @@ def export_merged(
     # complete checkpoint to fine-tune further (from_pretrained drops it unless asked).
     stack_base = model
     if stack_base is None:
-        from higgs_tune.infer.generate import _adapter_base_from_checkpoint
-
-        stack_base = _adapter_base_from_checkpoint(adapter) if adapter.is_dir() else None
+        stack_base = adapter_base_from_checkpoint(adapter) if adapter.is_dir() else None
     text_head = None
     if stack_base is not None:
         base_folder = resolve_checkpoint(stack_base)
-        text_head = TEXT_HEAD_KEY in checkpoint_keys(base_folder) or (adapter.is_dir() and _adapter_needs_text_head(adapter))
+        text_head = TEXT_HEAD_KEY in checkpoint_keys(base_folder) or (adapter.is_dir() and adapter_needs_text_head(adapter))
     stack = load_inference_stack(
         stack_base, adapter, device="cpu", dtype=dtype, audio_tokenizer=audio_tokenizer, use_text_head=text_head
     )

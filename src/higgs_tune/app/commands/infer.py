@@ -1,6 +1,7 @@
 """`higgs-tune generate | evaluate | export | report`: after training.
 
-Heavy imports (torch, transformers) happen inside the commands, so `higgs-tune --help` stays fast.
+The modules that load transformers or peft (loading, evaluate, export, report) are imported
+inside the commands, so `higgs-tune --help` (which loads every command module) stays fast.
 """
 
 from __future__ import annotations
@@ -10,7 +11,9 @@ from pathlib import Path
 
 import click
 
+from higgs_tune.app.requests import FileRequest, default_output_name, pick_speaker_reference, read_batch_file
 from higgs_tune.errors import DataError
+from higgs_tune.infer.generate import GenerationRequest, SamplingOptions, encode_reference, generate_speech, write_wav
 
 
 def _sampling_options(f):
@@ -28,8 +31,6 @@ def _sampling_options(f):
     @click.option("--seed", type=int, default=0, show_default=True, help="Request i is generated with seed + i.")
     @functools.wraps(f)
     def wrapper(*args, temperature, top_p, top_k, ras_win_len, ras_win_max_num_repeat, max_new_tokens, seed, **kwargs):
-        from higgs_tune.infer.generate import SamplingOptions
-
         options = SamplingOptions(
             temperature=temperature, top_p=top_p, top_k=top_k, ras_win_len=ras_win_len,
             ras_win_max_num_repeat=ras_win_max_num_repeat, max_new_tokens=max_new_tokens, seed=seed,
@@ -57,7 +58,7 @@ def _model_options(f):
 
 
 def _load_stack(model, adapter, audio_tokenizer, device, dtype):
-    from higgs_tune.infer.generate import load_inference_stack
+    from higgs_tune.infer.loading import load_inference_stack  # lazy: transformers, too slow for `higgs-tune --help`
 
     stack = load_inference_stack(model, adapter, device=device, dtype=dtype, audio_tokenizer=audio_tokenizer)
     for note in stack.notes:
@@ -93,8 +94,6 @@ def generate_command(texts, model, adapter, audio_tokenizer, device, dtype, ref_
     Writes 16-bit WAVs at the codec's rate and says, per output, whether the model ended the
     audio itself or hit --max-new-tokens.
     """
-    from higgs_tune.infer.generate import FileRequest, default_output_name, pick_speaker_reference, read_batch_file
-
     if batch_file and (texts or ref_audio or speaker):
         raise click.UsageError("--batch takes texts and references from the file: do not also give TEXTS, --ref-audio or --speaker.")
     if not batch_file and not texts:
@@ -124,8 +123,6 @@ def generate_command(texts, model, adapter, audio_tokenizer, device, dtype, ref_
 
 
 def _run_generation(requests, model, adapter, audio_tokenizer, device, dtype, options) -> None:
-    from higgs_tune.infer.generate import GenerationRequest, encode_reference, generate_speech, write_wav
-
     stack = _load_stack(model, adapter, audio_tokenizer, device, dtype)
     codes = {}
     gen_requests = []
@@ -172,6 +169,7 @@ def evaluate_command(manifest, model, adapter, audio_tokenizer, device, dtype, o
     """Generate every clip of a held-out MANIFEST and score it: WER/CER (ASR), speaker similarity
     (WavLM x-vector cosine with the voice prompt), duration ratio and stop rate.
     Writes OUT/results.json, OUT/results.csv and OUT/wavs/."""
+    # lazy: transformers, too slow for `higgs-tune --help`
     from higgs_tune.infer.evaluate import (
         DEFAULT_ASR_MODEL,
         DEFAULT_SPEAKER_MODEL,
@@ -216,7 +214,7 @@ def evaluate_command(manifest, model, adapter, audio_tokenizer, device, dtype, o
 def export_command(out_dir, adapter, model, audio_tokenizer, dtype, overwrite):
     """Merge the adapter into the base model and save OUT_DIR: a folder that plain transformers
     loads (model, tokenizer, processor, audio_tokenizer/)."""
-    from higgs_tune.infer.export import export_merged
+    from higgs_tune.infer.export import export_merged  # lazy: peft and transformers
 
     result = export_merged(model, adapter, out_dir, dtype=dtype, audio_tokenizer=audio_tokenizer, overwrite=overwrite)
     what = "LoRA merged" if result.merged_lora else "full fine-tune weights"
@@ -235,7 +233,7 @@ def export_command(out_dir, adapter, model, audio_tokenizer, dtype, overwrite):
 def report_command(run_dir, out_file, max_audio_mb):
     """Write RUN_DIR/report.html: loss curves, health warnings, parameters, sample players and the
     evaluation, in one self-contained page."""
-    from higgs_tune.infer.report import build_report
+    from higgs_tune.app.report import build_report  # lazy: reads train's constants, which load transformers
 
     path = build_report(run_dir, out_file, max_audio_mb=max_audio_mb)
     click.echo(f"report written to {path}")

@@ -17,8 +17,16 @@ from pathlib import Path
 
 import yaml
 
+from higgs_tune.app.report import build_report
 from higgs_tune.config import config_from_dict
+from higgs_tune.data.prepare import prepare_manifest
 from higgs_tune.errors import DataError, OutputDirError
+from higgs_tune.infer.evaluate import AsrModel, SpeakerModel, evaluate_manifest
+from higgs_tune.infer.generate import SamplingOptions
+from higgs_tune.infer.loading import load_inference_stack
+from higgs_tune.tiny import make_tiny
+from higgs_tune.tiny.eval_models import make_tiny_eval_models
+from higgs_tune.train.recipe import train
 
 log = logging.getLogger("higgs_tune.demo")
 
@@ -52,14 +60,6 @@ def demo_config(out: Path, max_steps: int | None = None):
 
 def run_demo(out: Path, *, max_steps: int | None = None, overwrite: bool = False) -> Path:
     """Build, prepare, train, evaluate, report; returns the report's path."""
-    from higgs_tune.data.prepare import prepare_manifest
-    from higgs_tune.infer.evaluate import AsrModel, SpeakerModel, evaluate_manifest
-    from higgs_tune.infer.generate import SamplingOptions, load_inference_stack
-    from higgs_tune.infer.report import build_report
-    from higgs_tune.infer.tiny_eval_models import make_tiny_eval_models
-    from higgs_tune.tiny import make_tiny
-    from higgs_tune.train.recipe import train
-
     out = out.resolve()
     data = demo_data_dir()
     run_dir = out / "run"

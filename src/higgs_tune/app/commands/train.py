@@ -9,8 +9,9 @@ import sys
 from pathlib import Path
 
 import click
+from rich.logging import RichHandler
 
-from higgs_tune.config import ConfigError
+from higgs_tune.config import ConfigError, config_help, load_config
 from higgs_tune.errors import HiggsTuneError
 
 
@@ -19,12 +20,18 @@ class ConfigProblem(HiggsTuneError):
 
 
 def _setup_logging(verbose: bool) -> None:
-    from rich.logging import RichHandler
-
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
                         handlers=[RichHandler(show_path=False, show_time=False, markup=False)], force=True)
     for noisy in ("transformers", "accelerate", "peft", "torch", "urllib3", "filelock", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _print_config_help(ctx, param, value):
+    """--help-config: every config key with its type, default and help, then exit (no CONFIG needed)."""
+    if not value or ctx.resilient_parsing:
+        return
+    click.echo(config_help())
+    ctx.exit()
 
 
 @click.command("train", context_settings={"ignore_unknown_options": True})
@@ -34,10 +41,11 @@ def _setup_logging(verbose: bool) -> None:
 @click.option("--resume-weights-only", is_flag=True, help="Start a new run from the --resume checkpoint's weights (fresh optimizer, schedule and data order).")
 @click.option("--overwrite", is_flag=True, help="Replace higgs-tune's own artefacts in a non-empty output_dir.")
 @click.option("--verbose", is_flag=True, help="Debug logging.")
+@click.option("--help-config", is_flag=True, expose_value=False, is_eager=True, callback=_print_config_help,
+              help="List every config key (section.key) with its type, default and help, and exit.")
 def train_command(config, overrides, resume, resume_weights_only, overwrite, verbose):
     """Fine-tune Higgs Audio v2 as CONFIG.yaml says; OVERRIDES are section.key=value pairs."""
-    from higgs_tune.config import load_config
-    from higgs_tune.train.recipe import train
+    from higgs_tune.train.recipe import train  # lazy: the recipe loads transformers, too slow for `higgs-tune --help`
 
     _setup_logging(verbose)
     try:
@@ -59,7 +67,7 @@ def train_command(config, overrides, resume, resume_weights_only, overwrite, ver
 
 def interrupted_message(cfg, config: str, overrides) -> str:
     """What a person needs after Ctrl-C: the newest complete checkpoint and the command to resume."""
-    from higgs_tune.train.checkpoint import newest_complete_checkpoint
+    from higgs_tune.train.checkpoint import newest_complete_checkpoint  # lazy: transformers (see train_command)
 
     folders = [cfg.checkpoint.output_dir] + ([cfg.checkpoint.output_dir_fallback] if cfg.checkpoint.output_dir_fallback else [])
     found = [c for c in (newest_complete_checkpoint(Path(f)) for f in folders) if c is not None]
@@ -79,7 +87,7 @@ def interrupted_message(cfg, config: str, overrides) -> str:
 def demo_command(out_dir, max_steps, overwrite, verbose):
     """Fine-tune the tiny offline Higgs stack on the bundled demo data (CPU, a few minutes),
     evaluate it and write DIR/run/report.html."""
-    from higgs_tune.train.demo import run_demo
+    from higgs_tune.app.demo import run_demo  # lazy: the whole stack, too slow for `higgs-tune --help`
 
     _setup_logging(verbose)
     report = run_demo(Path(out_dir), max_steps=max_steps, overwrite=overwrite)

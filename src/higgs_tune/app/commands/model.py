@@ -1,6 +1,9 @@
-"""`higgs-tune convert SRC DST`: original boson_multimodal checkpoint -> transformers layout."""
+"""`higgs-tune convert SRC DST` (original boson_multimodal checkpoint -> transformers layout) and
+`higgs-tune make-tiny OUT_DIR` (the tiny offline stack used by the demo and the tests)."""
 
 import click
+
+from higgs_tune.errors import OutputDirError
 
 
 @click.command("convert")
@@ -16,7 +19,7 @@ import click
 def convert_command(src, dst, audio_tokenizer, overwrite):
     """Convert an original Higgs Audio checkpoint (model_type higgs_audio, folder or Hub id SRC)
     into a transformers HiggsAudioV2ForConditionalGeneration folder DST that higgs-tune loads."""
-    from higgs_tune.model.convert import convert_checkpoint
+    from higgs_tune.model.convert import convert_checkpoint  # lazy: transformers, too slow for `higgs-tune --help`
 
     summary = convert_checkpoint(src, dst, audio_tokenizer=audio_tokenizer, overwrite=overwrite)
     click.echo(f"converted {summary['source']} -> {dst}: {summary['tensors']} tensors ({summary['dtype']})")
@@ -29,3 +32,19 @@ def convert_command(src, dst, audio_tokenizer, overwrite):
         click.echo("  load with model.use_text_head: true to keep the text head")
     if summary["audio_self_attention"]:
         click.echo("  load with model.audio_self_attention: true (the checkpoint has the audio-only attention block)")
+
+
+@click.command("make-tiny")
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--seed", default=0, show_default=True, help="Seed for the random weights and codebooks.")
+@click.option("--overwrite", is_flag=True, help="Replace the contents of a non-empty OUT_DIR.")
+def make_tiny_command(out_dir, seed, overwrite):
+    """Build a tiny random-weight Higgs Audio v2 stack (text tokenizer, audio tokenizer,
+    model with text head, processor) in OUT_DIR, offline, deterministic from SEED."""
+    from higgs_tune.tiny import OutputDirNotEmpty, make_tiny  # lazy: transformers, too slow for `higgs-tune --help`
+
+    try:
+        out = make_tiny(out_dir, seed=seed, overwrite=overwrite)
+    except OutputDirNotEmpty as e:
+        raise OutputDirError(str(e)) from None
+    click.echo(f"tiny Higgs Audio v2 stack written to {out}")
