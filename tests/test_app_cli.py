@@ -35,3 +35,13 @@ def test_python_dash_m_higgs_tune_is_the_command():
     out = subprocess.run([sys.executable, "-m", "higgs_tune", "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "make-tiny" in out.stdout and "report" in out.stdout
+
+
+def test_help_loads_every_command_module_but_not_transformers():
+    """Why app/commands/ keeps some imports inside the commands: `--help` stays quick."""
+    code = ("import sys; from click.testing import CliRunner; from higgs_tune.app.cli import main; "
+            "r = CliRunner().invoke(main, ['--help']); assert r.exit_code == 0, r.output; "
+            "print(sorted(m for m in ('transformers', 'peft') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

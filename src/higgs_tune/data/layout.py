@@ -110,7 +110,7 @@ class SpecialTokens:
         or processor records for the placeholders must agree with the tokenizer's: a stack whose
         parts disagree would put audio embeddings at the wrong positions.
         """
-        from transformers import HiggsAudioV2Config, HiggsAudioV2Processor
+        from transformers import HiggsAudioV2Config, HiggsAudioV2Processor  # lazy: `higgs-tune --help` imports this module
 
         names = {
             "begin_of_text": BEGIN_OF_TEXT,

@@ -8,6 +8,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from higgs_tune.config import Config
+from higgs_tune.data.cache import CodeCache
+from higgs_tune.data.collate import Collator, TokenBudgetBatchSampler
+from higgs_tune.data.dataset import TTSDataset, split_ids
+from higgs_tune.data.layout import SpecialTokens
 
 
 @dataclass
@@ -30,8 +34,6 @@ class TrainData:
     def eval_batches(self):
         if self.eval_set is None:
             return
-        from higgs_tune.data.collate import TokenBudgetBatchSampler
-
         sampler = TokenBudgetBatchSampler(self.eval_set.lengths, self.sampler.max_tokens, self.sampler.max_batch_size,
                                           shuffle=False, seed=0, num_replicas=self.sampler.num_replicas,
                                           rank=self.sampler.rank)
@@ -42,11 +44,6 @@ class TrainData:
 
 def build_train_data(cfg: Config, processor, *, num_replicas: int = 1, rank: int = 0) -> TrainData:
     """Caches -> datasets (train / held-out) -> sampler -> collator, exactly as training uses them."""
-    from higgs_tune.data.cache import CodeCache
-    from higgs_tune.data.collate import Collator, TokenBudgetBatchSampler
-    from higgs_tune.data.dataset import TTSDataset, split_ids
-    from higgs_tune.data.layout import SpecialTokens
-
     d, seed = cfg.data, cfg.train.seed
     tokens = SpecialTokens.from_tokenizer(processor.tokenizer, processor)
     train_cache = CodeCache.open(d.train_cache)

@@ -76,7 +76,7 @@ def load_audio_tokenizer(model: str | Path, device: str | torch.device = "cpu"):
 
     Local folders; anything else is tried as a Hub id of an audio tokenizer. Eval mode, float32.
     """
-    from transformers import HiggsAudioV2TokenizerModel
+    from transformers import HiggsAudioV2TokenizerModel  # lazy: `higgs-tune --help` imports this module
 
     path = Path(model)
     if (path / "audio_tokenizer" / "config.json").is_file():

@@ -40,7 +40,10 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from transformers import AutoFeatureExtractor, AutoModelForAudioXVector, AutoModelForSpeechSeq2Seq, AutoProcessor
 
+from higgs_tune.data.audio import to_codec_input
+from higgs_tune.data.manifest import validate_manifest
 from higgs_tune.errors import DataError, ModelLoadError
 from higgs_tune.infer import metrics as M
 from higgs_tune.infer.generate import (
@@ -71,8 +74,6 @@ WHISPER_WINDOW_S = 30.0
 
 def _resample(wav: np.ndarray, rate: int, target: int) -> np.ndarray:
     """(N,) float32 at `rate` -> at `target`, with the toolkit's resampler (data.audio)."""
-    from higgs_tune.data.audio import to_codec_input
-
     return to_codec_input(np.asarray(wav, dtype=np.float32)[:, None], rate, target)
 
 
@@ -99,8 +100,6 @@ class AsrModel:
 
     @classmethod
     def load(cls, name: str | Path, device: str | torch.device = "cpu") -> "AsrModel":
-        from transformers import AutoModelForSpeechSeq2Seq, AutoProcessor
-
         try:
             processor = AutoProcessor.from_pretrained(str(name))
             model = AutoModelForSpeechSeq2Seq.from_pretrained(str(name)).eval().to(device)
@@ -169,8 +168,6 @@ class SpeakerModel:
 
     @classmethod
     def load(cls, name: str | Path, device: str | torch.device = "cpu") -> "SpeakerModel":
-        from transformers import AutoFeatureExtractor, AutoModelForAudioXVector
-
         try:
             fe = AutoFeatureExtractor.from_pretrained(str(name))
             model = AutoModelForAudioXVector.from_pretrained(str(name)).eval().to(device)
@@ -300,8 +297,6 @@ def evaluate_manifest(
     limit: int | None = None,
 ) -> dict:
     """Generate every clip of `manifest`, score it, write results.json / results.csv / wavs; return the results dict."""
-    from higgs_tune.data.manifest import validate_manifest
-
     options = (options or SamplingOptions()).validate()
     out = Path(out_dir)
     rate = stack.sample_rate

@@ -30,18 +30,22 @@ import shutil
 from pathlib import Path
 
 import torch
+from transformers import GenerationConfig, HiggsAudioV2Config, HiggsAudioV2ForConditionalGeneration, HiggsAudioV2TokenizerModel
 
 from higgs_tune.errors import ModelLoadError
+from higgs_tune.model.audio_attention import AUDIO_ATTN_KEY_PARTS, enable_audio_self_attention
 from higgs_tune.model.load import (
     MODEL_TYPE,
     ORIGINAL_MODEL_TYPE,
     checkpoint_keys,
     is_original_layout,
+    load_processor,
     load_text_tokenizer,
     read_model_config,
     read_tensors,
     resolve_checkpoint,
 )
+from higgs_tune.resources import chat_template
 
 logger = logging.getLogger(__name__)
 
@@ -172,11 +176,6 @@ def _source_dtype(tensors: dict[str, torch.Tensor]) -> torch.dtype:
 
 def convert_checkpoint(src: str | Path, dst: str | Path, audio_tokenizer: str | Path | None = None, overwrite: bool = False) -> dict:
     """Convert SRC (original layout) into DST (transformers layout). Returns a summary dict."""
-    from transformers import GenerationConfig, HiggsAudioV2Config, HiggsAudioV2ForConditionalGeneration
-
-    from higgs_tune.model.audio_attention import AUDIO_ATTN_KEY_PARTS, enable_audio_self_attention
-    from higgs_tune.resources import chat_template
-
     source = resolve_checkpoint(src)
     original = read_model_config(source)
     keys = checkpoint_keys(source)
@@ -236,10 +235,6 @@ def convert_checkpoint(src: str | Path, dst: str | Path, audio_tokenizer: str | 
 
     codec_note = None
     if audio_tokenizer is not None:
-        from transformers import HiggsAudioV2TokenizerModel
-
-        from higgs_tune.model.load import load_processor
-
         codec_dir = resolve_checkpoint(audio_tokenizer)
         HiggsAudioV2TokenizerModel.from_pretrained(str(codec_dir)).save_pretrained(str(out / "audio_tokenizer"))
         processor = load_processor(out)  # checks codebooks and token ids against the new config

@@ -25,6 +25,11 @@ import logging
 from pathlib import Path
 
 import torch
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+from safetensors import safe_open
+from transformers import AutoTokenizer, DacFeatureExtractor, HiggsAudioV2ForConditionalGeneration, HiggsAudioV2Processor, HiggsAudioV2TokenizerConfig, HiggsAudioV2TokenizerModel
+from transformers.utils import is_flash_attn_2_available, is_flash_attn_3_available
 
 from higgs_tune.config import ModelConfig
 from higgs_tune.errors import ModelLoadError
@@ -32,6 +37,7 @@ from higgs_tune.model.audio_attention import (
     AUDIO_ATTN_KEY_PARTS,
     enable_audio_self_attention,
 )
+from higgs_tune.resources import chat_template
 
 logger = logging.getLogger(__name__)
 
@@ -60,9 +66,6 @@ def resolve_checkpoint(name_or_path: str | Path) -> Path:
         if not path.is_dir():
             raise ModelLoadError(f"{path} is a file, not a checkpoint folder. Set model.name_or_path to the folder that holds config.json.")
         return path
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-
     try:
         return Path(snapshot_download(repo_id=name, allow_patterns=_HUB_PATTERNS))
     except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as e:
@@ -89,8 +92,6 @@ def read_model_config(folder: Path) -> dict:
 
 def checkpoint_keys(folder: Path) -> dict[str, Path]:
     """Tensor name -> safetensors file, from the shard index or the files themselves (headers only)."""
-    from safetensors import safe_open
-
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         weight_map = _read_json(index).get("weight_map", {})
@@ -110,8 +111,6 @@ def checkpoint_keys(folder: Path) -> dict[str, Path]:
 
 def read_tensors(keys: dict[str, Path], names) -> dict[str, torch.Tensor]:
     """Load the named tensors only, grouped per shard."""
-    from safetensors import safe_open
-
     by_file: dict[Path, list[str]] = {}
     for name in names:
         by_file.setdefault(keys[name], []).append(name)
@@ -161,8 +160,6 @@ def check_higgs_checkpoint(folder: Path) -> tuple[dict, dict[str, Path]]:
 # ----------------------------------------------------------------------------- tokenizers and processor
 def load_text_tokenizer(name_or_path: str | Path):
     """The text tokenizer (AutoTokenizer) of a checkpoint folder or Hub id."""
-    from transformers import AutoTokenizer
-
     folder = resolve_checkpoint(name_or_path)
     if not any((folder / f).is_file() for f in TOKENIZER_FILES):
         raise ModelLoadError(
@@ -210,8 +207,6 @@ def resolve_audio_tokenizer(folder: Path, audio_tokenizer: str | Path | None = N
 
 
 def load_audio_tokenizer_config(folder: Path, audio_tokenizer: str | Path | None = None):
-    from transformers import HiggsAudioV2TokenizerConfig
-
     where = resolve_audio_tokenizer(folder, audio_tokenizer)
     source = resolve_checkpoint(where)
     config = read_model_config(source)
@@ -226,8 +221,6 @@ def load_audio_tokenizer_config(folder: Path, audio_tokenizer: str | Path | None
 
 def load_audio_tokenizer(name_or_path: str | Path, audio_tokenizer: str | Path | None = None, device=None):
     """The HiggsAudioV2TokenizerModel (codec) belonging to a checkpoint, in eval mode."""
-    from transformers import HiggsAudioV2TokenizerModel
-
     folder = resolve_checkpoint(name_or_path)
     _, source = load_audio_tokenizer_config(folder, audio_tokenizer)
     codec = HiggsAudioV2TokenizerModel.from_pretrained(str(source)).eval()
@@ -260,8 +253,6 @@ def check_codec_matches(model_config: dict, codec_config, model_where: Path, cod
 def _feature_extractor(folder: Path, sample_rate: int):
     """DacFeatureExtractor from processor_config.json / preprocessor_config.json, else the standard
     Higgs one (mono, hop 1, right padding) at the codec's sample rate."""
-    from transformers import DacFeatureExtractor
-
     fields = None
     if (folder / "processor_config.json").is_file():
         fields = _read_json(folder / "processor_config.json").get("feature_extractor")
@@ -302,10 +293,6 @@ def load_processor(name_or_path: str | Path, audio_tokenizer: str | Path | None 
     Built here rather than with `HiggsAudioV2Processor.from_pretrained`, which follows the audio
     tokenizer path recorded at save time (an absolute path that breaks when a folder moves).
     """
-    from transformers import HiggsAudioV2Processor, HiggsAudioV2TokenizerModel
-
-    from higgs_tune.resources import chat_template
-
     folder = resolve_checkpoint(name_or_path)
     tokenizer = load_text_tokenizer(folder)
     codec_config, codec_source = load_audio_tokenizer_config(folder, audio_tokenizer)
@@ -330,8 +317,6 @@ def load_processor(name_or_path: str | Path, audio_tokenizer: str | Path | None 
 
 # ----------------------------------------------------------------------------- model
 def _check_attention_backend(name: str, dtype: torch.dtype) -> None:
-    from transformers.utils import is_flash_attn_2_available, is_flash_attn_3_available
-
     available = {"flash_attention_2": is_flash_attn_2_available, "flash_attention_3": is_flash_attn_3_available}
     if name in available:
         if not available[name]():
@@ -348,8 +333,6 @@ def load_model(cfg: ModelConfig, device=None):
     """HiggsAudioV2ForConditionalGeneration as `cfg` says: dtype, attention backend, text head,
     audio self-attention (loaded from the checkpoint when present, else a no-op start) and
     gradient checkpointing (use_reentrant=False)."""
-    from transformers import HiggsAudioV2ForConditionalGeneration
-
     folder = resolve_checkpoint(cfg.name_or_path)
     config, keys = check_higgs_checkpoint(folder)
     dtype = DTYPES.get(cfg.dtype)

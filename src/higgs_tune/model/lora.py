@@ -17,6 +17,7 @@ saved beside it in `extra_weights.safetensors` whenever they are not already in 
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from collections import OrderedDict
@@ -24,6 +25,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model, get_peft_model_state_dict
+from peft.tuners.lora import LoraLayer
+from peft.utils import ModulesToSaveWrapper
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from higgs_tune.config import FinetuneConfig
@@ -35,6 +41,7 @@ from higgs_tune.model.audio_attention import (
     enable_audio_self_attention,
     has_audio_self_attention,
 )
+from higgs_tune.model.load import checkpoint_keys, read_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -62,8 +69,6 @@ _PEFT_PARTS = re.compile(r"\.(base_layer|original_module|modules_to_save\.[^.]+|
 
 def _base(model) -> nn.Module:
     """The transformers model inside a PeftModel (or the model itself)."""
-    from peft import PeftModel
-
     return model.get_base_model() if isinstance(model, PeftModel) else model
 
 
@@ -119,8 +124,6 @@ def resolve_train_modules(model, modules) -> dict[str, list[str]]:
 
 def apply_finetuning(model, cfg: FinetuneConfig):
     """Mark what trains. lora: returns a peft.PeftModel; full: the same model, `cfg.freeze` frozen."""
-    from peft import LoraConfig, PeftModel, get_peft_model
-
     if isinstance(model, PeftModel):
         raise ModelLoadError("apply_finetuning got a model that already has PEFT adapters; pass the plain transformers model.")
     if cfg.mode == "full":
@@ -184,8 +187,6 @@ def _freeze(model, names) -> list[str]:
 def _audio_attention_extras(model, state_dict=None) -> dict[str, torch.Tensor]:
     """Audio self-attention weights not stored by PEFT's adapter, under canonical names.
     `state_dict`: the model's full state dict when its parameters are sharded (FSDP)."""
-    from peft import PeftModel
-
     if not isinstance(model, PeftModel):
         return {}
     to_save = model.peft_config[model.active_adapter].modules_to_save or []
@@ -203,9 +204,6 @@ def save_trainable(model, out_dir: str | Path, state_dict=None) -> Path:
     """lora: PEFT adapter folder (+ extra_weights.safetensors for audio self-attention);
     full: `save_pretrained` safetensors of the whole model. `state_dict`: the model's full
     state dict, given when its parameters are sharded (FSDP; gathered by the caller)."""
-    from peft import PeftModel
-    from safetensors.torch import save_file
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     kw = {} if state_dict is None else {"state_dict": state_dict}
@@ -222,13 +220,6 @@ def save_trainable(model, out_dir: str | Path, state_dict=None) -> Path:
 def load_trainable(base_model, in_dir: str | Path, is_trainable: bool = False):
     """Inverse of save_trainable on a freshly loaded base model (audio self-attention is added when
     the folder has its weights). Returns a PeftModel for an adapter folder, else the base model."""
-    import json
-
-    from peft import PeftModel
-    from safetensors.torch import load_file
-
-    from higgs_tune.model.load import checkpoint_keys, read_tensors
-
     folder = Path(in_dir)
     if (folder / ADAPTER_CONFIG).is_file():
         adapter_cfg = json.loads((folder / ADAPTER_CONFIG).read_text(encoding="utf-8"))
@@ -260,11 +251,6 @@ def verify_trainable(model, folder: str | Path, state_dict=None) -> None:
     adapter_config.json the way peft does. Raises ModelLoadError naming the first mismatch.
     `state_dict`: the model's full state dict when its parameters are sharded (FSDP), as saved.
     """
-    from peft import PeftConfig, PeftModel, get_peft_model_state_dict
-    from safetensors import safe_open
-
-    from higgs_tune.model.load import checkpoint_keys
-
     folder = Path(folder)
     if isinstance(model, PeftModel):
         PeftConfig.from_pretrained(str(folder))  # the config peft will read
@@ -426,10 +412,6 @@ def _size(n: int) -> str:
 
 def parameter_report(model, cfg: FinetuneConfig | None = None) -> ParamReport:
     """Trainable/frozen parameters per pathway; counts add up to sum(p.numel() for p in model.parameters())."""
-    from peft import PeftModel
-    from peft.tuners.lora import LoraLayer
-    from peft.utils import ModulesToSaveWrapper
-
     counts = {g: [0, 0] for g in REPORT_GROUPS}
     dtypes: dict[str, int] = {}
     weight_bytes = grad_bytes = 0
