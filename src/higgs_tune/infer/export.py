@@ -31,13 +31,13 @@ The folder is written under a temporary name and renamed when complete.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from higgs_tune.errors import ModelLoadError, OutputDirError
+from higgs_tune.runfs import fsync_tree, publish_dir, temp_path
 
 EXPORT_MARKER = "higgs_tune_export.json"
 AUDIO_TOKENIZER_DIR = "audio_tokenizer"
@@ -121,7 +121,7 @@ def export_merged(
     codec_source = Path(resolve_audio_tokenizer(base_folder, audio_tokenizer))
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".tmp-{out.name}-{os.getpid()}"
+    tmp = temp_path(out)
     if tmp.exists():
         shutil.rmtree(tmp)
     try:
@@ -167,9 +167,8 @@ def export_merged(
             "notes": notes,
         }
         (tmp / EXPORT_MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        fsync_tree(tmp)
+        publish_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

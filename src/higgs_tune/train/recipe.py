@@ -35,12 +35,10 @@ import torch
 from higgs_tune.config import Config, ConfigError
 from higgs_tune.data.pipeline import TrainData, build_train_data
 from higgs_tune.errors import CheckpointError
+from higgs_tune.runfs import DATA_REPORT_FILE, PARAM_REPORT_FILE, SAMPLES_DIR
 
 log = logging.getLogger("higgs_tune.train")
 
-PARAM_REPORT_FILE = "param_report.txt"
-DATA_REPORT_FILE = "data_report.txt"
-SAMPLES_DIR = "samples"
 INSPECT_BATCHES = 4  # batches inspected before the model loads
 PREVIEW_EVERY_LOGS = 5  # the prediction preview is printed every 5th log step (and at step 1)
 PROCESS_GROUP_TIMEOUT_MIN = 60
