@@ -18,19 +18,10 @@ from higgs_tune.runfs import (
     TRAINING_STATE_FILE,
     TRASH_PREFIX,
 )
-from higgs_tune.train.checkpoint.format import (
+from higgs_tune.train.checkpoint.format import (  # training_state.pt's keys: KEY_* in format.py
     FORMAT,
     FORMAT_VERSION,
-    KEY_EPOCH,
-    KEY_GRAD_SCALER,
-    KEY_OPTIMIZER,
-    KEY_OPTIMIZER_LAYOUT,
-    KEY_RNG,
-    KEY_SAMPLER,
-    KEY_SCHEDULER,
     KEY_STEP,
-    KEY_WORLD_SIZE,
-    OPTIMIZER_FULL_FQN,
     config_yaml_text,
     read_checkpoint_config,
     read_manifest,
@@ -54,8 +45,7 @@ from higgs_tune.train.checkpoint.resume import (
 __all__ = [
     "CHECKPOINT_PREFIX", "CONFIG_FILE", "CONFIG_HEADER", "FINAL_NAME", "INDEX_FILE", "MANIFEST_FILE", "TMP_PREFIX",
     "TRAINING_STATE_FILE", "TRASH_PREFIX",
-    "FORMAT", "FORMAT_VERSION", "KEY_EPOCH", "KEY_GRAD_SCALER", "KEY_OPTIMIZER", "KEY_OPTIMIZER_LAYOUT", "KEY_RNG",
-    "KEY_SAMPLER", "KEY_SCHEDULER", "KEY_STEP", "KEY_WORLD_SIZE", "OPTIMIZER_FULL_FQN",
+    "FORMAT", "FORMAT_VERSION", "KEY_STEP",
     "config_yaml_text", "read_checkpoint_config", "read_manifest", "verify_checkpoint",
     "CheckpointManager", "is_fsdp", "require_unsharded",
     "RESUME_KEYS", "SCHEDULE_LENGTH_KEYS", "TrainingState", "find_resume_checkpoint", "load_training_state",

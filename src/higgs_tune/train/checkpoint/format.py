@@ -82,6 +82,25 @@ def short_torch_error(e: BaseException) -> str:
 # ---------------------------------------------------------------- writing
 
 
+def training_state(*, step: int, epoch: int | float, world_size: int, optimizer: dict, scheduler: dict | None,
+                   grad_scaler: dict | None, sampler_state: Any, rng: list, gathered: bool) -> dict:
+    """The contents of training_state.pt. `optimizer`: `optimizer.state_dict()`, or with
+    `gathered` (FSDP) the full optimizer state dict keyed by parameter name."""
+    state = {
+        KEY_STEP: int(step),
+        KEY_EPOCH: epoch,
+        KEY_WORLD_SIZE: world_size,
+        KEY_OPTIMIZER: optimizer,
+        KEY_SCHEDULER: scheduler,
+        KEY_GRAD_SCALER: grad_scaler,
+        KEY_SAMPLER: sampler_state,
+        KEY_RNG: rng,
+    }
+    if gathered:
+        state[KEY_OPTIMIZER_LAYOUT] = OPTIMIZER_FULL_FQN
+    return state
+
+
 def write_checkpoint_files(folder: Path, state: dict, config: Any, *, final: bool, eval_loss: float | None,
                            metrics: Mapping[str, Any]) -> dict:
     """Complete a checkpoint in `folder` (which already holds the weights); return its manifest.

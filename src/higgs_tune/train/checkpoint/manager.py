@@ -58,19 +58,10 @@ from higgs_tune.runfs import (
 )
 from higgs_tune.train import distributed as dist_utils
 from higgs_tune.train.checkpoint.format import (
-    KEY_EPOCH,
-    KEY_GRAD_SCALER,
-    KEY_OPTIMIZER,
-    KEY_OPTIMIZER_LAYOUT,
-    KEY_RNG,
-    KEY_SAMPLER,
-    KEY_SCHEDULER,
-    KEY_STEP,
-    KEY_WORLD_SIZE,
-    OPTIMIZER_FULL_FQN,
     check_written,
     checkpoint_folders,
     read_manifest,
+    training_state,
     write_checkpoint_files,
 )
 
@@ -324,18 +315,13 @@ class CheckpointManager:
                 self.save_weights(tmp)
             else:
                 self.save_weights(tmp, state_dict=full[0])
-            state = {
-                KEY_STEP: int(step),
-                KEY_EPOCH: epoch,
-                KEY_WORLD_SIZE: self.world_size,
-                KEY_OPTIMIZER: optimizer.state_dict() if full is None else full[1],
-                KEY_SCHEDULER: scheduler.state_dict() if scheduler is not None else None,
-                KEY_GRAD_SCALER: grad_scaler.state_dict() if grad_scaler is not None else None,
-                KEY_SAMPLER: sampler_state,
-                KEY_RNG: rng,
-            }
-            if full is not None:
-                state[KEY_OPTIMIZER_LAYOUT] = OPTIMIZER_FULL_FQN
+            state = training_state(
+                step=step, epoch=epoch, world_size=self.world_size,
+                optimizer=optimizer.state_dict() if full is None else full[1],
+                scheduler=scheduler.state_dict() if scheduler is not None else None,
+                grad_scaler=grad_scaler.state_dict() if grad_scaler is not None else None,
+                sampler_state=sampler_state, rng=rng, gathered=full is not None,
+            )
             manifest = write_checkpoint_files(tmp, state, config, final=final, eval_loss=eval_loss, metrics=metrics)
             check_written(tmp, manifest)
             if full is None:
