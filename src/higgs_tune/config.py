@@ -84,18 +84,18 @@ def _not_one_of(name: str, value: Any, allowed: tuple) -> list[str]:
 
 # `was_given(name)`: whether the user set this section's setting `name` (see Config.validate).
 WasGiven = typing.Callable[[str], bool]
-_MUST = RESUME_MUST_MATCH
+_KEEP_ON_RESUME = RESUME_MUST_MATCH
 
 
 @dataclass
 class ModelConfig:
-    name_or_path: str = _f("bosonai/higgs-audio-v2-generation-3B-base", "Hub id or local folder of a Higgs Audio v2 checkpoint (transformers layout; original `higgs_audio` layout is detected and converted).", _MUST)
+    name_or_path: str = _f("bosonai/higgs-audio-v2-generation-3B-base", "Hub id or local folder of a Higgs Audio v2 checkpoint (transformers layout; original `higgs_audio` layout is detected and converted).", _KEEP_ON_RESUME)
     audio_tokenizer: str | None = _f(None, "Audio tokenizer id or folder; default: `<name_or_path>/audio_tokenizer` if present, else what the processor config records.")
-    dtype: str = _f("bfloat16", "Weights dtype: bfloat16, float16 or float32.", _MUST)
+    dtype: str = _f("bfloat16", "Weights dtype: bfloat16, float16 or float32.", _KEEP_ON_RESUME)
     attn_implementation: str = _f("sdpa", "Attention backend: sdpa, eager or flash_attention_2 (when installed).")
     gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass to save memory.")
-    use_text_head: bool = _f(True, "Build `text_lm_head` and load its weights (needed for the text loss).", _MUST)
-    audio_self_attention: bool = _f(False, "Add the audio-only self-attention block per layer (original `use_audio_out_self_attention`); starts as an exact no-op on checkpoints that lack it.", _MUST)
+    use_text_head: bool = _f(True, "Build `text_lm_head` and load its weights (needed for the text loss).", _KEEP_ON_RESUME)
+    audio_self_attention: bool = _f(False, "Add the audio-only self-attention block per layer (original `use_audio_out_self_attention`); starts as an exact no-op on checkpoints that lack it.", _KEEP_ON_RESUME)
 
     def validate(self, was_given: WasGiven) -> list[str]:
         problems = _not_one_of("model.dtype", self.dtype, ("bfloat16", "float16", "float32"))
@@ -108,15 +108,15 @@ class ModelConfig:
 
 @dataclass
 class FinetuneConfig:
-    mode: str = _f("lora", "lora (adapters on chosen pathways) or full (all weights trained except `freeze`).", _MUST)
-    pathways: list[str] = _f([TEXT_ATTN, TEXT_MLP, AUDIO_MLP], f"LoRA pathways: {', '.join(PATHWAYS)}.", _MUST)
-    train_modules: list[str] = _f([], f"Modules trained in full beside the adapters: {', '.join(TRAIN_MODULES)}.", _MUST)
-    freeze: list[str] = _f([], "Full mode only: pathways/modules kept frozen (same names as pathways and train_modules).", _MUST)
-    lora_r: int = _f(16, "LoRA rank.", _MUST)
-    lora_alpha: int = _f(32, "LoRA alpha.", _MUST)
-    lora_dropout: float = _f(0.05, "LoRA dropout.", _MUST)
-    use_rslora: bool = _f(False, "Rank-stabilised LoRA scaling.", _MUST)
-    use_dora: bool = _f(False, "Weight-decomposed LoRA (DoRA).", _MUST)
+    mode: str = _f("lora", "lora (adapters on chosen pathways) or full (all weights trained except `freeze`).", _KEEP_ON_RESUME)
+    pathways: list[str] = _f([TEXT_ATTN, TEXT_MLP, AUDIO_MLP], f"LoRA pathways: {', '.join(PATHWAYS)}.", _KEEP_ON_RESUME)
+    train_modules: list[str] = _f([], f"Modules trained in full beside the adapters: {', '.join(TRAIN_MODULES)}.", _KEEP_ON_RESUME)
+    freeze: list[str] = _f([], "Full mode only: pathways/modules kept frozen (same names as pathways and train_modules).", _KEEP_ON_RESUME)
+    lora_r: int = _f(16, "LoRA rank.", _KEEP_ON_RESUME)
+    lora_alpha: int = _f(32, "LoRA alpha.", _KEEP_ON_RESUME)
+    lora_dropout: float = _f(0.05, "LoRA dropout.", _KEEP_ON_RESUME)
+    use_rslora: bool = _f(False, "Rank-stabilised LoRA scaling.", _KEEP_ON_RESUME)
+    use_dora: bool = _f(False, "Weight-decomposed LoRA (DoRA).", _KEEP_ON_RESUME)
 
     def validate(self, was_given: WasGiven) -> list[str]:
         problems = _not_one_of("finetune.mode", self.mode, ("lora", "full"))
@@ -169,17 +169,17 @@ class FinetuneConfig:
 
 @dataclass
 class DataConfig:
-    train_cache: str = _f("", "Folder written by `higgs-tune prepare` for training.", _MUST)
+    train_cache: str = _f("", "Folder written by `higgs-tune prepare` for training.", _KEEP_ON_RESUME)
     eval_cache: str | None = _f(None, "Prepared held-out folder; or use eval_fraction.")
-    eval_fraction: float = _f(0.0, "Share of train clips held out for evaluation when eval_cache is not set (split by id, deterministic).", _MUST)
-    task: str = _f("mixed", "tts (no reference), voice_clone (reference clip of the same speaker), or mixed.", _MUST)
-    clone_probability: float = _f(0.5, "In mixed mode, the share of samples built as voice cloning.", _MUST)
-    system_prompt: str = _f("Generate audio following instruction.", "System turn text (the original serve engine's default).", _MUST)
-    use_scene: bool = _f(True, "Put a clip's `scene` description into the system turn when present.", _MUST)
-    max_tokens_per_batch: int = _f(4096, "Token budget per micro-batch (padded length x batch size).", _MUST)
-    max_batch_size: int = _f(16, "At most this many samples per micro-batch.", _MUST)
-    max_sequence_length: int = _f(2048, "Longest sample in tokens; longer samples are an error at start.", _MUST)
-    bucket_size: int = _f(64, "Length bucketing: sort within windows of this many batches' worth of samples.", _MUST)
+    eval_fraction: float = _f(0.0, "Share of train clips held out for evaluation when eval_cache is not set (split by id, deterministic).", _KEEP_ON_RESUME)
+    task: str = _f("mixed", "tts (no reference), voice_clone (reference clip of the same speaker), or mixed.", _KEEP_ON_RESUME)
+    clone_probability: float = _f(0.5, "In mixed mode, the share of samples built as voice cloning.", _KEEP_ON_RESUME)
+    system_prompt: str = _f("Generate audio following instruction.", "System turn text (the original serve engine's default).", _KEEP_ON_RESUME)
+    use_scene: bool = _f(True, "Put a clip's `scene` description into the system turn when present.", _KEEP_ON_RESUME)
+    max_tokens_per_batch: int = _f(4096, "Token budget per micro-batch (padded length x batch size).", _KEEP_ON_RESUME)
+    max_batch_size: int = _f(16, "At most this many samples per micro-batch.", _KEEP_ON_RESUME)
+    max_sequence_length: int = _f(2048, "Longest sample in tokens; longer samples are an error at start.", _KEEP_ON_RESUME)
+    bucket_size: int = _f(64, "Length bucketing: sort within windows of this many batches' worth of samples.", _KEEP_ON_RESUME)
     num_workers: int = _f(0, "DataLoader worker processes.")
 
     @property
@@ -211,9 +211,9 @@ class DataConfig:
 
 @dataclass
 class LossConfig:
-    text_weight: float = _f(1.0, "Weight of the text CE (0 disables it).", _MUST)
-    audio_weight: float = _f(1.0, "Weight of the audio CE (mean over codebooks).", _MUST)
-    codebook_weights: list[float] | None = _f(None, "Optional per-codebook weights (length = number of codebooks).", _MUST)
+    text_weight: float = _f(1.0, "Weight of the text CE (0 disables it).", _KEEP_ON_RESUME)
+    audio_weight: float = _f(1.0, "Weight of the audio CE (mean over codebooks).", _KEEP_ON_RESUME)
+    codebook_weights: list[float] | None = _f(None, "Optional per-codebook weights (length = number of codebooks).", _KEEP_ON_RESUME)
 
     def validate(self, was_given: WasGiven) -> list[str]:
         problems = []
@@ -247,17 +247,17 @@ class HealthConfig:
 
 @dataclass
 class TrainConfig:
-    seed: int = _f(42, "Seed for weights init of added modules, data order and dropout.", _MUST)
+    seed: int = _f(42, "Seed for weights init of added modules, data order and dropout.", _KEEP_ON_RESUME)
     max_steps: int | None = _f(None, "Optimizer steps to run (wins over num_epochs).", RESUME_SCHEDULE_LENGTH)
     num_epochs: float | None = _f(None, "Epochs to run when max_steps is not set.", RESUME_SCHEDULE_LENGTH)
-    learning_rate: float = _f(1e-4, "Peak learning rate.", _MUST)
-    weight_decay: float = _f(0.0, "AdamW weight decay.", _MUST)
-    adam_betas: list[float] = _f([0.9, 0.999], "AdamW betas.", _MUST)
-    warmup_steps: int = _f(0, "Linear warm-up steps.", _MUST)
-    lr_scheduler: str = _f("cosine", "cosine, linear or constant (after warm-up).", _MUST)
-    gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step.", _MUST)
-    max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 disables).", _MUST)
-    mixed_precision: str = _f("no", "no, bf16 or fp16 (Accelerate autocast).", _MUST)
+    learning_rate: float = _f(1e-4, "Peak learning rate.", _KEEP_ON_RESUME)
+    weight_decay: float = _f(0.0, "AdamW weight decay.", _KEEP_ON_RESUME)
+    adam_betas: list[float] = _f([0.9, 0.999], "AdamW betas.", _KEEP_ON_RESUME)
+    warmup_steps: int = _f(0, "Linear warm-up steps.", _KEEP_ON_RESUME)
+    lr_scheduler: str = _f("cosine", "cosine, linear or constant (after warm-up).", _KEEP_ON_RESUME)
+    gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step.", _KEEP_ON_RESUME)
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 disables).", _KEEP_ON_RESUME)
+    mixed_precision: str = _f("no", "no, bf16 or fp16 (Accelerate autocast).", _KEEP_ON_RESUME)
     log_steps: int = _f(10, "Log metrics (and the prediction preview) every N optimizer steps.")
     eval_steps: int | None = _f(None, "Evaluate on the held-out split every N steps (None: only at the end if there is one).")
     sample_steps: int | None = _f(None, "Generate the fixed sample prompts every N steps and save WAVs.")
