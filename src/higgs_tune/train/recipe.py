@@ -75,7 +75,14 @@ def inspect_first_batches(data: TrainData, n: int = INSPECT_BATCHES) -> dict:
 
 # ----------------------------------------------------------------------------- schedule
 def make_scheduler(optimizer, name: str, warmup_steps: int, total_steps: int):
-    """Linear warm-up to the peak LR, then cosine / linear decay to 0, or constant."""
+    """Linear warm-up to the peak LR, then cosine / linear decay to 0, or constant.
+
+    Not `transformers.get_scheduler`: its warm-up runs step s (from 0) at s / warmup_steps, so
+    the first optimizer step is taken at LR 0 and the peak comes one step late. Here step s runs
+    at (s + 1) / warmup_steps (warm-up 2: half the peak, then the peak; the logged `lr`). From
+    the end of the warm-up on, the values are get_scheduler's ("cosine", "linear", "constant")
+    step for step, up to rounding (tests/test_train_recipe.py checks both).
+    """
 
     def factor(step: int) -> float:
         if warmup_steps and step < warmup_steps:
