@@ -74,6 +74,28 @@ def test_unshifted_loss_fires_the_copy_task_warning(tiny_dir, demo_cache, tmp_pa
     assert "copy_task" in {w.code for w in result.warnings}
 
 
+def test_batch_checks_run_on_the_first_micro_batch_only(tiny_dir, demo_cache, tmp_path):
+    """HealthMonitor.check_batch (no_eos among others) syncs with the device, so the recipe runs
+    it once, on the run's first micro-batch (health.py says why)."""
+
+    def strip_eos_from(first_step):
+        def hook(step, batch, model):
+            if step < first_step:
+                return batch
+            labels = batch["audio_labels"].clone()
+            labels[labels == 1025] = -100  # no stream EOS label left: a model that never stops
+            return {**batch, "audio_labels": labels}
+        return hook
+
+    def no_eos_steps(first_step, name):
+        cfg = small_config(tiny_dir, demo_cache, None, tmp_path / name, [
+            "train.max_steps=3", "train.log_steps=1", "train.warmup_steps=1", "checkpoint.save_steps=1000"])
+        return [w.step for w in train(cfg, _batch_hook=strip_eos_from(first_step)).warnings if w.code == "no_eos"]
+
+    assert no_eos_steps(1, "first") == [1]
+    assert no_eos_steps(2, "later") == []
+
+
 def test_nan_stops_the_run_naming_step_samples_and_checkpoint(tiny_dir, demo_cache, tmp_path):
     def poison(step, batch, model):
         if step == 3:

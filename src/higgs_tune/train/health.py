@@ -11,9 +11,10 @@ Codes (a warning is emitted once per code, later hits only raise its `count`):
                       scored audio target equals the input the model saw at the predicting position.
     label_misaligned  (first batch) labels are not at the same column/position as their inputs,
                       as the contract requires (the collator shifted them already, or scrambled them).
-    no_signal         a pathway with weight > 0 has no scored token, or the text labels are only
-                      chat markup (headers, role names, "\\n\\n", <|begin_of_text|>, pad, placeholders).
-    no_eos            no stream EOS among a batch's scored audio labels: generation never stops.
+    no_signal         a pathway with weight > 0 has no scored token (every step), or (first batch)
+                      the text labels are only chat markup (headers, role names, "\\n\\n",
+                      <|begin_of_text|>, pad, placeholders).
+    no_eos            (first batch) no stream EOS among the scored audio labels: generation never stops.
     non_finite        NaN/Inf loss or gradient norm. With health.stop_on_nonfinite (default) this
                       raises TrainingHealthError naming the step, the batch's sample ids and the last
                       good checkpoint; otherwise it is a warning.
@@ -22,7 +23,7 @@ How the recipe calls it (`check_step` reads metrics reduced over ranks, so every
 same decision and a raise never leaves another rank waiting in a collective):
 
     monitor = HealthMonitor.for_model(cfg.health, cfg.loss, model.config, tokenizer, on_warning=metrics_logger.log_warning)
-    for each micro-batch:  out = wrapped(**batch); monitor.check_batch(step, batch, out)   # local, never raises
+    first micro-batch:     out = wrapped(**batch); monitor.check_batch(step, batch, out)   # local, never raises
     after backward + clip: metrics = reduce_metrics(...); monitor.check_step(step, metrics, grad_norm=gn,
                                         sample_ids=ids, last_checkpoint=last_ckpt)  # BEFORE optimizer.step()
 
@@ -183,6 +184,14 @@ class HealthMonitor:
 
         Every call: no_signal, no_eos. First call only: label_misaligned and the copy-task
         pairing check (see the module docstring).
+
+        The recipe calls it on the run's first micro-batch only. Its cost is O(batch), but each
+        check reads a device tensor on the host (`int(...)`, `.any()`, `.tolist()`): several GPU
+        syncs per call, which on every micro-batch would stall the forward/backward queue. Later
+        batches are covered without a sync: no_signal from the step's reduced counts
+        (`check_step`), and before the model loads the recipe's first batches must pass
+        `check_trainable` (a trained audio token and an EOS label per codebook, or the run stops).
+        Every batch has that structure: all come from the same `build_sample`.
         """
         new: list[HealthWarning | None] = []
         p = out.predictions
