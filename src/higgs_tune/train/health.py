@@ -363,3 +363,41 @@ class HealthMonitor:
             "aligned (higgs-tune inspect), and that a frozen random head is not being trained through LoRA alone."),
             metrics={k: metrics.get(k) for k in ("loss", "text_loss", "audio_loss", "per_codebook_loss")})
 
+
+# ----------------------------------------------------------------------------- before the model loads
+def check_trainable(stats: dict) -> None:
+    """Raise TrainingHealthError when a batch cannot train a TTS model that stops by itself.
+
+    `stats`: `higgs_tune.data.inspect.batch_statistics` of the first batches (the recipe runs it
+    before the model loads; `higgs-tune inspect --batches` too).
+
+    Per batch: at least one trained target audio token; in every codebook at least one stream
+    EOS label (without it the model never learns to stop), and exactly one per target segment;
+    no trained reference audio (the prompt's voice is given, not predicted); stream BOS never a
+    label.
+    """
+    if not stats["batches"]:
+        raise TrainingHealthError("no training batch was built: the training cache is empty or every sample was dropped. Run `higgs-tune inspect CACHE_DIR` to see what the cache holds.")
+    fix = "Build samples with higgs_tune.data.layout.build_sample (targets trained, references masked); run `higgs-tune inspect CACHE_DIR --config CONFIG --batches N` to see the labels."
+    for b in stats["batches"]:
+        where = f"batch {b['index']} (samples {', '.join(b['sample_ids'])})"
+        target = b["audio"]["target"]
+        if sum(target["trained"]) == 0:
+            raise TrainingHealthError(f"{where} has no trained audio token: every audio label is -100, so the audio loss has no signal. {fix}")
+        missing = [c for c, n in enumerate(b["stream"]["eos_labels"]) if n == 0]
+        if missing:
+            raise TrainingHealthError(
+                f"{where} has no stream EOS label in codebook(s) {', '.join(map(str, missing))}: the model would never learn to stop "
+                f"(minutes of silence at generation). Each target segment needs its first EOS per codebook as a label. {fix}"
+            )
+        wrong = [c for c, n in enumerate(target["eos_labels"]) if n != target["segments"]]
+        if wrong:
+            raise TrainingHealthError(
+                f"{where} has {[target['eos_labels'][c] for c in wrong]} stream EOS labels in codebook(s) {', '.join(map(str, wrong))} "
+                f"for {target['segments']} target segment(s): each target segment must label exactly its first EOS per codebook. {fix}"
+            )
+        ref = b["audio"]["reference"]
+        if sum(ref["trained"]):
+            raise TrainingHealthError(f"{where} trains {sum(ref['trained'])} reference audio label(s): the voice prompt would be learned as a target. Reference segments must be all -100. {fix}")
+        if sum(b["stream"]["bos_labels"]):
+            raise TrainingHealthError(f"{where} has {sum(b['stream']['bos_labels'])} stream BOS label(s): BOS is an input, never a label. {fix}")

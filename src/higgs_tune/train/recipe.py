@@ -61,13 +61,11 @@ class TrainResult:
 # ----------------------------------------------------------------------------- data
 def inspect_first_batches(data: TrainData, n: int = INSPECT_BATCHES) -> dict:
     """Statistics of the first n batches of epoch 0; raises when nothing would be learned."""
-    from higgs_tune.data.inspect import batch_statistics, check_trainable
+    from higgs_tune.data.inspect import batch_statistics
+    from higgs_tune.data.pipeline import first_batches
+    from higgs_tune.train.health import check_trainable
 
-    data.train_set.set_epoch(0)
-    data.sampler.set_epoch(0)
-    plan = list(data.sampler)[:n]
-    batches = [data.collator([data.train_set[i] for i in idx]) for idx in plan]
-    data.sampler.set_epoch(0)  # iterating counted as consumption; start the epoch afresh
+    batches = first_batches(data.train_set, data.sampler, data.collator, n)
     stats = batch_statistics(batches, data.tokens.stream_bos, data.tokens.stream_eos)
     check_trainable(stats)
     return stats
