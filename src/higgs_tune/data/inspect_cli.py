@@ -65,15 +65,15 @@ def inspect_command(cache_dir, plot_path, config_path, model, num_batches, show_
     from higgs_tune.data.inspect import (
         batch_statistics,
         check_cache_fits_model,
-        check_trainable,
-        first_batches,
         render_batch_statistics,
         render_sample,
         render_summary,
         sample_and_prompt,
         summarize_cache,
-        write_histogram_png,
     )
+    from higgs_tune.data.pipeline import first_batches
+    from higgs_tune.data.plot import write_histogram_png
+    from higgs_tune.train.health import check_trainable
 
     cache = CodeCache.open(cache_dir)
     report: dict = {}
