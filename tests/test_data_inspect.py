@@ -20,17 +20,17 @@ from higgs_tune.data.cache import CacheWriter, CodeCache
 from higgs_tune.data.collate import Collator
 from higgs_tune.data.inspect import (
     batch_statistics,
-    check_trainable,
     duration_histogram,
-    first_batches,
-    histogram_png,
     reason_kinds,
     render_sample,
     sample_and_prompt,
     text_rate_outliers,
 )
 from higgs_tune.data.layout import Conversation, SpecialTokens, build_sample
+from higgs_tune.data.pipeline import first_batches
+from higgs_tune.data.plot import histogram_png
 from higgs_tune.errors import DataError, TrainingHealthError
+from higgs_tune.train.health import check_trainable
 
 EXPECTED_SHOW = Path(__file__).parent / "data" / "inspect_show_expected.txt"
 K = 8

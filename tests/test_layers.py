@@ -24,13 +24,6 @@ LAYERS = {
     "__init__": 0,  # the package root (`__version__`), imported with every module
 }
 
-# An edge r-runfs removes: METRICS_FILE moves from train/logging.py to runfs.py.
-# The lead deletes this set when merging r-runfs.
-KNOWN_UNTIL_RUNFS = {
-    ("infer/evaluate.py", "higgs_tune.train.logging"),
-}
-
-
 def _top(module: str) -> str:
     """higgs_tune.infer.generate -> infer; higgs_tune -> __init__."""
     parts = module.split(".")
@@ -82,7 +75,7 @@ def test_every_top_level_module_has_a_layer():
 
 
 def test_imports_only_go_down():
-    upward, known_seen = [], set()
+    upward = []
     for path in _sources():
         rel = path.relative_to(PACKAGE).as_posix()
         own = LAYERS[_top(_module_name(path))]
@@ -92,12 +85,8 @@ def test_imports_only_go_down():
                 # `from higgs_tune import __version__` and the like: attributes of the package root
                 continue
             if LAYERS[top] > own:
-                if (rel, target) in KNOWN_UNTIL_RUNFS:
-                    known_seen.add((rel, target))
-                    continue
                 upward.append(f"{rel}:{line} -> {target} (layer {LAYERS[top]} above {own})")
     assert not upward, "imports that go up a layer:\n" + "\n".join(upward)
-    assert known_seen == KNOWN_UNTIL_RUNFS, f"these known edges are gone; drop them from KNOWN_UNTIL_RUNFS: {KNOWN_UNTIL_RUNFS - known_seen}"
 
 
 def test_the_checker_sees_function_level_and_relative_imports(tmp_path):

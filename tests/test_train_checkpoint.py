@@ -25,6 +25,7 @@ import yaml
 
 import checkpoint_harness as H
 from higgs_tune.errors import CheckpointError
+from higgs_tune.runfs import format_bytes
 from higgs_tune.train import checkpoint as ck
 from higgs_tune.train import distributed as dist_utils
 from higgs_tune.train.checkpoint import CheckpointManager, find_resume_checkpoint, load_training_state, verify_checkpoint
@@ -334,8 +335,8 @@ def test_free_space_is_checked_before_writing(tmp_path, tiny_dir, monkeypatch):
     with pytest.raises(CheckpointError) as e:
         save(mgr, run, cfg, 4)
     assert str(e.value).startswith(
-        f"saving checkpoint-4 to {run_dir} failed: CheckpointError: {run_dir}: {ck.format_bytes(1000)} free, a checkpoint needs about "
-        f"{ck.format_bytes(size)} plus checkpoint.min_free_gb=0.5 GB kept free. Free space, or lower checkpoint.save_total_limit.")
+        f"saving checkpoint-4 to {run_dir} failed: CheckpointError: {run_dir}: {format_bytes(1000)} free, a checkpoint needs about "
+        f"{format_bytes(size)} plus checkpoint.min_free_gb=0.5 GB kept free. Free space, or lower checkpoint.save_total_limit.")
     assert listing(run_dir) == ["checkpoint-2", "checkpoints.json"]
 
 

@@ -19,8 +19,9 @@ from transformers import AutoTokenizer, HiggsAudioV2ForConditionalGeneration
 
 from higgs_tune.config import ConfigError, HealthConfig, LossConfig
 from higgs_tune.errors import OutputDirError
+from higgs_tune.runfs import METRICS_FILE
 from higgs_tune.train.health import HealthMonitor
-from higgs_tune.train.logging import METRICS_FILE, MetricsLogger, format_line, reduce_metrics
+from higgs_tune.train.logging import MetricsLogger, format_line, reduce_metrics
 from higgs_tune.train.loss import HiggsLossModule, LossWeights, Predictions, StepMetrics, finalize_metrics
 from higgs_tune.train.preview import prediction_preview
 

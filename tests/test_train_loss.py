@@ -458,3 +458,19 @@ def test_debug_unshifted_switch_pairs_logits_at_t_with_label_at_t(model, batch_a
     assert out.shift == 0
     # the copy task: every target equals the input at the predicting position
     assert torch.equal(p.audio_target[scored], p.audio_context[scored])
+
+
+def test_forward_step_and_report_use_one_formula(model, batch_and_segments):
+    """The forward's loss, `loss_for_step` over the batch's own counts and `finalize_metrics`
+    agree, with text, audio and codebook weights all different from 1 (one formula, three users)."""
+    batch, _ = batch_and_segments
+    w = [4.0, 1.0, 1.0, 1.0, 0.5, 0.5, 0.0, 1.0]
+    module = HiggsLossModule(model, LossConfig(text_weight=0.3, audio_weight=1.5, codebook_weights=w))
+    with torch.no_grad():
+        out = module(**batch)
+    report = finalize_metrics(out.stats())
+    step = out.loss_for_step(module.count_tokens(batch)).item()
+    assert step == pytest.approx(out.loss.item(), rel=1e-6)
+    assert report["loss"] == pytest.approx(out.loss.item(), rel=1e-6)
+    assert report["audio_loss"] == pytest.approx(out.audio_loss.item(), rel=1e-6)
+    assert report["text_loss"] == pytest.approx(out.text_loss.item(), rel=1e-6)

@@ -13,8 +13,8 @@ import pytest
 
 from higgs_tune.config import config_from_dict
 from higgs_tune.errors import OutputDirError
+from higgs_tune.runfs import CONFIG_HEADER, format_bytes
 from higgs_tune.train import outdir
-from higgs_tune.train.checkpoint import CONFIG_HEADER, format_bytes
 from higgs_tune.train.outdir import checkpoints_on_disk, estimate_checkpoint_bytes, prepare_output_dir, rough_checkpoint_bytes
 
 MB = 1_000_000
@@ -329,9 +329,8 @@ def test_run_artefact_names_are_documented_constants():
                                 "report.html", "report.json", "summary.json"}
     assert outdir.RUN_DIRS == {"final", "samples", "tensorboard", "wandb", "logs", "eval"}
     # the names the recipe, the metrics logger and the report write are among them
-    from higgs_tune.app.report import REPORT_NAME
-    from higgs_tune.train.logging import METRICS_FILE, TENSORBOARD_DIR
-    from higgs_tune.train.recipe import DATA_REPORT_FILE, PARAM_REPORT_FILE, SAMPLES_DIR
+    from higgs_tune.runfs import DATA_REPORT_FILE, METRICS_FILE, PARAM_REPORT_FILE, SAMPLES_DIR, TENSORBOARD_DIR
+    from higgs_tune.runfs import REPORT_FILE as REPORT_NAME
 
     assert {METRICS_FILE, PARAM_REPORT_FILE, DATA_REPORT_FILE, REPORT_NAME} <= outdir.RUN_FILES
     assert {TENSORBOARD_DIR, SAMPLES_DIR} <= outdir.RUN_DIRS

@@ -7,10 +7,10 @@ import math
 
 import pytest
 import torch
-from recipe_support import small_config
 
 from higgs_tune.errors import TrainingHealthError
-from higgs_tune.train.recipe import train
+from higgs_tune.train.recipe import make_scheduler, train
+from recipe_support import small_config
 
 LN_AUDIO = math.log(1026)
 
@@ -72,6 +72,28 @@ def test_unshifted_loss_fires_the_copy_task_warning(tiny_dir, demo_cache, tmp_pa
         "train.max_steps=6", "train.log_steps=2", "train.warmup_steps=2", "checkpoint.save_steps=1000"])
     result = train(cfg, _debug_unshifted=True)
     assert "copy_task" in {w.code for w in result.warnings}
+
+
+def test_batch_checks_run_on_the_first_micro_batch_only(tiny_dir, demo_cache, tmp_path):
+    """HealthMonitor.check_batch (no_eos among others) syncs with the device, so the recipe runs
+    it once, on the run's first micro-batch (health.py says why)."""
+
+    def strip_eos_from(first_step):
+        def hook(step, batch, model):
+            if step < first_step:
+                return batch
+            labels = batch["audio_labels"].clone()
+            labels[labels == 1025] = -100  # no stream EOS label left: a model that never stops
+            return {**batch, "audio_labels": labels}
+        return hook
+
+    def no_eos_steps(first_step, name):
+        cfg = small_config(tiny_dir, demo_cache, None, tmp_path / name, [
+            "train.max_steps=3", "train.log_steps=1", "train.warmup_steps=1", "checkpoint.save_steps=1000"])
+        return [w.step for w in train(cfg, _batch_hook=strip_eos_from(first_step)).warnings if w.code == "no_eos"]
+
+    assert no_eos_steps(1, "first") == [1]
+    assert no_eos_steps(2, "later") == []
 
 
 def test_nan_stops_the_run_naming_step_samples_and_checkpoint(tiny_dir, demo_cache, tmp_path):
@@ -140,6 +162,31 @@ def test_log_records_the_applied_lr_fractional_epochs_and_a_final_eval(tiny_dir,
     assert [r["step"] for r in evals] == [2]
     manifest = json.loads((result.final_dir / "manifest.json").read_text())
     assert manifest["eval_loss"] == evals[0]["loss"]
+
+
+@pytest.mark.parametrize("name", ["cosine", "linear", "constant"])
+def test_schedule_is_transformers_after_the_warm_up_and_one_step_earlier_during_it(name):
+    """Why make_scheduler is not transformers.get_scheduler: the same curve, except that our
+    warm-up does not spend its first step at LR 0 (step s runs at (s+1)/W, get_scheduler's at s/W)."""
+    from transformers import get_scheduler
+
+    warmup, total = 3, 9
+
+    def lrs(make):
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
+        sched, out = make(opt), []
+        for _ in range(total + 1):
+            out.append(sched.get_last_lr()[0])
+            opt.step()
+            sched.step()
+        return out
+
+    ours = lrs(lambda opt: make_scheduler(opt, name, warmup, total))
+    hf_name = "constant_with_warmup" if name == "constant" else name
+    theirs = lrs(lambda opt: get_scheduler(hf_name, opt, num_warmup_steps=warmup, num_training_steps=total))
+    assert ours[:warmup] == [2.0 * (s + 1) / warmup for s in range(warmup)] == theirs[1 : warmup + 1]
+    assert theirs[0] == 0.0
+    assert ours[warmup:] == pytest.approx(theirs[warmup:], rel=1e-12, abs=1e-15)  # linear: 1 - p vs (T - s) / (T - W)
 
 
 def test_interrupt_mid_run_then_resume_is_exact_with_accumulation_across_epochs(tiny_dir, demo_cache, tmp_path):

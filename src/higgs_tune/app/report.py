@@ -34,15 +34,19 @@ from pathlib import Path
 import yaml
 
 from higgs_tune.app.charts import PALETTE, Series, svg_line_chart
-from higgs_tune.data.cache import atomic_write_bytes
 from higgs_tune.errors import DataError
-from higgs_tune.infer.evaluate import RESULTS_JSON, read_results
-from higgs_tune.train.checkpoint import CONFIG_FILE
-from higgs_tune.train.logging import METRICS_FILE
-from higgs_tune.train.recipe import PARAM_REPORT_FILE, SAMPLES_DIR
+from higgs_tune.infer.evaluate import read_results
+from higgs_tune.runfs import (
+    CONFIG_FILE,
+    EVAL_DIR,
+    METRICS_FILE,
+    PARAM_REPORT_FILE,
+    REPORT_FILE,
+    RESULTS_JSON,
+    SAMPLES_DIR,
+    atomic_write_bytes,
+)
 
-REPORT_NAME = "report.html"
-EVAL_DIR = "eval"  # where `higgs-tune evaluate` writes by default for a run (evaluate.default_eval_dir)
 EVAL_RESULTS = Path(EVAL_DIR) / RESULTS_JSON
 AUDIO_CHANCE = math.log(1026)  # ln(codebook_size + stream BOS/EOS) of Higgs Audio v2 (and the tiny stack)
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -379,7 +383,7 @@ def render_report(data: RunData, *, max_audio_mb: float = 100.0) -> str:
 def build_report(run_dir: str | Path, out: str | Path | None = None, *, max_audio_mb: float = 100.0) -> Path:
     """Write the report of `run_dir` to `out` (default RUN_DIR/report.html); returns its path."""
     data = collect_run(run_dir)
-    path = Path(out) if out is not None else Path(run_dir) / REPORT_NAME
+    path = Path(out) if out is not None else Path(run_dir) / REPORT_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, render_report(data, max_audio_mb=max_audio_mb).encode("utf-8"))
     return path

@@ -21,7 +21,7 @@ A key is the content key of a clip's codes: sha256 over the decoded audio plus t
 preprocessing (mono mix, resampler, rate, loudness), so the same recording is encoded once
 however many rows use it, and a re-run re-encodes only clips whose content changed.
 
-Every file is written to a temporary name, fsynced, then renamed (`atomic_write_bytes`):
+Every file is written to a temporary name, fsynced, then renamed (`runfs.atomic_write_bytes`):
 a crash leaves either the old or the new file, never half of one. `prepare` rewrites the
 index after each shard with `complete: false`, so an interrupted run resumes from its
 finished shards; `CodeCache.open` refuses an incomplete cache.
@@ -29,7 +29,6 @@ finished shards; `CodeCache.open` refuses an incomplete cache.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -42,40 +41,21 @@ import safetensors.torch
 import torch
 
 from higgs_tune.errors import DataError
+from higgs_tune.runfs import atomic_write_bytes, sha256_bytes
 
 FORMAT = "higgs-tune-code-cache"
 FORMAT_VERSION = 1
 INDEX_NAME = "index.json"
 REJECTS_NAME = "rejects.jsonl"
 SHARD_RE = re.compile(r"^codes-(\d{5})\.safetensors$")
-TMP_RE = re.compile(r"^\..+\.tmp-\d+$")
+# a write in progress (runfs.temp_path), or one by an older higgs-tune (.<name>.tmp-<pid>)
+TMP_RE = re.compile(r"^(?:\.tmp-.+-\d+|\..+\.tmp-\d+)$")
 HEADER_KEYS = ("codec_fingerprint", "num_codebooks", "codebook_size", "frame_rate", "sample_rate")
 # Types of an index entry's fields (CacheEntry); a damaged index is refused at open, not mid-training.
 ENTRY_TYPES = {
     "id": str, "key": str, "speaker": str, "text": str, "language": str, "scene": (str, type(None)),
     "ref_key": (str, type(None)), "ref_text": (str, type(None)), "duration_s": (int, float), "num_frames": int, "audio": str,
 }
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that readers see the old file or the whole new one, never part."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    # fsync the folder so the rename itself survives a power cut.
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def now_iso() -> str:

@@ -3,18 +3,18 @@
 Three views, each a function returning plain data plus a text renderer:
 
 - `summarize_cache(cache)`: clips, hours, speakers, languages, a duration histogram
-  (`write_histogram_png` draws it), text-rate outliers (characters per second far from the
+  (`data.plot.write_histogram_png` draws it), text-rate outliers (characters per second far from the
   speaker's usual rate: likely transcript mismatches) and the rows `prepare` rejected.
 - `batch_statistics(batches)`: per batch and in total, sequence lengths, padding waste,
   trained vs masked text and audio tokens per segment role and codebook, stream BOS/EOS
-  counts in inputs and labels, the share of positions that carry a loss.
-  `check_trainable(stats)` raises when a batch could not teach the model anything useful
-  (no trained audio token, a codebook without an EOS label: a model that never stops).
+  counts in inputs and labels, the share of positions that carry a loss. The training
+  layer judges them: `train.health.check_trainable(stats)` raises when a batch could not
+  teach the model anything useful (no trained audio token, a codebook without an EOS label).
 - `render_sample(...)`: one sample token by token, labels under each position, beside the
   prompt generation would build for it (`layout.build_prompt`), checked to agree.
 
-Nothing here imports `train/`: the dataset, sampler and collator come from the caller (the CLI
-builds them with `data.pipeline.build_train_data`, the function `train` itself uses).
+Nothing here imports `train/`: the batches come from the caller (`data.pipeline.build_train_data`
+and `data.pipeline.first_batches`, what `train` itself uses).
 """
 
 from __future__ import annotations
@@ -22,16 +22,14 @@ from __future__ import annotations
 import math
 import re
 import statistics
-import struct
-import zlib
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Iterable, Sequence
 
+from higgs_tune.data.bpe_bytes import piece_bytes
 from higgs_tune.data.layout import IGNORE_INDEX as IGNORE
 from higgs_tune.data.layout import ROLE_REFERENCE, ROLE_TARGET
-from higgs_tune.errors import DataError, TrainingHealthError
+from higgs_tune.errors import DataError
 
 ROLE_NAMES = {ROLE_REFERENCE: "reference", ROLE_TARGET: "target"}
 
@@ -232,82 +230,6 @@ def render_summary(s: dict) -> str:
     return "\n".join(lines)
 
 
-# ----------------------------------------------------------------------------- PNG bar chart
-
-# 3x5 bitmap glyphs for the axis labels (rows top to bottom, bit 2 = left column).
-_GLYPHS = {
-    "0": (7, 5, 5, 5, 7), "1": (2, 6, 2, 2, 7), "2": (7, 1, 7, 4, 7), "3": (7, 1, 7, 1, 7),
-    "4": (5, 5, 7, 1, 1), "5": (7, 4, 7, 1, 7), "6": (7, 4, 7, 5, 7), "7": (7, 1, 1, 1, 1),
-    "8": (7, 5, 7, 5, 7), "9": (7, 5, 7, 1, 7), ".": (0, 0, 0, 0, 2), "s": (0, 3, 6, 1, 6),
-    "-": (0, 0, 7, 0, 0), " ": (0, 0, 0, 0, 0), "n": (0, 6, 5, 5, 5), "=": (0, 7, 0, 7, 0),
-}
-
-
-def _png_bytes(width: int, height: int, pixels: bytearray) -> bytes:
-    """An 8-bit RGB PNG from `pixels` (row-major RGB triplets), filter 0 on every row."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    stride = width * 3
-    raw = b"".join(b"\x00" + bytes(pixels[y * stride:(y + 1) * stride]) for y in range(height))
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b"")
-
-
-def histogram_png(histogram: Sequence[tuple[float, float, int]], width: int = 640, height: int = 360) -> bytes:
-    """A bar chart of a duration histogram as PNG bytes; no plotting library needed.
-
-    Bars are blue on white; the x axis is labelled with the first and last bin edges in
-    seconds, the y axis with the largest count ("n=…").
-    """
-    if not histogram:
-        raise DataError("no clips to plot: the duration histogram is empty.")
-    px = bytearray(b"\xff" * (width * height * 3))
-
-    def rect(x0, y0, x1, y1, rgb):
-        for y in range(max(0, y0), min(height, y1)):
-            row = y * width * 3
-            for x in range(max(0, x0), min(width, x1)):
-                px[row + 3 * x:row + 3 * x + 3] = rgb
-
-    def text(x, y, s, scale=2, rgb=(0, 0, 0)):
-        for ch in s:
-            rows = _GLYPHS.get(ch, _GLYPHS[" "])
-            for r, bits in enumerate(rows):
-                for c in range(3):
-                    if bits & (4 >> c):
-                        rect(x + c * scale, y + r * scale, x + (c + 1) * scale, y + (r + 1) * scale, rgb)
-            x += 4 * scale
-
-    left, right, top, bottom = 48, width - 16, 24, height - 36
-    counts = [c for _, _, c in histogram]
-    peak = max(counts) or 1
-    slot = (right - left) / len(histogram)
-    for i, c in enumerate(counts):
-        h = round((bottom - top) * c / peak)
-        x0 = left + round(i * slot) + 1
-        x1 = left + round((i + 1) * slot) - 1
-        rect(x0, bottom - h, max(x0 + 1, x1), bottom, (52, 101, 164))
-    rect(left - 2, top, left, bottom + 2, (0, 0, 0))  # y axis
-    rect(left - 2, bottom, right, bottom + 2, (0, 0, 0))  # x axis
-    text(4, top, f"n={peak}")
-    text(left, bottom + 10, f"{histogram[0][0]:g}s")
-    last = f"{histogram[-1][1]:g}s"
-    text(right - len(last) * 8, bottom + 10, last)
-    return _png_bytes(width, height, px)
-
-
-def write_histogram_png(path: str | Path, histogram: Sequence[tuple[float, float, int]]) -> Path:
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(histogram_png(histogram))
-    except OSError as e:
-        raise DataError(f"cannot write the plot to {path}: {e.strerror}. Choose a writable path for --plot.") from None
-    return path
-
-
 # ----------------------------------------------------------------------------- batch statistics
 
 
@@ -432,41 +354,6 @@ def batch_statistics(batches: Iterable[dict], stream_bos_id: int = 1024, stream_
     return {"batches": per, "total": total}
 
 
-def check_trainable(stats: dict) -> None:
-    """Raise TrainingHealthError when a batch cannot train a TTS model that stops by itself.
-
-    Per batch: at least one trained target audio token; in every codebook at least one stream
-    EOS label (without it the model never learns to stop), and exactly one per target segment;
-    no trained reference audio (the prompt's voice is given, not predicted); stream BOS never a
-    label.
-    """
-    if not stats["batches"]:
-        raise TrainingHealthError("no training batch was built: the training cache is empty or every sample was dropped. Run `higgs-tune inspect CACHE_DIR` to see what the cache holds.")
-    fix = "Build samples with higgs_tune.data.layout.build_sample (targets trained, references masked); run `higgs-tune inspect CACHE_DIR --config CONFIG --batches N` to see the labels."
-    for b in stats["batches"]:
-        where = f"batch {b['index']} (samples {', '.join(b['sample_ids'])})"
-        target = b["audio"]["target"]
-        if sum(target["trained"]) == 0:
-            raise TrainingHealthError(f"{where} has no trained audio token: every audio label is -100, so the audio loss has no signal. {fix}")
-        missing = [c for c, n in enumerate(b["stream"]["eos_labels"]) if n == 0]
-        if missing:
-            raise TrainingHealthError(
-                f"{where} has no stream EOS label in codebook(s) {', '.join(map(str, missing))}: the model would never learn to stop "
-                f"(minutes of silence at generation). Each target segment needs its first EOS per codebook as a label. {fix}"
-            )
-        wrong = [c for c, n in enumerate(target["eos_labels"]) if n != target["segments"]]
-        if wrong:
-            raise TrainingHealthError(
-                f"{where} has {[target['eos_labels'][c] for c in wrong]} stream EOS labels in codebook(s) {', '.join(map(str, wrong))} "
-                f"for {target['segments']} target segment(s): each target segment must label exactly its first EOS per codebook. {fix}"
-            )
-        ref = b["audio"]["reference"]
-        if sum(ref["trained"]):
-            raise TrainingHealthError(f"{where} trains {sum(ref['trained'])} reference audio label(s): the voice prompt would be learned as a target. Reference segments must be all -100. {fix}")
-        if sum(b["stream"]["bos_labels"]):
-            raise TrainingHealthError(f"{where} has {sum(b['stream']['bos_labels'])} stream BOS label(s): BOS is an input, never a label. {fix}")
-
-
 def _pct(n: int, d: int) -> str:
     return f"{100.0 * n / d:5.1f}%" if d else "    -"
 
@@ -557,22 +444,6 @@ def check_prompt_matches(sample: dict, prompt: dict, tokens) -> int:
     return cut
 
 
-def _byte_decoder() -> dict[str, int]:
-    """The inverse of the GPT-2 / Llama-3 byte-level BPE alphabet (printable stand-in -> byte)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    chars, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            chars[chr(b)] = b
-        else:
-            chars[chr(256 + extra)] = b
-            extra += 1
-    return chars
-
-
-_BYTE_DECODER = _byte_decoder()
-
-
 def _escape(text: str) -> str:
     """Quote a token's text; bytes that are not whole UTF-8 characters (surrogate-escaped) as \\xNN."""
     out = []
@@ -595,9 +466,9 @@ def _token_text(tokenizer, tok: int, tokens, special_ids: set[int]) -> str:
     if "\ufffd" in text:
         # A byte-level BPE token can hold part of a multi-byte character (Arabic diacritics,
         # CJK, emoji): decoding it alone gives U+FFFD. Show its bytes instead (e.g. "\\xd9").
-        piece = tokenizer.convert_ids_to_tokens(tok)
-        if isinstance(piece, str) and piece and all(c in _BYTE_DECODER for c in piece):
-            text = bytes(_BYTE_DECODER[c] for c in piece).decode("utf-8", errors="surrogateescape")
+        raw = piece_bytes(tokenizer.convert_ids_to_tokens(tok))
+        if raw is not None:
+            text = raw.decode("utf-8", errors="surrogateescape")
     return _escape(text)
 
 
@@ -717,18 +588,6 @@ def check_cache_fits_model(cache, tokens, model_name: str) -> None:
             f"{cache.cache_dir} holds codes of a {cache.codebook_size}-code codebook, but the model {model_name} expects "
             f"{tokens.stream_bos} codes (stream BOS id {tokens.stream_bos}). Prepare the data with this model's audio tokenizer."
         )
-
-
-def first_batches(dataset, sampler, collator, n: int, epoch: int = 0) -> list[dict]:
-    """The first `n` batches of `epoch`, collated (fewer if the epoch is shorter)."""
-    dataset.set_epoch(epoch)
-    sampler.set_epoch(epoch)
-    out = []
-    for indices in sampler:
-        if len(out) == n:
-            break
-        out.append(collator([dataset[i] for i in indices]))
-    return out
 
 
 def sample_and_prompt(dataset, sample_id: str) -> tuple[dict, dict]:

@@ -33,8 +33,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from higgs_tune.data.audio import DEFAULT_MAX_SECONDS, DEFAULT_MIN_SECONDS, AudioInfo, inspect_audio
-from higgs_tune.data.cache import atomic_write_bytes
 from higgs_tune.errors import DataError
+from higgs_tune.runfs import atomic_write_bytes
 
 REQUIRED_KEYS = ("audio", "text", "speaker", "language")
 OPTIONAL_KEYS = ("id", "scene", "ref_audio", "ref_text")

@@ -61,3 +61,19 @@ def build_train_data(cfg: Config, processor, *, num_replicas: int = 1, rank: int
     sampler = TokenBudgetBatchSampler(train_set.lengths, d.max_tokens_per_batch, d.max_batch_size, shuffle=True,
                                       seed=seed, bucket_size=d.bucket_size, num_replicas=num_replicas, rank=rank)
     return TrainData(train_set, eval_set, sampler, Collator(tokens), tokens)
+
+
+def first_batches(dataset, sampler, collator, n: int, epoch: int = 0) -> list[dict]:
+    """The first `n` collated batches of `epoch` (fewer if the epoch is shorter), for a look
+    before training (`train` checks them before the model loads, `higgs-tune inspect --batches`
+    counts them). The sampler is left at the start of `epoch`: nothing counts as consumed.
+    """
+    dataset.set_epoch(epoch)
+    sampler.set_epoch(epoch)
+    out = []
+    for indices in sampler:
+        if len(out) == n:
+            break
+        out.append(collator([dataset[i] for i in indices]))
+    sampler.set_epoch(epoch)  # iterating counted as consumption; start the epoch afresh
+    return out

@@ -55,12 +55,17 @@ from higgs_tune.infer.generate import (
     write_wav,
 )
 from higgs_tune.infer.loading import InferenceStack
+from higgs_tune.runfs import (
+    EVAL_DIR,
+    METRICS_FILE,
+    RESULTS_CSV,
+    RESULTS_JSON,
+    WAVS_DIR,
+    atomic_write_bytes,
+)
 
 DEFAULT_ASR_MODEL = "openai/whisper-large-v3"
 DEFAULT_SPEAKER_MODEL = "microsoft/wavlm-base-plus-sv"
-RESULTS_JSON = "results.json"
-RESULTS_CSV = "results.csv"
-WAVS_DIR = "wavs"
 FORMAT = "higgs-tune-eval"
 FORMAT_VERSION = 1
 CSV_COLUMNS = (
@@ -256,10 +261,9 @@ def default_eval_dir(adapter: str | Path | None) -> Path | None:
     """RUN_DIR/eval when the adapter is a run's checkpoint folder (RUN_DIR has metrics.jsonl)."""
     if adapter is None:
         return None
-    from higgs_tune.train.logging import METRICS_FILE
 
     run_dir = Path(adapter).resolve().parent
-    return run_dir / "eval" if (run_dir / METRICS_FILE).is_file() else None
+    return run_dir / EVAL_DIR if (run_dir / METRICS_FILE).is_file() else None
 
 
 # ----------------------------------------------------------------------------- the evaluation
@@ -426,7 +430,6 @@ def evaluate_manifest(
 
 def write_results(out: Path, doc: dict) -> tuple[Path, Path]:
     """results.json (everything) and results.csv (one row per clip, CSV_COLUMNS), UTF-8."""
-    from higgs_tune.data.cache import atomic_write_bytes
 
     out.mkdir(parents=True, exist_ok=True)
     json_path, csv_path = out / RESULTS_JSON, out / RESULTS_CSV

@@ -31,7 +31,6 @@ The folder is written under a temporary name and renamed when complete.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -43,6 +42,7 @@ from higgs_tune.errors import ModelLoadError, OutputDirError
 from higgs_tune.infer.loading import adapter_base_from_checkpoint, adapter_needs_text_head, load_inference_stack
 from higgs_tune.model.audio_attention import has_audio_self_attention
 from higgs_tune.model.load import TEXT_HEAD_KEY, checkpoint_keys, resolve_audio_tokenizer, resolve_checkpoint
+from higgs_tune.runfs import fsync_tree, publish_dir, temp_path
 
 EXPORT_MARKER = "higgs_tune_export.json"
 AUDIO_TOKENIZER_DIR = "audio_tokenizer"
@@ -118,7 +118,7 @@ def export_merged(
     codec_source = Path(resolve_audio_tokenizer(base_folder, audio_tokenizer))
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".tmp-{out.name}-{os.getpid()}"
+    tmp = temp_path(out)
     if tmp.exists():
         shutil.rmtree(tmp)
     try:
@@ -164,9 +164,8 @@ def export_merged(
             "notes": notes,
         }
         (tmp / EXPORT_MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        fsync_tree(tmp)
+        publish_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -287,17 +287,3 @@ def enable_audio_self_attention(model) -> int:
             f"{per_layer:,}",
         )
     return added
-
-
-def audio_attention_state_dict(model) -> dict[str, torch.Tensor]:
-    """The block's weights under the model's own key names (`model.layers.N.audio_attn...`)."""
-    inner = getattr(model, "model", model)
-    prefix = "model." if inner is not model else ""
-    out = {}
-    for idx, layer in enumerate(_decoder_layers(model)):
-        if not isinstance(layer, HiggsAudioV2DecoderLayerWithAudioAttention):
-            continue
-        for part in (AUDIO_ATTN, AUDIO_ATTN_NORM):
-            for name, tensor in getattr(layer, part).state_dict().items():
-                out[f"{prefix}layers.{idx}.{part}.{name}"] = tensor
-    return out

@@ -32,6 +32,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from higgs_tune import config as cfg_names  # the pathway and module names
 from higgs_tune.config import FinetuneConfig
 from higgs_tune.errors import ModelLoadError
 from higgs_tune.model.audio_attention import (
@@ -46,22 +47,23 @@ from higgs_tune.model.load import checkpoint_keys, read_tensors
 logger = logging.getLogger(__name__)
 
 _LAYER = r"model\.layers\.\d+\."
+# pathway -> the modules LoRA adapts; module -> what is trained in full (regex over module names)
 PATHWAYS: dict[str, str] = {
-    "text_attn": _LAYER + r"self_attn\.(q|k|v|o)_proj",
-    "text_mlp": _LAYER + r"mlp\.(gate|up|down)_proj",
-    "audio_mlp": _LAYER + r"audio_mlp\.(gate|up|down)_proj",
-    "audio_attn": _LAYER + AUDIO_ATTN + r"\.(q|k|v|o)_proj",
+    cfg_names.TEXT_ATTN: _LAYER + r"self_attn\.(q|k|v|o)_proj",
+    cfg_names.TEXT_MLP: _LAYER + r"mlp\.(gate|up|down)_proj",
+    cfg_names.AUDIO_MLP: _LAYER + r"audio_mlp\.(gate|up|down)_proj",
+    cfg_names.AUDIO_ATTN: _LAYER + AUDIO_ATTN + r"\.(q|k|v|o)_proj",
 }
 TRAIN_MODULES: dict[str, str] = {
-    "audio_lm_head": r"audio_lm_head",
-    "audio_embeddings": r"model\.embed_audio_tokens\.embed_audio_tokens",
-    "text_lm_head": r"text_lm_head",
-    "text_embeddings": r"model\.embed_tokens",
-    "audio_attn": _LAYER + f"({AUDIO_ATTN}|{AUDIO_ATTN_NORM})",
+    cfg_names.AUDIO_LM_HEAD: r"audio_lm_head",
+    cfg_names.AUDIO_EMBEDDINGS: r"model\.embed_audio_tokens\.embed_audio_tokens",
+    cfg_names.TEXT_LM_HEAD: r"text_lm_head",
+    cfg_names.TEXT_EMBEDDINGS: r"model\.embed_tokens",
+    cfg_names.AUDIO_ATTN: _LAYER + f"({AUDIO_ATTN}|{AUDIO_ATTN_NORM})",
 }
 EXTRA_WEIGHTS = "extra_weights.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
-REPORT_GROUPS = ("text_attn", "text_mlp", "audio_mlp", "audio_attn", "norms", "embeddings", "heads", "other")
+REPORT_GROUPS = (*cfg_names.PATHWAYS, "norms", "embeddings", "heads", "other")
 # PEFT name parts that are not part of the base model's own names
 _PEFT_PREFIX = "base_model.model."
 _PEFT_PARTS = re.compile(r"\.(base_layer|original_module|modules_to_save\.[^.]+|lora_[A-Za-z_]+\.[^.]+)(?=\.)")
@@ -95,7 +97,7 @@ def resolve_targets(model, pathways) -> dict[str, list[str]]:
         pattern = re.compile(PATHWAYS[pathway])
         found = [n for n in names if pattern.fullmatch(n)]
         if not found:
-            hint = " Set model.audio_self_attention: true to add the block." if pathway == "audio_attn" else ""
+            hint = " Set model.audio_self_attention: true to add the block." if pathway == cfg_names.AUDIO_ATTN else ""
             raise ModelLoadError(f"LoRA pathway {pathway!r} (pattern {PATHWAYS[pathway]}) matches no module of this model.{hint}")
         out[pathway] = found
     return out
@@ -114,8 +116,8 @@ def resolve_train_modules(model, modules) -> dict[str, list[str]]:
         found = list(dict.fromkeys(n for n in names if pattern.fullmatch(n)))
         if not found:
             hints = {
-                "text_lm_head": " Load the model with model.use_text_head: true.",
-                "audio_attn": " Set model.audio_self_attention: true to add the block.",
+                cfg_names.TEXT_LM_HEAD: " Load the model with model.use_text_head: true.",
+                cfg_names.AUDIO_ATTN: " Set model.audio_self_attention: true to add the block.",
             }
             raise ModelLoadError(f"module {group!r} (pattern {TRAIN_MODULES[group]}) is not in this model.{hints.get(group, '')}")
         out[group] = found
@@ -141,7 +143,7 @@ def apply_finetuning(model, cfg: FinetuneConfig):
             "finetune.pathways is empty: PEFT needs at least one LoRA pathway. To train only "
             f"{', '.join(cfg.train_modules) or 'whole modules'}, use mode: full with freeze for everything else."
         )
-    if "audio_attn" in cfg.pathways and "audio_attn" in cfg.train_modules:
+    if cfg_names.AUDIO_ATTN in cfg.pathways and cfg_names.AUDIO_ATTN in cfg.train_modules:
         raise ModelLoadError("audio_attn is both a LoRA pathway and a fully trained module: list it in one of finetune.pathways / finetune.train_modules.")
     targets = resolve_targets(model, cfg.pathways)
     to_save = resolve_train_modules(model, cfg.train_modules)
@@ -304,13 +306,13 @@ def _load_exact(model, tensors: dict[str, torch.Tensor], where, only_audio_atten
 def _group(name: str) -> str:
     n = canonical_name(name)
     if any(part in n for part in AUDIO_ATTN_KEY_PARTS):
-        return "audio_attn"
+        return cfg_names.AUDIO_ATTN
     if ".self_attn." in n:
-        return "text_attn"
+        return cfg_names.TEXT_ATTN
     if ".audio_mlp." in n:
-        return "audio_mlp"
+        return cfg_names.AUDIO_MLP
     if ".mlp." in n:
-        return "text_mlp"
+        return cfg_names.TEXT_MLP
     if "layernorm" in n or n.startswith("model.norm."):
         return "norms"
     if n.startswith(("model.embed_tokens.", "model.embed_audio_tokens.")):

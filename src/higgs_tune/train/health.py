@@ -11,9 +11,10 @@ Codes (a warning is emitted once per code, later hits only raise its `count`):
                       scored audio target equals the input the model saw at the predicting position.
     label_misaligned  (first batch) labels are not at the same column/position as their inputs,
                       as the contract requires (the collator shifted them already, or scrambled them).
-    no_signal         a pathway with weight > 0 has no scored token, or the text labels are only
-                      chat markup (headers, role names, "\\n\\n", <|begin_of_text|>, pad, placeholders).
-    no_eos            no stream EOS among a batch's scored audio labels: generation never stops.
+    no_signal         a pathway with weight > 0 has no scored token (every step), or (first batch)
+                      the text labels are only chat markup (headers, role names, "\\n\\n",
+                      <|begin_of_text|>, pad, placeholders).
+    no_eos            (first batch) no stream EOS among the scored audio labels: generation never stops.
     non_finite        NaN/Inf loss or gradient norm. With health.stop_on_nonfinite (default) this
                       raises TrainingHealthError naming the step, the batch's sample ids and the last
                       good checkpoint; otherwise it is a warning.
@@ -22,7 +23,7 @@ How the recipe calls it (`check_step` reads metrics reduced over ranks, so every
 same decision and a raise never leaves another rank waiting in a collective):
 
     monitor = HealthMonitor.for_model(cfg.health, cfg.loss, model.config, tokenizer, on_warning=metrics_logger.log_warning)
-    for each micro-batch:  out = wrapped(**batch); monitor.check_batch(step, batch, out)   # local, never raises
+    first micro-batch:     out = wrapped(**batch); monitor.check_batch(step, batch, out)   # local, never raises
     after backward + clip: metrics = reduce_metrics(...); monitor.check_step(step, metrics, grad_norm=gn,
                                         sample_ids=ids, last_checkpoint=last_ckpt)  # BEFORE optimizer.step()
 
@@ -183,6 +184,14 @@ class HealthMonitor:
 
         Every call: no_signal, no_eos. First call only: label_misaligned and the copy-task
         pairing check (see the module docstring).
+
+        The recipe calls it on the run's first micro-batch only. Its cost is O(batch), but each
+        check reads a device tensor on the host (`int(...)`, `.any()`, `.tolist()`): several GPU
+        syncs per call, which on every micro-batch would stall the forward/backward queue. Later
+        batches are covered without a sync: no_signal from the step's reduced counts
+        (`check_step`), and before the model loads the recipe's first batches must pass
+        `check_trainable` (a trained audio token and an EOS label per codebook, or the run stops).
+        Every batch has that structure: all come from the same `build_sample`.
         """
         new: list[HealthWarning | None] = []
         p = out.predictions
@@ -354,3 +363,41 @@ class HealthMonitor:
             "aligned (higgs-tune inspect), and that a frozen random head is not being trained through LoRA alone."),
             metrics={k: metrics.get(k) for k in ("loss", "text_loss", "audio_loss", "per_codebook_loss")})
 
+
+# ----------------------------------------------------------------------------- before the model loads
+def check_trainable(stats: dict) -> None:
+    """Raise TrainingHealthError when a batch cannot train a TTS model that stops by itself.
+
+    `stats`: `higgs_tune.data.inspect.batch_statistics` of the first batches (the recipe runs it
+    before the model loads; `higgs-tune inspect --batches` too).
+
+    Per batch: at least one trained target audio token; in every codebook at least one stream
+    EOS label (without it the model never learns to stop), and exactly one per target segment;
+    no trained reference audio (the prompt's voice is given, not predicted); stream BOS never a
+    label.
+    """
+    if not stats["batches"]:
+        raise TrainingHealthError("no training batch was built: the training cache is empty or every sample was dropped. Run `higgs-tune inspect CACHE_DIR` to see what the cache holds.")
+    fix = "Build samples with higgs_tune.data.layout.build_sample (targets trained, references masked); run `higgs-tune inspect CACHE_DIR --config CONFIG --batches N` to see the labels."
+    for b in stats["batches"]:
+        where = f"batch {b['index']} (samples {', '.join(b['sample_ids'])})"
+        target = b["audio"]["target"]
+        if sum(target["trained"]) == 0:
+            raise TrainingHealthError(f"{where} has no trained audio token: every audio label is -100, so the audio loss has no signal. {fix}")
+        missing = [c for c, n in enumerate(b["stream"]["eos_labels"]) if n == 0]
+        if missing:
+            raise TrainingHealthError(
+                f"{where} has no stream EOS label in codebook(s) {', '.join(map(str, missing))}: the model would never learn to stop "
+                f"(minutes of silence at generation). Each target segment needs its first EOS per codebook as a label. {fix}"
+            )
+        wrong = [c for c, n in enumerate(target["eos_labels"]) if n != target["segments"]]
+        if wrong:
+            raise TrainingHealthError(
+                f"{where} has {[target['eos_labels'][c] for c in wrong]} stream EOS labels in codebook(s) {', '.join(map(str, wrong))} "
+                f"for {target['segments']} target segment(s): each target segment must label exactly its first EOS per codebook. {fix}"
+            )
+        ref = b["audio"]["reference"]
+        if sum(ref["trained"]):
+            raise TrainingHealthError(f"{where} trains {sum(ref['trained'])} reference audio label(s): the voice prompt would be learned as a target. Reference segments must be all -100. {fix}")
+        if sum(b["stream"]["bos_labels"]):
+            raise TrainingHealthError(f"{where} has {sum(b['stream']['bos_labels'])} stream BOS label(s): BOS is an input, never a label. {fix}")

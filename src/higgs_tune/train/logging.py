@@ -34,10 +34,9 @@ from rich.markup import escape
 
 from higgs_tune.config import ConfigError
 from higgs_tune.errors import OutputDirError
+from higgs_tune.runfs import METRICS_FILE, TENSORBOARD_DIR, atomic_write_text
 from higgs_tune.train.loss import STAT_KEYS, WEIGHTS_KEY, finalize_metrics
 
-METRICS_FILE = "metrics.jsonl"
-TENSORBOARD_DIR = "tensorboard"
 TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio"}  # name -> module to import
 PROJECT = "higgs-tune"
 
@@ -119,9 +118,7 @@ def truncate_after(path: Path, step: int) -> tuple[int, int]:
             dropped += 1
             continue
         kept.append(line)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
     return len(kept), dropped
 
 

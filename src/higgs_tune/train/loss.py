@@ -123,6 +123,35 @@ class LossWeights:
         return cls(float(cfg.text_weight), float(cfg.audio_weight), tuple(float(w) for w in cb))
 
 
+@dataclass
+class LossTerms:
+    """The parts of the total loss (tensors on one device, one dtype); see `combine_loss`."""
+
+    loss: torch.Tensor  # () weighted total
+    text_loss: torch.Tensor  # () mean CE over scored text tokens, 0 when none
+    audio_loss: torch.Tensor  # () codebook-weighted mean of per_codebook_loss
+    per_codebook_loss: torch.Tensor  # (K,) mean CE per codebook, 0 for a codebook with no token
+
+
+def combine_loss(weights: LossWeights, text_ce_sum: torch.Tensor, n_text: torch.Tensor,
+                 audio_ce_sum: torch.Tensor, n_audio: torch.Tensor) -> LossTerms:
+    """THE loss formula, used by the forward, `loss_for_step` and `finalize_metrics`.
+
+    text_ce_sum () and audio_ce_sum (K,) are sums of CE; n_text () and n_audio (K,) the token
+    counts they are divided by (this micro-batch's, or the whole step's). A part with no token
+    is 0 and a codebook with no token is left out of the weighted audio mean. Adding a loss
+    term: add its sum and count to `STAT_KEYS`/`stats()` and its weighted mean here.
+    """
+    n_text = n_text.to(text_ce_sum.device)
+    n_audio = n_audio.to(audio_ce_sum.device)
+    text_loss = text_ce_sum / n_text.clamp(min=1)
+    per_codebook_loss = audio_ce_sum / n_audio.clamp(min=1)  # (K,)
+    cbw = torch.tensor(weights.codebooks, dtype=per_codebook_loss.dtype, device=per_codebook_loss.device) * (n_audio > 0)
+    audio_loss = (cbw * per_codebook_loss).sum() / cbw.sum().clamp(min=torch.finfo(cbw.dtype).tiny)
+    loss = weights.text * text_loss + weights.audio * audio_loss
+    return LossTerms(loss, text_loss, audio_loss, per_codebook_loss)
+
+
 @dataclass(frozen=True)
 class TokenCounts:
     """Scored tokens: text () long, audio (K,) long. Add them over micro-batches, reduce over ranks."""
@@ -199,10 +228,6 @@ class LossOutput:
     predictions: Predictions
     shift: int  # 1: position t predicts t+1 (always, except the debug switch: 0)
 
-    @property
-    def n_audio_tokens_total(self) -> torch.Tensor:
-        return self.n_audio_tokens.sum()
-
     def loss_for_step(self, counts: TokenCounts, scale: float = 1.0) -> torch.Tensor:
         """This micro-batch's share of the step loss, normalised by the step's token counts.
 
@@ -210,14 +235,7 @@ class LossOutput:
         Summing this over the step's micro-batches (and ranks, with scale = number of ranks)
         gives exactly `finalize_metrics(...)["loss"]` of the whole step.
         """
-        w = self.weights
-        text_n = counts.text.to(self.text_ce_sum.device)
-        audio_n = counts.audio.to(self.text_ce_sum.device)
-        text = self.text_ce_sum / text_n.clamp(min=1)
-        cbw = torch.tensor(w.codebooks, dtype=self.audio_ce_sum_per_codebook.dtype, device=audio_n.device) * (audio_n > 0)
-        per_cb = self.audio_ce_sum_per_codebook / audio_n.clamp(min=1)  # (K,)
-        audio = (cbw * per_cb).sum() / cbw.sum().clamp(min=torch.finfo(cbw.dtype).tiny)
-        return scale * (w.text * text + w.audio * audio)
+        return scale * combine_loss(self.weights, self.text_ce_sum, counts.text, self.audio_ce_sum_per_codebook, counts.audio).loss
 
     def stats(self) -> dict:
         """Additive, detached statistics (`STAT_KEYS`, tensors on the loss's device) + the weights."""
@@ -249,26 +267,22 @@ def finalize_metrics(stats: Mapping) -> dict:
     """
     w: LossWeights = stats[WEIGHTS_KEY]
 
-    def vec(key):
-        return [float(v) for v in torch.as_tensor(stats[key]).detach().double().cpu().reshape(-1).tolist()]
+    def tensor(key):
+        return torch.as_tensor(stats[key]).detach().double().cpu()
 
-    def num(key):
-        return float(torch.as_tensor(stats[key]).detach().double().cpu())
-
-    n_text = num("n_text_tokens")
-    n_cb = vec("n_audio_tokens_per_codebook")
-    text_loss = num("text_ce_sum") / n_text if n_text else 0.0
-    text_acc = num("text_correct") / n_text if n_text else 0.0
-    per_cb_loss = [s / n if n else 0.0 for s, n in zip(vec("audio_ce_sum_per_codebook"), n_cb)]
-    correct = vec("audio_correct_per_codebook")
+    n_text = float(tensor("n_text_tokens"))
+    n_cb = tensor("n_audio_tokens_per_codebook").reshape(-1)  # (K,)
+    terms = combine_loss(w, tensor("text_ce_sum"), tensor("n_text_tokens"), tensor("audio_ce_sum_per_codebook").reshape(-1), n_cb)
+    text_acc = float(tensor("text_correct")) / n_text if n_text else 0.0
+    correct = tensor("audio_correct_per_codebook").reshape(-1).tolist()
+    n_cb = n_cb.tolist()
     per_cb_acc = [c / n if n else 0.0 for c, n in zip(correct, n_cb)]
-    cbw = [wk if n else 0.0 for wk, n in zip(w.codebooks, n_cb)]
-    audio_loss = sum(wk * lk for wk, lk in zip(cbw, per_cb_loss)) / sum(cbw) if sum(cbw) else 0.0
+    per_cb_loss = terms.per_codebook_loss.tolist()
     n_audio = sum(n_cb)
     return {
-        "loss": w.text * text_loss + w.audio * audio_loss,
-        "text_loss": text_loss,
-        "audio_loss": audio_loss,
+        "loss": float(terms.loss),
+        "text_loss": float(terms.text_loss),
+        "audio_loss": float(terms.audio_loss),
         "audio_loss_sum": sum(per_cb_loss),
         "text_acc": text_acc,
         "audio_acc": sum(correct) / n_audio if n_audio else 0.0,
@@ -277,8 +291,8 @@ def finalize_metrics(stats: Mapping) -> dict:
         "n_text_tokens": int(n_text),
         "n_audio_tokens": int(n_audio),
         "n_audio_tokens_per_codebook": [int(n) for n in n_cb],
-        "n_tokens": int(num("n_tokens")),
-        "n_samples": int(num("n_samples")),
+        "n_tokens": int(tensor("n_tokens")),
+        "n_samples": int(tensor("n_samples")),
     }
 
 
@@ -519,18 +533,14 @@ class HiggsLossModule(nn.Module):
 
         # ---- means and the weighted total (a part without tokens contributes 0)
         n_text, n_audio = heads.n_text, heads.n_audio
-        text_loss = heads.text_ce_sum / n_text.clamp(min=1)
-        per_codebook_loss = heads.audio_ce_sum / n_audio.clamp(min=1)  # (K,)
-        cbw = torch.tensor(self.weights.codebooks, dtype=per_codebook_loss.dtype, device=per_codebook_loss.device) * (n_audio > 0)
-        audio_loss = (cbw * per_codebook_loss).sum() / cbw.sum().clamp(min=torch.finfo(cbw.dtype).tiny)
-        loss = self.weights.text * text_loss + self.weights.audio * audio_loss
+        terms = combine_loss(self.weights, heads.text_ce_sum, n_text, heads.audio_ce_sum, n_audio)
 
         return LossOutput(
-            loss=loss,
-            text_loss=text_loss,
-            audio_loss=audio_loss,
-            audio_loss_sum=per_codebook_loss.sum(),
-            per_codebook_loss=per_codebook_loss,
+            loss=terms.loss,
+            text_loss=terms.text_loss,
+            audio_loss=terms.audio_loss,
+            audio_loss_sum=terms.per_codebook_loss.sum(),
+            per_codebook_loss=terms.per_codebook_loss,
             per_codebook_acc=(heads.audio_correct / n_audio.clamp(min=1)).detach(),
             text_acc=(heads.text_correct / n_text.clamp(min=1)).detach(),
             n_text_tokens=n_text,

@@ -6,7 +6,7 @@ its first save: a folder that cannot be created or written, a disk without room 
 checkpoints, or a folder holding someone else's files or a different run.
 
 What counts as "ours" (RUN_ARTEFACTS): the names higgs-tune writes into a run folder. A
-`config.yaml` is ours only when it starts with `checkpoint.CONFIG_HEADER`. `--overwrite`
+`config.yaml` is ours only when it starts with `runfs.CONFIG_HEADER`. `--overwrite`
 removes only these; when anything else is in the folder it refuses (it never deletes files
 it did not write). A folder is "a run of the same config" when its `config.yaml` is ours and
 agrees with the new config on every key that exact resumption depends on
@@ -28,31 +28,29 @@ from typing import Any
 
 import yaml
 
+from higgs_tune import config as cfg_names  # the pathway and module names
 from higgs_tune.errors import OutputDirError
-from higgs_tune.train import distributed as dist_utils
-from higgs_tune.train.checkpoint import (
-    CHECKPOINT_PREFIX,
+from higgs_tune.runfs import (
+    CHECKPOINT_RE,
     CONFIG_FILE,
     CONFIG_HEADER,
     FINAL_NAME,
-    INDEX_FILE,
-    TMP_PREFIX,
-    TRASH_PREFIX,
+    PROBE_PREFIX,
+    RUN_DIRS,
+    RUN_FILES,
+    RUN_PATTERN,
+    atomic_write_text,
+    discard_dir,
     format_bytes,
     fsync_path,
-    resume_config_changes,
-    write_config_yaml,
 )
+from higgs_tune.train import distributed as dist_utils
+from higgs_tune.train.checkpoint import config_yaml_text, resume_config_changes
 
 log = logging.getLogger(__name__)
 
-# Top-level names higgs-tune writes into a run folder (files and folders). The recipe, the
-# metrics logger and the report write only these names; `--overwrite` removes only these.
-RUN_FILES = frozenset({CONFIG_FILE, INDEX_FILE, "metrics.jsonl", "train.log", "param_report.txt", "data_report.txt",
-                       "report.html", "report.json", "summary.json"})
-RUN_DIRS = frozenset({FINAL_NAME, "samples", "tensorboard", "wandb", "logs", "eval"})
-_RUN_PATTERN = re.compile(rf"^(?:{re.escape(CHECKPOINT_PREFIX)}\d+|{re.escape(TMP_PREFIX)}.+|{re.escape(TRASH_PREFIX)}.+|\.higgs-tune-probe-\d+)$")
-PROBE_PREFIX = ".higgs-tune-probe-"
+# RUN_FILES / RUN_DIRS (from runfs): the top-level names higgs-tune writes into a run folder;
+# `--overwrite` removes only these (and RUN_PATTERN: checkpoint-N, .tmp-*, .old-*, probes).
 
 # Fallback sizes when the model's weights are not on this machine yet (a hub id that is not
 # cached): the released 3B base, about 5.8e9 parameters; LoRA adapters with r <= 64 on every
@@ -104,7 +102,9 @@ def _local_weight_files(name_or_path: str) -> list[Path]:
         from higgs_tune.model.load import resolve_checkpoint
 
         resolve_checkpoint(name_or_path)  # raises the model loader's own ModelLoadError
-    from huggingface_hub import try_to_load_from_cache  # offline: looks only at the local cache
+    from huggingface_hub import (
+        try_to_load_from_cache,  # offline: looks only at the local cache
+    )
 
     try:
         index = try_to_load_from_cache(name_or_path, "model.safetensors.index.json")
@@ -121,17 +121,17 @@ def _local_weight_files(name_or_path: str) -> list[Path]:
 # Rough name patterns of the LoRA pathways / fully trained modules in the transformers layout;
 # only for this estimate before loading (model/lora.py resolves the real targets after load).
 _PATHWAY_PATTERNS = {
-    "text_attn": re.compile(r"\.self_attn\.[qkvo]_proj\.weight$"),
-    "text_mlp": re.compile(r"\.mlp\.(gate|up|down)_proj\.weight$"),
-    "audio_mlp": re.compile(r"\.audio_mlp\.(gate|up|down)_proj\.weight$"),
-    "audio_attn": re.compile(r"\.audio_attn\..*\.weight$"),
+    cfg_names.TEXT_ATTN: re.compile(r"\.self_attn\.[qkvo]_proj\.weight$"),
+    cfg_names.TEXT_MLP: re.compile(r"\.mlp\.(gate|up|down)_proj\.weight$"),
+    cfg_names.AUDIO_MLP: re.compile(r"\.audio_mlp\.(gate|up|down)_proj\.weight$"),
+    cfg_names.AUDIO_ATTN: re.compile(r"\.audio_attn\..*\.weight$"),
 }
 _MODULE_PATTERNS = {
-    "audio_lm_head": re.compile(r"^audio_lm_head\."),
-    "audio_embeddings": re.compile(r"embed_audio_tokens\."),
-    "text_lm_head": re.compile(r"^text_lm_head\."),
-    "text_embeddings": re.compile(r"embed_tokens\.weight$"),
-    "audio_attn": re.compile(r"\.audio_attn\."),
+    cfg_names.AUDIO_LM_HEAD: re.compile(r"^audio_lm_head\."),
+    cfg_names.AUDIO_EMBEDDINGS: re.compile(r"embed_audio_tokens\."),
+    cfg_names.TEXT_LM_HEAD: re.compile(r"^text_lm_head\."),
+    cfg_names.TEXT_EMBEDDINGS: re.compile(r"embed_tokens\.weight$"),
+    cfg_names.AUDIO_ATTN: re.compile(r"\.audio_attn\."),
 }
 
 
@@ -214,7 +214,7 @@ def _is_ours(entry: Path) -> bool:
         return entry.is_file()
     if name in RUN_DIRS:
         return entry.is_dir()
-    return bool(_RUN_PATTERN.match(name))
+    return bool(RUN_PATTERN.match(name))
 
 
 def _reason(e: OSError) -> str:
@@ -264,10 +264,7 @@ def _remove_our_artefacts(path: Path, entries: list[Path]) -> None:
     """--overwrite: remove our entries; folders are renamed away first so none is left half-deleted."""
     for entry in entries:
         if entry.is_dir():
-            trash = entry if entry.name.startswith((TMP_PREFIX, TRASH_PREFIX)) else path / f"{TRASH_PREFIX}{entry.name}-{os.getpid()}"
-            if trash != entry:
-                os.replace(entry, trash)
-            shutil.rmtree(trash)
+            discard_dir(entry)
         else:
             entry.unlink()
     fsync_path(path)
@@ -328,7 +325,7 @@ def _inside(child: Path, parent: Path) -> bool:
 
 
 def _existing_checkpoints(path: Path) -> int:
-    return sum(1 for e in path.iterdir() if e.is_dir() and (e.name == FINAL_NAME or re.fullmatch(rf"{re.escape(CHECKPOINT_PREFIX)}\d+", e.name)))
+    return sum(1 for e in path.iterdir() if e.is_dir() and (e.name == FINAL_NAME or CHECKPOINT_RE.match(e.name)))
 
 
 def _prepare_main(cfg: Any, overwrite: bool, resume: str | Path | None, estimate_bytes: int, total_steps: int | None) -> Path:
@@ -373,11 +370,7 @@ def _prepare_main(cfg: Any, overwrite: bool, resume: str | Path | None, estimate
 
     # The run's config.yaml marks the folder as a run of this config (for --resume and
     # --overwrite later); a continued run's non-resume settings may have changed, so rewrite.
-    tmp = path / f"{TMP_PREFIX}{CONFIG_FILE}-{os.getpid()}"
-    write_config_yaml(tmp, cfg)
-    fsync_path(tmp)
-    os.replace(tmp, path / CONFIG_FILE)
-    fsync_path(path)
+    atomic_write_text(path / CONFIG_FILE, config_yaml_text(cfg))
     log.info("output dir: %s (%s); %s free, needs about %s (%d checkpoint(s) x %s + min_free_gb %s GB)",
              path, "continuing the run there" if continued else "new run", format_bytes(shutil.disk_usage(path).free),
              format_bytes(needed), n, format_bytes(estimate_bytes), c.min_free_gb)

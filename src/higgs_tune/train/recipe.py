@@ -35,12 +35,10 @@ import torch
 from higgs_tune.config import Config, ConfigError
 from higgs_tune.data.pipeline import TrainData, build_train_data
 from higgs_tune.errors import CheckpointError
+from higgs_tune.runfs import DATA_REPORT_FILE, PARAM_REPORT_FILE, SAMPLES_DIR
 
 log = logging.getLogger("higgs_tune.train")
 
-PARAM_REPORT_FILE = "param_report.txt"
-DATA_REPORT_FILE = "data_report.txt"
-SAMPLES_DIR = "samples"
 INSPECT_BATCHES = 4  # batches inspected before the model loads
 PREVIEW_EVERY_LOGS = 5  # the prediction preview is printed every 5th log step (and at step 1)
 PROCESS_GROUP_TIMEOUT_MIN = 60
@@ -61,13 +59,11 @@ class TrainResult:
 # ----------------------------------------------------------------------------- data
 def inspect_first_batches(data: TrainData, n: int = INSPECT_BATCHES) -> dict:
     """Statistics of the first n batches of epoch 0; raises when nothing would be learned."""
-    from higgs_tune.data.inspect import batch_statistics, check_trainable
+    from higgs_tune.data.inspect import batch_statistics
+    from higgs_tune.data.pipeline import first_batches
+    from higgs_tune.train.health import check_trainable
 
-    data.train_set.set_epoch(0)
-    data.sampler.set_epoch(0)
-    plan = list(data.sampler)[:n]
-    batches = [data.collator([data.train_set[i] for i in idx]) for idx in plan]
-    data.sampler.set_epoch(0)  # iterating counted as consumption; start the epoch afresh
+    batches = first_batches(data.train_set, data.sampler, data.collator, n)
     stats = batch_statistics(batches, data.tokens.stream_bos, data.tokens.stream_eos)
     check_trainable(stats)
     return stats
@@ -75,7 +71,14 @@ def inspect_first_batches(data: TrainData, n: int = INSPECT_BATCHES) -> dict:
 
 # ----------------------------------------------------------------------------- schedule
 def make_scheduler(optimizer, name: str, warmup_steps: int, total_steps: int):
-    """Linear warm-up to the peak LR, then cosine / linear decay to 0, or constant."""
+    """Linear warm-up to the peak LR, then cosine / linear decay to 0, or constant.
+
+    Not `transformers.get_scheduler`: its warm-up runs step s (from 0) at s / warmup_steps, so
+    the first optimizer step is taken at LR 0 and the peak comes one step late. Here step s runs
+    at (s + 1) / warmup_steps (warm-up 2: half the peak, then the peak; the logged `lr`). From
+    the end of the warm-up on, the values are get_scheduler's ("cosine", "linear", "constant")
+    step for step, up to rounding (tests/test_train_recipe.py checks both).
+    """
 
     def factor(step: int) -> float:
         if warmup_steps and step < warmup_steps:

@@ -130,19 +130,19 @@ def inspect_command(cache_dir, plot_path, config_path, model, num_batches, show_
     """Clips, hours, speakers, languages, durations, text/audio outliers and rejected rows of
     CACHE_DIR; with --batches, the token accounting of real training batches; with --show, one
     sample with its labels, checked against the prompt that generation builds."""
-    # lazy: data.inspect and data.pipeline load transformers, too slow for `higgs-tune --help`
+    # lazy: data.inspect, data.pipeline and train.health load transformers, too slow for `higgs-tune --help`
     from higgs_tune.data.inspect import (
         batch_statistics,
         check_cache_fits_model,
-        check_trainable,
-        first_batches,
         render_batch_statistics,
         render_sample,
         render_summary,
         sample_and_prompt,
         summarize_cache,
-        write_histogram_png,
     )
+    from higgs_tune.data.pipeline import build_train_data, first_batches
+    from higgs_tune.data.plot import write_histogram_png
+    from higgs_tune.train.health import check_trainable
 
     cache = CodeCache.open(cache_dir)
     report: dict = {}
@@ -157,7 +157,6 @@ def inspect_command(cache_dir, plot_path, config_path, model, num_batches, show_
     problem = None
     if num_batches is not None or show_id is not None:
         # the recipe's own builder: the samples and batches shown are the ones `train` would use
-        from higgs_tune.data.pipeline import build_train_data  # lazy, as above
 
         cfg = _load_config(config_path, model, cache.cache_dir)
         processor, tokens = _processor_and_tokens(cfg)
