@@ -31,11 +31,25 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
+from accelerate.utils import InitProcessGroupKwargs, set_seed
 
 from higgs_tune.config import Config, ConfigError
-from higgs_tune.data.pipeline import TrainData, build_train_data
+from higgs_tune.data.inspect import batch_statistics, render_batch_statistics
+from higgs_tune.data.pipeline import TrainData, build_train_data, first_batches
 from higgs_tune.errors import CheckpointError
+from higgs_tune.infer.generate import GenerationRequest, SamplingOptions, generate_speech, write_wav
+from higgs_tune.model.load import load_model, load_processor
+from higgs_tune.model.lora import apply_finetuning, load_trainable, parameter_report, save_trainable, verify_trainable
 from higgs_tune.runfs import DATA_REPORT_FILE, PARAM_REPORT_FILE, SAMPLES_DIR
+from higgs_tune.train.checkpoint import CheckpointManager, find_resume_checkpoint, is_fsdp, load_training_state, read_manifest, require_unsharded
+from higgs_tune.train.distributed import preserved_rng
+from higgs_tune.train.health import HealthMonitor, check_trainable
+from higgs_tune.train.logging import MetricsLogger, reduce_metrics
+from higgs_tune.train.loss import HiggsLossModule, StepMetrics, TokenCounts
+from higgs_tune.train.outdir import estimate_checkpoint_bytes, prepare_output_dir, rough_checkpoint_bytes
+from higgs_tune.train.preview import prediction_preview
 
 log = logging.getLogger("higgs_tune.train")
 
@@ -59,10 +73,6 @@ class TrainResult:
 # ----------------------------------------------------------------------------- data
 def inspect_first_batches(data: TrainData, n: int = INSPECT_BATCHES) -> dict:
     """Statistics of the first n batches of epoch 0; raises when nothing would be learned."""
-    from higgs_tune.data.inspect import batch_statistics
-    from higgs_tune.data.pipeline import first_batches
-    from higgs_tune.train.health import check_trainable
-
     batches = first_batches(data.train_set, data.sampler, data.collator, n)
     stats = batch_statistics(batches, data.tokens.stream_bos, data.tokens.stream_eos)
     check_trainable(stats)
@@ -106,19 +116,6 @@ def train(cfg: Config, *, resume: str | None = None, overwrite: bool = False,
     copy task of earlier trainers); `_batch_hook(step, batch, model) -> batch` may alter a batch
     (random labels, an injected NaN) to prove that the health checks fire.
     """
-    from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs, set_seed
-
-    from higgs_tune.model.load import load_model, load_processor
-    from higgs_tune.model.lora import apply_finetuning, load_trainable, parameter_report, save_trainable, verify_trainable
-    from higgs_tune.train.checkpoint import (CheckpointManager, find_resume_checkpoint, is_fsdp, load_training_state,
-                                             require_unsharded)
-    from higgs_tune.train.health import HealthMonitor
-    from higgs_tune.train.logging import MetricsLogger, reduce_metrics
-    from higgs_tune.train.loss import HiggsLossModule, StepMetrics, TokenCounts
-    from higgs_tune.train.outdir import estimate_checkpoint_bytes, prepare_output_dir, rough_checkpoint_bytes
-    from higgs_tune.train.preview import prediction_preview
-
     t, ck = cfg.train, cfg.checkpoint
     # --- setup: processes, seed, output folder (checked before any model loads) ----------------
     _fresh_accelerate_state()
@@ -152,8 +149,6 @@ def train(cfg: Config, *, resume: str | None = None, overwrite: bool = False,
     data = build_train_data(cfg, processor, num_replicas=accelerator.num_processes, rank=accelerator.process_index)
     stats = inspect_first_batches(data)
     if accelerator.is_main_process:
-        from higgs_tune.data.inspect import render_batch_statistics
-
         text = render_batch_statistics(stats)
         (run_dir / DATA_REPORT_FILE).write_text(text + "\n", encoding="utf-8")
         total = text[text.find("total:"):] if "total:" in text else text
@@ -292,8 +287,6 @@ def _fresh_accelerate_state() -> None:
     """Accelerate keeps its settings (mixed precision, ...) in process-wide singletons. Outside a
     live process group, clear them so that a second run in the same Python process (a notebook,
     a benchmark, the tests) gets its own config instead of an error or the first run's settings."""
-    from accelerate.state import AcceleratorState, GradientState
-
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         AcceleratorState._reset_state(reset_partial_state=True)  # noqa: SLF001 - no public reset exists
         GradientState._reset_state()  # noqa: SLF001
@@ -328,17 +321,12 @@ def _json_metrics(metrics: dict) -> dict:
 
 
 def _checkpoint_step(folder: Path) -> int:
-    from higgs_tune.train.checkpoint import read_manifest
-
     return int(read_manifest(folder)["step"])
 
 
 @torch.no_grad()
 def evaluate(wrapped, data: TrainData, accelerator) -> dict:
     """Token-weighted loss and accuracies over this rank's share of the held-out set, reduced."""
-    from higgs_tune.train.logging import reduce_metrics
-    from higgs_tune.train.loss import StepMetrics
-
     wrapped.eval()
     acc = StepMetrics()
     for batch in data.eval_batches():
@@ -350,8 +338,6 @@ def evaluate(wrapped, data: TrainData, accelerator) -> dict:
 def sample_requests(data: TrainData, n: int) -> list:
     """The fixed prompts generated during training: n held-out (else training) clips, one per
     speaker in turn, each cloned from another clip of its speaker (plain TTS when it has none)."""
-    from higgs_tune.infer.generate import GenerationRequest
-
     source = data.eval_set if data.eval_set is not None else data.train_set
     pool = list(data.train_set.entries)
     cache = data.train_set.cache
@@ -373,10 +359,6 @@ def sample_requests(data: TrainData, n: int) -> list:
 
 def write_samples(model, processor, data: TrainData, out_dir: Path, n: int, accelerator, logger, step: int) -> None:
     """Generate the fixed prompts on the main process and save WAVs (other ranks wait)."""
-    from higgs_tune.infer.generate import SamplingOptions, generate_speech, write_wav
-
-    from higgs_tune.train.distributed import preserved_rng
-
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
         unwrapped = accelerator.unwrap_model(model)
