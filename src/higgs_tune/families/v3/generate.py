@@ -100,7 +100,7 @@ def next_row_logits_fn(model):
 
     @torch.no_grad()
     def step(input_ids: torch.Tensor, audio_codes: torch.Tensor) -> torch.Tensor:
-        out = model.hidden_states(input_ids, audio_codes, past_key_values=cache, use_cache=True)
+        out = model.hidden_states(input_ids, audio_codes, cache=cache, use_cache=True)
         return model.audio_logits(out.last_hidden_state[0, -1]).float()
 
     return step

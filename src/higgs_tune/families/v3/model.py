@@ -128,7 +128,7 @@ class HiggsV3Model(nn.Module):
 
     def enable_gradient_checkpointing(self) -> None:
         """Recompute each decoder layer in backward (non-reentrant)."""
-        self.body.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.body.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
     def embed_inputs(self, input_ids: torch.Tensor, audio_codes: torch.Tensor) -> torch.Tensor:
         """input_ids (B, L) with AUDIO_SLOT at slots; audio_codes (B, L, K) -> (B, L, H).
@@ -149,14 +149,14 @@ class HiggsV3Model(nn.Module):
         audio_codes: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         *,
-        past_key_values=None,
+        cache=None,
         use_cache: bool = False,
     ):
-        """The backbone's output (last_hidden_state (B, L, H), past_key_values)."""
+        """The backbone's output (last_hidden_state (B, L, H), cache): a transformers `Cache` for generation."""
         return self.body(
             inputs_embeds=self.embed_inputs(input_ids, audio_codes),
             attention_mask=attention_mask,
-            past_key_values=past_key_values,
+            cache=cache,
             use_cache=use_cache,
         )
 
