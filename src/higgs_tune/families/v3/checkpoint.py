@@ -20,10 +20,12 @@ Saving writes the same layout back (config.json as read, codec included) so SGLa
 vLLM-Omni serve the export; a PEFT model must be merged first.
 
 The bundled codec's config is not in the released config.json: the engines assume the standard
-`bosonai/higgs-audio-v2-tokenizer` config (SGLang ships it byte for byte). We read
-`codec_config.json` beside the weights when present (our tiny checkpoints, our exports) and
-otherwise use `HiggsAudioV2TokenizerConfig()`, whose defaults are that standard config
-(checked against SGLang's copy in tests/test_v3_parity.py).
+`bosonai/higgs-audio-v2-tokenizer` config (SGLang-Omni ships a copy as the v3 codec's config).
+We read `codec_config.json` beside the weights when present (our tiny checkpoints, our
+exports) and otherwise use `STANDARD_CODEC_CONFIG`. Note: transformers'
+`HiggsAudioV2TokenizerConfig()` defaults are NOT that config (hop 320 instead of 960, 5
+quantizers at the top bandwidth instead of 8); `STANDARD_CODEC_CONFIG` holds the released
+values that differ and is checked field by field against SGLang's copy in tests/test_v3_parity.py.
 """
 
 from __future__ import annotations
@@ -46,6 +48,12 @@ QWEN3_ROPE_THETA = 1_000_000.0
 WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
 CODEC_CONFIG_FILE = "codec_config.json"
+# bosonai/higgs-audio-v2-tokenizer config.json where it differs from HiggsAudioV2TokenizerConfig()
+# in transformers 5.24 (sub-config dicts merge over the defaults): 25 frames/s, 8 codebooks at 2 kbps.
+STANDARD_CODEC_CONFIG = {
+    "acoustic_model_config": {"downsampling_ratios": [8, 5, 4, 2, 3], "upsampling_ratios": [8, 5, 4, 2, 3], "hop_length": 960},
+    "target_bandwidths": [0.5, 1, 1.5, 2],
+}
 
 TEXT_EMBEDDING_KEY = "tied.embedding.text_embedding.weight"
 AUDIO_TABLE_KEY = "tied.embedding.modality_embeddings.0.embedding.weight"
@@ -273,7 +281,14 @@ def codec_config(folder: str | Path):
     path = Path(folder) / CODEC_CONFIG_FILE
     if path.exists():
         return HiggsAudioV2TokenizerConfig(**_read_json(path))
-    return HiggsAudioV2TokenizerConfig()
+    config = HiggsAudioV2TokenizerConfig(**STANDARD_CODEC_CONFIG)
+    if config.num_quantizers != 8 or config.hop_length != 960:
+        raise ModelLoadError(
+            f"The standard Higgs codec config gives {config.num_quantizers} codebooks and hop {config.hop_length} "
+            "with this transformers version (expected 8 and 960); put the codec's config in "
+            f"{path} ."
+        )
+    return config
 
 
 def load_v3_codec(folder: str | Path, codec_state: dict[str, torch.Tensor] | None = None):
