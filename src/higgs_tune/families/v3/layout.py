@@ -76,8 +76,8 @@ EocLabels = Literal["all", "first"]
 class V3Tokens:
     """Ids of the v3 prompt markers, read from the tokenizer's added vocabulary (as the engines do).
 
-    `special_ids` are all added tokens flagged special (control tags included): none may occur
-    inside user text.
+    `special_ids` are all tokens of the added vocabulary (the prompt markers, control tags and
+    any other markup, special-flagged or not): none may occur inside user text.
     """
 
     tts: int
@@ -97,12 +97,9 @@ class V3Tokens:
                 f"The text tokenizer is not a Higgs Audio v3 tokenizer: {', '.join(missing)} missing from its "
                 "added vocabulary. Load the tokenizer saved with the v3 checkpoint."
             )
-        special = frozenset(
-            int(i) for i, added in tokenizer.added_tokens_decoder.items() if getattr(added, "special", False)
-        )
         return cls(
             tts=vocab[TTS], text=vocab[TEXT], audio=vocab[AUDIO], ref_audio=vocab[REF_AUDIO],
-            ref_text=vocab.get(REF_TEXT), special_ids=special | {vocab[TTS], vocab[TEXT], vocab[AUDIO], vocab[REF_AUDIO]},
+            ref_text=vocab.get(REF_TEXT), special_ids=frozenset(int(i) for i in vocab.values()),
             num_codebooks=num_codebooks,
         )
 
