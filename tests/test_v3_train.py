@@ -97,3 +97,28 @@ def test_lora_loss_falls_base_frozen_table_trained():
         assert torch.equal(p, frozen[name.replace(".base_layer", "")]), name
     assert not torch.equal(base.audio_table.weight, table)
     assert all(not torch.equal(p, lora_before[n]) for n, p in peft_model.named_parameters() if "lora_B" in n)
+
+
+def test_lora_checkpoint_round_trip_and_merged_export(tmp_path):
+    """Adapter + the one trained table reload to the same loss; merged, the export serves the same model."""
+    from higgs_tune.families.v3.checkpoint import load_v3_checkpoint, save_v3_checkpoint
+    from higgs_tune.families.v3.model import AUDIO_TABLE_FILE, load_v3_adapter, save_v3_adapter
+    from v3_support import tiny_v3_dir
+
+    torch.manual_seed(0)
+    _, batch = _batch()
+    peft_model = apply_v3_lora(load_tiny_model(), r=4, alpha=8).train()
+    _train(peft_model, batch, steps=3, lr=1e-2)
+    peft_model.eval()
+    with torch.no_grad():
+        want = peft_model(**batch).loss
+    save_v3_adapter(peft_model, tmp_path / "adapter")
+    assert {p.name for p in (tmp_path / "adapter").iterdir()} >= {"adapter_model.safetensors", "adapter_config.json", AUDIO_TABLE_FILE}
+    reloaded = load_v3_adapter(load_tiny_model(), tmp_path / "adapter").eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(**batch).loss, want)
+    ck = load_v3_checkpoint(tiny_v3_dir())
+    merged = reloaded.merge_and_unload()
+    out = save_v3_checkpoint(merged, tmp_path / "export", codec_state=ck.codec_state)
+    with torch.no_grad():
+        torch.testing.assert_close(load_v3_checkpoint(out).model.eval()(**batch).loss, want, rtol=1e-5, atol=1e-5)

@@ -246,3 +246,42 @@ def apply_v3_lora(
     peft_model = get_peft_model(model, config)
     model.audio_table.weight.requires_grad_(train_audio_table)
     return peft_model
+
+
+AUDIO_TABLE_FILE = "audio_table.safetensors"
+
+
+def save_v3_adapter(peft_model, out_dir) -> None:
+    """A LoRA checkpoint: peft's adapter folder (`adapter_model.safetensors` + `adapter_config.json`,
+    loadable by plain `PeftModel.from_pretrained`) + `audio_table.safetensors` with the ONE trained
+    table (`audio_table.weight`), which peft does not save because it is not a modules_to_save copy."""
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    peft_model.save_pretrained(str(out))
+    table = peft_model.get_base_model().audio_table.weight
+    if table.requires_grad:
+        save_file({f"{AUDIO_TABLE_MODULE}.weight": table.detach().contiguous()}, str(out / AUDIO_TABLE_FILE))
+
+
+def load_v3_adapter(base_model: HiggsV3Model, in_dir, *, is_trainable: bool = False):
+    """Inverse of `save_v3_adapter`: LoRA weights via peft, then the trained table (if saved) in place."""
+    from pathlib import Path
+
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    folder = Path(in_dir)
+    peft_model = PeftModel.from_pretrained(base_model, str(folder), is_trainable=is_trainable)
+    table_file = folder / AUDIO_TABLE_FILE
+    if table_file.exists():
+        tensors = load_file(str(table_file))
+        unexpected = sorted(set(tensors) - {f"{AUDIO_TABLE_MODULE}.weight"})
+        if unexpected:
+            raise ValueError(f"{table_file}: unexpected tensors {unexpected}")
+        with torch.no_grad():
+            base_model.audio_table.weight.copy_(tensors[f"{AUDIO_TABLE_MODULE}.weight"])
+        base_model.audio_table.weight.requires_grad_(is_trainable)
+    return peft_model
