@@ -210,10 +210,19 @@ class HiggsV3Model(nn.Module):
 def build_v3_model(
     config: V3ModelConfig, *, dtype: str = "float32", attn_implementation: str = "sdpa", gradient_checkpointing: bool = False
 ) -> HiggsV3Model:
-    """A randomly initialised model in `dtype` ('float32' or 'bfloat16')."""
+    """A randomly initialised model in `dtype` ('float32' or 'bfloat16').
+
+    Built directly in `dtype` (no float32 copy of a 4B model first); RoPE's inv_freq is computed
+    in float32 by transformers either way.
+    """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    model = HiggsV3Model(config, attn_implementation=attn_implementation).to(DTYPES[dtype])
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(DTYPES[dtype])
+    try:
+        model = HiggsV3Model(config, attn_implementation=attn_implementation)
+    finally:
+        torch.set_default_dtype(previous)
     if gradient_checkpointing:
         model.enable_gradient_checkpointing()
     return model
