@@ -159,3 +159,32 @@ def test_table_gets_gradient_from_embedding_and_head():
     assert grad.abs().sum() > 0 and grad[used_in_input].abs().sum() > 0
     # a row that is never an input (code 1000 of codebook 3) still gets the head gradient
     assert grad[3 * 1026 + 1000].abs().sum() > 0
+
+
+def test_untied_text_head_passes_through_only_when_config_unties(tmp_path):
+    folder = copy_tiny(tmp_path / "c", head_copies=True)
+    _rewrite(folder, lambda t: t[TEXT_HEAD_COPY_KEY].mul_(2))
+    with pytest.raises(ModelLoadError, match=r"tied\.head\.text_head\.weight differs from tied\.embedding\.text_embedding\.weight"):
+        load_v3_checkpoint(folder)
+    raw = json.loads((folder / "config.json").read_text())
+    raw["text_config"]["tie_word_embeddings"] = False
+    (folder / "config.json").write_text(json.dumps(raw))
+    ck = load_v3_checkpoint(folder)
+    assert set(ck.passthrough) == {TEXT_HEAD_COPY_KEY} and ck.head_copies == (AUDIO_HEAD_COPY_KEY,)
+    out = save_v3_checkpoint(ck.model, tmp_path / "out", codec_state=ck.codec_state, head_copies=ck.head_copies, passthrough=ck.passthrough)
+    a, b = load_file(str(folder / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sharded_checkpoint_loads(tmp_path):
+    folder = copy_tiny(tmp_path / "c")
+    tensors = load_file(str(folder / "model.safetensors"))
+    (folder / "model.safetensors").unlink()
+    keys = sorted(tensors)
+    shards = {"model-00001-of-00002.safetensors": keys[::2], "model-00002-of-00002.safetensors": keys[1::2]}
+    for name, part in shards.items():
+        save_file({k: tensors[k] for k in part}, str(folder / name))
+    weight_map = {k: name for name, part in shards.items() for k in part}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    ck = load_v3_checkpoint(folder)
+    assert torch.equal(ck.model.audio_table.weight, tensors[AUDIO_TABLE_KEY]) and len(ck.codec_state) > 100

@@ -7,7 +7,9 @@ Released keys (SGLang-Omni `weight_loader.py`, vLLM-Omni `higgs_audio_v3_talker.
     body.norm.weight                                      <-> body.norm.weight
     tied.embedding.modality_embeddings.0.embedding.weight <-> audio_table.weight   (embedding = head)
     tied.head.modality_heads.0.weight   optional copy: accepted only if equal to the audio table
-    tied.head.text_head.weight          optional copy: accepted only if equal to the text embedding
+    tied.head.text_head.weight          optional: a copy equal to the text embedding, or (only when
+                                        text_config.tie_word_embeddings is false) an untied text head,
+                                        unused for speech, kept as is and written back on export
     tied.embedding.modality_embeddings.0.model.*          the bundled codec (HiggsAudioV2TokenizerModel)
 
 Loading is strict: a required key that is missing, or any key outside this map, is an error
@@ -32,7 +34,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -166,10 +168,17 @@ class ReleasedParts:
     model_state: dict[str, torch.Tensor]  # our parameter names
     codec_state: dict[str, torch.Tensor]  # codec names (prefix stripped)
     head_copies: tuple[str, ...]  # the released copy keys that were present (all equal to their source)
+    passthrough: dict[str, torch.Tensor] = field(default_factory=dict)  # kept as they are (an untied text head)
 
 
-def split_released(tensors: dict[str, torch.Tensor], num_layers: int, where: str = "checkpoint") -> ReleasedParts:
-    """Strict split: every missing required key and every unknown key is named in one error."""
+def split_released(
+    tensors: dict[str, torch.Tensor], num_layers: int, where: str = "checkpoint", *, text_tied: bool = True
+) -> ReleasedParts:
+    """Strict split: every missing required key and every unknown key is named in one error.
+
+    `text_tied` = text_config.tie_word_embeddings: when false, a `tied.head.text_head.weight` that
+    differs from the text embedding is the untied text head (passed through, not an error).
+    """
     mapping = released_key_map(num_layers)
     missing = sorted(k for k in mapping if k not in tensors)
     unexpected = sorted(k for k in tensors if k not in mapping and k not in HEAD_COPIES and not k.startswith(CODEC_PREFIX))
@@ -180,23 +189,29 @@ def split_released(tensors: dict[str, torch.Tensor], num_layers: int, where: str
         problems.append(f"unexpected keys: {', '.join(unexpected)}")
     if problems:
         raise ModelLoadError(f"{where} does not match the Higgs Audio v3 layout ({num_layers} layers): " + "; ".join(problems) + ".")
-    copies = []
+    copies, passthrough = [], {}
     for copy_key, source_key in HEAD_COPIES.items():
         if copy_key in tensors:
+            if copy_key == TEXT_HEAD_COPY_KEY and not text_tied and not torch.equal(tensors[copy_key], tensors[source_key]):
+                passthrough[copy_key] = tensors[copy_key]
+                continue
             if tensors[copy_key].shape != tensors[source_key].shape or not torch.equal(tensors[copy_key], tensors[source_key]):
                 raise ModelLoadError(
-                    f"{where}: {copy_key} differs from {source_key}. The model ties them (one tensor); an untied "
-                    "checkpoint is not supported."
+                    f"{where}: {copy_key} differs from {source_key}, but the config ties them (one tensor). "
+                    "Fix the checkpoint or its config (tie_word_embeddings)."
                 )
             copies.append(copy_key)
     return ReleasedParts(
         model_state={ours: tensors[released] for released, ours in mapping.items()},
         codec_state={k[len(CODEC_PREFIX) :]: v for k, v in tensors.items() if k.startswith(CODEC_PREFIX)},
         head_copies=tuple(copies),
+        passthrough=passthrough,
     )
 
 
-def released_state(model: HiggsV3Model, codec_state: dict[str, torch.Tensor] | None, head_copies=()) -> dict[str, torch.Tensor]:
+def released_state(
+    model: HiggsV3Model, codec_state: dict[str, torch.Tensor] | None, head_copies=(), passthrough: dict[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
     """Our model (+ codec) -> a released state dict. Tied copies are written as separate clones
     (safetensors stores no shared tensors), equal to their source."""
     from peft import PeftModel
@@ -208,6 +223,8 @@ def released_state(model: HiggsV3Model, codec_state: dict[str, torch.Tensor] | N
     out = {released: ours[name].detach().contiguous() for released, name in mapping.items()}
     for copy_key in head_copies:
         out[copy_key] = out[HEAD_COPIES[copy_key]].clone()
+    for key, tensor in (passthrough or {}).items():
+        out[key] = tensor.detach().contiguous()
     for name, tensor in (codec_state or {}).items():
         out[CODEC_PREFIX + name] = tensor.detach().contiguous()
     return out
@@ -221,6 +238,7 @@ class V3Checkpoint:
     codec_state: dict[str, torch.Tensor]
     head_copies: tuple[str, ...]
     folder: Path
+    passthrough: dict[str, torch.Tensor]  # pass to save_v3_checkpoint to write them back
 
 
 def load_v3_checkpoint(
@@ -233,7 +251,10 @@ def load_v3_checkpoint(
     """Build the model from config.json and load every weight strictly through the key map."""
     folder = Path(folder)
     config = read_v3_config(folder)
-    parts = split_released(read_released_tensors(folder), config.text_config.num_hidden_layers, str(folder))
+    parts = split_released(
+        read_released_tensors(folder), config.text_config.num_hidden_layers, str(folder),
+        text_tied=bool(config.text_config.tie_word_embeddings),
+    )
     model = build_v3_model(config, dtype=dtype, attn_implementation=attn_implementation, gradient_checkpointing=gradient_checkpointing)
     expected = model.state_dict()
     bad_shapes = [f"{k} {tuple(v.shape)} vs model {tuple(expected[k].shape)}" for k, v in parts.model_state.items() if v.shape != expected[k].shape]
@@ -241,7 +262,7 @@ def load_v3_checkpoint(
         raise ModelLoadError(f"{folder}: weight shapes do not match config.json: " + "; ".join(bad_shapes))
     result = model.load_state_dict({k: v.to(DTYPES[dtype]) for k, v in parts.model_state.items()}, strict=True)
     assert not result.missing_keys and not result.unexpected_keys  # strict=True raised otherwise
-    return V3Checkpoint(model=model, config=config, codec_state=parts.codec_state, head_copies=parts.head_copies, folder=folder)
+    return V3Checkpoint(model=model, config=config, codec_state=parts.codec_state, head_copies=parts.head_copies, folder=folder, passthrough=parts.passthrough)
 
 
 def save_v3_checkpoint(
@@ -250,6 +271,7 @@ def save_v3_checkpoint(
     *,
     codec_state: dict[str, torch.Tensor] | None,
     head_copies=(),
+    passthrough: dict[str, torch.Tensor] | None = None,
     tokenizer=None,
     codec_config: dict | None = None,
 ) -> Path:
@@ -258,7 +280,7 @@ def save_v3_checkpoint(
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_file(released_state(model, codec_state, head_copies), str(out / WEIGHTS_FILE), metadata={"format": "pt"})
+    save_file(released_state(model, codec_state, head_copies, passthrough), str(out / WEIGHTS_FILE), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(model.config.raw, indent=2) + "\n")
     if codec_config is not None:
         (out / CODEC_CONFIG_FILE).write_text(json.dumps(codec_config, indent=2) + "\n")
