@@ -171,7 +171,6 @@ class HiggsV3Model(nn.Module):
         audio_codes: torch.Tensor,
         audio_labels: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
-        **_ignored,
     ) -> V3LossOutput:
         """input_ids / attention_mask (B, L); audio_codes / audio_labels (B, L, K) -> V3LossOutput.
 
