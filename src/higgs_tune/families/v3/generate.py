@@ -107,7 +107,7 @@ def next_row_logits_fn(model):
 
 
 @torch.no_grad()
-def generate_rows(first_logits_and_step, num_codebooks: int, sampling: V3Sampling, device=None) -> V3Generation:
+def generate_rows(first_logits_and_step, num_codebooks: int, sampling: V3Sampling) -> V3Generation:
     """The sampling loop over a stepper: `first_logits_and_step` = (logits of row 0 (K, V), step(row (K,)) -> (K, V)).
 
     Kept separate from the model so tests can drive it with constructed logits.
