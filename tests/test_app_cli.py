@@ -26,7 +26,9 @@ def test_train_help_config_lists_every_key_with_type_default_and_help():
         keys = [f.name for f in dataclasses.fields(getattr(Config(), sec.name))]
         assert list(listed[sec.name]) == keys
         for key, rest in listed[sec.name].items():
-            assert ", default " in rest and rest.split("): ", 1)[1].strip(), f"{sec.name}.{key} lacks type, default or help"
+            assert ", default " in rest and rest.split("): ", 1)[1].strip(), (
+                f"{sec.name}.{key} lacks type, default or help"
+            )
     assert "  lora_r (an integer, default " in result.output
     assert "--help-config" in CliRunner().invoke(main, ["train", "--help"]).output
 
@@ -39,9 +41,11 @@ def test_python_dash_m_higgs_tune_is_the_command():
 
 def test_help_loads_every_command_module_but_not_transformers():
     """Why app/commands/ keeps some imports inside the commands: `--help` stays quick."""
-    code = ("import sys; from click.testing import CliRunner; from higgs_tune.app.cli import main; "
-            "r = CliRunner().invoke(main, ['--help']); assert r.exit_code == 0, r.output; "
-            "print(sorted(m for m in ('transformers', 'peft') if m in sys.modules))")
+    code = (
+        "import sys; from click.testing import CliRunner; from higgs_tune.app.cli import main; "
+        "r = CliRunner().invoke(main, ['--help']); assert r.exit_code == 0, r.output; "
+        "print(sorted(m for m in ('transformers', 'peft') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"

@@ -19,14 +19,41 @@ from higgs_tune.train.checkpoint import RESUME_KEYS, SCHEDULE_LENGTH_KEYS
 
 # The list train/checkpoint.py typed out before the keys were marked on the config fields.
 RESUME_KEYS_BEFORE = (
-    "model.name_or_path", "model.dtype", "model.use_text_head", "model.audio_self_attention",
-    "finetune.mode", "finetune.pathways", "finetune.train_modules", "finetune.freeze",
-    "finetune.lora_r", "finetune.lora_alpha", "finetune.lora_dropout", "finetune.use_rslora", "finetune.use_dora",
-    "data.train_cache", "data.eval_fraction", "data.task", "data.clone_probability", "data.system_prompt",
-    "data.use_scene", "data.max_tokens_per_batch", "data.max_batch_size", "data.max_sequence_length", "data.bucket_size",
-    "loss.text_weight", "loss.audio_weight", "loss.codebook_weights",
-    "train.seed", "train.learning_rate", "train.weight_decay", "train.adam_betas", "train.warmup_steps",
-    "train.lr_scheduler", "train.gradient_accumulation_steps", "train.max_grad_norm", "train.mixed_precision",
+    "model.name_or_path",
+    "model.dtype",
+    "model.use_text_head",
+    "model.audio_self_attention",
+    "finetune.mode",
+    "finetune.pathways",
+    "finetune.train_modules",
+    "finetune.freeze",
+    "finetune.lora_r",
+    "finetune.lora_alpha",
+    "finetune.lora_dropout",
+    "finetune.use_rslora",
+    "finetune.use_dora",
+    "data.train_cache",
+    "data.eval_fraction",
+    "data.task",
+    "data.clone_probability",
+    "data.system_prompt",
+    "data.use_scene",
+    "data.max_tokens_per_batch",
+    "data.max_batch_size",
+    "data.max_sequence_length",
+    "data.bucket_size",
+    "loss.text_weight",
+    "loss.audio_weight",
+    "loss.codebook_weights",
+    "train.seed",
+    "train.learning_rate",
+    "train.weight_decay",
+    "train.adam_betas",
+    "train.warmup_steps",
+    "train.lr_scheduler",
+    "train.gradient_accumulation_steps",
+    "train.max_grad_norm",
+    "train.mixed_precision",
 )
 
 
@@ -61,4 +88,13 @@ def test_help_text_gives_each_key_under_its_section():
 def test_pathway_names_are_defined_once():
     assert tuple(lora.PATHWAYS) == PATHWAYS
     assert tuple(lora.TRAIN_MODULES) == TRAIN_MODULES
-    assert [f.name for f in dataclasses.fields(Config)] == ["model", "finetune", "data", "loss", "health", "train", "checkpoint", "logging"]
+    assert [f.name for f in dataclasses.fields(Config)] == [
+        "model",
+        "finetune",
+        "data",
+        "loss",
+        "health",
+        "train",
+        "checkpoint",
+        "logging",
+    ]

@@ -13,16 +13,21 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "higgs_tune"
 
 # bottom to top; a top-level module or folder of higgs_tune -> its layer
 LAYERS = {
-    "errors": 0, "config": 0, "resources": 0, "runfs": 0,
+    "errors": 0,
+    "config": 0,
+    "resources": 0,
+    "runfs": 0,
     "model": 1,
     "data": 2,
     "families": 3,
     "infer": 4,
     "train": 5,
     "tiny": 6,
-    "app": 7, "__main__": 7,
+    "app": 7,
+    "__main__": 7,
     "__init__": 0,  # the package root (`__version__`), imported with every module
 }
+
 
 def _top(module: str) -> str:
     """higgs_tune.infer.generate -> infer; higgs_tune -> __init__."""
@@ -68,8 +73,11 @@ def _sources():
 
 
 def test_every_top_level_module_has_a_layer():
-    tops = {p.stem if p.is_file() else p.name for p in PACKAGE.iterdir()
-            if (p.is_file() and p.suffix == ".py") or (p.is_dir() and (p / "__init__.py").is_file())}
+    tops = {
+        p.stem if p.is_file() else p.name
+        for p in PACKAGE.iterdir()
+        if (p.is_file() and p.suffix == ".py") or (p.is_dir() and (p / "__init__.py").is_file())
+    }
     missing = sorted(tops - set(LAYERS))
     assert not missing, f"place these in a layer of LAYERS (tests/test_layers.py, docs/ARCHITECTURE.md): {missing}"
 
@@ -94,7 +102,9 @@ def test_the_checker_sees_function_level_and_relative_imports(tmp_path):
     src.mkdir(parents=True)
     (src / "__init__.py").write_text("")
     f = src / "x.py"
-    f.write_text("from ..train import recipe\n\ndef g():\n    from higgs_tune.infer.generate import A\n    import higgs_tune.app.cli\n")
+    f.write_text(
+        "from ..train import recipe\n\ndef g():\n    from higgs_tune.infer.generate import A\n    import higgs_tune.app.cli\n"
+    )
     global PACKAGE
     saved, PACKAGE = PACKAGE, tmp_path / "higgs_tune"
     try:

@@ -108,7 +108,19 @@ def test_discard_dir_removes_the_folder(tmp_path):
 
 
 def test_run_names_are_what_the_run_folder_check_counts_as_ours():
-    assert {runfs.METRICS_FILE, runfs.PARAM_REPORT_FILE, runfs.DATA_REPORT_FILE, runfs.REPORT_FILE, runfs.CONFIG_FILE,
-            runfs.INDEX_FILE} <= runfs.RUN_FILES
-    assert {runfs.FINAL_NAME, runfs.SAMPLES_DIR, runfs.TENSORBOARD_DIR, runfs.EVAL_DIR, runfs.LOGS_DIR} <= runfs.RUN_DIRS
+    assert {
+        runfs.METRICS_FILE,
+        runfs.PARAM_REPORT_FILE,
+        runfs.DATA_REPORT_FILE,
+        runfs.REPORT_FILE,
+        runfs.CONFIG_FILE,
+        runfs.INDEX_FILE,
+    } <= runfs.RUN_FILES
+    assert {
+        runfs.FINAL_NAME,
+        runfs.SAMPLES_DIR,
+        runfs.TENSORBOARD_DIR,
+        runfs.EVAL_DIR,
+        runfs.LOGS_DIR,
+    } <= runfs.RUN_DIRS
     assert runfs.format_bytes(1_500_000_000) == "1.50 GB"

@@ -73,7 +73,10 @@ def test_head_copies_accepted_only_when_equal(tmp_path):
     assert set(ck.head_copies) == {AUDIO_HEAD_COPY_KEY, TEXT_HEAD_COPY_KEY}
     folder = copy_tiny(tmp_path / "c", head_copies=True)
     _rewrite(folder, lambda t: t[AUDIO_HEAD_COPY_KEY].add_(1e-3))
-    with pytest.raises(ModelLoadError, match=r"tied\.head\.modality_heads\.0\.weight differs from tied\.embedding\.modality_embeddings\.0\.embedding\.weight"):
+    with pytest.raises(
+        ModelLoadError,
+        match=r"tied\.head\.modality_heads\.0\.weight differs from tied\.embedding\.modality_embeddings\.0\.embedding\.weight",
+    ):
         load_v3_checkpoint(folder)
 
 
@@ -96,7 +99,9 @@ def test_save_round_trip_is_bit_identical(tmp_path):
     a, b = load_file(str(src / "model.safetensors")), load_file(str(out / "model.safetensors"))
     assert set(a) == set(b)
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert json.loads((out / "config.json").read_text()) == json.loads((src / "config.json").read_text())  # rope_theta stays null
+    assert json.loads((out / "config.json").read_text()) == json.loads(
+        (src / "config.json").read_text()
+    )  # rope_theta stays null
 
 
 def test_codec_loads_into_v2_tokenizer_model(tmp_path):
@@ -105,7 +110,11 @@ def test_codec_loads_into_v2_tokenizer_model(tmp_path):
     folder = tiny_v3_dir()
     codec = load_v3_codec(folder)
     assert isinstance(codec, HiggsAudioV2TokenizerModel) and codec.config.num_quantizers == 8
-    stored = {k[len(CODEC_PREFIX):]: v for k, v in load_file(str(folder / "model.safetensors")).items() if k.startswith(CODEC_PREFIX)}
+    stored = {
+        k[len(CODEC_PREFIX) :]: v
+        for k, v in load_file(str(folder / "model.safetensors")).items()
+        if k.startswith(CODEC_PREFIX)
+    }
     assert all(torch.equal(codec.state_dict()[k], v) for k, v in stored.items())
     broken = copy_tiny(tmp_path / "c")
     _rewrite(broken, lambda t: t.pop(CODEC_PREFIX + "fc2.weight"))
@@ -171,14 +180,18 @@ def test_table_gets_gradient_from_embedding_and_head():
 def test_untied_text_head_passes_through_only_when_config_unties(tmp_path):
     folder = copy_tiny(tmp_path / "c", head_copies=True)
     _rewrite(folder, lambda t: t[TEXT_HEAD_COPY_KEY].mul_(2))
-    with pytest.raises(ModelLoadError, match=r"tied\.head\.text_head\.weight differs from tied\.embedding\.text_embedding\.weight"):
+    with pytest.raises(
+        ModelLoadError, match=r"tied\.head\.text_head\.weight differs from tied\.embedding\.text_embedding\.weight"
+    ):
         load_v3_checkpoint(folder)
     raw = json.loads((folder / "config.json").read_text())
     raw["text_config"]["tie_word_embeddings"] = False
     (folder / "config.json").write_text(json.dumps(raw))
     ck = load_v3_checkpoint(folder)
     assert set(ck.passthrough) == {TEXT_HEAD_COPY_KEY} and ck.head_copies == (AUDIO_HEAD_COPY_KEY,)
-    out = save_v3_checkpoint(ck.model, tmp_path / "out", codec_state=ck.codec_state, head_copies=ck.head_copies, passthrough=ck.passthrough)
+    out = save_v3_checkpoint(
+        ck.model, tmp_path / "out", codec_state=ck.codec_state, head_copies=ck.head_copies, passthrough=ck.passthrough
+    )
     a, b = load_file(str(folder / "model.safetensors")), load_file(str(out / "model.safetensors"))
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
 

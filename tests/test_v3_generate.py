@@ -88,6 +88,8 @@ def test_overfit_tiny_model_generates_its_targets():
     assert out.accuracy == 1.0
     gen = generate_v3(model, tok, t, "Short one.", sampling=V3Sampling(temperature=0))
     assert gen.stopped and gen.num_frames == 3 and torch.equal(gen.codes, tts_codes)
-    gen = generate_v3(model, tok, t, "كلمات جديدة", ref_codes=ref, ref_text="Old words.", sampling=V3Sampling(temperature=0))
+    gen = generate_v3(
+        model, tok, t, "كلمات جديدة", ref_codes=ref, ref_text="Old words.", sampling=V3Sampling(temperature=0)
+    )
     assert gen.stopped and gen.num_frames == 9 and torch.equal(gen.codes, clone_codes)
     assert model.training  # generate_v3 restores the mode

@@ -29,39 +29,45 @@ def hand_codes(num_frames: int) -> torch.Tensor:
 
 
 # (T + 7, 8) delayed rows of hand_codes(2), written out by hand
-DELAYED_T2 = torch.tensor([
-    [0, B, B, B, B, B, B, B],
-    [1, 10, B, B, B, B, B, B],
-    [E, 11, 20, B, B, B, B, B],
-    [E, E, 21, 30, B, B, B, B],
-    [E, E, E, 31, 40, B, B, B],
-    [E, E, E, E, 41, 50, B, B],
-    [E, E, E, E, E, 51, 60, B],
-    [E, E, E, E, E, E, 61, 70],
-    [E, E, E, E, E, E, E, 71],
-])
-LABELS_T2_ALL = torch.tensor([
-    [0, X, X, X, X, X, X, X],
-    [1, 10, X, X, X, X, X, X],
-    [E, 11, 20, X, X, X, X, X],
-    [E, E, 21, 30, X, X, X, X],
-    [E, E, E, 31, 40, X, X, X],
-    [E, E, E, E, 41, 50, X, X],
-    [E, E, E, E, E, 51, 60, X],
-    [E, E, E, E, E, E, 61, 70],
-    [E, E, E, E, E, E, E, 71],
-])
-LABELS_T2_FIRST = torch.tensor([
-    [0, X, X, X, X, X, X, X],
-    [1, 10, X, X, X, X, X, X],
-    [E, 11, 20, X, X, X, X, X],
-    [X, E, 21, 30, X, X, X, X],
-    [X, X, E, 31, 40, X, X, X],
-    [X, X, X, E, 41, 50, X, X],
-    [X, X, X, X, E, 51, 60, X],
-    [X, X, X, X, X, E, 61, 70],
-    [X, X, X, X, X, X, E, 71],
-])
+DELAYED_T2 = torch.tensor(
+    [
+        [0, B, B, B, B, B, B, B],
+        [1, 10, B, B, B, B, B, B],
+        [E, 11, 20, B, B, B, B, B],
+        [E, E, 21, 30, B, B, B, B],
+        [E, E, E, 31, 40, B, B, B],
+        [E, E, E, E, 41, 50, B, B],
+        [E, E, E, E, E, 51, 60, B],
+        [E, E, E, E, E, E, 61, 70],
+        [E, E, E, E, E, E, E, 71],
+    ]
+)
+LABELS_T2_ALL = torch.tensor(
+    [
+        [0, X, X, X, X, X, X, X],
+        [1, 10, X, X, X, X, X, X],
+        [E, 11, 20, X, X, X, X, X],
+        [E, E, 21, 30, X, X, X, X],
+        [E, E, E, 31, 40, X, X, X],
+        [E, E, E, E, 41, 50, X, X],
+        [E, E, E, E, E, 51, 60, X],
+        [E, E, E, E, E, E, 61, 70],
+        [E, E, E, E, E, E, E, 71],
+    ]
+)
+LABELS_T2_FIRST = torch.tensor(
+    [
+        [0, X, X, X, X, X, X, X],
+        [1, 10, X, X, X, X, X, X],
+        [E, 11, 20, X, X, X, X, X],
+        [X, E, 21, 30, X, X, X, X],
+        [X, X, E, 31, 40, X, X, X],
+        [X, X, X, E, 41, 50, X, X],
+        [X, X, X, X, E, 51, 60, X],
+        [X, X, X, X, X, E, 61, 70],
+        [X, X, X, X, X, X, E, 71],
+    ]
+)
 
 
 def test_delay_pattern_and_labels_exact():
@@ -110,7 +116,7 @@ def test_voice_clone_sample_exact_and_prompt_is_its_prefix():
     assert (s["audio_roles"] == ROLE_REFERENCE).nonzero().flatten().tolist() == ref_slots
     assert torch.equal(s["audio_codes"][ref_slots], delay_codes(ref))
     assert (s["audio_labels"][ref_slots] == X).all()  # the reference is context, never a target
-    assert torch.equal(s["audio_labels"][len(prompt):], LABELS_T2_ALL)
+    assert torch.equal(s["audio_labels"][len(prompt) :], LABELS_T2_ALL)
     assert s["task"] == "voice_clone" and s["ref_frames"] == 3
 
     p = build_v3_sample(tok, t, "New words.", ref_codes=ref, ref_text="Old words.")
@@ -126,7 +132,9 @@ def test_voice_clone_sample_exact_and_prompt_is_its_prefix():
 def test_arabic_text():
     tok, t = tiny_tokenizer(), tiny_tokens()
     text = "مرحبا بكم في هذا الاختبار"
-    s = build_v3_sample(tok, t, text, target_codes=random_codes(4, 0), ref_codes=random_codes(2, 1), ref_text="صباح الخير")
+    s = build_v3_sample(
+        tok, t, text, target_codes=random_codes(4, 0), ref_codes=random_codes(2, 1), ref_text="صباح الخير"
+    )
     ids = s["input_ids"].tolist()
     text_ids = tok.encode(text, add_special_tokens=False)
     start = ids.index(t.text) + 1

@@ -39,7 +39,14 @@ from v3_support import load_tiny_model, random_codes, tiny_tokenizer, tiny_token
 
 from higgs_tune.families.v3.checkpoint import LAYER_SUFFIXES, STANDARD_CODEC_CONFIG, released_key_map
 from higgs_tune.families.v3.generate import V3Sampling, generate_rows
-from higgs_tune.families.v3.layout import AUDIO_SLOT, ROLE_REFERENCE, ROLE_TARGET, build_v3_sample, delay_codes, undelay_rows
+from higgs_tune.families.v3.layout import (
+    AUDIO_SLOT,
+    ROLE_REFERENCE,
+    ROLE_TARGET,
+    build_v3_sample,
+    delay_codes,
+    undelay_rows,
+)
 
 CACHE = Path(os.environ.get("HIGGS_TUNE_TEST_CACHE", "~/.cache/higgs-tune-tests")).expanduser()
 WHEELS = {
@@ -58,8 +65,20 @@ def _wheel(which: str) -> Path:
         folder.mkdir(parents=True, exist_ok=True)
         try:
             run = subprocess.run(
-                [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", f"{package}=={version}", "-d", str(folder)],
-                capture_output=True, text=True, timeout=600,
+                [
+                    sys.executable,
+                    "-m",
+                    "pip",
+                    "download",
+                    "--no-deps",
+                    "--disable-pip-version-check",
+                    f"{package}=={version}",
+                    "-d",
+                    str(folder),
+                ],
+                capture_output=True,
+                text=True,
+                timeout=600,
             )
         except (OSError, subprocess.TimeoutExpired) as e:
             pytest.skip(f"cannot download {package}=={version} for the parity test: {e}")
@@ -123,8 +142,20 @@ class _Unused:
 
 @pytest.fixture(scope="module")
 def sgl():
-    files = [SGL + f for f in ("text_tokenizer.py", "modeling.py", "hf_config.py", "weight_loader.py", "utils.py",
-                               "sampler.py", "npu_fallback.py", "model.py", "configs/higgs_audio_v2_tokenizer.json")]
+    files = [
+        SGL + f
+        for f in (
+            "text_tokenizer.py",
+            "modeling.py",
+            "hf_config.py",
+            "weight_loader.py",
+            "utils.py",
+            "sampler.py",
+            "npu_fallback.py",
+            "model.py",
+            "configs/higgs_audio_v2_tokenizer.json",
+        )
+    ]
     root = _extract("sglang", files + ["sglang_omni/utils/codec_delay.py"])
     pkg = root / SGL
     ns = types.SimpleNamespace(root=pkg)
@@ -134,29 +165,41 @@ def sgl():
     ns.weight_loader = _load(pkg / "weight_loader.py", "_parity_sgl_weight_loader")
     ns.codec_delay = _load(root / "sglang_omni/utils/codec_delay.py", "_parity_sgl_codec_delay")
     # utils.py: apply_delay_pattern is pure; its module-top imports (codec, audio I/O, HTTP) are stubbed.
-    ns.utils = _load(pkg / "utils.py", "_parity_sgl_utils", {
-        "sglang_omni.models.higgs_tts.audio_codec": _stub("audio_codec", HiggsAudioCodec=_Unused),
-        "sglang_omni.preprocessing.audio": _stub("audio", AudioMediaIO=_Unused),
-        "sglang_omni.preprocessing.base": _stub("base", is_url=_Unused),
-        "sglang_omni.preprocessing.resource_connector": _stub("rc", global_http_connection=None),
-        "sglang_omni.utils.checkpoint": _stub("checkpoint", resolve_checkpoint=_Unused),
-    })
+    ns.utils = _load(
+        pkg / "utils.py",
+        "_parity_sgl_utils",
+        {
+            "sglang_omni.models.higgs_tts.audio_codec": _stub("audio_codec", HiggsAudioCodec=_Unused),
+            "sglang_omni.preprocessing.audio": _stub("audio", AudioMediaIO=_Unused),
+            "sglang_omni.preprocessing.base": _stub("base", is_url=_Unused),
+            "sglang_omni.preprocessing.resource_connector": _stub("rc", global_http_connection=None),
+            "sglang_omni.utils.checkpoint": _stub("checkpoint", resolve_checkpoint=_Unused),
+        },
+    )
     # sampler.py: `step` is pure torch; stub sglang's seeded multinomial, the CUDA reset kernel and
     # the platform (cpu -> its pure-torch npu_fallback renorm functions, loaded for real).
     npu = _load(pkg / "npu_fallback.py", "_parity_sgl_npu_fallback")
-    ns.sampler = _load(pkg / "sampler.py", "_parity_sgl_sampler", {
-        "sglang.srt.layers.sampler": _stub("sampler", multinomial_with_seed=_Unused),
-        "sglang_omni.models.higgs_tts.reset_kernels": _stub("reset_kernels", reset_sampler_row=_Unused),
-        "sglang_omni.models.higgs_tts.utils": ns.utils,
-        "sglang_omni.models.higgs_tts.npu_fallback": npu,
-        "sglang_omni.platforms": _stub("platforms", current_platform=types.SimpleNamespace(device_type="cpu")),
-    })
+    ns.sampler = _load(
+        pkg / "sampler.py",
+        "_parity_sgl_sampler",
+        {
+            "sglang.srt.layers.sampler": _stub("sampler", multinomial_with_seed=_Unused),
+            "sglang_omni.models.higgs_tts.reset_kernels": _stub("reset_kernels", reset_sampler_row=_Unused),
+            "sglang_omni.models.higgs_tts.utils": ns.utils,
+            "sglang_omni.models.higgs_tts.npu_fallback": npu,
+            "sglang_omni.platforms": _stub("platforms", current_platform=types.SimpleNamespace(device_type="cpu")),
+        },
+    )
     return ns
 
 
 @pytest.fixture(scope="module")
 def vll():
-    files = [VLL + "higgs_audio_v3_tokenizer.py", VLL + "higgs_audio_v3_talker.py", "vllm_omni/transformers_utils/configs/higgs_audio_v3.py"]
+    files = [
+        VLL + "higgs_audio_v3_tokenizer.py",
+        VLL + "higgs_audio_v3_talker.py",
+        "vllm_omni/transformers_utils/configs/higgs_audio_v3.py",
+    ]
     root = _extract("vllm", files)
     ns = types.SimpleNamespace(root=root)
     ns.tokenizer = _load(root / VLL / "higgs_audio_v3_tokenizer.py", "_parity_vllm_tokenizer")
@@ -188,7 +231,9 @@ def test_prompt_slots_and_delayed_codes_equal_both_engines(sgl, vll, case):
     ours = build_v3_sample(tok, tokens, c["text"], ref_codes=ref, ref_text=c["ref_text"])
     ours_ids = ours["input_ids"].tolist()
     n_ref = tokens.num_rows(c["ref_frames"]) if ref is not None else 0
-    sgl_ids = sgl.text_tokenizer.HiggsTokenizerAdapter(tok).build_prompt(c["text"], num_ref_tokens=n_ref, reference_text=c["ref_text"])
+    sgl_ids = sgl.text_tokenizer.HiggsTokenizerAdapter(tok).build_prompt(
+        c["text"], num_ref_tokens=n_ref, reference_text=c["ref_text"]
+    )
     vll_adapter = vll.tokenizer.HiggsAudioV3TokenizerAdapter(tok)
     vll_ids = vll_adapter.build_prompt(c["text"], num_ref_tokens=n_ref, reference_text=c["ref_text"])
     assert ours_ids == sgl_ids == vll_ids
@@ -203,7 +248,9 @@ def test_prompt_slots_and_delayed_codes_equal_both_engines(sgl, vll, case):
     sample = build_v3_sample(tok, tokens, c["text"], target_codes=target, ref_codes=ref, ref_text=c["ref_text"])
     rows = sample["audio_codes"][sample["audio_roles"] == ROLE_TARGET]
     assert sample["input_ids"][: len(ours_ids)].tolist() == ours_ids
-    assert torch.equal(rows, sgl.utils.apply_delay_pattern(target.T)) and torch.equal(rows, vll.tokenizer.apply_delay_pattern(target.T))
+    assert torch.equal(rows, sgl.utils.apply_delay_pattern(target.T)) and torch.equal(
+        rows, vll.tokenizer.apply_delay_pattern(target.T)
+    )
     assert torch.equal(undelay_rows(rows).T, sgl.codec_delay.reverse_delay_pattern(rows))
 
 
@@ -212,7 +259,7 @@ def test_empty_text_engines_disagree_we_raise(sgl, vll):
 
     tok = tiny_tokenizer()
     t = tiny_tokens()
-    assert sgl.text_tokenizer.HiggsTokenizerAdapter(tok).build_prompt("   ") [:2] == [t.tts, t.text]  # SGLang builds it
+    assert sgl.text_tokenizer.HiggsTokenizerAdapter(tok).build_prompt("   ")[:2] == [t.tts, t.text]  # SGLang builds it
     with pytest.raises(ValueError):
         vll.tokenizer.HiggsAudioV3TokenizerAdapter(tok).build_prompt("   ")
     with pytest.raises(DataError):
@@ -226,7 +273,9 @@ def test_embedding_sum_and_head_logits_equal_sglang_modules(sgl, case):
     tok, tokens = tiny_tokenizer(), tiny_tokens()
     model = load_tiny_model().eval()
     ref = random_codes(c["ref_frames"], seed=7) if c["ref_frames"] else None
-    sample = build_v3_sample(tok, tokens, c["text"], target_codes=random_codes(5, 9), ref_codes=ref, ref_text=c["ref_text"])
+    sample = build_v3_sample(
+        tok, tokens, c["text"], target_codes=random_codes(5, 9), ref_codes=ref, ref_text=c["ref_text"]
+    )
     table = model.audio_table.weight
     emb = sgl.modeling.HiggsFusedMultiTextEmbedding(8, 1026, table.shape[1])
     head = sgl.modeling.HiggsFusedMultiTextHead(8, 1026, table.shape[1])
@@ -255,6 +304,7 @@ def _scripted(rows, k=8, v=1026):
         out = torch.zeros(k, v)
         out[torch.arange(k), rows[min(r, rows.shape[0] - 1)] if r < rows.shape[0] else torch.full((k,), 1025)] = 50.0
         return out
+
     return logits
 
 
@@ -281,7 +331,9 @@ def test_stop_rule_matches_sglang_step(sgl, frames):
     else:  # SGLang ignores EOC during rows 0-7: always >= 8 frames (the extra ones all EOC); ours exactly T
         assert theirs.shape[0] == 8 + 7
         extra = sgl.codec_delay.reverse_delay_pattern(theirs)[frames:]
-        assert torch.equal(sgl.codec_delay.reverse_delay_pattern(theirs)[:frames].T, codes) and (extra[:, 0] == 1025).all()
+        assert (
+            torch.equal(sgl.codec_delay.reverse_delay_pattern(theirs)[:frames].T, codes) and (extra[:, 0] == 1025).all()
+        )
 
 
 def test_config_field_names_and_rope_patch_match_engines(sgl, vll):
@@ -292,14 +344,27 @@ def test_config_field_names_and_rope_patch_match_engines(sgl, vll):
     v = vll.config.HiggsAudioV3Config(**raw)
     for theirs in (s.text_config, v.text_config):
         assert theirs.rope_parameters["rope_theta"] == ours.rope_parameters["rope_theta"] == 1e6
-        for f in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size", "vocab_size"):
+        for f in (
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+            "intermediate_size",
+            "vocab_size",
+        ):
             assert getattr(theirs, f) == getattr(ours, f), f
-    assert (v.num_codebooks, v.codebook_size, v.tie_modality_embeddings) == (model.num_codebooks, model.codebook_vocab, True)
+    assert (v.num_codebooks, v.codebook_size, v.tie_modality_embeddings) == (
+        model.num_codebooks,
+        model.codebook_vocab,
+        True,
+    )
     assert s.audio_encoder_config["encoder_type"] == "discrete"
 
 
 def test_key_map_matches_engines(sgl, vll):
     """Every released key maps where SGLang's mapper (and vLLM's prefix table) sends it."""
+
     def literal(source: str, name: str):
         for node in ast.walk(ast.parse(source)):
             if isinstance(node, (ast.Assign, ast.AnnAssign)):
@@ -316,14 +381,19 @@ def test_key_map_matches_engines(sgl, vll):
             assert mapper.map(released) == "multimodal_embedding.modality_embedding_0.weight"
             continue
         assert mapper.map(released) == "backbone.model." + ours.removeprefix("body.")
-        vll_name = next(dst + released[len(src):] for src, dst in vll_map.items() if released.startswith(src))
+        vll_name = next(dst + released[len(src) :] for src, dst in vll_map.items() if released.startswith(src))
         assert vll_name == "model." + ours.removeprefix("body.")
     assert mapper.map("tied.embedding.modality_embeddings.0.model.fc2.weight") is None  # codec: not in the LM
     # vLLM's required per-layer weights are exactly our 11 layer suffixes
     tree = ast.parse(vll.talker_source)
-    suffix_sets = [set(ast.literal_eval(n)) for n in ast.walk(tree) if isinstance(n, (ast.Tuple, ast.List))
-                   and n.elts and all(isinstance(e, ast.Constant) and isinstance(e.value, str) for e in n.elts)
-                   and "input_layernorm.weight" in [e.value for e in n.elts]]
+    suffix_sets = [
+        set(ast.literal_eval(n))
+        for n in ast.walk(tree)
+        if isinstance(n, (ast.Tuple, ast.List))
+        and n.elts
+        and all(isinstance(e, ast.Constant) and isinstance(e.value, str) for e in n.elts)
+        and "input_layernorm.weight" in [e.value for e in n.elts]
+    ]
     assert set(LAYER_SUFFIXES) in suffix_sets
 
 

@@ -17,19 +17,31 @@ def _batch(eoc_labels="all"):
     samples = [
         build_v3_sample(tok, t, "Good morning.", target_codes=random_codes(6, 1), eoc_labels=eoc_labels, sample_id="a"),
         build_v3_sample(tok, t, "صباح الخير", target_codes=random_codes(4, 2), eoc_labels=eoc_labels, sample_id="b"),
-        build_v3_sample(tok, t, "In my voice.", target_codes=random_codes(5, 3), ref_codes=random_codes(3, 4),
-                        ref_text="Reference words.", eoc_labels=eoc_labels, sample_id="c"),
+        build_v3_sample(
+            tok,
+            t,
+            "In my voice.",
+            target_codes=random_codes(5, 3),
+            ref_codes=random_codes(3, 4),
+            ref_text="Reference words.",
+            eoc_labels=eoc_labels,
+            sample_id="c",
+        ),
     ]
     return samples, collate_v3(samples, tok.pad_token_id)
 
 
-@pytest.mark.parametrize("eoc_labels, per_codebook", [("all", lambda t, c: t + 7 - c), ("first", lambda t, c: t + (c < 7))])
+@pytest.mark.parametrize(
+    "eoc_labels, per_codebook", [("all", lambda t, c: t + 7 - c), ("first", lambda t, c: t + (c < 7))]
+)
 def test_loss_only_at_labelled_rows(eoc_labels, per_codebook):
     model = load_tiny_model()
     samples, batch = _batch(eoc_labels)
     out = model(**batch)
     # scored positions = the target slots (each predicted by the position before it), nothing else
-    want = [(i, p) for i, s in enumerate(samples) for p in (s["audio_roles"] == ROLE_TARGET).nonzero().flatten().tolist()]
+    want = [
+        (i, p) for i, s in enumerate(samples) for p in (s["audio_roles"] == ROLE_TARGET).nonzero().flatten().tolist()
+    ]
     assert list(zip(out.rows.tolist(), out.positions.tolist())) == want
     frames = [s["target_frames"] for s in samples]
     assert out.n_tokens_per_codebook.tolist() == [sum(per_codebook(t, c) for t in frames) for c in range(8)]
@@ -69,7 +81,9 @@ def test_full_finetune_loss_falls():
     _, batch = _batch()
     t0 = time.perf_counter()
     losses, out = _train(model, batch, steps=40, lr=3e-3)
-    print(f"full fine-tune: loss {losses[0]:.3f} -> {losses[-1]:.3f}, acc {out.accuracy:.2f}, {time.perf_counter() - t0:.1f}s")
+    print(
+        f"full fine-tune: loss {losses[0]:.3f} -> {losses[-1]:.3f}, acc {out.accuracy:.2f}, {time.perf_counter() - t0:.1f}s"
+    )
     assert losses[-1] < 0.25 * losses[0] and out.accuracy > 0.9
 
 
@@ -80,7 +94,15 @@ def test_lora_loss_falls_base_frozen_table_trained():
     table = model.audio_table.weight.detach().clone()
     targets = lora_target_names(model)
     peft_model = apply_v3_lora(model, r=8, alpha=16).train()
-    assert {n.rsplit(".", 1)[-1] for n in targets} >= {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert {n.rsplit(".", 1)[-1] for n in targets} >= {
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    }
     trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
     assert all("lora_" in n for n in trainable if not n.endswith("audio_table.weight"))
     assert sum(n.endswith("audio_table.weight") for n in trainable) == 1
@@ -101,9 +123,10 @@ def test_lora_loss_falls_base_frozen_table_trained():
 
 def test_lora_checkpoint_round_trip_and_merged_export(tmp_path):
     """Adapter + the one trained table reload to the same loss; merged, the export serves the same model."""
+    from v3_support import tiny_v3_dir
+
     from higgs_tune.families.v3.checkpoint import load_v3_checkpoint, save_v3_checkpoint
     from higgs_tune.families.v3.model import AUDIO_TABLE_FILE, load_v3_adapter, save_v3_adapter
-    from v3_support import tiny_v3_dir
 
     torch.manual_seed(0)
     _, batch = _batch()
@@ -113,7 +136,11 @@ def test_lora_checkpoint_round_trip_and_merged_export(tmp_path):
     with torch.no_grad():
         want = peft_model(**batch).loss
     save_v3_adapter(peft_model, tmp_path / "adapter")
-    assert {p.name for p in (tmp_path / "adapter").iterdir()} >= {"adapter_model.safetensors", "adapter_config.json", AUDIO_TABLE_FILE}
+    assert {p.name for p in (tmp_path / "adapter").iterdir()} >= {
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        AUDIO_TABLE_FILE,
+    }
     reloaded = load_v3_adapter(load_tiny_model(), tmp_path / "adapter").eval()
     with torch.no_grad():
         assert torch.equal(reloaded(**batch).loss, want)

@@ -11,10 +11,10 @@ from pathlib import Path
 import torch
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tiny_v3_dir(head_copies: bool = False) -> Path:
     """A tiny v3 checkpoint (released layout), built once per process; treat it as read-only."""
-    from higgs_tune.families.v3.tiny import make_tiny_v3
+    from higgs_tune.tiny.v3 import make_tiny_v3
 
     out = Path(tempfile.mkdtemp(prefix="higgs-v3-tiny-"))
     atexit.register(shutil.rmtree, out, True)
@@ -25,7 +25,7 @@ def copy_tiny(dst: Path, head_copies: bool = False) -> Path:
     return Path(shutil.copytree(tiny_v3_dir(head_copies), dst))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tiny_tokenizer():
     from higgs_tune.families.v3.checkpoint import load_v3_tokenizer
 

@@ -89,18 +89,34 @@ _KEEP_ON_RESUME = RESUME_MUST_MATCH
 
 @dataclass
 class ModelConfig:
-    name_or_path: str = _f("bosonai/higgs-audio-v2-generation-3B-base", "Hub id or local folder of a Higgs Audio v2 checkpoint (transformers layout; original `higgs_audio` layout is detected and converted).", _KEEP_ON_RESUME)
-    audio_tokenizer: str | None = _f(None, "Audio tokenizer id or folder; default: `<name_or_path>/audio_tokenizer` if present, else what the processor config records.")
+    name_or_path: str = _f(
+        "bosonai/higgs-audio-v2-generation-3B-base",
+        "Hub id or local folder of a Higgs Audio v2 checkpoint (transformers layout; original `higgs_audio` layout is detected and converted).",
+        _KEEP_ON_RESUME,
+    )
+    audio_tokenizer: str | None = _f(
+        None,
+        "Audio tokenizer id or folder; default: `<name_or_path>/audio_tokenizer` if present, else what the processor config records.",
+    )
     dtype: str = _f("bfloat16", "Weights dtype: bfloat16, float16 or float32.", _KEEP_ON_RESUME)
     attn_implementation: str = _f("sdpa", "Attention backend: sdpa, eager or flash_attention_2 (when installed).")
     gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass to save memory.")
-    use_text_head: bool = _f(True, "Build `text_lm_head` and load its weights (needed for the text loss).", _KEEP_ON_RESUME)
-    audio_self_attention: bool = _f(False, "Add the audio-only self-attention block per layer (original `use_audio_out_self_attention`); starts as an exact no-op on checkpoints that lack it.", _KEEP_ON_RESUME)
+    use_text_head: bool = _f(
+        True, "Build `text_lm_head` and load its weights (needed for the text loss).", _KEEP_ON_RESUME
+    )
+    audio_self_attention: bool = _f(
+        False,
+        "Add the audio-only self-attention block per layer (original `use_audio_out_self_attention`); starts as an exact no-op on checkpoints that lack it.",
+        _KEEP_ON_RESUME,
+    )
 
     def validate(self, was_given: WasGiven) -> list[str]:
         problems = _not_one_of("model.dtype", self.dtype, ("bfloat16", "float16", "float32"))
-        problems += _not_one_of("model.attn_implementation", self.attn_implementation,
-                                ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"))
+        problems += _not_one_of(
+            "model.attn_implementation",
+            self.attn_implementation,
+            ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"),
+        )
         if not self.name_or_path:
             problems.append("model.name_or_path is empty: give a hub id or a local checkpoint folder.")
         return problems
@@ -108,10 +124,18 @@ class ModelConfig:
 
 @dataclass
 class FinetuneConfig:
-    mode: str = _f("lora", "lora (adapters on chosen pathways) or full (all weights trained except `freeze`).", _KEEP_ON_RESUME)
-    pathways: list[str] = _f([TEXT_ATTN, TEXT_MLP, AUDIO_MLP], f"LoRA pathways: {', '.join(PATHWAYS)}.", _KEEP_ON_RESUME)
-    train_modules: list[str] = _f([], f"Modules trained in full beside the adapters: {', '.join(TRAIN_MODULES)}.", _KEEP_ON_RESUME)
-    freeze: list[str] = _f([], "Full mode only: pathways/modules kept frozen (same names as pathways and train_modules).", _KEEP_ON_RESUME)
+    mode: str = _f(
+        "lora", "lora (adapters on chosen pathways) or full (all weights trained except `freeze`).", _KEEP_ON_RESUME
+    )
+    pathways: list[str] = _f(
+        [TEXT_ATTN, TEXT_MLP, AUDIO_MLP], f"LoRA pathways: {', '.join(PATHWAYS)}.", _KEEP_ON_RESUME
+    )
+    train_modules: list[str] = _f(
+        [], f"Modules trained in full beside the adapters: {', '.join(TRAIN_MODULES)}.", _KEEP_ON_RESUME
+    )
+    freeze: list[str] = _f(
+        [], "Full mode only: pathways/modules kept frozen (same names as pathways and train_modules).", _KEEP_ON_RESUME
+    )
     lora_r: int = _f(16, "LoRA rank.", _KEEP_ON_RESUME)
     lora_alpha: int = _f(32, "LoRA alpha.", _KEEP_ON_RESUME)
     lora_dropout: float = _f(0.05, "LoRA dropout.", _KEEP_ON_RESUME)
@@ -140,10 +164,14 @@ class FinetuneConfig:
     def _lora_problems(self) -> list[str]:
         problems = []
         if not self.pathways:
-            problems.append(f"finetune.pathways is empty in lora mode: LoRA needs at least one pathway ({', '.join(PATHWAYS)}). "
-                            "To train only finetune.train_modules, use mode: full with freeze for the rest.")
+            problems.append(
+                f"finetune.pathways is empty in lora mode: LoRA needs at least one pathway ({', '.join(PATHWAYS)}). "
+                "To train only finetune.train_modules, use mode: full with freeze for the rest."
+            )
         if self.freeze:
-            problems.append("finetune.freeze is a full-mode option; in lora mode everything outside the adapters is frozen already. Remove it.")
+            problems.append(
+                "finetune.freeze is a full-mode option; in lora mode everything outside the adapters is frozen already. Remove it."
+            )
         if self.lora_r <= 0:
             problems.append(f"finetune.lora_r must be > 0, got {self.lora_r}.")
         if self.lora_alpha <= 0:
@@ -152,18 +180,26 @@ class FinetuneConfig:
             problems.append(f"finetune.lora_dropout must be in [0, 1), got {self.lora_dropout}.")
         overlap = sorted(set(self.pathways) & set(self.train_modules))
         if overlap:
-            problems.append(f"finetune: {', '.join(overlap)} is both a LoRA pathway and a fully trained module: choose one (remove it from pathways or train_modules).")
+            problems.append(
+                f"finetune: {', '.join(overlap)} is both a LoRA pathway and a fully trained module: choose one (remove it from pathways or train_modules)."
+            )
         return problems
 
     def _full_problems(self, was_given: WasGiven) -> list[str]:
         problems = []
         lora_options_set = [name for name in _LORA_OPTIONS if was_given(name)]
         if lora_options_set:
-            problems.append(f"finetune.{', finetune.'.join(lora_options_set)} set in full mode: LoRA options have no effect there. Remove them or use mode: lora.")
+            problems.append(
+                f"finetune.{', finetune.'.join(lora_options_set)} set in full mode: LoRA options have no effect there. Remove them or use mode: lora."
+            )
         if self.pathways and was_given("pathways"):
-            problems.append("finetune.pathways set in full mode: all weights are trained; use finetune.freeze to keep parts frozen (or pathways: []).")
+            problems.append(
+                "finetune.pathways set in full mode: all weights are trained; use finetune.freeze to keep parts frozen (or pathways: [])."
+            )
         if self.train_modules:
-            problems.append("finetune.train_modules set in full mode: every module is trained already. Remove it (use finetune.freeze to keep parts frozen).")
+            problems.append(
+                "finetune.train_modules set in full mode: every module is trained already. Remove it (use finetune.freeze to keep parts frozen)."
+            )
         return problems
 
 
@@ -171,15 +207,29 @@ class FinetuneConfig:
 class DataConfig:
     train_cache: str = _f("", "Folder written by `higgs-tune prepare` for training.", _KEEP_ON_RESUME)
     eval_cache: str | None = _f(None, "Prepared held-out folder; or use eval_fraction.")
-    eval_fraction: float = _f(0.0, "Share of train clips held out for evaluation when eval_cache is not set (split by id, deterministic).", _KEEP_ON_RESUME)
-    task: str = _f("mixed", "tts (no reference), voice_clone (reference clip of the same speaker), or mixed.", _KEEP_ON_RESUME)
+    eval_fraction: float = _f(
+        0.0,
+        "Share of train clips held out for evaluation when eval_cache is not set (split by id, deterministic).",
+        _KEEP_ON_RESUME,
+    )
+    task: str = _f(
+        "mixed", "tts (no reference), voice_clone (reference clip of the same speaker), or mixed.", _KEEP_ON_RESUME
+    )
     clone_probability: float = _f(0.5, "In mixed mode, the share of samples built as voice cloning.", _KEEP_ON_RESUME)
-    system_prompt: str = _f("Generate audio following instruction.", "System turn text (the original serve engine's default).", _KEEP_ON_RESUME)
+    system_prompt: str = _f(
+        "Generate audio following instruction.",
+        "System turn text (the original serve engine's default).",
+        _KEEP_ON_RESUME,
+    )
     use_scene: bool = _f(True, "Put a clip's `scene` description into the system turn when present.", _KEEP_ON_RESUME)
     max_tokens_per_batch: int = _f(4096, "Token budget per micro-batch (padded length x batch size).", _KEEP_ON_RESUME)
     max_batch_size: int = _f(16, "At most this many samples per micro-batch.", _KEEP_ON_RESUME)
-    max_sequence_length: int = _f(2048, "Longest sample in tokens; longer samples are an error at start.", _KEEP_ON_RESUME)
-    bucket_size: int = _f(64, "Length bucketing: sort within windows of this many batches' worth of samples.", _KEEP_ON_RESUME)
+    max_sequence_length: int = _f(
+        2048, "Longest sample in tokens; longer samples are an error at start.", _KEEP_ON_RESUME
+    )
+    bucket_size: int = _f(
+        64, "Length bucketing: sort within windows of this many batches' worth of samples.", _KEEP_ON_RESUME
+    )
     num_workers: int = _f(0, "DataLoader worker processes.")
 
     @property
@@ -194,7 +244,9 @@ class DataConfig:
         if not 0 <= self.clone_probability <= 1:
             problems.append(f"data.clone_probability must be in [0, 1], got {self.clone_probability}.")
         if self.task != "mixed" and was_given("clone_probability"):
-            problems.append(f"data.clone_probability is used only with data.task: mixed (task is {self.task!r}). Remove it or set task: mixed.")
+            problems.append(
+                f"data.clone_probability is used only with data.task: mixed (task is {self.task!r}). Remove it or set task: mixed."
+            )
         if not 0 <= self.eval_fraction < 1:
             problems.append(f"data.eval_fraction must be in [0, 1), got {self.eval_fraction}.")
         if self.eval_cache and self.eval_fraction:
@@ -203,7 +255,9 @@ class DataConfig:
             if getattr(self, name) <= 0:
                 problems.append(f"data.{name} must be > 0, got {getattr(self, name)}.")
         if self.max_sequence_length > self.max_tokens_per_batch:
-            problems.append(f"data.max_sequence_length ({self.max_sequence_length}) exceeds data.max_tokens_per_batch ({self.max_tokens_per_batch}): the longest sample would not fit a batch. Raise the budget.")
+            problems.append(
+                f"data.max_sequence_length ({self.max_sequence_length}) exceeds data.max_tokens_per_batch ({self.max_tokens_per_batch}): the longest sample would not fit a batch. Raise the budget."
+            )
         if self.num_workers < 0:
             problems.append(f"data.num_workers must be >= 0, got {self.num_workers}.")
         return problems
@@ -213,25 +267,35 @@ class DataConfig:
 class LossConfig:
     text_weight: float = _f(1.0, "Weight of the text CE (0 disables it).", _KEEP_ON_RESUME)
     audio_weight: float = _f(1.0, "Weight of the audio CE (mean over codebooks).", _KEEP_ON_RESUME)
-    codebook_weights: list[float] | None = _f(None, "Optional per-codebook weights (length = number of codebooks).", _KEEP_ON_RESUME)
+    codebook_weights: list[float] | None = _f(
+        None, "Optional per-codebook weights (length = number of codebooks).", _KEEP_ON_RESUME
+    )
 
     def validate(self, was_given: WasGiven) -> list[str]:
         problems = []
         if self.text_weight < 0 or self.audio_weight < 0:
-            problems.append(f"loss.text_weight and loss.audio_weight must be >= 0, got {self.text_weight} and {self.audio_weight}.")
+            problems.append(
+                f"loss.text_weight and loss.audio_weight must be >= 0, got {self.text_weight} and {self.audio_weight}."
+            )
         if self.text_weight == 0 and self.audio_weight == 0:
             problems.append("loss.text_weight and loss.audio_weight are both 0: nothing would be learned. Set one > 0.")
         if self.codebook_weights is not None:
             if any(w < 0 for w in self.codebook_weights) or not any(w > 0 for w in self.codebook_weights):
-                problems.append(f"loss.codebook_weights must be >= 0 with at least one > 0, got {self.codebook_weights}.")
+                problems.append(
+                    f"loss.codebook_weights must be >= 0 with at least one > 0, got {self.codebook_weights}."
+                )
             if self.audio_weight == 0:
-                problems.append("loss.codebook_weights is set but loss.audio_weight is 0: the audio loss is off. Remove one of them.")
+                problems.append(
+                    "loss.codebook_weights is set but loss.audio_weight is 0: the audio loss is off. Remove one of them."
+                )
         return problems
 
 
 @dataclass
 class HealthConfig:
-    chance_after_steps: int = _f(50, "From this optimizer step on, warn when a loss is still within chance_tolerance of ln(V).")
+    chance_after_steps: int = _f(
+        50, "From this optimizer step on, warn when a loss is still within chance_tolerance of ln(V)."
+    )
     chance_tolerance: float = _f(0.05, "Relative distance to ln(V) counted as chance level.")
     copy_check_steps: int = _f(20, "Warn of a copy task when audio accuracy > 0.98 or loss < 0.05 before this step.")
     stop_on_nonfinite: bool = _f(True, "Stop with a named error on a NaN/Inf loss or gradient.")
@@ -259,7 +323,9 @@ class TrainConfig:
     max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 disables).", _KEEP_ON_RESUME)
     mixed_precision: str = _f("no", "no, bf16 or fp16 (Accelerate autocast).", _KEEP_ON_RESUME)
     log_steps: int = _f(10, "Log metrics (and the prediction preview) every N optimizer steps.")
-    eval_steps: int | None = _f(None, "Evaluate on the held-out split every N steps (None: only at the end if there is one).")
+    eval_steps: int | None = _f(
+        None, "Evaluate on the held-out split every N steps (None: only at the end if there is one)."
+    )
     sample_steps: int | None = _f(None, "Generate the fixed sample prompts every N steps and save WAVs.")
     num_samples: int = _f(2, "How many fixed prompts to generate at each sample step.")
 
@@ -286,7 +352,9 @@ class TrainConfig:
         if self.warmup_steps < 0:
             problems.append(f"train.warmup_steps must be >= 0, got {self.warmup_steps}.")
         if self.max_steps is not None and self.max_steps > 0 and self.warmup_steps > self.max_steps:
-            problems.append(f"train.warmup_steps ({self.warmup_steps}) exceeds train.max_steps ({self.max_steps}): the peak learning rate would never be reached. Lower warmup_steps.")
+            problems.append(
+                f"train.warmup_steps ({self.warmup_steps}) exceeds train.max_steps ({self.max_steps}): the peak learning rate would never be reached. Lower warmup_steps."
+            )
         for name in ("log_steps", "eval_steps", "sample_steps"):
             steps = getattr(self, name)
             if steps is not None and steps <= 0:
@@ -303,19 +371,30 @@ class CheckpointConfig:
     save_steps: int = _f(500, "Save a checkpoint every N optimizer steps.")
     save_total_limit: int | None = _f(3, "Keep at most N step checkpoints (never the newest complete one or the best).")
     keep_best: bool = _f(False, "Keep the checkpoint with the lowest eval loss (needs eval_steps dividing save_steps).")
-    on_save_error: str = _f("abort", "abort, or continue (log the error and retry at the next save; the run still fails if the final save fails).")
+    on_save_error: str = _f(
+        "abort",
+        "abort, or continue (log the error and retry at the next save; the run still fails if the final save fails).",
+    )
     min_free_gb: float = _f(1.0, "Free space to keep on the output disk beyond the checkpoint estimate.")
 
     def validate(self, was_given: WasGiven) -> list[str]:
         problems = []
         if not self.output_dir:
             problems.append("checkpoint.output_dir is required: the run folder for checkpoints, metrics and samples.")
-        if self.output_dir_fallback is not None and self.output_dir and Path(self.output_dir_fallback) == Path(self.output_dir):
-            problems.append("checkpoint.output_dir_fallback is the same folder as checkpoint.output_dir: give another disk's folder or remove it.")
+        if (
+            self.output_dir_fallback is not None
+            and self.output_dir
+            and Path(self.output_dir_fallback) == Path(self.output_dir)
+        ):
+            problems.append(
+                "checkpoint.output_dir_fallback is the same folder as checkpoint.output_dir: give another disk's folder or remove it."
+            )
         if self.save_steps <= 0:
             problems.append(f"checkpoint.save_steps must be > 0, got {self.save_steps}.")
         if self.save_total_limit is not None and self.save_total_limit < 1:
-            problems.append(f"checkpoint.save_total_limit must be >= 1 (or null to keep all), got {self.save_total_limit}.")
+            problems.append(
+                f"checkpoint.save_total_limit must be >= 1 (or null to keep all), got {self.save_total_limit}."
+            )
         problems += _not_one_of("checkpoint.on_save_error", self.on_save_error, ("abort", "continue"))
         if self.min_free_gb < 0:
             problems.append(f"checkpoint.min_free_gb must be >= 0, got {self.min_free_gb}.")
@@ -324,7 +403,9 @@ class CheckpointConfig:
 
 @dataclass
 class LoggingConfig:
-    report_to: list[str] = _f(["tensorboard"], "Trackers beside the metrics JSONL: tensorboard, wandb, trackio (or none).")
+    report_to: list[str] = _f(
+        ["tensorboard"], "Trackers beside the metrics JSONL: tensorboard, wandb, trackio (or none)."
+    )
     preview_samples: int = _f(1, "Samples shown in the decoded prediction preview.")
 
     def validate(self, was_given: WasGiven) -> list[str]:
@@ -332,7 +413,9 @@ class LoggingConfig:
         for name in self.report_to:
             problems += _not_one_of("logging.report_to", name, ("tensorboard", "wandb", "trackio", "none"))
         if "none" in self.report_to and len(self.report_to) > 1:
-            problems.append(f"logging.report_to lists none beside {', '.join(x for x in self.report_to if x != 'none')}: use [none] alone or drop it.")
+            problems.append(
+                f"logging.report_to lists none beside {', '.join(x for x in self.report_to if x != 'none')}: use [none] alone or drop it."
+            )
         if self.preview_samples < 0:
             problems.append(f"logging.preview_samples must be >= 0, got {self.preview_samples}.")
         return problems
@@ -350,7 +433,7 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     # ------------------------------------------------------------------ validation
-    def validate(self, source: str | None = None, given: set[str] | None = None) -> "Config":
+    def validate(self, source: str | None = None, given: set[str] | None = None) -> Config:
         """Collect every problem of every section; raise one ConfigError listing them all.
 
         Each section checks its own settings (`<Section>.validate`); the checks that tie two
@@ -388,9 +471,13 @@ class Config:
     def _finetune_needs_model_parts(self) -> list[str]:
         finetune, model, problems = self.finetune, self.model, []
         if AUDIO_ATTN in finetune.pathways + finetune.train_modules and not model.audio_self_attention:
-            problems.append("finetune names audio_attn but model.audio_self_attention is false: set it true or remove audio_attn.")
+            problems.append(
+                "finetune names audio_attn but model.audio_self_attention is false: set it true or remove audio_attn."
+            )
         if TEXT_LM_HEAD in finetune.train_modules and not model.use_text_head:
-            problems.append("finetune.train_modules has text_lm_head but model.use_text_head is false: set use_text_head true or remove text_lm_head.")
+            problems.append(
+                "finetune.train_modules has text_lm_head but model.use_text_head is false: set use_text_head true or remove text_lm_head."
+            )
         return problems
 
     def _text_loss_needs_text_head(self) -> list[str]:
@@ -408,13 +495,21 @@ class Config:
         has_held_out = self.data.has_held_out
         if checkpoint.keep_best:
             if train.eval_steps is None:
-                problems.append("checkpoint.keep_best needs train.eval_steps: the best checkpoint is chosen by eval loss.")
+                problems.append(
+                    "checkpoint.keep_best needs train.eval_steps: the best checkpoint is chosen by eval loss."
+                )
             elif train.eval_steps > 0 and checkpoint.save_steps > 0 and checkpoint.save_steps % train.eval_steps:
-                problems.append(f"checkpoint.save_steps ({checkpoint.save_steps}) is not a multiple of train.eval_steps ({train.eval_steps}): with keep_best every save needs a fresh eval loss. Make save_steps a multiple of eval_steps.")
+                problems.append(
+                    f"checkpoint.save_steps ({checkpoint.save_steps}) is not a multiple of train.eval_steps ({train.eval_steps}): with keep_best every save needs a fresh eval loss. Make save_steps a multiple of eval_steps."
+                )
             if not has_held_out:
-                problems.append("checkpoint.keep_best needs a held-out split: set data.eval_cache or data.eval_fraction.")
+                problems.append(
+                    "checkpoint.keep_best needs a held-out split: set data.eval_cache or data.eval_fraction."
+                )
         if train.eval_steps is not None and not has_held_out:
-            problems.append("train.eval_steps is set but there is no held-out split: set data.eval_cache or data.eval_fraction.")
+            problems.append(
+                "train.eval_steps is set but there is no held-out split: set data.eval_cache or data.eval_fraction."
+            )
         return problems
 
     def to_dict(self) -> dict:
@@ -454,8 +549,15 @@ def config_keys() -> list[ConfigKey]:
     for section, cls in _section_classes().items():
         hints = typing.get_type_hints(cls)
         for fld in dataclasses.fields(cls):
-            keys.append(ConfigKey(f"{section}.{fld.name}", _type_name(hints[fld.name]), _default_value(fld),
-                                  fld.metadata.get("help", ""), fld.metadata.get("resume")))
+            keys.append(
+                ConfigKey(
+                    f"{section}.{fld.name}",
+                    _type_name(hints[fld.name]),
+                    _default_value(fld),
+                    fld.metadata.get("help", ""),
+                    fld.metadata.get("resume"),
+                )
+            )
     return keys
 
 
@@ -535,7 +637,9 @@ def _type_name(hint) -> str:
     if origin is list:
         return f"a list of {_type_name(args[0]).split(' ', 1)[-1]}s" if args else "a list"
     if isinstance(hint, type):
-        return {"str": "a string", "int": "an integer", "float": "a number", "bool": "true or false"}.get(hint.__name__, hint.__name__)
+        return {"str": "a string", "int": "an integer", "float": "a number", "bool": "true or false"}.get(
+            hint.__name__, hint.__name__
+        )
     return str(hint).replace("typing.", "")
 
 
@@ -625,7 +729,10 @@ def config_from_dict(data: dict, overrides: list[str] = (), source: str | None =
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError([f"the config must be a mapping of sections (model, finetune, data, ...), got {type(data).__name__}."], source)
+        raise ConfigError(
+            [f"the config must be a mapping of sections (model, finetune, data, ...), got {type(data).__name__}."],
+            source,
+        )
     data = apply_overrides(copy.deepcopy(data), list(overrides), problems)
     given: set[str] = set()
     bad: set[str] = set()
@@ -635,7 +742,9 @@ def config_from_dict(data: dict, overrides: list[str] = (), source: str | None =
     except ConfigError as e:
         # A value rejected while reading was replaced by its default; validation messages
         # about that key would describe the default, not what the user wrote: drop them.
-        problems.extend(x for x in e.problems if not any(re.search(rf"(?<![\w.]){re.escape(b)}(?![\w])", x) for b in bad))
+        problems.extend(
+            x for x in e.problems if not any(re.search(rf"(?<![\w.]){re.escape(b)}(?![\w])", x) for b in bad)
+        )
     if problems:
         raise ConfigError(problems, source)
     return cfg

@@ -63,12 +63,27 @@ TRASH_PREFIX = ".old-"
 PROBE_PREFIX = ".higgs-tune-probe-"  # the write probe of the output-dir check
 
 # Top-level names higgs-tune writes into a run folder (files and folders). `--overwrite` removes only these.
-RUN_FILES = frozenset({CONFIG_FILE, INDEX_FILE, METRICS_FILE, TRAIN_LOG_FILE, PARAM_REPORT_FILE, DATA_REPORT_FILE,
-                       REPORT_FILE, REPORT_JSON_FILE, SUMMARY_FILE})
+RUN_FILES = frozenset(
+    {
+        CONFIG_FILE,
+        INDEX_FILE,
+        METRICS_FILE,
+        TRAIN_LOG_FILE,
+        PARAM_REPORT_FILE,
+        DATA_REPORT_FILE,
+        REPORT_FILE,
+        REPORT_JSON_FILE,
+        SUMMARY_FILE,
+    }
+)
 RUN_DIRS = frozenset({FINAL_NAME, SAMPLES_DIR, TENSORBOARD_DIR, WANDB_DIR, LOGS_DIR, EVAL_DIR})
-RUN_PATTERN = re.compile(rf"^(?:{re.escape(CHECKPOINT_PREFIX)}\d+|{re.escape(TMP_PREFIX)}.+|{re.escape(TRASH_PREFIX)}.+|{re.escape(PROBE_PREFIX)}\d+)$")
+RUN_PATTERN = re.compile(
+    rf"^(?:{re.escape(CHECKPOINT_PREFIX)}\d+|{re.escape(TMP_PREFIX)}.+|{re.escape(TRASH_PREFIX)}.+|{re.escape(PROBE_PREFIX)}\d+)$"
+)
 CHECKPOINT_RE = re.compile(rf"^{re.escape(CHECKPOINT_PREFIX)}(\d+)$")
-LEFTOVER_RE = re.compile(rf"^(?:{re.escape(TMP_PREFIX)}|{re.escape(TRASH_PREFIX)}).+-(\d+)$")  # group 1: the writer's pid
+LEFTOVER_RE = re.compile(
+    rf"^(?:{re.escape(TMP_PREFIX)}|{re.escape(TRASH_PREFIX)}).+-(\d+)$"
+)  # group 1: the writer's pid
 
 _HASH_CHUNK = 8 << 20
 

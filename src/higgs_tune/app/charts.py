@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import html
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
 
@@ -80,7 +80,9 @@ def svg_line_chart(
         f'<text x="{left}" y="16" class="chart-title">{html.escape(title)}</text>',
     ]
     if not pts:
-        parts.append(f'<text x="{left + pw / 2}" y="{top + ph / 2}" text-anchor="middle" class="empty">no data</text></svg>')
+        parts.append(
+            f'<text x="{left + pw / 2}" y="{top + ph / 2}" text-anchor="middle" class="empty">no data</text></svg>'
+        )
         return "".join(parts)
     xs = [p[0] for p in pts]
     ys = [p[1] for p in pts] + [v for v, _ in hlines if not log_y or v > 0]
@@ -113,7 +115,9 @@ def svg_line_chart(
         parts.append(f'<text x="{x:.1f}" y="{top + ph + 16}" text-anchor="middle">{_fmt(t)}</text>')
     parts.append("</g>")
     parts.append(f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" class="frame"/>')
-    parts.append(f'<text x="{left + pw / 2}" y="{height - 6}" text-anchor="middle" class="axis-label">{html.escape(x_label)}</text>')
+    parts.append(
+        f'<text x="{left + pw / 2}" y="{height - 6}" text-anchor="middle" class="axis-label">{html.escape(x_label)}</text>'
+    )
     parts.append(
         f'<text x="14" y="{top + ph / 2}" text-anchor="middle" class="axis-label" '
         f'transform="rotate(-90 14 {top + ph / 2})">{html.escape(y_label)}</text>'
@@ -155,7 +159,9 @@ def svg_line_chart(
         w = 26 + 7 * len(s.name)
         x -= w
         dash = ' stroke-dasharray="6 4"' if s.dashed else ""
-        parts.append(f'<line x1="{x:.1f}" y1="{top - 12}" x2="{x + 18:.1f}" y2="{top - 12}" stroke="{s.color}" stroke-width="2.5"{dash}/>')
+        parts.append(
+            f'<line x1="{x:.1f}" y1="{top - 12}" x2="{x + 18:.1f}" y2="{top - 12}" stroke="{s.color}" stroke-width="2.5"{dash}/>'
+        )
         parts.append(f'<text x="{x + 22:.1f}" y="{top - 8}" class="legend">{label}</text>')
     parts.append("</svg>")
     return "".join(parts)

@@ -64,7 +64,9 @@ class RunData:
     config_text: str | None = None
     config: dict | None = None
     samples: list[tuple[int, list[Path]]] = field(default_factory=list)  # (step, wav files)
-    sample_status: dict[int, dict[str, tuple[bool, int]]] = field(default_factory=dict)  # step -> file -> (stopped, frames)
+    sample_status: dict[int, dict[str, tuple[bool, int]]] = field(
+        default_factory=dict
+    )  # step -> file -> (stopped, frames)
     eval_results: dict | None = None
 
 
@@ -106,7 +108,9 @@ def read_metrics(path: Path) -> MetricsLog:
             by_key[(str(rec.get("split", "train")), rec["step"])] = rec
         elif event == "warning":
             code = str(rec.get("code", "warning"))
-            w = warnings.setdefault(code, {"code": code, "step": rec.get("step"), "last_step": rec.get("step"), "count": 0, "message": ""})
+            w = warnings.setdefault(
+                code, {"code": code, "step": rec.get("step"), "last_step": rec.get("step"), "count": 0, "message": ""}
+            )
             steps = [s for s in (w["step"], rec.get("step")) if isinstance(s, int)]
             w["step"] = min(steps) if steps else None
             last = [s for s in (w["last_step"], rec.get("last_step"), rec.get("step")) if isinstance(s, int)]
@@ -140,7 +144,13 @@ def collect_run(run_dir: str | Path) -> RunData:
         )
     data = RunData(run_dir=run)
     log = read_metrics(metrics)
-    data.train, data.eval, data.warnings, data.bad_lines, data.sample_status = log.train, log.eval, log.warnings, log.bad_lines, log.samples
+    data.train, data.eval, data.warnings, data.bad_lines, data.sample_status = (
+        log.train,
+        log.eval,
+        log.warnings,
+        log.bad_lines,
+        log.samples,
+    )
     if (run / PARAM_REPORT_FILE).is_file():
         data.param_report = (run / PARAM_REPORT_FILE).read_text(encoding="utf-8")
     if (run / CONFIG_FILE).is_file():
@@ -207,7 +217,11 @@ def _player(path: Path, label: str, budget: _AudioBudget, run_dir: Path, status:
     head = html.escape(label)
     if status is not None:
         stopped, frames = status
-        head += f" &middot; {frames} frames, " + ('<span class="ok">ended by itself</span>' if stopped else '<span class="bad">did not stop (length limit)</span>')
+        head += f" &middot; {frames} frames, " + (
+            '<span class="ok">ended by itself</span>'
+            if stopped
+            else '<span class="bad">did not stop (length limit)</span>'
+        )
     uri = budget.data_uri(path)
     if uri is None:
         rel = path.relative_to(run_dir) if run_dir in path.parents else path
@@ -268,23 +282,36 @@ def loss_charts(data: RunData) -> list[str]:
     if _has(train, "lr"):
         charts.append(svg_line_chart("Learning rate", [_series_of(train, "lr", "lr", PALETTE[2])], y_label="lr"))
     if _has(train, "grad_norm"):
-        charts.append(svg_line_chart("Gradient norm (before clipping)", [_series_of(train, "grad_norm", "grad norm", PALETTE[3])], y_label="norm", log_y=True))
+        charts.append(
+            svg_line_chart(
+                "Gradient norm (before clipping)",
+                [_series_of(train, "grad_norm", "grad norm", PALETTE[3])],
+                y_label="norm",
+                log_y=True,
+            )
+        )
     return charts
 
 
 def _eval_section(doc: dict, budget: _AudioBudget, run_dir: Path) -> str:
     s = doc.get("summary", {})
     rows = [
-        ("WER", s.get("wer")), ("CER", s.get("cer")), ("speaker similarity (vs reference)", s.get("speaker_similarity")),
-        ("speaker similarity (vs ground truth)", s.get("speaker_similarity_gt")), ("duration ratio (output / ground truth)", s.get("duration_ratio")),
-        ("stop rate (ended by itself)", s.get("stop_rate")), ("clips", s.get("num_clips")),
+        ("WER", s.get("wer")),
+        ("CER", s.get("cer")),
+        ("speaker similarity (vs reference)", s.get("speaker_similarity")),
+        ("speaker similarity (vs ground truth)", s.get("speaker_similarity_gt")),
+        ("duration ratio (output / ground truth)", s.get("duration_ratio")),
+        ("stop rate (ended by itself)", s.get("stop_rate")),
+        ("clips", s.get("num_clips")),
     ]
     out = ['<table class="eval-summary"><tr><th>metric</th><th>value</th></tr>']
     out += [f'<tr><td>{html.escape(n)}</td><td class="num">{_num(v)}</td></tr>' for n, v in rows]
     out.append("</table>")
     per_lang = doc.get("per_language") or {}
     if per_lang:
-        out.append('<h3>Per language</h3><table class="eval-languages"><tr><th>language</th><th>clips</th><th>WER</th><th>CER</th><th>SIM</th><th>duration ratio</th><th>stop rate</th></tr>')
+        out.append(
+            '<h3>Per language</h3><table class="eval-languages"><tr><th>language</th><th>clips</th><th>WER</th><th>CER</th><th>SIM</th><th>duration ratio</th><th>stop rate</th></tr>'
+        )
         for lang, m in per_lang.items():
             out.append(
                 f"<tr><td>{html.escape(lang)}</td><td class='num'>{_num(m.get('num_clips'))}</td><td class='num'>{_num(m.get('wer'))}</td>"
@@ -295,13 +322,19 @@ def _eval_section(doc: dict, budget: _AudioBudget, run_dir: Path) -> str:
     settings = doc.get("settings") or {}
     out.append(
         f'<p class="muted">ASR {html.escape(str(settings.get("asr_model")))}; speaker model {html.escape(str(settings.get("speaker_model")))}; '
-        f'model {html.escape(str(settings.get("model")))}; adapter {html.escape(str(settings.get("adapter")))}</p>'
+        f"model {html.escape(str(settings.get('model')))}; adapter {html.escape(str(settings.get('adapter')))}</p>"
     )
-    out.append('<h3>Per clip</h3><table class="eval-clips"><tr><th>id</th><th>lang</th><th>text / transcript</th><th>WER</th><th>CER</th><th>SIM</th><th>dur. ratio</th><th>stopped</th><th>output</th></tr>')
+    out.append(
+        '<h3>Per clip</h3><table class="eval-clips"><tr><th>id</th><th>lang</th><th>text / transcript</th><th>WER</th><th>CER</th><th>SIM</th><th>dur. ratio</th><th>stopped</th><th>output</th></tr>'
+    )
     eval_dir = run_dir / EVAL_RESULTS.parent
     for c in doc.get("clips", []):
         wav = eval_dir / c["wav"] if c.get("wav") else None
-        player = _player(wav, c["id"], budget, run_dir) if wav is not None and wav.is_file() else '<span class="muted">no file</span>'
+        player = (
+            _player(wav, c["id"], budget, run_dir)
+            if wav is not None and wav.is_file()
+            else '<span class="muted">no file</span>'
+        )
         stopped = '<span class="ok">yes</span>' if c.get("stopped") else '<span class="bad">no (hit max length)</span>'
         out.append(
             f"<tr><td class='id'>{html.escape(str(c.get('id')))}</td><td>{html.escape(str(c.get('language')))}</td>"
@@ -327,7 +360,9 @@ def render_report(data: RunData, *, max_audio_mb: float = 100.0) -> str:
     sections: list[tuple[str, str, str]] = []
 
     charts = loss_charts(data)
-    body = '<div class="charts">' + "".join(charts) + "</div>" if charts else '<p class="muted">No metrics logged yet.</p>'
+    body = (
+        '<div class="charts">' + "".join(charts) + "</div>" if charts else '<p class="muted">No metrics logged yet.</p>'
+    )
     sections.append(("curves", "Loss curves", body))
 
     if data.warnings:
@@ -354,21 +389,37 @@ def render_report(data: RunData, *, max_audio_mb: float = 100.0) -> str:
             parts.append(f'<h3>step {step}</h3><div class="players">{players}</div>')
         sections.append(("samples", "Samples", "".join(parts)))
     else:
-        sections.append(("samples", "Samples", '<p class="muted">No samples (set train.sample_steps to generate some during training).</p>'))
+        sections.append(
+            (
+                "samples",
+                "Samples",
+                '<p class="muted">No samples (set train.sample_steps to generate some during training).</p>',
+            )
+        )
 
     if data.eval_results is not None:
         sections.append(("evaluation", "Evaluation", _eval_section(data.eval_results, budget, data.run_dir)))
 
     if data.config_text is not None:
-        sections.append(("config", "Config", f"<details><summary>config.yaml</summary><pre>{html.escape(data.config_text)}</pre></details>"))
+        sections.append(
+            (
+                "config",
+                "Config",
+                f"<details><summary>config.yaml</summary><pre>{html.escape(data.config_text)}</pre></details>",
+            )
+        )
 
     if budget.skipped:
-        note = (f'<p class="bad">{len(budget.skipped)} audio file(s) were not embedded: the page holds at most '
-                f'{max_audio_mb:g} MB of audio (--max-audio-mb).</p>')
+        note = (
+            f'<p class="bad">{len(budget.skipped)} audio file(s) were not embedded: the page holds at most '
+            f"{max_audio_mb:g} MB of audio (--max-audio-mb).</p>"
+        )
         sections.insert(0, ("note", "Note", note))
 
     nav = "".join(f'<a href="#{sid}">{html.escape(title)}</a>' for sid, title, _ in sections)
-    body = "".join(f'<section id="{sid}"><h2>{html.escape(title)}</h2>{content}</section>' for sid, title, content in sections)
+    body = "".join(
+        f'<section id="{sid}"><h2>{html.escape(title)}</h2>{content}</section>' for sid, title, content in sections
+    )
     title = f"higgs-tune run {data.run_dir.name}"
     return (
         "<!DOCTYPE html>\n"

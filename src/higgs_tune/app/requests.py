@@ -1,8 +1,8 @@
 """What `higgs-tune generate` reads from its command line and from a --batch file.
 
-    requests = read_batch_file("requests.jsonl")          # one FileRequest per row, all rows checked first
-    audio, text, ident = pick_speaker_reference("data/manifest.jsonl", "en_b")
-    default_output_name(1, "Hello there.")                 # out-01-hello-there.wav
+requests = read_batch_file("requests.jsonl")          # one FileRequest per row, all rows checked first
+audio, text, ident = pick_speaker_reference("data/manifest.jsonl", "en_b")
+default_output_name(1, "Hello there.")                 # out-01-hello-there.wav
 """
 
 from __future__ import annotations
@@ -37,9 +37,13 @@ def read_batch_file(path: str | Path) -> list[FileRequest]:
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except FileNotFoundError:
-        raise DataError(f"batch file {path} not found. Fix: give a JSON Lines file with one {{text, ref_audio, ref_text, out}} object per line.") from None
+        raise DataError(
+            f"batch file {path} not found. Fix: give a JSON Lines file with one {{text, ref_audio, ref_text, out}} object per line."
+        ) from None
     except UnicodeDecodeError as e:
-        raise DataError(f"batch file {path} is not UTF-8 ({e.reason} at byte {e.start}). Fix: save it as UTF-8.") from None
+        raise DataError(
+            f"batch file {path} is not UTF-8 ({e.reason} at byte {e.start}). Fix: save it as UTF-8."
+        ) from None
     root = path.parent
     problems: list[str] = []
     out: list[FileRequest] = []
@@ -67,7 +71,9 @@ def read_batch_file(path: str | Path) -> list[FileRequest]:
             if not (row.get(key) or "").strip():
                 problems.append(f"{where}: {key!r} is missing or empty")
         if bool(row.get("ref_audio")) != bool(row.get("ref_text")):
-            problems.append(f"{where}: ref_audio and ref_text go together (voice cloning needs both; plain TTS neither)")
+            problems.append(
+                f"{where}: ref_audio and ref_text go together (voice cloning needs both; plain TTS neither)"
+            )
         ref_audio = root / row["ref_audio"] if row.get("ref_audio") else None
         if ref_audio is not None and not ref_audio.is_file():
             problems.append(f"{where}: ref_audio {row['ref_audio']!r} not found (looked for {ref_audio})")
@@ -77,11 +83,24 @@ def read_batch_file(path: str | Path) -> list[FileRequest]:
         if target in outs:
             problems.append(f"{where}: out {row['out']!r} is also the output of line {outs[target]}")
         outs[target] = number
-        out.append(FileRequest(text=row["text"], out=target, ref_audio=ref_audio, ref_text=row.get("ref_text"), id=row.get("id") or target.stem, scene=row.get("scene")))
+        out.append(
+            FileRequest(
+                text=row["text"],
+                out=target,
+                ref_audio=ref_audio,
+                ref_text=row.get("ref_text"),
+                id=row.get("id") or target.stem,
+                scene=row.get("scene"),
+            )
+        )
     if not problems and not out:
         problems.append(f"{path}: no rows")
     if problems:
-        raise DataError(f"batch file {path}: {len(problems)} problem(s):\n" + "\n".join(f"  - {p}" for p in problems) + "\nFix the rows above.")
+        raise DataError(
+            f"batch file {path}: {len(problems)} problem(s):\n"
+            + "\n".join(f"  - {p}" for p in problems)
+            + "\nFix the rows above."
+        )
     return out
 
 
@@ -95,7 +114,9 @@ def pick_speaker_reference(manifest: str | Path, speaker: str) -> tuple[Path, st
     try:
         lines = manifest.read_text(encoding="utf-8").splitlines()
     except FileNotFoundError:
-        raise DataError(f"manifest {manifest} not found. Fix: give the JSON Lines manifest that lists the speaker's clips.") from None
+        raise DataError(
+            f"manifest {manifest} not found. Fix: give the JSON Lines manifest that lists the speaker's clips."
+        ) from None
     candidates: list[tuple[str, Path, str]] = []
     speakers: set[str] = set()
     for number, line in enumerate(lines, start=1):
@@ -104,7 +125,9 @@ def pick_speaker_reference(manifest: str | Path, speaker: str) -> tuple[Path, st
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            raise DataError(f"{manifest}:{number}: not valid JSON ({e.msg}). Fix: validate the manifest with `higgs-tune inspect`.") from None
+            raise DataError(
+                f"{manifest}:{number}: not valid JSON ({e.msg}). Fix: validate the manifest with `higgs-tune inspect`."
+            ) from None
         if not isinstance(row, dict):
             continue
         speakers.add(str(row.get("speaker")))
@@ -113,7 +136,9 @@ def pick_speaker_reference(manifest: str | Path, speaker: str) -> tuple[Path, st
             candidates.append((ident, manifest.parent / row["audio"], row["text"]))
     if not candidates:
         known = ", ".join(sorted(speakers)[:20]) or "none"
-        raise DataError(f"speaker {speaker!r} has no clip in {manifest} (speakers there: {known}). Fix: pick one of those speakers.")
+        raise DataError(
+            f"speaker {speaker!r} has no clip in {manifest} (speakers there: {known}). Fix: pick one of those speakers."
+        )
     ident, audio, text = min(candidates)
     return audio, text, ident
 

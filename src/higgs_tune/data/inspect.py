@@ -23,8 +23,8 @@ import math
 import re
 import statistics
 from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Iterable, Sequence
 
 from higgs_tune.data.bpe_bytes import piece_bytes
 from higgs_tune.data.layout import IGNORE_INDEX as IGNORE
@@ -65,7 +65,9 @@ def _nice_width(span: float, target_bins: int) -> float:
     return 10 * mag
 
 
-def duration_histogram(durations: Sequence[float], bin_width: float | None = None, target_bins: int = 12) -> list[tuple[float, float, int]]:
+def duration_histogram(
+    durations: Sequence[float], bin_width: float | None = None, target_bins: int = 12
+) -> list[tuple[float, float, int]]:
     """Counts of clips per duration bin: [(lo, hi, count)], bins aligned to multiples of the width.
 
     A clip of exactly `hi` seconds falls in the next bin ([lo, hi) intervals); the last bin
@@ -88,7 +90,9 @@ def _text_chars(text: str) -> int:
     return sum(1 for ch in text if not ch.isspace())
 
 
-def text_rate_outliers(entries: Iterable, low: float = 0.5, high: float = 2.0, z_limit: float = 3.5, min_group: int = 3) -> list[RateOutlier]:
+def text_rate_outliers(
+    entries: Iterable, low: float = 0.5, high: float = 2.0, z_limit: float = 3.5, min_group: int = 3
+) -> list[RateOutlier]:
     """Clips whose characters per second fall outside [low, high] x their reference median,
     or whose robust z-score (median/MAD, Iglewicz-Hoaglin) exceeds `z_limit`.
 
@@ -123,7 +127,11 @@ def text_rate_outliers(entries: Iterable, low: float = 0.5, high: float = 2.0, z
         elif z is not None and abs(z) > z_limit and not 0.8 <= ratio <= 1.25:
             reason = f"robust z-score {z:+.1f} (|z| > {z_limit}) at {ratio:.2f}x the median rate"
         if reason:
-            out.append(RateOutlier(e.id, e.speaker, e.language, _text_chars(e.text), e.duration_s, cps, med, ref_name, ratio, z, reason))
+            out.append(
+                RateOutlier(
+                    e.id, e.speaker, e.language, _text_chars(e.text), e.duration_s, cps, med, ref_name, ratio, z, reason
+                )
+            )
     return out
 
 
@@ -156,7 +164,10 @@ def summarize_cache(cache) -> dict:
             "median": statistics.median(durations) if durations else 0.0,
             "max": max(durations) if durations else 0.0,
         },
-        "speakers": {k: {"clips": v["clips"], "seconds": v["seconds"], "languages": dict(v["languages"])} for k, v in sorted(speakers.items())},
+        "speakers": {
+            k: {"clips": v["clips"], "seconds": v["seconds"], "languages": dict(v["languages"])}
+            for k, v in sorted(speakers.items())
+        },
         "languages": {k: {"clips": languages[k], "seconds": language_seconds[k]} for k in sorted(languages)},
         "with_reference": sum(1 for e in entries if e.ref_key),
         "with_scene": sum(1 for e in entries if e.scene),
@@ -180,7 +191,9 @@ def reason_kinds(reason: str) -> list[str]:
         if not message:
             field, message = "", field
         message = re.sub(r"'[^']*'", "", message).replace("(s)", "s")
-        message = re.sub(r"\b\d+\b", "", re.sub(r"\([^)]*\)", "", message)).split(":", 1)[0]  # counts do not split a kind
+        message = re.sub(r"\b\d+\b", "", re.sub(r"\([^)]*\)", "", message)).split(":", 1)[
+            0
+        ]  # counts do not split a kind
         kinds.append(" ".join(f"{field} {message}".split()) or "unknown")
     return kinds or ["unknown"]
 
@@ -214,9 +227,13 @@ def render_summary(s: dict) -> str:
     if s["outliers"]:
         lines.append(f"text/audio length outliers ({len(s['outliers'])}): check these transcripts")
         for o in s["outliers"]:
-            lines.append(f"  {o['id']}: {o['chars']} chars in {o['duration_s']:.2f} s = {o['chars_per_s']:.1f} chars/s vs median {o['reference_cps']:.1f} of {o['reference']}: {o['reason']}")
+            lines.append(
+                f"  {o['id']}: {o['chars']} chars in {o['duration_s']:.2f} s = {o['chars_per_s']:.1f} chars/s vs median {o['reference_cps']:.1f} of {o['reference']}: {o['reason']}"
+            )
     else:
-        lines.append("text/audio length outliers: none (every clip within 0.5x-2x of its speaker's median characters/s, no robust z-score beyond 3.5)")
+        lines.append(
+            "text/audio length outliers: none (every clip within 0.5x-2x of its speaker's median characters/s, no robust z-score beyond 3.5)"
+        )
     lines.append("")
     if s["rejects"]:
         kinds = ", ".join(f"{k} {n}" for k, n in sorted(s["reject_reasons"].items()))
@@ -224,7 +241,9 @@ def render_summary(s: dict) -> str:
         for r in s["rejects"]:
             where = f"row {r['row']}" if r.get("row") is not None else ""
             ident = r.get("id") or "?"
-            lines.append(f"  {ident} ({where}): {r.get('reason', '')}" if where else f"  {ident}: {r.get('reason', '')}")
+            lines.append(
+                f"  {ident} ({where}): {r.get('reason', '')}" if where else f"  {ident}: {r.get('reason', '')}"
+            )
     else:
         lines.append("rejected at prepare: none")
     return "\n".join(lines)
@@ -361,7 +380,9 @@ def _pct(n: int, d: int) -> str:
 def _render_counts(s: dict, indent: str) -> list[str]:
     k = s["num_codebooks"]
     t = s["text"]
-    lines = [f"{indent}text tokens   {t['total']:>7}  trained {t['trained']:>6} ({_pct(t['trained'], t['total'])})  masked {t['masked']:>7}"]
+    lines = [
+        f"{indent}text tokens   {t['total']:>7}  trained {t['trained']:>6} ({_pct(t['trained'], t['total'])})  masked {t['masked']:>7}"
+    ]
     for name in ROLE_NAMES.values():
         a = s["audio"][name]
         if not a["columns"]:
@@ -377,7 +398,9 @@ def _render_counts(s: dict, indent: str) -> list[str]:
     st = s["stream"]
     lines.append(f"{indent}stream BOS  inputs {st['bos_inputs']}  labels {st['bos_labels']}")
     lines.append(f"{indent}stream EOS  inputs {st['eos_inputs']}  labels {st['eos_labels']}")
-    lines.append(f"{indent}positions with a loss {s['loss_positions']} of {s['tokens']} real tokens ({_pct(s['loss_positions'], s['tokens']).strip()})")
+    lines.append(
+        f"{indent}positions with a loss {s['loss_positions']} of {s['tokens']} real tokens ({_pct(s['loss_positions'], s['tokens']).strip()})"
+    )
     return lines
 
 
@@ -434,7 +457,9 @@ def check_prompt_matches(sample: dict, prompt: dict, tokens) -> int:
     ref_cols = targets[0].audio_start
     p_audio = prompt.get("audio_input_ids")
     p_audio = p_audio[0] if p_audio is not None else sample["audio_input_ids"][:0]
-    if p_audio.shape != sample["audio_input_ids"][:ref_cols].shape or not bool((p_audio == sample["audio_input_ids"][:ref_cols]).all()):
+    if p_audio.shape != sample["audio_input_ids"][:ref_cols].shape or not bool(
+        (p_audio == sample["audio_input_ids"][:ref_cols]).all()
+    ):
         raise DataError(
             f"sample {sid!r}: the generation prompt's audio columns {tuple(p_audio.shape)} differ from the training sample's "
             f"reference columns {tuple(sample['audio_input_ids'][:ref_cols].shape)}."
@@ -511,7 +536,8 @@ def render_sample(sample: dict, prompt: dict, tokenizer, tokens) -> str:
     task = sample.get("task", "")
     ref = sample.get("reference")
     head = [
-        f"sample {sample.get('sample_id', '')}: {task}" + (f", reference {ref}" if ref else "")
+        f"sample {sample.get('sample_id', '')}: {task}"
+        + (f", reference {ref}" if ref else "")
         + f"; {len(ids)} tokens, {len(segs)} audio segment(s) ({describe}), {k} codebooks",
         "text: " + _collapsed_text(tokenizer, ids, tokens),
         f"legend: AO = <|AUDIO_OUT|>, D = <|reserved_special_token_6|> (delay), B = stream BOS {tokens.stream_bos}, "
@@ -519,7 +545,11 @@ def render_sample(sample: dict, prompt: dict, tokenizer, tokens) -> str:
         "",
     ]
     tok_w = max(12, *(len(_token_text(tokenizer, t, tokens, special_ids)) for t in ids))
-    lab_w = max(10, *(len(_token_text(tokenizer, t, tokens, special_ids)) for t in labels if t != IGNORE)) if any(t != IGNORE for t in labels) else 10
+    lab_w = (
+        max(10, *(len(_token_text(tokenizer, t, tokens, special_ids)) for t in labels if t != IGNORE))
+        if any(t != IGNORE for t in labels)
+        else 10
+    )
     code_w = max(len(str(tokens.stream_eos)), 4)
     codes_w = k * (code_w + 1) - 1
     lines = head + [
@@ -611,7 +641,10 @@ def sample_and_prompt(dataset, sample_id: str) -> tuple[dict, dict]:
     sample = dataset[index]
     plan, entry = dataset.plan(index), dataset.entries[index]
     conv = Conversation(
-        text=entry.text, system_prompt=dataset.system_prompt, scene=entry.scene if dataset.use_scene else None, ref_text=plan.ref_text
+        text=entry.text,
+        system_prompt=dataset.system_prompt,
+        scene=entry.scene if dataset.use_scene else None,
+        ref_text=plan.ref_text,
     )
     ref_codes = dataset.cache.codes(plan.ref_key) if plan.ref_key is not None else None
     prompt = build_prompt(conv, dataset.tokenizer, dataset.tokens, ref_codes=ref_codes, sample_id=sample_id)

@@ -34,9 +34,9 @@ import io
 import json
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -69,9 +69,26 @@ DEFAULT_SPEAKER_MODEL = "microsoft/wavlm-base-plus-sv"
 FORMAT = "higgs-tune-eval"
 FORMAT_VERSION = 1
 CSV_COLUMNS = (
-    "id", "speaker", "language", "reference_id", "text", "transcript", "wer", "cer",
-    "word_errors", "ref_words", "char_errors", "ref_chars", "speaker_similarity", "speaker_similarity_gt",
-    "duration_s", "gt_duration_s", "duration_ratio", "stopped", "num_frames", "wav",
+    "id",
+    "speaker",
+    "language",
+    "reference_id",
+    "text",
+    "transcript",
+    "wer",
+    "cer",
+    "word_errors",
+    "ref_words",
+    "char_errors",
+    "ref_chars",
+    "speaker_similarity",
+    "speaker_similarity_gt",
+    "duration_s",
+    "gt_duration_s",
+    "duration_ratio",
+    "stopped",
+    "num_frames",
+    "wav",
 )
 # Whisper's encoder sees 30 s windows; longer outputs are transcribed with its long-form mode.
 WHISPER_WINDOW_S = 30.0
@@ -104,7 +121,7 @@ class AsrModel:
         self.languages = set((getattr(model.generation_config, "lang_to_id", None) or {}).keys())
 
     @classmethod
-    def load(cls, name: str | Path, device: str | torch.device = "cpu") -> "AsrModel":
+    def load(cls, name: str | Path, device: str | torch.device = "cpu") -> AsrModel:
         try:
             processor = AutoProcessor.from_pretrained(str(name))
             model = AutoModelForSpeechSeq2Seq.from_pretrained(str(name)).eval().to(device)
@@ -147,7 +164,11 @@ class AsrModel:
             features = self.processor(
                 chunk, sampling_rate=self.sample_rate, return_tensors="pt", return_attention_mask=True, **kwargs
             )
-            inputs = {k: v.to(device) for k, v in features.items() if k in ("input_features", "attention_mask", "input_values")}
+            inputs = {
+                k: v.to(device)
+                for k, v in features.items()
+                if k in ("input_features", "attention_mask", "input_values")
+            }
             if "input_features" in inputs:
                 inputs["input_features"] = inputs["input_features"].to(self.model.dtype)
             gen_kwargs = {}
@@ -172,7 +193,7 @@ class SpeakerModel:
         self.sample_rate = int(feature_extractor.sampling_rate)
 
     @classmethod
-    def load(cls, name: str | Path, device: str | torch.device = "cpu") -> "SpeakerModel":
+    def load(cls, name: str | Path, device: str | torch.device = "cpu") -> SpeakerModel:
         try:
             fe = AutoFeatureExtractor.from_pretrained(str(name))
             model = AutoModelForAudioXVector.from_pretrained(str(name)).eval().to(device)
@@ -211,7 +232,9 @@ class SpeakerModel:
             if len(w) < shortest:
                 out.append(None)
                 continue
-            x = self.feature_extractor(np.asarray(w, dtype=np.float32), sampling_rate=self.sample_rate, return_tensors="pt")
+            x = self.feature_extractor(
+                np.asarray(w, dtype=np.float32), sampling_rate=self.sample_rate, return_tensors="pt"
+            )
             x = {k: v.to(self.model.device) for k, v in x.items()}
             out.append(self.model(**x).embeddings[0].float().cpu().numpy())
         return out
@@ -244,7 +267,8 @@ def plan_items(rows, infos, pool_rows, pool_infos) -> list[EvalItem]:
             ref_id, ref_path, ref_text = Path(row.ref_audio).stem, row.ref_audio_path, row.ref_text
         else:
             candidates = [
-                c for c in by_speaker.get(row.speaker, [])
+                c
+                for c in by_speaker.get(row.speaker, [])
                 if c.audio_path != row.audio_path and pool_infos[c.audio_path].sha256 != gt.sha256
             ]
             if candidates:
@@ -253,7 +277,20 @@ def plan_items(rows, infos, pool_rows, pool_infos) -> list[EvalItem]:
                 ref_id, ref_path, ref_text = chosen.id, chosen.audio_path, chosen.text
             else:
                 ref_id = ref_path = ref_text = None
-        items.append(EvalItem(row.id, row.text, row.speaker, row.language, row.audio_path, gt.duration_s, row.scene, ref_id, ref_path, ref_text))
+        items.append(
+            EvalItem(
+                row.id,
+                row.text,
+                row.speaker,
+                row.language,
+                row.audio_path,
+                gt.duration_s,
+                row.scene,
+                ref_id,
+                ref_path,
+                ref_text,
+            )
+        )
     return items
 
 
@@ -339,8 +376,12 @@ def evaluate_manifest(
     for language in dict.fromkeys(i.language for i in items):
         group = [(i, r) for i, r in zip(items, results) if i.language == language]
         audible = [(i, r) for i, r in group if len(r.wav)]
-        texts = asr.transcribe([_resample(r.wav, rate, asr.sample_rate) for _, r in audible], language,
-                               batch_size=asr_batch_size, max_new_tokens=asr_max_new_tokens)
+        texts = asr.transcribe(
+            [_resample(r.wav, rate, asr.sample_rate) for _, r in audible],
+            language,
+            batch_size=asr_batch_size,
+            max_new_tokens=asr_max_new_tokens,
+        )
         transcripts.update({i.id: t for (i, _), t in zip(audible, texts)})
         transcripts.update({i.id: "" for i, r in group if not len(r.wav)})
 
@@ -373,39 +414,43 @@ def evaluate_manifest(
             sim = M.cosine_similarity(emb, ref_emb) if ref_emb is not None else None
         if item.ref_path is None:
             notes.append("no other clip of this speaker: generated without a voice prompt (plain TTS)")
-        clips.append({
-            "id": item.id,
-            "speaker": item.speaker,
-            "language": item.language,
-            "reference_id": item.ref_id,
-            "text": item.text,
-            "transcript": transcripts[item.id],
-            "normalized_text": M.normalize_text(item.text, item.language),
-            "normalized_transcript": M.normalize_text(transcripts[item.id], item.language),
-            "wer": _finite(words.rate()),
-            "cer": _finite(chars.rate()),
-            "word_errors": words.errors,
-            "ref_words": words.ref_length,
-            "substitutions": words.substitutions,
-            "deletions": words.deletions,
-            "insertions": words.insertions,
-            "char_errors": chars.errors,
-            "ref_chars": chars.ref_length,
-            "speaker_similarity": sim,
-            "speaker_similarity_gt": sim_gt,
-            "duration_s": res.duration_s,
-            "gt_duration_s": item.gt_duration_s,
-            "duration_ratio": M.duration_ratio(res.duration_s, item.gt_duration_s),
-            "stopped": res.stopped,
-            "num_frames": res.num_frames,
-            "wav": str(wav_path.relative_to(out)),
-            "notes": notes,
-        })
+        clips.append(
+            {
+                "id": item.id,
+                "speaker": item.speaker,
+                "language": item.language,
+                "reference_id": item.ref_id,
+                "text": item.text,
+                "transcript": transcripts[item.id],
+                "normalized_text": M.normalize_text(item.text, item.language),
+                "normalized_transcript": M.normalize_text(transcripts[item.id], item.language),
+                "wer": _finite(words.rate()),
+                "cer": _finite(chars.rate()),
+                "word_errors": words.errors,
+                "ref_words": words.ref_length,
+                "substitutions": words.substitutions,
+                "deletions": words.deletions,
+                "insertions": words.insertions,
+                "char_errors": chars.errors,
+                "ref_chars": chars.ref_length,
+                "speaker_similarity": sim,
+                "speaker_similarity_gt": sim_gt,
+                "duration_s": res.duration_s,
+                "gt_duration_s": item.gt_duration_s,
+                "duration_ratio": M.duration_ratio(res.duration_s, item.gt_duration_s),
+                "stopped": res.stopped,
+                "num_frames": res.num_frames,
+                "wav": str(wav_path.relative_to(out)),
+                "notes": notes,
+            }
+        )
 
     per_language = {}
     for language in dict.fromkeys(c["language"] for c in clips):
         idx = [k for k, c in enumerate(clips) if c["language"] == language]
-        per_language[language] = _summary([clips[k] for k in idx], [word_counts[k] for k in idx], [char_counts[k] for k in idx])
+        per_language[language] = _summary(
+            [clips[k] for k in idx], [word_counts[k] for k in idx], [char_counts[k] for k in idx]
+        )
     results_doc = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -453,7 +498,11 @@ def read_results(path: str | Path) -> dict:
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise DataError(f"{path} is not valid JSON ({e}). Fix: re-run `higgs-tune evaluate`.") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-        raise DataError(f"{path} is not a higgs-tune evaluation result (format {doc.get('format') if isinstance(doc, dict) else None!r}). Fix: re-run `higgs-tune evaluate`.")
+        raise DataError(
+            f"{path} is not a higgs-tune evaluation result (format {doc.get('format') if isinstance(doc, dict) else None!r}). Fix: re-run `higgs-tune evaluate`."
+        )
     if doc.get("format_version", 0) > FORMAT_VERSION:
-        raise DataError(f"{path} has format_version {doc['format_version']}; this higgs-tune reads up to {FORMAT_VERSION}. Fix: upgrade higgs-tune.")
+        raise DataError(
+            f"{path} has format_version {doc['format_version']}; this higgs-tune reads up to {FORMAT_VERSION}. Fix: upgrade higgs-tune."
+        )
     return doc

@@ -63,7 +63,9 @@ def _check_out_dir(out: Path, overwrite: bool) -> None:
         raise OutputDirError(f"{out} exists and is a file. Choose a folder path for the export.")
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
-            raise OutputDirError(f"{out} is not empty. Choose an empty or new folder, or pass --overwrite to replace it.")
+            raise OutputDirError(
+                f"{out} is not empty. Choose an empty or new folder, or pass --overwrite to replace it."
+            )
         if not (out / EXPORT_MARKER).is_file():
             raise OutputDirError(
                 f"{out} is not empty and was not written by `higgs-tune export` (no {EXPORT_MARKER}); "
@@ -99,7 +101,9 @@ def export_merged(
     text_head = None
     if stack_base is not None:
         base_folder = resolve_checkpoint(stack_base)
-        text_head = TEXT_HEAD_KEY in checkpoint_keys(base_folder) or (adapter.is_dir() and adapter_needs_text_head(adapter))
+        text_head = TEXT_HEAD_KEY in checkpoint_keys(base_folder) or (
+            adapter.is_dir() and adapter_needs_text_head(adapter)
+        )
     stack = load_inference_stack(
         stack_base, adapter, device="cpu", dtype=dtype, audio_tokenizer=audio_tokenizer, use_text_head=text_head
     )

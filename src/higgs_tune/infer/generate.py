@@ -28,9 +28,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import soundfile as sf
@@ -42,6 +42,7 @@ from higgs_tune.data.prepare import encode_batch
 from higgs_tune.errors import DataError, HiggsTuneError
 
 logger = logging.getLogger(__name__)
+
 
 class GenerationError(HiggsTuneError):
     """A request that cannot be generated (prompt longer than the model's context, bad options)."""
@@ -63,7 +64,7 @@ class SamplingOptions:
     max_new_tokens: int = 1024  # generated audio columns (T frames need T + K + 1); 25 per second at 25 fps
     seed: int | None = 0  # request i runs under seed + i; None = the global RNG as it is
 
-    def validate(self) -> "SamplingOptions":
+    def validate(self) -> SamplingOptions:
         problems = []
         if self.temperature < 0:
             problems.append(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
@@ -116,7 +117,9 @@ class GenerationRequest:
     def conversation(self) -> Conversation:
         if (self.ref_codes is None) != (self.ref_text is None):
             given = "ref_codes" if self.ref_codes is not None else "ref_text"
-            raise GenerationError(f"request {self.id or self.text[:40]!r}: {given} without the other; voice cloning needs the reference codes and their transcript.")
+            raise GenerationError(
+                f"request {self.id or self.text[:40]!r}: {given} without the other; voice cloning needs the reference codes and their transcript."
+            )
         if self.ref_codes is None:
             return Conversation.tts(self.text, system_prompt=self.system_prompt, scene=self.scene)
         return Conversation.voice_clone(self.text, self.ref_text, system_prompt=self.system_prompt, scene=self.scene)
@@ -172,7 +175,9 @@ def generate_speech(
     try:
         for i, req in enumerate(requests):
             name = req.id or f"request {i + 1}"
-            prompt = build_prompt(req.conversation(), processor.tokenizer, tokens, ref_codes=req.ref_codes, sample_id=name)
+            prompt = build_prompt(
+                req.conversation(), processor.tokenizer, tokens, ref_codes=req.ref_codes, sample_id=name
+            )
             prompt_len = prompt["input_ids"].shape[1]
             room = context - prompt_len
             if room < min_columns:
@@ -184,14 +189,24 @@ def generate_speech(
                 )
             limit = min(options.max_new_tokens, room)
             if limit < options.max_new_tokens:
-                logger.info("%s: max_new_tokens %d capped to %d by the model's context of %d tokens", name, options.max_new_tokens, limit, context)
+                logger.info(
+                    "%s: max_new_tokens %d capped to %d by the model's context of %d tokens",
+                    name,
+                    options.max_new_tokens,
+                    limit,
+                    context,
+                )
             gen_config = options.generation_config(model.generation_config, limit)
             prompt = {k: v.to(device) for k, v in prompt.items()}
             prompt_columns = prompt["audio_input_ids"].shape[1] if "audio_input_ids" in prompt else 0
             # A seeded request runs in a forked RNG (the caller's streams are untouched); without a
             # seed it draws from the global RNG like any other sampling code.
             seeded = options.seed is not None
-            rng = torch.random.fork_rng(devices=[device] if device.type == "cuda" else []) if seeded else contextlib.nullcontext()
+            rng = (
+                torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
+                if seeded
+                else contextlib.nullcontext()
+            )
             with rng, torch.inference_mode():
                 if seeded:
                     torch.manual_seed(options.seed + i)
@@ -247,7 +262,11 @@ def load_codec_audio(path: str | Path, sample_rate: int, what: str = "reference 
     try:
         samples, sr = read_audio(path)
     except AudioReadError as e:
-        fix = "check the path (relative paths are relative to the current folder, or to the JSONL file in --batch)" if str(e) == "file not found" else "re-export it as WAV or FLAC"
+        fix = (
+            "check the path (relative paths are relative to the current folder, or to the JSONL file in --batch)"
+            if str(e) == "file not found"
+            else "re-export it as WAV or FLAC"
+        )
         raise DataError(f"{what} {path}: {e}. Fix: {fix}.") from None
     if samples.shape[0] == 0:
         raise DataError(f"{what} {path} has no samples. Fix: use a clip of speech (a few seconds).")

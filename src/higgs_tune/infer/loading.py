@@ -22,7 +22,14 @@ from higgs_tune.config import ModelConfig
 from higgs_tune.data.layout import SpecialTokens
 from higgs_tune.errors import ModelLoadError
 from higgs_tune.model.audio_attention import AUDIO_ATTN_KEY_PARTS
-from higgs_tune.model.load import TEXT_HEAD_KEY, check_higgs_checkpoint, checkpoint_keys, load_model, load_processor, resolve_checkpoint
+from higgs_tune.model.load import (
+    TEXT_HEAD_KEY,
+    check_higgs_checkpoint,
+    checkpoint_keys,
+    load_model,
+    load_processor,
+    resolve_checkpoint,
+)
 from higgs_tune.model.lora import load_trainable
 
 
@@ -74,7 +81,9 @@ def check_adapter_fits(base_model, adapter_dir: Path, base_name: str) -> list[st
     recorded = adapter_cfg.get("base_model_name_or_path")
     weights = adapter_dir / "adapter_model.safetensors"
     if not weights.is_file():
-        raise ModelLoadError(f"{adapter_dir} has adapter_config.json but no adapter_model.safetensors. Point --adapter at a complete adapter folder (checkpoint-N/ or final/ of a run).")
+        raise ModelLoadError(
+            f"{adapter_dir} has adapter_config.json but no adapter_model.safetensors. Point --adapter at a complete adapter folder (checkpoint-N/ or final/ of a run)."
+        )
 
     modules = dict(base_model.named_modules())
     params = dict(base_model.named_parameters())
@@ -152,7 +161,9 @@ def load_inference_stack(
     adapter_dir = Path(adapter) if adapter is not None else None
     if adapter_dir is not None:
         if not adapter_dir.is_dir():
-            raise ModelLoadError(f"adapter folder {adapter_dir} does not exist. Pass a run's checkpoint-N/ or final/ folder (or a PEFT adapter folder).")
+            raise ModelLoadError(
+                f"adapter folder {adapter_dir} does not exist. Pass a run's checkpoint-N/ or final/ folder (or a PEFT adapter folder)."
+            )
         if not (adapter_dir / "adapter_config.json").is_file() and not (adapter_dir / "config.json").is_file():
             raise ModelLoadError(
                 f"{adapter_dir} holds neither adapter_config.json (LoRA adapter) nor config.json (full fine-tune weights). "
@@ -184,9 +195,13 @@ def load_inference_stack(
         try:
             net = load_trainable(net, adapter_dir)
         except RuntimeError as e:  # torch's load_state_dict size mismatch, for shapes the pre-check cannot see
-            raise ModelLoadError(f"the weights in {adapter_dir} do not fit the base model {model}: {str(e).splitlines()[0]}. Load them onto the base model they were trained from (--model).") from e
+            raise ModelLoadError(
+                f"the weights in {adapter_dir} do not fit the base model {model}: {str(e).splitlines()[0]}. Load them onto the base model they were trained from (--model)."
+            ) from e
     net = net.to(device).eval()
     processor = load_processor(folder, audio_tokenizer)
     processor.audio_tokenizer.to(device)
     tokens = SpecialTokens.from_tokenizer(processor.tokenizer, net.config)
-    return InferenceStack(net, processor, tokens, base=model, adapter=str(adapter_dir) if adapter_dir else None, notes=notes)
+    return InferenceStack(
+        net, processor, tokens, base=model, adapter=str(adapter_dir) if adapter_dir else None, notes=notes
+    )

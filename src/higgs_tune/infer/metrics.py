@@ -18,8 +18,8 @@ from __future__ import annotations
 import math
 import re
 import unicodedata
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import jiwer
 
@@ -97,7 +97,7 @@ class EditCounts:
     def ref_length(self) -> int:
         return self.hits + self.substitutions + self.deletions
 
-    def __add__(self, other: "EditCounts") -> "EditCounts":
+    def __add__(self, other: EditCounts) -> EditCounts:
         return EditCounts(
             self.hits + other.hits,
             self.substitutions + other.substitutions,

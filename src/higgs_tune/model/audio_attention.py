@@ -48,7 +48,7 @@ AUDIO_ATTN_KEY_PARTS = (f".{AUDIO_ATTN}.", f".{AUDIO_ATTN_NORM}.")
 
 # Cache object -> {layer_idx: (keys (B, KVH, Nk, D), values (B, KVH, Nk, D), valid (B, Nk) bool)}.
 # Weak keys: the audio cache disappears with the transformers Cache of that generate call.
-_AUDIO_KV: "weakref.WeakKeyDictionary[object, dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]" = (
+_AUDIO_KV: weakref.WeakKeyDictionary[object, dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = (
     weakref.WeakKeyDictionary()
 )
 

@@ -28,7 +28,14 @@ import torch
 from huggingface_hub import snapshot_download
 from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 from safetensors import safe_open
-from transformers import AutoTokenizer, DacFeatureExtractor, HiggsAudioV2ForConditionalGeneration, HiggsAudioV2Processor, HiggsAudioV2TokenizerConfig, HiggsAudioV2TokenizerModel
+from transformers import (
+    AutoTokenizer,
+    DacFeatureExtractor,
+    HiggsAudioV2ForConditionalGeneration,
+    HiggsAudioV2Processor,
+    HiggsAudioV2TokenizerConfig,
+    HiggsAudioV2TokenizerModel,
+)
 from transformers.utils import is_flash_attn_2_available, is_flash_attn_3_available
 
 from higgs_tune.config import ModelConfig
@@ -62,9 +69,13 @@ def resolve_checkpoint(name_or_path: str | Path) -> Path:
     if _looks_like_path(name):
         path = Path(name).expanduser()
         if not path.exists():
-            raise ModelLoadError(f"checkpoint folder {path} does not exist. Set model.name_or_path to a Higgs Audio v2 folder or Hub id.")
+            raise ModelLoadError(
+                f"checkpoint folder {path} does not exist. Set model.name_or_path to a Higgs Audio v2 folder or Hub id."
+            )
         if not path.is_dir():
-            raise ModelLoadError(f"{path} is a file, not a checkpoint folder. Set model.name_or_path to the folder that holds config.json.")
+            raise ModelLoadError(
+                f"{path} is a file, not a checkpoint folder. Set model.name_or_path to the folder that holds config.json."
+            )
         return path
     try:
         return Path(snapshot_download(repo_id=name, allow_patterns=_HUB_PATTERNS))
@@ -86,7 +97,9 @@ def _read_json(path: Path) -> dict:
 def read_model_config(folder: Path) -> dict:
     path = folder / "config.json"
     if not path.is_file():
-        raise ModelLoadError(f"{folder} has no config.json: it is not a model checkpoint. Point model.name_or_path at a Higgs Audio v2 checkpoint folder.")
+        raise ModelLoadError(
+            f"{folder} has no config.json: it is not a model checkpoint. Point model.name_or_path at a Higgs Audio v2 checkpoint folder."
+        )
     return _read_json(path)
 
 
@@ -169,7 +182,9 @@ def load_text_tokenizer(name_or_path: str | Path):
     try:
         return AutoTokenizer.from_pretrained(str(folder))
     except (OSError, ValueError) as e:
-        raise ModelLoadError(f"the text tokenizer in {folder} could not be loaded ({e}). Re-save it with tokenizer.save_pretrained.") from e
+        raise ModelLoadError(
+            f"the text tokenizer in {folder} could not be loaded ({e}). Re-save it with tokenizer.save_pretrained."
+        ) from e
 
 
 def _recorded_audio_tokenizer(folder: Path) -> str | None:
@@ -232,13 +247,18 @@ def check_codec_matches(model_config: dict, codec_config, model_where: Path, cod
     k, size = codec_config.num_quantizers, codec_config.codebook_size
     problems = []
     if model_config.get("num_codebooks") != k:
-        problems.append(f"num_codebooks {model_config.get('num_codebooks')} != the audio tokenizer's num_quantizers {k}")
+        problems.append(
+            f"num_codebooks {model_config.get('num_codebooks')} != the audio tokenizer's num_quantizers {k}"
+        )
     if model_config.get("codebook_size") != size + 2:
         problems.append(
             f"codebook_size {model_config.get('codebook_size')} != audio tokenizer codebook_size {size} + 2 "
             "(stream BOS and EOS rows)"
         )
-    if model_config.get("audio_stream_bos_id", size) != size or model_config.get("audio_stream_eos_id", size + 1) != size + 1:
+    if (
+        model_config.get("audio_stream_bos_id", size) != size
+        or model_config.get("audio_stream_eos_id", size + 1) != size + 1
+    ):
         problems.append(
             f"audio_stream_bos_id/eos_id {model_config.get('audio_stream_bos_id')}/{model_config.get('audio_stream_eos_id')} "
             f"!= {size}/{size + 1}"
@@ -259,7 +279,13 @@ def _feature_extractor(folder: Path, sample_rate: int):
     if fields is None and (folder / "preprocessor_config.json").is_file():
         fields = _read_json(folder / "preprocessor_config.json")
     if fields is None:
-        fields = {"feature_size": 1, "hop_length": 1, "padding_side": "right", "padding_value": 0.0, "return_attention_mask": True}
+        fields = {
+            "feature_size": 1,
+            "hop_length": 1,
+            "padding_side": "right",
+            "padding_value": 0.0,
+            "return_attention_mask": True,
+        }
     fields = {k: v for k, v in fields.items() if k not in ("feature_extractor_type", "processor_class")}
     fields.setdefault("sampling_rate", sample_rate)
     if fields["sampling_rate"] != sample_rate:
@@ -284,7 +310,11 @@ def _check_token_ids(model_config: dict, tokenizer, folder: Path) -> None:
             if got != model_config[field]:
                 wrong.append(f"{field}={model_config[field]} but the tokenizer maps {token} to {got}")
     if wrong:
-        raise ModelLoadError(f"tokenizer and model config of {folder} disagree: " + "; ".join(wrong) + ". Use the tokenizer saved with this model.")
+        raise ModelLoadError(
+            f"tokenizer and model config of {folder} disagree: "
+            + "; ".join(wrong)
+            + ". Use the tokenizer saved with this model."
+        )
 
 
 def load_processor(name_or_path: str | Path, audio_tokenizer: str | Path | None = None):
@@ -326,7 +356,9 @@ def _check_attention_backend(name: str, dtype: torch.dtype) -> None:
                 "Install it (pip install flash-attn --no-build-isolation) or set model.attn_implementation: sdpa."
             )
         if dtype == torch.float32:
-            raise ModelLoadError(f"{name} needs bfloat16 or float16 weights; model.dtype is float32. Set model.dtype: bfloat16 or use sdpa.")
+            raise ModelLoadError(
+                f"{name} needs bfloat16 or float16 weights; model.dtype is float32. Set model.dtype: bfloat16 or use sdpa."
+            )
 
 
 def load_model(cfg: ModelConfig, device=None):
@@ -371,7 +403,10 @@ def load_model(cfg: ModelConfig, device=None):
             "\n%s\nmodel.use_text_head is true but %s has no %s: the text head is RANDOMLY initialised.\n"
             "The text loss starts at chance level (ln(vocab)) and the head must learn from scratch.\n"
             "Set model.use_text_head: false and loss.text_weight: 0 unless that is what you want.\n%s",
-            "!" * 78, folder, TEXT_HEAD_KEY, "!" * 78,
+            "!" * 78,
+            folder,
+            TEXT_HEAD_KEY,
+            "!" * 78,
         )
     if missing:
         names = sorted(missing)
@@ -381,7 +416,12 @@ def load_model(cfg: ModelConfig, device=None):
         )
     unexpected = sorted(k for k in info["unexpected_keys"] if not any(p in k for p in AUDIO_ATTN_KEY_PARTS))
     if unexpected:
-        logger.warning("%s has %d weight(s) the model does not use (ignored): %s", folder, len(unexpected), ", ".join(unexpected[:8]))
+        logger.warning(
+            "%s has %d weight(s) the model does not use (ignored): %s",
+            folder,
+            len(unexpected),
+            ", ".join(unexpected[:8]),
+        )
 
     if cfg.audio_self_attention:
         enable_audio_self_attention(model)

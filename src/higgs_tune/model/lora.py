@@ -98,7 +98,9 @@ def resolve_targets(model, pathways) -> dict[str, list[str]]:
         found = [n for n in names if pattern.fullmatch(n)]
         if not found:
             hint = " Set model.audio_self_attention: true to add the block." if pathway == cfg_names.AUDIO_ATTN else ""
-            raise ModelLoadError(f"LoRA pathway {pathway!r} (pattern {PATHWAYS[pathway]}) matches no module of this model.{hint}")
+            raise ModelLoadError(
+                f"LoRA pathway {pathway!r} (pattern {PATHWAYS[pathway]}) matches no module of this model.{hint}"
+            )
         out[pathway] = found
     return out
 
@@ -119,7 +121,9 @@ def resolve_train_modules(model, modules) -> dict[str, list[str]]:
                 cfg_names.TEXT_LM_HEAD: " Load the model with model.use_text_head: true.",
                 cfg_names.AUDIO_ATTN: " Set model.audio_self_attention: true to add the block.",
             }
-            raise ModelLoadError(f"module {group!r} (pattern {TRAIN_MODULES[group]}) is not in this model.{hints.get(group, '')}")
+            raise ModelLoadError(
+                f"module {group!r} (pattern {TRAIN_MODULES[group]}) is not in this model.{hints.get(group, '')}"
+            )
         out[group] = found
     return out
 
@@ -127,7 +131,9 @@ def resolve_train_modules(model, modules) -> dict[str, list[str]]:
 def apply_finetuning(model, cfg: FinetuneConfig):
     """Mark what trains. lora: returns a peft.PeftModel; full: the same model, `cfg.freeze` frozen."""
     if isinstance(model, PeftModel):
-        raise ModelLoadError("apply_finetuning got a model that already has PEFT adapters; pass the plain transformers model.")
+        raise ModelLoadError(
+            "apply_finetuning got a model that already has PEFT adapters; pass the plain transformers model."
+        )
     if cfg.mode == "full":
         for p in model.parameters():
             p.requires_grad_(True)
@@ -144,7 +150,9 @@ def apply_finetuning(model, cfg: FinetuneConfig):
             f"{', '.join(cfg.train_modules) or 'whole modules'}, use mode: full with freeze for everything else."
         )
     if cfg_names.AUDIO_ATTN in cfg.pathways and cfg_names.AUDIO_ATTN in cfg.train_modules:
-        raise ModelLoadError("audio_attn is both a LoRA pathway and a fully trained module: list it in one of finetune.pathways / finetune.train_modules.")
+        raise ModelLoadError(
+            "audio_attn is both a LoRA pathway and a fully trained module: list it in one of finetune.pathways / finetune.train_modules."
+        )
     targets = resolve_targets(model, cfg.pathways)
     to_save = resolve_train_modules(model, cfg.train_modules)
     # With activation checkpointing on, get_peft_model calls model.enable_input_require_grads():
@@ -165,8 +173,14 @@ def apply_finetuning(model, cfg: FinetuneConfig):
     total = sum(p.numel() for p in peft_model.parameters())
     logger.info(
         "LoRA r=%d alpha=%d on %d modules (%s)%s; trainable %s of %s parameters (%.2f%%)",
-        cfg.lora_r, cfg.lora_alpha, sum(len(v) for v in targets.values()), ", ".join(targets),
-        f", fully trained: {', '.join(to_save)}" if to_save else "", f"{trainable:,}", f"{total:,}", 100.0 * trainable / total,
+        cfg.lora_r,
+        cfg.lora_alpha,
+        sum(len(v) for v in targets.values()),
+        ", ".join(targets),
+        f", fully trained: {', '.join(to_save)}" if to_save else "",
+        f"{trainable:,}",
+        f"{total:,}",
+        100.0 * trainable / total,
     )
     return peft_model
 
@@ -213,7 +227,11 @@ def save_trainable(model, out_dir: str | Path, state_dict=None) -> Path:
         model.save_pretrained(str(out), **kw)
         extras = _audio_attention_extras(model, state_dict)
         if extras:
-            save_file(extras, str(out / EXTRA_WEIGHTS), metadata={"format": "pt", "content": "higgs-tune audio self-attention"})
+            save_file(
+                extras,
+                str(out / EXTRA_WEIGHTS),
+                metadata={"format": "pt", "content": "higgs-tune audio self-attention"},
+            )
     else:
         model.save_pretrained(str(out), **kw)
     return out
@@ -233,7 +251,9 @@ def load_trainable(base_model, in_dir: str | Path, is_trainable: bool = False):
             _load_exact(base_model, extras, folder / EXTRA_WEIGHTS, only_audio_attention=True)
         return PeftModel.from_pretrained(base_model, str(folder), is_trainable=is_trainable)
     if not (folder / "config.json").is_file():
-        raise ModelLoadError(f"{folder} holds neither {ADAPTER_CONFIG} (LoRA) nor config.json + weights (full); nothing to load.")
+        raise ModelLoadError(
+            f"{folder} holds neither {ADAPTER_CONFIG} (LoRA) nor config.json + weights (full); nothing to load."
+        )
     keys = checkpoint_keys(folder)
     tensors = read_tensors(keys, keys)
     if any(any(p in k for p in AUDIO_ATTN_KEY_PARTS) for k in tensors) and not has_audio_self_attention(base_model):
@@ -282,8 +302,10 @@ def verify_trainable(model, folder: str | Path, state_dict=None) -> None:
             saved = f.get_tensor(key)
             live = tensor.detach().to("cpu")
             if saved.shape != live.shape or saved.dtype != live.dtype or not torch.equal(saved, live):
-                raise ModelLoadError(f"{path}: tensor {key} differs from the weights in memory "
-                                     f"(saved {tuple(saved.shape)} {saved.dtype}, live {tuple(live.shape)} {live.dtype}).")
+                raise ModelLoadError(
+                    f"{path}: tensor {key} differs from the weights in memory "
+                    f"(saved {tuple(saved.shape)} {saved.dtype}, live {tuple(live.shape)} {live.dtype})."
+                )
     finally:
         handles.clear()
 
@@ -385,11 +407,15 @@ class ParamReport:
         def pct(n):
             return f"{100.0 * n / self.total:6.2f}%" if self.total else "   -  "
 
-        lines = [f"parameters ({self.mode} fine-tuning; dtype {', '.join(f'{d}: {n:,}' for d, n in self.dtypes.items())})"]
+        lines = [
+            f"parameters ({self.mode} fine-tuning; dtype {', '.join(f'{d}: {n:,}' for d, n in self.dtypes.items())})"
+        ]
         lines.append(f"  {'group':<11} {'trainable':>15} {'':>7}  {'frozen':>15} {'':>7}")
         for r in self.rows:
             lines.append(f"  {r.group:<11} {r.trainable:>15,} {pct(r.trainable)}  {r.frozen:>15,} {pct(r.frozen)}")
-        lines.append(f"  {'total':<11} {self.trainable:>15,} {pct(self.trainable)}  {self.frozen:>15,} {pct(self.frozen)}")
+        lines.append(
+            f"  {'total':<11} {self.trainable:>15,} {pct(self.trainable)}  {self.frozen:>15,} {pct(self.frozen)}"
+        )
         if self.targets:
             lines.append("LoRA targets:")
             for pathway, patterns in self.targets.items():

@@ -170,9 +170,14 @@ def make_tiny_adapter(
 ) -> Path:
     """A LoRA adapter folder for the tiny stack at `base_dir`: B ~ N(0, scale^2) instead of PEFT's
     zeros, fully trained modules perturbed by N(0, (scale/5)^2), saved with `save_trainable`."""
-    model = load_model(ModelConfig(name_or_path=str(base_dir), dtype="float32", use_text_head=True,
-                                   audio_self_attention=audio_self_attention))
-    cfg = FinetuneConfig(pathways=list(pathways), train_modules=list(train_modules), lora_r=4, lora_alpha=8, lora_dropout=0.0)
+    model = load_model(
+        ModelConfig(
+            name_or_path=str(base_dir), dtype="float32", use_text_head=True, audio_self_attention=audio_self_attention
+        )
+    )
+    cfg = FinetuneConfig(
+        pathways=list(pathways), train_modules=list(train_modules), lora_r=4, lora_alpha=8, lora_dropout=0.0
+    )
     peft_model = apply_finetuning(model, cfg)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():

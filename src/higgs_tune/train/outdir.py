@@ -61,8 +61,20 @@ _FALLBACK_MODULE_PARAMS = 400_000_000
 _OVERHEAD_BYTES = 8 << 20  # config, manifest, RNG states, pickle framing
 _OPTIMIZER_BYTES_PER_PARAM = 8  # AdamW: two moments, counted as fp32 (the upper bound)
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
-_SAFETENSORS_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-                            "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+_SAFETENSORS_DTYPE_BYTES = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+}
 
 
 # ---------------------------------------------------------------- size estimates
@@ -158,17 +170,31 @@ def rough_checkpoint_bytes(cfg: Any) -> int:
     if shapes:
         total = sum(numel(s) for _, s in shapes.values())
         if f.mode == "full":
-            frozen = sum(numel(s) for name, (_, s) in shapes.items()
-                         if any(p.search(name) for key, p in {**_PATHWAY_PATTERNS, **_MODULE_PATTERNS}.items() if key in f.freeze))
+            frozen = sum(
+                numel(s)
+                for name, (_, s) in shapes.items()
+                if any(
+                    p.search(name) for key, p in {**_PATHWAY_PATTERNS, **_MODULE_PATTERNS}.items() if key in f.freeze
+                )
+            )
             saved, trainable = total, total - frozen
         else:
-            lora = sum(f.lora_r * (s[0] + s[1]) for name, (_, s) in shapes.items()
-                       if len(s) == 2 and any(_PATHWAY_PATTERNS[p].search(name) for p in f.pathways if p in _PATHWAY_PATTERNS))
-            modules = sum(numel(s) for name, (_, s) in shapes.items()
-                          if any(_MODULE_PATTERNS[m].search(name) for m in f.train_modules if m in _MODULE_PATTERNS))
+            lora = sum(
+                f.lora_r * (s[0] + s[1])
+                for name, (_, s) in shapes.items()
+                if len(s) == 2 and any(_PATHWAY_PATTERNS[p].search(name) for p in f.pathways if p in _PATHWAY_PATTERNS)
+            )
+            modules = sum(
+                numel(s)
+                for name, (_, s) in shapes.items()
+                if any(_MODULE_PATTERNS[m].search(name) for m in f.train_modules if m in _MODULE_PATTERNS)
+            )
             saved = trainable = lora + modules
     else:
-        log.info("output dir: %s is not on this machine yet; the space check assumes the released 3B model", cfg.model.name_or_path)
+        log.info(
+            "output dir: %s is not on this machine yet; the space check assumes the released 3B model",
+            cfg.model.name_or_path,
+        )
         if f.mode == "full":
             saved = trainable = _FALLBACK_PARAMS
         else:
@@ -186,11 +212,15 @@ def checkpoints_on_disk(cfg: Any, total_steps: int | None = None) -> tuple[int, 
     steps = total_steps or cfg.train.max_steps
     best = 1 if c.keep_best else 0
     if c.save_total_limit is not None:
-        return c.save_total_limit + 2 + best, f"save_total_limit {c.save_total_limit} + final + one being written" + (" + best" if best else "")
+        return c.save_total_limit + 2 + best, f"save_total_limit {c.save_total_limit} + final + one being written" + (
+            " + best" if best else ""
+        )
     if steps:
         n = steps // c.save_steps
         return n + 2, f"{n} saves (all kept) + final + one being written"
-    log.warning("output dir: save_total_limit is null (keep all) and the run length is not known yet: the space check counts 5 checkpoints")
+    log.warning(
+        "output dir: save_total_limit is null (keep all) and the run length is not known yet: the space check counts 5 checkpoints"
+    )
     return 5, "5 (keep-all, run length unknown)"
 
 
@@ -268,8 +298,12 @@ def _remove_our_artefacts(path: Path, entries: list[Path]) -> None:
         else:
             entry.unlink()
     fsync_path(path)
-    log.warning("output dir: --overwrite removed %d earlier run artefact(s) from %s: %s",
-                len(entries), path, ", ".join(sorted(e.name for e in entries)))
+    log.warning(
+        "output dir: --overwrite removed %d earlier run artefact(s) from %s: %s",
+        len(entries),
+        path,
+        ", ".join(sorted(e.name for e in entries)),
+    )
 
 
 def _check_contents(path: Path, cfg: Any, overwrite: bool, resume: str | Path | None) -> tuple[list[Path], bool]:
@@ -286,34 +320,48 @@ def _check_contents(path: Path, cfg: Any, overwrite: bool, resume: str | Path | 
 
     resume_inside = resume is not None and (str(resume) == "auto" or _inside(Path(resume), path))
     if overwrite and resume_inside:
-        raise OutputDirError(f"--overwrite would remove the checkpoints that --resume {resume} continues from in {path}: use one of the two.")
+        raise OutputDirError(
+            f"--overwrite would remove the checkpoints that --resume {resume} continues from in {path}: use one of the two."
+        )
     if resume is not None and not overwrite and (is_run or ours):
         if not is_run:
-            raise OutputDirError(f"{path} holds higgs-tune artefacts but no config.yaml written by higgs-tune, so it cannot be checked to be a run of this config. "
-                                 f"Copy a checkpoint's config.yaml there to continue it, or start over with --overwrite.")
+            raise OutputDirError(
+                f"{path} holds higgs-tune artefacts but no config.yaml written by higgs-tune, so it cannot be checked to be a run of this config. "
+                f"Copy a checkpoint's config.yaml there to continue it, or start over with --overwrite."
+            )
         try:
             saved = yaml.safe_load(run_config.read_text(encoding="utf-8")) or {}
         except (OSError, yaml.YAMLError) as e:
-            raise OutputDirError(f"{run_config} cannot be read ({e}): cannot check that this is a run of the same config. Start over with --overwrite or choose another output_dir.") from e
+            raise OutputDirError(
+                f"{run_config} cannot be read ({e}): cannot check that this is a run of the same config. Start over with --overwrite or choose another output_dir."
+            ) from e
         changes = resume_config_changes(saved, cfg)
         if changes:
             listing = "\n  ".join(changes)
-            raise OutputDirError(f"{path} is a run of a different config; changed settings that resuming must keep:\n  {listing}\n"
-                                 "Restore them to resume, start over there with --overwrite, or choose a new output_dir "
-                                 "(and --resume-weights-only CHECKPOINT to start from its weights).")
+            raise OutputDirError(
+                f"{path} is a run of a different config; changed settings that resuming must keep:\n  {listing}\n"
+                "Restore them to resume, start over there with --overwrite, or choose a new output_dir "
+                "(and --resume-weights-only CHECKPOINT to start from its weights)."
+            )
         if foreign:
             log.info("output dir: %s also holds files higgs-tune did not write (kept): %s", path, shown)
         return [], True
     if foreign:
         if overwrite:
-            raise OutputDirError(f"{path} holds files higgs-tune did not write ({shown}); --overwrite removes only higgs-tune's own "
-                                 "files and never these. Move them away or choose another checkpoint.output_dir.")
-        raise OutputDirError(f"{path} is not empty and is not a higgs-tune run (it holds {shown}): choose an empty or new checkpoint.output_dir.")
+            raise OutputDirError(
+                f"{path} holds files higgs-tune did not write ({shown}); --overwrite removes only higgs-tune's own "
+                "files and never these. Move them away or choose another checkpoint.output_dir."
+            )
+        raise OutputDirError(
+            f"{path} is not empty and is not a higgs-tune run (it holds {shown}): choose an empty or new checkpoint.output_dir."
+        )
     if overwrite:
         return ours, False
     names = ", ".join(e.name for e in ours[:5]) + (" ..." if len(ours) > 5 else "")
-    raise OutputDirError(f"{path} holds an earlier higgs-tune run ({names}): continue it with --resume auto, start over with --overwrite "
-                         "(removes only higgs-tune's files), or choose another checkpoint.output_dir.")
+    raise OutputDirError(
+        f"{path} holds an earlier higgs-tune run ({names}): continue it with --resume auto, start over with --overwrite "
+        "(removes only higgs-tune's files), or choose another checkpoint.output_dir."
+    )
 
 
 def _inside(child: Path, parent: Path) -> bool:
@@ -328,14 +376,18 @@ def _existing_checkpoints(path: Path) -> int:
     return sum(1 for e in path.iterdir() if e.is_dir() and (e.name == FINAL_NAME or CHECKPOINT_RE.match(e.name)))
 
 
-def _prepare_main(cfg: Any, overwrite: bool, resume: str | Path | None, estimate_bytes: int, total_steps: int | None) -> Path:
+def _prepare_main(
+    cfg: Any, overwrite: bool, resume: str | Path | None, estimate_bytes: int, total_steps: int | None
+) -> Path:
     c = cfg.checkpoint
     path = Path(c.output_dir)
     try:
         _ensure_writable(path)
     except OutputDirError as first:
         if not c.output_dir_fallback:
-            raise OutputDirError(f"{first} Or set checkpoint.output_dir_fallback to a folder to use instead.") from first
+            raise OutputDirError(
+                f"{first} Or set checkpoint.output_dir_fallback to a folder to use instead."
+            ) from first
         fallback = Path(c.output_dir_fallback)
         log.warning("!" * 78)
         log.warning("OUTPUT DIR FALLBACK: %s", first)
@@ -371,9 +423,16 @@ def _prepare_main(cfg: Any, overwrite: bool, resume: str | Path | None, estimate
     # The run's config.yaml marks the folder as a run of this config (for --resume and
     # --overwrite later); a continued run's non-resume settings may have changed, so rewrite.
     atomic_write_text(path / CONFIG_FILE, config_yaml_text(cfg))
-    log.info("output dir: %s (%s); %s free, needs about %s (%d checkpoint(s) x %s + min_free_gb %s GB)",
-             path, "continuing the run there" if continued else "new run", format_bytes(shutil.disk_usage(path).free),
-             format_bytes(needed), n, format_bytes(estimate_bytes), c.min_free_gb)
+    log.info(
+        "output dir: %s (%s); %s free, needs about %s (%d checkpoint(s) x %s + min_free_gb %s GB)",
+        path,
+        "continuing the run there" if continued else "new run",
+        format_bytes(shutil.disk_usage(path).free),
+        format_bytes(needed),
+        n,
+        format_bytes(estimate_bytes),
+        c.min_free_gb,
+    )
     return path
 
 

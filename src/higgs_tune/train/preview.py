@@ -107,10 +107,27 @@ def prediction_preview(
             t_k, p_k = a_tgt[valid, k].tolist(), a_prd[valid, k].tolist()
             correct = sum(x == y for x, y in zip(t_k, p_k))
             acc = correct / len(t_k) if t_k else 0.0
-            audio_items.append({"codebook": k, "target": t_k[:num_frames], "pred": p_k[:num_frames],
-                                "correct": correct, "n": len(t_k), "acc": acc})
+            audio_items.append(
+                {
+                    "codebook": k,
+                    "target": t_k[:num_frames],
+                    "pred": p_k[:num_frames],
+                    "correct": correct,
+                    "n": len(t_k),
+                    "acc": acc,
+                }
+            )
             lines.append(f"      cb{k}  target [{_frames(t_k, num_frames, stream_eos_id)}]")
-            lines.append(f"           pred   [{_frames(p_k, num_frames, stream_eos_id)}]  acc {acc:.3f} ({correct}/{len(t_k)})")
-        samples.append({"sample_id": sid, "text": text_items, "text_correct": text_correct, "n_text_tokens": len(pos),
-                        "audio": audio_items})
+            lines.append(
+                f"           pred   [{_frames(p_k, num_frames, stream_eos_id)}]  acc {acc:.3f} ({correct}/{len(t_k)})"
+            )
+        samples.append(
+            {
+                "sample_id": sid,
+                "text": text_items,
+                "text_correct": text_correct,
+                "n_text_tokens": len(pos),
+                "audio": audio_items,
+            }
+        )
     return Preview("\n".join(lines), {"event": "preview", "step": step, "split": split, "samples": samples})

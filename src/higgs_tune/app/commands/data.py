@@ -31,23 +31,87 @@ from higgs_tune.errors import TrainingHealthError
 
 @click.command("prepare")
 @click.argument("manifest", required=False, type=click.Path(dir_okay=False))
-@click.option("--model", "model", metavar="MODEL", help="Model folder with audio_tokenizer/, or an audio tokenizer folder.")
-@click.option("--out", "out_dir", metavar="CACHE_DIR", help="Folder for the code cache (created; re-runs update it incrementally).")
-@click.option("--skip-invalid", is_flag=True, help="Prepare the valid rows and list the others in CACHE_DIR/rejects.jsonl (default: any bad row stops with the full list and writes nothing).")
-@click.option("--batch-seconds", type=float, default=DEFAULT_BATCH_SECONDS, show_default=True, help="Padded audio per codec call; 0 encodes clips one by one.")
-@click.option("--pad-tolerance", "pad_tolerance_s", type=float, default=DEFAULT_PAD_TOLERANCE_S, show_default=True, help="Seconds of zero padding allowed when batching clips of different lengths (the codec has no padding mask, so padding can change a few codes); 0 = codes identical to one-by-one encoding.")
+@click.option(
+    "--model", "model", metavar="MODEL", help="Model folder with audio_tokenizer/, or an audio tokenizer folder."
+)
+@click.option(
+    "--out",
+    "out_dir",
+    metavar="CACHE_DIR",
+    help="Folder for the code cache (created; re-runs update it incrementally).",
+)
+@click.option(
+    "--skip-invalid",
+    is_flag=True,
+    help="Prepare the valid rows and list the others in CACHE_DIR/rejects.jsonl (default: any bad row stops with the full list and writes nothing).",
+)
+@click.option(
+    "--batch-seconds",
+    type=float,
+    default=DEFAULT_BATCH_SECONDS,
+    show_default=True,
+    help="Padded audio per codec call; 0 encodes clips one by one.",
+)
+@click.option(
+    "--pad-tolerance",
+    "pad_tolerance_s",
+    type=float,
+    default=DEFAULT_PAD_TOLERANCE_S,
+    show_default=True,
+    help="Seconds of zero padding allowed when batching clips of different lengths (the codec has no padding mask, so padding can change a few codes); 0 = codes identical to one-by-one encoding.",
+)
 @click.option("--normalize-loudness", is_flag=True, help="Scale each clip to -20 dBFS RMS, limited to a -1 dBFS peak.")
-@click.option("--min-seconds", type=float, default=DEFAULT_MIN_SECONDS, show_default=True, help="Shorter clips are invalid.")
-@click.option("--max-seconds", type=float, default=DEFAULT_MAX_SECONDS, show_default=True, help="Longer clips are invalid.")
+@click.option(
+    "--min-seconds", type=float, default=DEFAULT_MIN_SECONDS, show_default=True, help="Shorter clips are invalid."
+)
+@click.option(
+    "--max-seconds", type=float, default=DEFAULT_MAX_SECONDS, show_default=True, help="Longer clips are invalid."
+)
 @click.option("--allow-outside-root", is_flag=True, help="Accept audio paths outside the manifest's folder.")
-@click.option("--overwrite", is_flag=True, help="Rebuild CACHE_DIR from scratch (needed when it holds codes of another codec); with --from-folder, replace an existing manifest that differs (an identical one is reused).")
-@click.option("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, show_default=True, help="Clips per shard file; an interrupted run loses at most one shard of work.")
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Rebuild CACHE_DIR from scratch (needed when it holds codes of another codec); with --from-folder, replace an existing manifest that differs (an identical one is reused).",
+)
+@click.option(
+    "--shard-size",
+    type=int,
+    default=DEFAULT_SHARD_SIZE,
+    show_default=True,
+    help="Clips per shard file; an interrupted run loses at most one shard of work.",
+)
 @click.option("--device", default=None, help="Device for the codec (default: cuda if available, else cpu).")
-@click.option("--from-folder", "from_folder", type=click.Path(file_okay=False), metavar="DIR", help="Convert a folder of <name>.wav + <name>.txt pairs (or with a metadata.json) into a manifest first.")
-@click.option("--manifest-out", type=click.Path(dir_okay=False), help="With --from-folder: where to write the manifest (default: DIR/../<DIR name>.jsonl).")
+@click.option(
+    "--from-folder",
+    "from_folder",
+    type=click.Path(file_okay=False),
+    metavar="DIR",
+    help="Convert a folder of <name>.wav + <name>.txt pairs (or with a metadata.json) into a manifest first.",
+)
+@click.option(
+    "--manifest-out",
+    type=click.Path(dir_okay=False),
+    help="With --from-folder: where to write the manifest (default: DIR/../<DIR name>.jsonl).",
+)
 @click.option("--language", default=None, help="With --from-folder: language code for rows whose metadata has none.")
-def prepare_command(manifest, model, out_dir, skip_invalid, batch_seconds, pad_tolerance_s, normalize_loudness, min_seconds,
-                    max_seconds, allow_outside_root, overwrite, shard_size, device, from_folder, manifest_out, language):
+def prepare_command(
+    manifest,
+    model,
+    out_dir,
+    skip_invalid,
+    batch_seconds,
+    pad_tolerance_s,
+    normalize_loudness,
+    min_seconds,
+    max_seconds,
+    allow_outside_root,
+    overwrite,
+    shard_size,
+    device,
+    from_folder,
+    manifest_out,
+    language,
+):
     """Validate MANIFEST (JSON Lines: audio, text, speaker, language[, id, scene, ref_audio, ref_text])
     and encode its clips with the model's audio tokenizer into CACHE_DIR.
 
@@ -67,7 +131,11 @@ def prepare_command(manifest, model, out_dir, skip_invalid, batch_seconds, pad_t
 
     if from_folder:
         converted = convert_folder(from_folder, manifest_out=manifest_out, overwrite=overwrite, language=language)
-        click.echo(f"{converted.manifest} is up to date ({converted.rows} rows)" if converted.unchanged else f"wrote {converted.manifest} ({converted.rows} rows)")
+        click.echo(
+            f"{converted.manifest} is up to date ({converted.rows} rows)"
+            if converted.unchanged
+            else f"wrote {converted.manifest} ({converted.rows} rows)"
+        )
         if converted.ignored_keys:
             click.echo(f"  metadata.json keys with no manifest field, not copied: {', '.join(converted.ignored_keys)}")
         if converted.outside_root:
@@ -78,13 +146,26 @@ def prepare_command(manifest, model, out_dir, skip_invalid, batch_seconds, pad_t
 
     try:
         result = prepare_manifest(
-            manifest, model, out_dir, skip_invalid=skip_invalid, batch_seconds=batch_seconds, pad_tolerance_s=pad_tolerance_s,
-            normalize_loudness=normalize_loudness, min_seconds=min_seconds, max_seconds=max_seconds,
-            allow_outside_root=allow_outside_root, overwrite=overwrite, shard_size=shard_size,
-            device=device, progress=True, log=lambda msg: click.echo(msg, err=True),
+            manifest,
+            model,
+            out_dir,
+            skip_invalid=skip_invalid,
+            batch_seconds=batch_seconds,
+            pad_tolerance_s=pad_tolerance_s,
+            normalize_loudness=normalize_loudness,
+            min_seconds=min_seconds,
+            max_seconds=max_seconds,
+            allow_outside_root=allow_outside_root,
+            overwrite=overwrite,
+            shard_size=shard_size,
+            device=device,
+            progress=True,
+            log=lambda msg: click.echo(msg, err=True),
         )
     except KeyboardInterrupt:
-        click.echo(f"\ninterrupted: finished shards in {out_dir} are kept; run the same command again to resume.", err=True)
+        click.echo(
+            f"\ninterrupted: finished shards in {out_dir} are kept; run the same command again to resume.", err=True
+        )
         sys.exit(130)
     click.echo(result.summary())
 
@@ -100,7 +181,9 @@ def _load_config(config_path: str | None, model: str | None, cache_dir: Path):
             cfg.model.name_or_path = model
         return cfg
     if not model:
-        raise click.UsageError("--batches and --show need the model's tokenizer: pass --config CONFIG.yaml (or --model MODEL).")
+        raise click.UsageError(
+            "--batches and --show need the model's tokenizer: pass --config CONFIG.yaml (or --model MODEL)."
+        )
     cfg = Config()
     cfg.model.name_or_path = model
     cfg.data.train_cache = str(cache_dir)
@@ -120,12 +203,31 @@ def _processor_and_tokens(cfg):
 
 @click.command("inspect")
 @click.argument("cache_dir", type=click.Path(path_type=Path))
-@click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), help="Write the duration histogram as a PNG to this path.")
-@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="Training config: build batches and samples exactly as `train` would.")
+@click.option(
+    "--plot",
+    "plot_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the duration histogram as a PNG to this path.",
+)
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False),
+    help="Training config: build batches and samples exactly as `train` would.",
+)
 @click.option("--model", help="Model folder or id for --batches/--show without --config (or to override the config's).")
-@click.option("--batches", "num_batches", type=click.IntRange(min=1), help="Build this many training batches and count their tokens.")
-@click.option("--show", "show_id", metavar="ID", help="Render one training sample token by token beside its generation prompt.")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Also write the statistics as JSON.")
+@click.option(
+    "--batches",
+    "num_batches",
+    type=click.IntRange(min=1),
+    help="Build this many training batches and count their tokens.",
+)
+@click.option(
+    "--show", "show_id", metavar="ID", help="Render one training sample token by token beside its generation prompt."
+)
+@click.option(
+    "--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Also write the statistics as JSON."
+)
 def inspect_command(cache_dir, plot_path, config_path, model, num_batches, show_id, json_path):
     """Clips, hours, speakers, languages, durations, text/audio outliers and rejected rows of
     CACHE_DIR; with --batches, the token accounting of real training batches; with --show, one
@@ -178,7 +280,9 @@ def inspect_command(cache_dir, plot_path, config_path, model, num_batches, show_
             except TrainingHealthError as e:
                 problem = e  # raised after the JSON is written, so the numbers are kept
             else:
-                click.echo("\ntrainable: every batch has trained target audio and one EOS label per codebook and target segment")
+                click.echo(
+                    "\ntrainable: every batch has trained target audio and one EOS label per codebook and target segment"
+                )
 
     if json_path is not None:
         json_path.parent.mkdir(parents=True, exist_ok=True)

@@ -23,11 +23,17 @@ def convert_command(src, dst, audio_tokenizer, overwrite):
 
     summary = convert_checkpoint(src, dst, audio_tokenizer=audio_tokenizer, overwrite=overwrite)
     click.echo(f"converted {summary['source']} -> {dst}: {summary['tensors']} tensors ({summary['dtype']})")
-    click.echo(f"  text head: {'yes' if summary['text_head'] else 'no'}; audio self-attention: {'yes' if summary['audio_self_attention'] else 'no'}")
+    click.echo(
+        f"  text head: {'yes' if summary['text_head'] else 'no'}; audio self-attention: {'yes' if summary['audio_self_attention'] else 'no'}"
+    )
     if summary["dropped"]:
-        click.echo(f"  dropped {len(summary['dropped'])} tensor(s) the port does not use, e.g. {', '.join(summary['dropped'][:3])}")
+        click.echo(
+            f"  dropped {len(summary['dropped'])} tensor(s) the port does not use, e.g. {', '.join(summary['dropped'][:3])}"
+        )
     if summary["audio_tokenizer"] is None:
-        click.echo("  no audio tokenizer copied: set model.audio_tokenizer when loading, or rerun with --audio-tokenizer")
+        click.echo(
+            "  no audio tokenizer copied: set model.audio_tokenizer when loading, or rerun with --audio-tokenizer"
+        )
     if summary["text_head"]:
         click.echo("  load with model.use_text_head: true to keep the text head")
     if summary["audio_self_attention"]:

@@ -53,7 +53,11 @@ CODEC_CONFIG_FILE = "codec_config.json"
 # bosonai/higgs-audio-v2-tokenizer config.json where it differs from HiggsAudioV2TokenizerConfig()
 # in transformers 5.24 (sub-config dicts merge over the defaults): 25 frames/s, 8 codebooks at 2 kbps.
 STANDARD_CODEC_CONFIG = {
-    "acoustic_model_config": {"downsampling_ratios": [8, 5, 4, 2, 3], "upsampling_ratios": [8, 5, 4, 2, 3], "hop_length": 960},
+    "acoustic_model_config": {
+        "downsampling_ratios": [8, 5, 4, 2, 3],
+        "upsampling_ratios": [8, 5, 4, 2, 3],
+        "hop_length": 960,
+    },
     "target_bandwidths": [0.5, 1, 1.5, 2],
 }
 
@@ -97,7 +101,9 @@ def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
     except FileNotFoundError as e:
-        raise ModelLoadError(f"{path} not found: a Higgs Audio v3 checkpoint folder has config.json and model.safetensors.") from e
+        raise ModelLoadError(
+            f"{path} not found: a Higgs Audio v3 checkpoint folder has config.json and model.safetensors."
+        ) from e
     except json.JSONDecodeError as e:
         raise ModelLoadError(f"{path} is not valid JSON ({e}).") from e
 
@@ -112,15 +118,23 @@ def v3_config_from_dict(raw: dict, where: str = "config.json") -> V3ModelConfig:
         )
     enc = dict(raw.get("audio_encoder_config") or {})
     if enc.get("encoder_type", "discrete") != "discrete":
-        raise ModelLoadError(f"{where}: audio_encoder_config.encoder_type is {enc.get('encoder_type')!r}; only the discrete TTS path is supported.")
+        raise ModelLoadError(
+            f"{where}: audio_encoder_config.encoder_type is {enc.get('encoder_type')!r}; only the discrete TTS path is supported."
+        )
     if not enc.get("tie_word_embeddings", True):
-        raise ModelLoadError(f"{where}: audio_encoder_config.tie_word_embeddings is false (an untied audio head); only the tied layout is supported.")
+        raise ModelLoadError(
+            f"{where}: audio_encoder_config.tie_word_embeddings is false (an untied audio head); only the tied layout is supported."
+        )
     text = dict(raw.get("text_config") or {})
     if text.get("model_type", "qwen3") != "qwen3":
         raise ModelLoadError(f"{where}: text_config.model_type is {text.get('model_type')!r}, expected 'qwen3'.")
     rope_params = text.get("rope_parameters") or {}
     if text.get("rope_theta") is None and rope_params.get("rope_theta") is None:
-        logger.info("%s: text_config.rope_theta is null; using %g (the Qwen3 value the v3 engines set).", where, QWEN3_ROPE_THETA)
+        logger.info(
+            "%s: text_config.rope_theta is null; using %g (the Qwen3 value the v3 engines set).",
+            where,
+            QWEN3_ROPE_THETA,
+        )
         text["rope_theta"] = QWEN3_ROPE_THETA
         if rope_params:
             text["rope_parameters"] = {**rope_params, "rope_theta": QWEN3_ROPE_THETA}
@@ -128,7 +142,9 @@ def v3_config_from_dict(raw: dict, where: str = "config.json") -> V3ModelConfig:
     text_config = Qwen3Config(**text)
     hidden = int(enc.get("out_dim", text_config.hidden_size))
     if hidden != text_config.hidden_size:
-        raise ModelLoadError(f"{where}: audio_encoder_config.out_dim {hidden} != text_config.hidden_size {text_config.hidden_size}.")
+        raise ModelLoadError(
+            f"{where}: audio_encoder_config.out_dim {hidden} != text_config.hidden_size {text_config.hidden_size}."
+        )
     return V3ModelConfig(
         text_config=text_config,
         num_codebooks=int(enc.get("num_codebooks", 8)),
@@ -181,21 +197,31 @@ def split_released(
     """
     mapping = released_key_map(num_layers)
     missing = sorted(k for k in mapping if k not in tensors)
-    unexpected = sorted(k for k in tensors if k not in mapping and k not in HEAD_COPIES and not k.startswith(CODEC_PREFIX))
+    unexpected = sorted(
+        k for k in tensors if k not in mapping and k not in HEAD_COPIES and not k.startswith(CODEC_PREFIX)
+    )
     problems = []
     if missing:
         problems.append(f"missing keys: {', '.join(missing)}")
     if unexpected:
         problems.append(f"unexpected keys: {', '.join(unexpected)}")
     if problems:
-        raise ModelLoadError(f"{where} does not match the Higgs Audio v3 layout ({num_layers} layers): " + "; ".join(problems) + ".")
+        raise ModelLoadError(
+            f"{where} does not match the Higgs Audio v3 layout ({num_layers} layers): " + "; ".join(problems) + "."
+        )
     copies, passthrough = [], {}
     for copy_key, source_key in HEAD_COPIES.items():
         if copy_key in tensors:
-            if copy_key == TEXT_HEAD_COPY_KEY and not text_tied and not torch.equal(tensors[copy_key], tensors[source_key]):
+            if (
+                copy_key == TEXT_HEAD_COPY_KEY
+                and not text_tied
+                and not torch.equal(tensors[copy_key], tensors[source_key])
+            ):
                 passthrough[copy_key] = tensors[copy_key]
                 continue
-            if tensors[copy_key].shape != tensors[source_key].shape or not torch.equal(tensors[copy_key], tensors[source_key]):
+            if tensors[copy_key].shape != tensors[source_key].shape or not torch.equal(
+                tensors[copy_key], tensors[source_key]
+            ):
                 raise ModelLoadError(
                     f"{where}: {copy_key} differs from {source_key}, but the config ties them (one tensor). "
                     "Fix the checkpoint or its config (tie_word_embeddings)."
@@ -210,14 +236,19 @@ def split_released(
 
 
 def released_state(
-    model: HiggsV3Model, codec_state: dict[str, torch.Tensor] | None, head_copies=(), passthrough: dict[str, torch.Tensor] | None = None
+    model: HiggsV3Model,
+    codec_state: dict[str, torch.Tensor] | None,
+    head_copies=(),
+    passthrough: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Our model (+ codec) -> a released state dict. Tied copies are written as separate clones
     (safetensors stores no shared tensors), equal to their source."""
     from peft import PeftModel
 
     if isinstance(model, PeftModel):
-        raise ModelLoadError("Merge the LoRA adapter first (peft merge_and_unload): the released layout has no adapter keys.")
+        raise ModelLoadError(
+            "Merge the LoRA adapter first (peft merge_and_unload): the released layout has no adapter keys."
+        )
     ours = model.state_dict()
     mapping = released_key_map(model.config.text_config.num_hidden_layers)
     out = {released: ours[name].detach().contiguous() for released, name in mapping.items()}
@@ -252,17 +283,32 @@ def load_v3_checkpoint(
     folder = Path(folder)
     config = read_v3_config(folder)
     parts = split_released(
-        read_released_tensors(folder), config.text_config.num_hidden_layers, str(folder),
+        read_released_tensors(folder),
+        config.text_config.num_hidden_layers,
+        str(folder),
         text_tied=bool(config.text_config.tie_word_embeddings),
     )
-    model = build_v3_model(config, dtype=dtype, attn_implementation=attn_implementation, gradient_checkpointing=gradient_checkpointing)
+    model = build_v3_model(
+        config, dtype=dtype, attn_implementation=attn_implementation, gradient_checkpointing=gradient_checkpointing
+    )
     expected = model.state_dict()
-    bad_shapes = [f"{k} {tuple(v.shape)} vs model {tuple(expected[k].shape)}" for k, v in parts.model_state.items() if v.shape != expected[k].shape]
+    bad_shapes = [
+        f"{k} {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
+        for k, v in parts.model_state.items()
+        if v.shape != expected[k].shape
+    ]
     if bad_shapes:
         raise ModelLoadError(f"{folder}: weight shapes do not match config.json: " + "; ".join(bad_shapes))
     result = model.load_state_dict({k: v.to(DTYPES[dtype]) for k, v in parts.model_state.items()}, strict=True)
     assert not result.missing_keys and not result.unexpected_keys  # strict=True raised otherwise
-    return V3Checkpoint(model=model, config=config, codec_state=parts.codec_state, head_copies=parts.head_copies, folder=folder, passthrough=parts.passthrough)
+    return V3Checkpoint(
+        model=model,
+        config=config,
+        codec_state=parts.codec_state,
+        head_copies=parts.head_copies,
+        folder=folder,
+        passthrough=parts.passthrough,
+    )
 
 
 def save_v3_checkpoint(
@@ -280,7 +326,9 @@ def save_v3_checkpoint(
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_file(released_state(model, codec_state, head_copies, passthrough), str(out / WEIGHTS_FILE), metadata={"format": "pt"})
+    save_file(
+        released_state(model, codec_state, head_copies, passthrough), str(out / WEIGHTS_FILE), metadata={"format": "pt"}
+    )
     (out / "config.json").write_text(json.dumps(model.config.raw, indent=2) + "\n")
     if codec_config is not None:
         (out / CODEC_CONFIG_FILE).write_text(json.dumps(codec_config, indent=2) + "\n")
@@ -319,7 +367,9 @@ def load_v3_codec(folder: str | Path, codec_state: dict[str, torch.Tensor] | Non
 
     folder = Path(folder)
     if codec_state is None:
-        codec_state = {k[len(CODEC_PREFIX) :]: v for k, v in read_released_tensors(folder).items() if k.startswith(CODEC_PREFIX)}
+        codec_state = {
+            k[len(CODEC_PREFIX) :]: v for k, v in read_released_tensors(folder).items() if k.startswith(CODEC_PREFIX)
+        }
     if not codec_state:
         raise ModelLoadError(f"{folder} bundles no codec (no {CODEC_PREFIX}* keys).")
     codec = HiggsAudioV2TokenizerModel(codec_config(folder)).eval()

@@ -89,7 +89,7 @@ class V3Tokens:
     num_codebooks: int = NUM_CODEBOOKS
 
     @classmethod
-    def from_tokenizer(cls, tokenizer, num_codebooks: int = NUM_CODEBOOKS) -> "V3Tokens":
+    def from_tokenizer(cls, tokenizer, num_codebooks: int = NUM_CODEBOOKS) -> V3Tokens:
         vocab = dict(tokenizer.get_added_vocab())
         missing = [t for t in (TTS, TEXT, AUDIO, REF_AUDIO) if t not in vocab]
         if missing:
@@ -98,8 +98,12 @@ class V3Tokens:
                 "added vocabulary. Load the tokenizer saved with the v3 checkpoint."
             )
         return cls(
-            tts=vocab[TTS], text=vocab[TEXT], audio=vocab[AUDIO], ref_audio=vocab[REF_AUDIO],
-            ref_text=vocab.get(REF_TEXT), special_ids=frozenset(int(i) for i in vocab.values()),
+            tts=vocab[TTS],
+            text=vocab[TEXT],
+            audio=vocab[AUDIO],
+            ref_audio=vocab[REF_AUDIO],
+            ref_text=vocab.get(REF_TEXT),
+            special_ids=frozenset(int(i) for i in vocab.values()),
             num_codebooks=num_codebooks,
         )
 

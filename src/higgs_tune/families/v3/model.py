@@ -184,7 +184,9 @@ class HiggsV3Model(nn.Module):
         rows, pos = (next_labels != IGNORE_INDEX).any(-1).nonzero(as_tuple=True)
         target = next_labels[rows, pos]  # (M, K)
         logits = self.audio_logits(hidden[rows, pos]).float()  # (M, K, V)
-        ce = F.cross_entropy(logits.reshape(-1, V), target.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none").view(-1, K)
+        ce = F.cross_entropy(
+            logits.reshape(-1, V), target.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
+        ).view(-1, K)
         scored = target != IGNORE_INDEX
         n = scored.sum(0)
         ce_sum = ce.sum(0)
@@ -207,7 +209,11 @@ class HiggsV3Model(nn.Module):
 
 # ----------------------------------------------------------------------------- building
 def build_v3_model(
-    config: V3ModelConfig, *, dtype: str = "float32", attn_implementation: str = "sdpa", gradient_checkpointing: bool = False
+    config: V3ModelConfig,
+    *,
+    dtype: str = "float32",
+    attn_implementation: str = "sdpa",
+    gradient_checkpointing: bool = False,
 ) -> HiggsV3Model:
     """A randomly initialised model in `dtype` ('float32' or 'bfloat16').
 
@@ -250,7 +256,9 @@ def apply_v3_lora(
     """
     from peft import LoraConfig, get_peft_model
 
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=lora_target_names(model, pathways), bias="none")
+    config = LoraConfig(
+        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=lora_target_names(model, pathways), bias="none"
+    )
     peft_model = get_peft_model(model, config)
     model.audio_table.weight.requires_grad_(train_audio_table)
     return peft_model

@@ -23,8 +23,9 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 import yaml
@@ -82,8 +83,18 @@ def short_torch_error(e: BaseException) -> str:
 # ---------------------------------------------------------------- writing
 
 
-def training_state(*, step: int, epoch: int | float, world_size: int, optimizer: dict, scheduler: dict | None,
-                   grad_scaler: dict | None, sampler_state: Any, rng: list, gathered: bool) -> dict:
+def training_state(
+    *,
+    step: int,
+    epoch: int | float,
+    world_size: int,
+    optimizer: dict,
+    scheduler: dict | None,
+    grad_scaler: dict | None,
+    sampler_state: Any,
+    rng: list,
+    gathered: bool,
+) -> dict:
     """The contents of training_state.pt. `optimizer`: `optimizer.state_dict()`, or with
     `gathered` (FSDP) the full optimizer state dict keyed by parameter name."""
     state = {
@@ -101,8 +112,9 @@ def training_state(*, step: int, epoch: int | float, world_size: int, optimizer:
     return state
 
 
-def write_checkpoint_files(folder: Path, state: dict, config: Any, *, final: bool, eval_loss: float | None,
-                           metrics: Mapping[str, Any]) -> dict:
+def write_checkpoint_files(
+    folder: Path, state: dict, config: Any, *, final: bool, eval_loss: float | None, metrics: Mapping[str, Any]
+) -> dict:
     """Complete a checkpoint in `folder` (which already holds the weights); return its manifest.
 
     Writes training_state.pt (`state`, keyed by KEY_*) and config.yaml, fsyncs them and the
@@ -113,7 +125,10 @@ def write_checkpoint_files(folder: Path, state: dict, config: Any, *, final: boo
     # Durable before the manifest vouches for them: file data first, folder entries below.
     for rel in files_under(folder):
         fsync_path(folder / rel)
-    files = {str(rel): {"bytes": (folder / rel).stat().st_size, "sha256": sha256_file(folder / rel)} for rel in files_under(folder)}
+    files = {
+        str(rel): {"bytes": (folder / rel).stat().st_size, "sha256": sha256_file(folder / rel)}
+        for rel in files_under(folder)
+    }
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -145,14 +160,20 @@ def check_written(folder: Path, manifest: dict) -> None:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{folder / MANIFEST_FILE} does not read back ({e}).") from e
     if reread != json.loads(json.dumps(manifest)):
-        raise CheckpointError(f"{folder / MANIFEST_FILE} reads back different from what was written: the disk or file system is faulty.")
+        raise CheckpointError(
+            f"{folder / MANIFEST_FILE} reads back different from what was written: the disk or file system is faulty."
+        )
     on_disk = {str(p) for p in files_under(folder)} - {MANIFEST_FILE}
     if on_disk != set(manifest["files"]):
-        raise CheckpointError(f"{folder}: files on disk ({', '.join(sorted(on_disk))}) differ from the manifest ({', '.join(sorted(manifest['files']))}).")
+        raise CheckpointError(
+            f"{folder}: files on disk ({', '.join(sorted(on_disk))}) differ from the manifest ({', '.join(sorted(manifest['files']))})."
+        )
     for rel, meta in manifest["files"].items():
         size = (folder / rel).stat().st_size
         if size != meta["bytes"]:
-            raise CheckpointError(f"{folder / rel} has {size} bytes after writing, {meta['bytes']} when hashed: the file changed while being saved.")
+            raise CheckpointError(
+                f"{folder / rel} has {size} bytes after writing, {meta['bytes']} when hashed: the file changed while being saved."
+            )
     try:
         # mmap: the unpickling (and weights_only's type checks) run without reading all tensor bytes.
         torch.load(folder / TRAINING_STATE_FILE, map_location="cpu", weights_only=True, mmap=True)
@@ -172,13 +193,21 @@ def read_manifest(ckpt: Path) -> dict:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise CheckpointError(f"{ckpt}: no {MANIFEST_FILE}, so it is not a complete higgs-tune checkpoint (an interrupted save, or another tool's folder).") from None
+        raise CheckpointError(
+            f"{ckpt}: no {MANIFEST_FILE}, so it is not a complete higgs-tune checkpoint (an interrupted save, or another tool's folder)."
+        ) from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path} cannot be read ({e}): the checkpoint is damaged; resume from an older one.") from e
+        raise CheckpointError(
+            f"{path} cannot be read ({e}): the checkpoint is damaged; resume from an older one."
+        ) from e
     if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("files"), dict):
-        raise CheckpointError(f"{path} is not a higgs-tune checkpoint manifest (format {data.get('format') if isinstance(data, dict) else None!r}).")
+        raise CheckpointError(
+            f"{path} is not a higgs-tune checkpoint manifest (format {data.get('format') if isinstance(data, dict) else None!r})."
+        )
     if data.get("format_version", 0) > FORMAT_VERSION:
-        raise CheckpointError(f"{path} has format_version {data['format_version']}, this higgs-tune reads up to {FORMAT_VERSION}: upgrade higgs-tune.")
+        raise CheckpointError(
+            f"{path} has format_version {data['format_version']}, this higgs-tune reads up to {FORMAT_VERSION}: upgrade higgs-tune."
+        )
     return data
 
 
@@ -203,9 +232,13 @@ def verify_checkpoint(ckpt: Path) -> dict:
         except FileNotFoundError:
             raise CheckpointError(f"{path} is missing (listed in the manifest): the checkpoint is damaged.") from None
         if size != meta["bytes"]:
-            raise CheckpointError(f"{path} has {size} bytes, the manifest says {meta['bytes']}: the file is truncated or was changed.")
+            raise CheckpointError(
+                f"{path} has {size} bytes, the manifest says {meta['bytes']}: the file is truncated or was changed."
+            )
         if sha256_file(path) != meta["sha256"]:
-            raise CheckpointError(f"{path} does not match its sha256 in the manifest: the file is corrupted or was changed.")
+            raise CheckpointError(
+                f"{path} does not match its sha256 in the manifest: the file is corrupted or was changed."
+            )
     extra = [str(p) for p in files_under(ckpt) if str(p) not in files and str(p) != MANIFEST_FILE]
     if extra:
         log.info("checkpoint %s: files not in its manifest (not used by resume): %s", ckpt, ", ".join(extra))
@@ -217,7 +250,9 @@ def read_checkpoint_config(ckpt: Path) -> dict:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError) as e:
-        raise CheckpointError(f"{path} cannot be read ({e}): cannot check that the new config continues this run.") from e
+        raise CheckpointError(
+            f"{path} cannot be read ({e}): cannot check that the new config continues this run."
+        ) from e
     if not isinstance(data, dict):
         raise CheckpointError(f"{path} is not a config mapping.")
     return data

@@ -38,8 +38,9 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import torch
 
@@ -84,7 +85,6 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-
 @dataclasses.dataclass
 class _Record:
     name: str
@@ -115,12 +115,16 @@ def require_unsharded(accelerator) -> None:
     Call it before any model loads."""
     kind = accelerator.distributed_type  # a str enum: compares equal to its name
     if kind in ("DEEPSPEED", "MEGATRON_LM"):
-        raise CheckpointError(f"checkpoints of {kind.value} runs (sharded optimizer state) are not supported yet: "
-                              "launch with plain data parallelism (accelerate launch --multi_gpu) or FSDP.")
+        raise CheckpointError(
+            f"checkpoints of {kind.value} runs (sharded optimizer state) are not supported yet: "
+            "launch with plain data parallelism (accelerate launch --multi_gpu) or FSDP."
+        )
     plugin = getattr(getattr(accelerator, "state", None), "fsdp_plugin", None)
     if kind == "FSDP" and plugin is not None and getattr(plugin, "fsdp_version", 1) == 1 and not plugin.use_orig_params:
-        raise CheckpointError("FSDP1 needs fsdp_use_orig_params: true (LoRA freezes parameters, and checkpoints store "
-                              "the optimizer state by parameter name); set it, or use fsdp_version: 2.")
+        raise CheckpointError(
+            "FSDP1 needs fsdp_use_orig_params: true (LoRA freezes parameters, and checkpoints store "
+            "the optimizer state by parameter name); set it, or use fsdp_version: 2."
+        )
 
 
 class CheckpointManager:
@@ -163,7 +167,9 @@ class CheckpointManager:
         if accelerator is not None:
             require_unsharded(accelerator)
             if accelerator.num_processes != dist_utils.world_size():
-                raise CheckpointError(f"the accelerator has {accelerator.num_processes} processes but torch.distributed reports {dist_utils.world_size()}: the process group is not set up as accelerate expects.")
+                raise CheckpointError(
+                    f"the accelerator has {accelerator.num_processes} processes but torch.distributed reports {dist_utils.world_size()}: the process group is not set up as accelerate expects."
+                )
         self.is_main = dist_utils.is_main()
         self.world_size = dist_utils.world_size()
         self._records: dict[str, _Record] = {}
@@ -181,7 +187,11 @@ class CheckpointManager:
             if not m:
                 continue
             if _pid_alive(int(m.group(1))):
-                log.warning("checkpoint: leaving %s alone: process %s is still running (two runs in one folder?)", entry, m.group(1))
+                log.warning(
+                    "checkpoint: leaving %s alone: process %s is still running (two runs in one folder?)",
+                    entry,
+                    m.group(1),
+                )
                 continue
             log.warning("checkpoint: removing %s, left by an interrupted save or removal", entry)
             if entry.is_dir():
@@ -197,8 +207,9 @@ class CheckpointManager:
             except CheckpointError as e:
                 log.warning("checkpoint: %s is damaged and is not counted as a checkpoint of this run: %s", path, e)
                 continue
-            self._records[path.name] = _Record(path.name, int(m["step"]), m.get("eval_loss"),
-                                               sum(f["bytes"] for f in m["files"].values()))
+            self._records[path.name] = _Record(
+                path.name, int(m["step"]), m.get("eval_loss"), sum(f["bytes"] for f in m["files"].values())
+            )
         if self._records and self._estimate is None:
             newest = max(self._records.values(), key=lambda r: r.step)
             self._estimate = newest.bytes
@@ -247,9 +258,24 @@ class CheckpointManager:
         with dist_utils.preserved_rng() as mine:
             rng = dist_utils.gather_to_main(mine)  # every rank's state, on rank 0
             full = self._gather_sharded(optimizer)  # FSDP: collective, the full state on rank 0
-            outcome, error = self._save_on_main(step, optimizer=optimizer, scheduler=scheduler, sampler_state=sampler_state,
-                                                epoch=epoch, metrics=dict(metrics or {}), config=config, grad_scaler=grad_scaler,
-                                                eval_loss=eval_loss, final=final, rng=rng, full=full) if self.is_main else (None, None)
+            outcome, error = (
+                self._save_on_main(
+                    step,
+                    optimizer=optimizer,
+                    scheduler=scheduler,
+                    sampler_state=sampler_state,
+                    epoch=epoch,
+                    metrics=dict(metrics or {}),
+                    config=config,
+                    grad_scaler=grad_scaler,
+                    eval_loss=eval_loss,
+                    final=final,
+                    rng=rng,
+                    full=full,
+                )
+                if self.is_main
+                else (None, None)
+            )
             del full
         # The one point where all ranks meet after a save: everyone learns the same outcome.
         status, message, fix = dist_utils.broadcast_from_main(outcome)
@@ -264,8 +290,13 @@ class CheckpointManager:
         if self.is_main:
             # the message names the cause; a traceback only for an unexpected error (a bug, not a full disk)
             expected = isinstance(error, (CheckpointError, OSError))
-            log.error("%s -- on_save_error=continue: training goes on and the next save tries again (%d failed save(s) in a row); "
-                      "earlier checkpoints are intact.", message, self._failures, exc_info=None if expected else error)
+            log.error(
+                "%s -- on_save_error=continue: training goes on and the next save tries again (%d failed save(s) in a row); "
+                "earlier checkpoints are intact.",
+                message,
+                self._failures,
+                exc_info=None if expected else error,
+            )
         return None
 
     def _gather_sharded(self, optimizer) -> tuple[dict, dict] | None:
@@ -293,10 +324,28 @@ class CheckpointManager:
         # verification) is handled by one policy; it is logged with its cause, never dropped.
         except Exception as e:  # noqa: BLE001
             what = "the final checkpoint" if final else f"checkpoint-{step}"
-            return ("failed", f"saving {what} to {self.run_dir} failed: {type(e).__name__}: {e}", _failure_fix(e, final)), e
+            return (
+                "failed",
+                f"saving {what} to {self.run_dir} failed: {type(e).__name__}: {e}",
+                _failure_fix(e, final),
+            ), e
 
-    def _write(self, step: int, *, optimizer, scheduler, sampler_state, epoch, metrics, config, grad_scaler,
-               eval_loss, final, rng, full=None) -> Path:
+    def _write(
+        self,
+        step: int,
+        *,
+        optimizer,
+        scheduler,
+        sampler_state,
+        epoch,
+        metrics,
+        config,
+        grad_scaler,
+        eval_loss,
+        final,
+        rng,
+        full=None,
+    ) -> Path:
         name = FINAL_NAME if final else checkpoint_name(step)
         target = self.run_dir / name
         tmp = temp_path(target)
@@ -306,7 +355,9 @@ class CheckpointManager:
         try:
             json.dumps({"metrics": metrics, "eval_loss": eval_loss, "epoch": epoch})  # fail before writing anything
         except (TypeError, ValueError) as e:
-            raise CheckpointError(f"metrics/eval_loss/epoch of step {step} are not JSON numbers or strings ({e}); pass float(x) for tensors.") from e
+            raise CheckpointError(
+                f"metrics/eval_loss/epoch of step {step} are not JSON numbers or strings ({e}); pass float(x) for tensors."
+            ) from e
         if tmp.exists():
             shutil.rmtree(tmp)
         try:
@@ -316,11 +367,15 @@ class CheckpointManager:
             else:
                 self.save_weights(tmp, state_dict=full[0])
             state = training_state(
-                step=step, epoch=epoch, world_size=self.world_size,
+                step=step,
+                epoch=epoch,
+                world_size=self.world_size,
                 optimizer=optimizer.state_dict() if full is None else full[1],
                 scheduler=scheduler.state_dict() if scheduler is not None else None,
                 grad_scaler=grad_scaler.state_dict() if grad_scaler is not None else None,
-                sampler_state=sampler_state, rng=rng, gathered=full is not None,
+                sampler_state=sampler_state,
+                rng=rng,
+                gathered=full is not None,
             )
             manifest = write_checkpoint_files(tmp, state, config, final=final, eval_loss=eval_loss, metrics=metrics)
             check_written(tmp, manifest)
@@ -342,8 +397,14 @@ class CheckpointManager:
         self._estimate = total
         self._records[name] = _Record(name, int(step), eval_loss, total)
         listing = ", ".join(f"{rel} ({format_bytes(f['bytes'])})" for rel, f in files.items())
-        log.info("checkpoint: saved %s in %.1f s: %s; %s in total, %s free on the disk",
-                 target, time.monotonic() - t0, listing, format_bytes(total), format_bytes(_disk_free(self.run_dir)))
+        log.info(
+            "checkpoint: saved %s in %.1f s: %s; %s in total, %s free on the disk",
+            target,
+            time.monotonic() - t0,
+            listing,
+            format_bytes(total),
+            format_bytes(_disk_free(self.run_dir)),
+        )
         # Rotation and the index are housekeeping after a complete save: a failure there leaves
         # a good checkpoint and is logged (the next save's space check catches a filling disk).
         try:
@@ -351,7 +412,12 @@ class CheckpointManager:
                 self._rotate(keep=name)
             self._write_index()
         except OSError as e:
-            log.error("checkpoint: %s is complete, but rotating old checkpoints / writing %s failed: %s", target, INDEX_FILE, e)
+            log.error(
+                "checkpoint: %s is complete, but rotating old checkpoints / writing %s failed: %s",
+                target,
+                INDEX_FILE,
+                e,
+            )
         return target
 
     def _check_space(self) -> None:
@@ -389,10 +455,18 @@ class CheckpointManager:
     def _write_index(self) -> None:
         best, latest = self.best, self.latest
         records = sorted(self._records.values(), key=lambda r: (r.step, r.name == FINAL_NAME))
-        write_json_atomic(self.run_dir / INDEX_FILE, {
-            "latest": latest.name if latest else None,
-            "best": None if best is None else {"name": best.name, "step": self._records[best.name].step,
-                                               "eval_loss": self._records[best.name].eval_loss},
-            "final": FINAL_NAME if FINAL_NAME in self._records else None,
-            "checkpoints": [dataclasses.asdict(r) for r in records],
-        })
+        write_json_atomic(
+            self.run_dir / INDEX_FILE,
+            {
+                "latest": latest.name if latest else None,
+                "best": None
+                if best is None
+                else {
+                    "name": best.name,
+                    "step": self._records[best.name].step,
+                    "eval_loss": self._records[best.name].eval_loss,
+                },
+                "final": FINAL_NAME if FINAL_NAME in self._records else None,
+                "checkpoints": [dataclasses.asdict(r) for r in records],
+            },
+        )

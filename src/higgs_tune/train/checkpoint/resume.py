@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
@@ -110,7 +111,10 @@ def _find_main(run_dir: Path, which: str | Path) -> tuple[str, str | None]:
         return "ok", None
     for entry in sorted(run_dir.iterdir()):
         if entry.name.startswith((TMP_PREFIX, TRASH_PREFIX)) and entry.is_dir():
-            log.warning("resume: ignoring %s: an unfinished save or removal (process killed mid-way); it is removed at the next save", entry)
+            log.warning(
+                "resume: ignoring %s: an unfinished save or removal (process killed mid-way); it is removed at the next save",
+                entry,
+            )
     skipped = []
     for step, path in checkpoint_folders(run_dir):
         try:
@@ -185,14 +189,20 @@ class TrainingState:
 def _check_optimizer_shapes(ckpt: Path, saved: dict, optimizer: torch.optim.Optimizer) -> None:
     groups, saved_groups = optimizer.param_groups, saved.get("param_groups", [])
     if len(groups) != len(saved_groups):
-        raise CheckpointError(f"{ckpt / TRAINING_STATE_FILE}: the optimizer has {len(groups)} parameter group(s), the checkpoint {len(saved_groups)}: the trained parameters changed. Resume with the same finetune settings, or use --resume-weights-only.")
+        raise CheckpointError(
+            f"{ckpt / TRAINING_STATE_FILE}: the optimizer has {len(groups)} parameter group(s), the checkpoint {len(saved_groups)}: the trained parameters changed. Resume with the same finetune settings, or use --resume-weights-only."
+        )
     for gi, (g, sg) in enumerate(zip(groups, saved_groups)):
         if len(g["params"]) != len(sg["params"]):
-            raise CheckpointError(f"{ckpt / TRAINING_STATE_FILE}: parameter group {gi} has {len(g['params'])} parameters now, {len(sg['params'])} in the checkpoint: the trained parameters changed. Resume with the same finetune settings, or use --resume-weights-only.")
+            raise CheckpointError(
+                f"{ckpt / TRAINING_STATE_FILE}: parameter group {gi} has {len(g['params'])} parameters now, {len(sg['params'])} in the checkpoint: the trained parameters changed. Resume with the same finetune settings, or use --resume-weights-only."
+            )
         for param, pid in zip(g["params"], sg["params"]):
             for key, value in saved.get("state", {}).get(pid, {}).items():
                 if key in _PARAM_SHAPED_STATE and torch.is_tensor(value) and value.shape != param.shape:
-                    raise CheckpointError(f"{ckpt / TRAINING_STATE_FILE}: optimizer state {key!r} of parameter {pid} has shape {tuple(value.shape)}, the parameter now {tuple(param.shape)}: the model changed. Use --resume-weights-only or the original model settings.")
+                    raise CheckpointError(
+                        f"{ckpt / TRAINING_STATE_FILE}: optimizer state {key!r} of parameter {pid} has shape {tuple(value.shape)}, the parameter now {tuple(param.shape)}: the model changed. Use --resume-weights-only or the original model settings."
+                    )
 
 
 def load_training_state(
@@ -239,15 +249,21 @@ def load_training_state(
     except FileNotFoundError:
         raise CheckpointError(f"{path} is missing: the checkpoint is damaged; resume from an older one.") from None
     except Exception as e:  # torch raises UnpicklingError/RuntimeError/EOFError for bad bytes
-        raise CheckpointError(f"{path} cannot be read with weights_only=True ({short_torch_error(e)}); the checkpoint is damaged or was not written by higgs-tune.") from e
+        raise CheckpointError(
+            f"{path} cannot be read with weights_only=True ({short_torch_error(e)}); the checkpoint is damaged or was not written by higgs-tune."
+        ) from e
     if state.get(KEY_STEP) != manifest["step"] or state.get(KEY_WORLD_SIZE) != saved_ws:
-        raise CheckpointError(f"{path} says step {state.get(KEY_STEP)} / world size {state.get(KEY_WORLD_SIZE)}, its manifest step {manifest['step']} / {saved_ws}: the files come from different saves.")
+        raise CheckpointError(
+            f"{path} says step {state.get(KEY_STEP)} / world size {state.get(KEY_WORLD_SIZE)}, its manifest step {manifest['step']} / {saved_ws}: the files come from different saves."
+        )
 
     layout = state.get(KEY_OPTIMIZER_LAYOUT)
     if (layout == OPTIMIZER_FULL_FQN) != (sharded_root is not None):
         saved_by, run = ("an FSDP", "without FSDP") if sharded_root is None else ("a non-FSDP", "with FSDP")
-        raise CheckpointError(f"{path} was saved by {saved_by} run, this run is {run}: the optimizer state cannot be "
-                              f"restored. Launch as the checkpoint was saved, or use --resume-weights-only {ckpt}.")
+        raise CheckpointError(
+            f"{path} was saved by {saved_by} run, this run is {run}: the optimizer state cannot be "
+            f"restored. Launch as the checkpoint was saved, or use --resume-weights-only {ckpt}."
+        )
     _check_optimizer_shapes(ckpt, state[KEY_OPTIMIZER], optimizer)
     try:
         if sharded_root is not None:
@@ -257,15 +273,20 @@ def load_training_state(
             )
 
             # every rank read the full state; each keeps its own shard of it
-            set_optimizer_state_dict(sharded_root, optimizer, state[KEY_OPTIMIZER],
-                                     options=StateDictOptions(full_state_dict=True))
+            set_optimizer_state_dict(
+                sharded_root, optimizer, state[KEY_OPTIMIZER], options=StateDictOptions(full_state_dict=True)
+            )
         else:
             optimizer.load_state_dict(state[KEY_OPTIMIZER])
     except (ValueError, KeyError) as e:
-        raise CheckpointError(f"{path}: the optimizer state does not fit this optimizer ({e}). Use --resume-weights-only.") from e
+        raise CheckpointError(
+            f"{path}: the optimizer state does not fit this optimizer ({e}). Use --resume-weights-only."
+        ) from e
     if scheduler is not None:
         if state.get(KEY_SCHEDULER) is None:
-            raise CheckpointError(f"{path} holds no scheduler state but this run has a scheduler: use --resume-weights-only.")
+            raise CheckpointError(
+                f"{path} holds no scheduler state but this run has a scheduler: use --resume-weights-only."
+            )
         scheduler.load_state_dict(state[KEY_SCHEDULER])
     if grad_scaler is not None:
         if state.get(KEY_GRAD_SCALER) is not None:
@@ -275,12 +296,20 @@ def load_training_state(
 
     rngs = state[KEY_RNG]
     if len(rngs) != world_size or not 0 <= rank < world_size:
-        raise CheckpointError(f"{path} holds RNG states of {len(rngs)} rank(s); rank {rank} of {world_size} cannot be restored.")
+        raise CheckpointError(
+            f"{path} holds RNG states of {len(rngs)} rank(s); rank {rank} of {world_size} cannot be restored."
+        )
     rng_warnings = dist_utils.set_rng_state(rngs[rank])
     for w in rng_warnings:
         log.warning("resume: %s", w)
-    log.info("resume: restored step %s, epoch %s, optimizer/scheduler/RNG (rank %d of %d) from %s",
-             state[KEY_STEP], state[KEY_EPOCH], rank, world_size, ckpt)
+    log.info(
+        "resume: restored step %s, epoch %s, optimizer/scheduler/RNG (rank %d of %d) from %s",
+        state[KEY_STEP],
+        state[KEY_EPOCH],
+        rank,
+        world_size,
+        ckpt,
+    )
     return TrainingState(
         path=ckpt,
         step=int(state[KEY_STEP]),
@@ -291,4 +320,3 @@ def load_training_state(
         world_size=saved_ws,
         rng_warnings=rng_warnings,
     )
-

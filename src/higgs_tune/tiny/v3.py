@@ -69,7 +69,10 @@ def build_v3_text_tokenizer(spec: V3TinySpec):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=spec.bpe_vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False, special_tokens=[]
+        vocab_size=spec.bpe_vocab_size,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+        special_tokens=[],
     )
     tok.train_from_iterator(text_corpus_lines(), trainer=trainer)
     filler = [f"<|unused_{i}|>" for i in range(spec.bpe_vocab_size - tok.get_vocab_size())]
@@ -122,9 +125,14 @@ def tiny_v3_config(spec: V3TinySpec, tokenizer) -> dict:
 
 def make_tiny_v3(out_dir: str | Path, seed: int = 0, *, head_copies: bool = False, overwrite: bool = False) -> Path:
     """Build and save the tiny v3 checkpoint; `head_copies` also writes the `tied.head.*` copies."""
-    from higgs_tune.families.v3.checkpoint import AUDIO_HEAD_COPY_KEY, TEXT_HEAD_COPY_KEY, save_v3_checkpoint, v3_config_from_dict
+    from higgs_tune.families.v3.checkpoint import (
+        AUDIO_HEAD_COPY_KEY,
+        TEXT_HEAD_COPY_KEY,
+        save_v3_checkpoint,
+        v3_config_from_dict,
+    )
     from higgs_tune.families.v3.model import build_v3_model
-    from higgs_tune.tiny import TinySpec, build_audio_tokenizer
+    from higgs_tune.tiny.v2 import TinySpec, build_audio_tokenizer
 
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
@@ -145,5 +153,7 @@ def make_tiny_v3(out_dir: str | Path, seed: int = 0, *, head_copies: bool = Fals
         tokenizer=tokenizer,
         codec_config=codec.config.to_dict(),
     )
-    (out / "higgs_tune_tiny.json").write_text(json.dumps({"family": "v3", **asdict(spec), "head_copies": head_copies}, indent=2) + "\n")
+    (out / "higgs_tune_tiny.json").write_text(
+        json.dumps({"family": "v3", **asdict(spec), "head_copies": head_copies}, indent=2) + "\n"
+    )
     return out
