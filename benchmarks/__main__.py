@@ -102,11 +102,11 @@ def format_table(rows: list[dict]) -> str:
                 note,
             ]
         )
-    widths = [max(len(h), *(len(l[i]) for l in lines)) if lines else len(h) for i, h in enumerate(header)]
+    widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h) for i, h in enumerate(header)]
     widths[-1] = len(header[-1])  # the note column is not padded
-    out = [" | ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip()]
+    out = [" | ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip()]
     out.append("-+-".join("-" * w for w in widths))
-    out += [" | ".join(c.ljust(w) for c, w in zip(l, widths)).rstrip() for l in lines]
+    out += [" | ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in lines]
     return "\n".join(out)
 
 

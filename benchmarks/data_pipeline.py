@@ -84,7 +84,10 @@ def prepare_rows(quick: bool) -> list[dict]:
             "batched prepare (default)",
             per_clip,
             batched,
-            note=f"{clips} distinct clips of 1.5-2.9 s (few share a frame count), tiny codec, encode phase, median of {repeats} fresh runs",
+            note=(
+                f"{clips} distinct clips of 1.5-2.9 s (few share a frame count), tiny codec, encode phase, median "
+                f"of {repeats} fresh runs"
+            ),
         )
     ]
     n = 32 if quick else 64
@@ -97,7 +100,10 @@ def prepare_rows(quick: bool) -> list[dict]:
             "batched prepare (default)",
             per_clip,
             batched,
-            note=f"{clips} synthetic clips of 3.0 s (all batchable), tiny codec, encode phase, median of {repeats} fresh runs",
+            note=(
+                f"{clips} synthetic clips of 3.0 s (all batchable), tiny codec, encode phase, median of {repeats} "
+                "fresh runs"
+            ),
         )
     )
     return rows
@@ -169,7 +175,10 @@ def collate_rows(quick: bool) -> list[dict]:
             n / times["cache"],
             target=f">= {TARGET_COLLATE:g}x",
             met=times["processor"] / times["cache"] >= TARGET_COLLATE,
-            note=f"one epoch of the demo data = {n} batches ({len(dataset)} samples, task mixed), waveforms preloaded for the processor",
+            note=(
+                f"one epoch of the demo data = {n} batches ({len(dataset)} samples, task mixed), waveforms "
+                "preloaded for the processor"
+            ),
         )
     ]
 

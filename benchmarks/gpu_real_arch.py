@@ -321,8 +321,9 @@ def format_result(r: dict) -> str:
     )
     mem = f"peak {r['peak_mem_gb']:.1f} GiB" if r["peak_mem_gb"] is not None else "peak memory n/a on CPU"
     return (
-        f"{r['mode']:<4} ckpt={str(r['grad_ckpt']):<5} seq {r['seq']:>5} x {r['batch_size']}: {r['tokens_per_s']:,.0f} tokens/s, "
-        f"step {r['step_s']:.3f} s, {mfu}, {mem}, trainable {r['trainable']:,} of {r['params']:,}"
+        f"{r['mode']:<4} ckpt={str(r['grad_ckpt']):<5} seq {r['seq']:>5} x {r['batch_size']}: "
+        f"{r['tokens_per_s']:,.0f} tokens/s, step {r['step_s']:.3f} s, {mfu}, {mem}, trainable {r['trainable']:,} "
+        f"of {r['params']:,}"
     )
 
 
@@ -381,8 +382,8 @@ def to_rows(results: list[dict], device_note: str) -> list[dict]:
                         note=device_note,
                     )
                 )
-        f, l = get("full", False, seq), get("lora", False, seq)
-        if not (f["oom"] or l["oom"]):
+        f, lo = get("full", False, seq), get("lora", False, seq)
+        if not (f["oom"] or lo["oom"]):
             rows.append(
                 row(
                     "gpu",
@@ -390,8 +391,8 @@ def to_rows(results: list[dict], device_note: str) -> list[dict]:
                     "full",
                     "LoRA",
                     f["tokens_per_s"],
-                    l["tokens_per_s"],
-                    note=f"{device_note}; trainable LoRA {l['trainable']:,} / full {f['trainable']:,}",
+                    lo["tokens_per_s"],
+                    note=f"{device_note}; trainable LoRA {lo['trainable']:,} / full {f['trainable']:,}",
                 )
             )
     return rows

@@ -75,7 +75,10 @@ def compare(name: str, lengths_for_epoch, epochs: int, note: str, data: DataConf
         100 * with_,
         target="< 10% with bucketing",
         met=with_ < TARGET,
-        note=f"% of padded positions, median of {epochs} epochs; {data.max_tokens_per_batch} tokens/batch, <= {data.max_batch_size} samples; {note}",
+        note=(
+            f"% of padded positions, median of {epochs} epochs; {data.max_tokens_per_batch} tokens/batch, <= "
+            f"{data.max_batch_size} samples; {note}"
+        ),
     )
 
 
@@ -91,7 +94,8 @@ def run(quick: bool = False) -> list[dict]:
             "bundled demo",
             dataset.lengths,
             epochs,
-            f"{len(dataset)} clips, task {demo.task}, lengths {min(dataset.lengths(0))}-{max(dataset.lengths(0))} tokens, configs/demo-tiny-cpu.yaml",
+            f"{len(dataset)} clips, task {demo.task}, lengths {min(dataset.lengths(0))}-{max(dataset.lengths(0))} "
+            "tokens, configs/demo-tiny-cpu.yaml",
             demo,
         )
     )

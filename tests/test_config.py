@@ -112,7 +112,8 @@ def test_output_dir_is_required():
                 "data": {"eval_fraction": 0.1},
             },
             [
-                "checkpoint.save_steps (500) is not a multiple of train.eval_steps (200): with keep_best every save needs a fresh eval loss. Make save_steps a multiple of eval_steps."
+                "checkpoint.save_steps (500) is not a multiple of train.eval_steps (200): with keep_best every "
+                "save needs a fresh eval loss. Make save_steps a multiple of eval_steps."
             ],
         ),
         (
@@ -133,21 +134,25 @@ def test_output_dir_is_required():
         (
             {"finetune": {"mode": "full", "pathways": [], "lora_alpha": 32, "use_dora": True}},
             [
-                "finetune.lora_alpha, finetune.use_dora set in full mode: LoRA options have no effect there. Remove them or use mode: lora."
+                "finetune.lora_alpha, finetune.use_dora set in full mode: LoRA options have no effect there. "
+                "Remove them or use mode: lora."
             ],
         ),
         ({"finetune": {"mode": "full"}, "model": {}}, []),
         (
             {"finetune": {"mode": "full", "pathways": ["text_attn"], "train_modules": ["audio_lm_head"]}},
             [
-                "finetune.pathways set in full mode: all weights are trained; use finetune.freeze to keep parts frozen (or pathways: []).",
-                "finetune.train_modules set in full mode: every module is trained already. Remove it (use finetune.freeze to keep parts frozen).",
+                "finetune.pathways set in full mode: all weights are trained; use finetune.freeze to keep parts "
+                "frozen (or pathways: []).",
+                "finetune.train_modules set in full mode: every module is trained already. Remove it (use "
+                "finetune.freeze to keep parts frozen).",
             ],
         ),
         (
             {"finetune": {"freeze": ["text_embeddings"]}},
             [
-                "finetune.freeze is a full-mode option; in lora mode everything outside the adapters is frozen already. Remove it."
+                "finetune.freeze is a full-mode option; in lora mode everything outside the adapters is frozen "
+                "already. Remove it."
             ],
         ),
         (
@@ -161,7 +166,8 @@ def test_output_dir_is_required():
                 "finetune": {"train_modules": ["text_lm_head"]},
             },
             [
-                "finetune.train_modules has text_lm_head but model.use_text_head is false: set use_text_head true or remove text_lm_head."
+                "finetune.train_modules has text_lm_head but model.use_text_head is false: set use_text_head true "
+                "or remove text_lm_head."
             ],
         ),
         (
@@ -171,13 +177,15 @@ def test_output_dir_is_required():
         (
             {"finetune": {"pathways": ["text_atn"]}},
             [
-                "finetune.pathways: 'text_atn' is not one of text_attn, text_mlp, audio_mlp, audio_attn. Did you mean 'text_attn'?"
+                "finetune.pathways: 'text_atn' is not one of text_attn, text_mlp, audio_mlp, audio_attn. Did you "
+                "mean 'text_attn'?"
             ],
         ),
         (
             {"data": {"eval_cache": "cache/heldout"}, "train": {"max_steps": 10, "warmup_steps": 20}},
             [
-                "train.warmup_steps (20) exceeds train.max_steps (10): the peak learning rate would never be reached. Lower warmup_steps."
+                "train.warmup_steps (20) exceeds train.max_steps (10): the peak learning rate would never be "
+                "reached. Lower warmup_steps."
             ],
         ),
         (
@@ -187,7 +195,8 @@ def test_output_dir_is_required():
         (
             {"data": {"task": "tts", "clone_probability": 0.5}},
             [
-                "data.clone_probability is used only with data.task: mixed (task is 'tts'). Remove it or set task: mixed."
+                "data.clone_probability is used only with data.task: mixed (task is 'tts'). Remove it or set task: "
+                "mixed."
             ],
         ),
         (
@@ -209,7 +218,8 @@ def test_output_dir_is_required():
         (
             {"checkpoint": {"output_dir_fallback": "runs/a"}},
             [
-                "checkpoint.output_dir_fallback is the same folder as checkpoint.output_dir: give another disk's folder or remove it."
+                "checkpoint.output_dir_fallback is the same folder as checkpoint.output_dir: give another disk's "
+                "folder or remove it."
             ],
         ),
         (
@@ -305,7 +315,8 @@ def test_alias_use_audio_out_self_attention():
     cfg = config_from_dict(MINIMAL, ["model.use_audio_out_self_attention=true"])
     assert cfg.model.audio_self_attention is True
     assert problems(with_(model={"use_audio_out_self_attention": True, "audio_self_attention": False})) == [
-        "model.audio_self_attention and model.use_audio_out_self_attention are the same setting: keep only model.audio_self_attention."
+        "model.audio_self_attention and model.use_audio_out_self_attention are the same setting: keep only "
+        "model.audio_self_attention."
     ]
 
 
@@ -338,7 +349,10 @@ def test_empty_sections_and_files(tmp_path):
     ]
     with pytest.raises(
         ConfigError,
-        match=r"^1 problem\(s\) in .*run.yaml:\n  - the config must be a mapping of sections \(model, finetune, data, \.\.\.\), got list\.$",
+        match=(
+            r"^1 problem\(s\) in .*run.yaml:\n  - the config must be a mapping of sections \(model, finetune, "
+            r"data, \.\.\.\), got list\.$"
+        ),
     ):
         load_config(write(tmp_path, "- a\n- b\n"))
     with pytest.raises(ConfigError, match=r"config file .*missing.yaml does not exist\."):

@@ -58,7 +58,7 @@ class StandInCache:
 
 def _entries(speakers=("a", "b", "c"), per_speaker=4, scene_every=3):
     out = []
-    for s_i, spk in enumerate(speakers):
+    for spk in speakers:
         for j in range(per_speaker):
             n = len(out)
             out.append(
@@ -295,7 +295,7 @@ def test_dataset_from_the_prepared_demo_cache(stack, demo_cache, tiny_dir):
         ds.set_epoch(epoch)
         samples = [ds[i] for i in range(len(ds))]
         assert ds.lengths() == [len(s["input_ids"]) for s in samples]
-        for entry, s in zip(ds.entries, samples):
+        for entry, s in zip(ds.entries, samples, strict=True):
             ref = by_id[s["reference"]]  # every demo speaker has several clips: always cloned
             assert s["task"] == "voice_clone" and ref.speaker == entry.speaker and ref.id != entry.id
             tgt = s["segments"][1]

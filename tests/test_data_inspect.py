@@ -158,7 +158,7 @@ def test_demo_batches_counts_add_up(tiny_dir, demo_cache, tmp_path):
         assert s["text"]["trained"] + s["text"]["masked"] == s["text"]["total"]
         for role in ("target", "reference"):
             a = s["audio"][role]
-            assert [tr + ms for tr, ms in zip(a["trained"], a["masked"])] == [a["columns"]] * K
+            assert [tr + ms for tr, ms in zip(a["trained"], a["masked"], strict=True)] == [a["columns"]] * K
         assert s["text"]["total"] + s["audio"]["target"]["columns"] + s["audio"]["reference"]["columns"] == s["tokens"]
         assert (
             s["loss_positions"]
@@ -254,7 +254,10 @@ def test_show_refuses_a_prompt_that_differs_from_the_sample(tiny_dir, tmp_path):
     )
     with pytest.raises(
         DataError,
-        match=r"sample 'hand_made': the generation prompt \(\d+ tokens\) differs from the training sample before its target audio \(\d+ tokens\) at position 9",
+        match=(
+            r"sample 'hand_made': the generation prompt \(\d+ tokens\) differs from the training sample before "
+            r"its target audio \(\d+ tokens\) at position 9"
+        ),
     ):
         render_sample(sample, drifted, tokenizer, tokens)
 
@@ -335,9 +338,9 @@ def test_cache_of_another_model_is_refused(tiny_dir, tmp_path):
     result = CliRunner().invoke(main, ["inspect", str(cache), "--model", str(tiny_dir), "--batches", "1"])
     assert result.exit_code == 2
     assert result.stderr == (
-        f"error: {cache} holds codes with 4 codebooks (prepared with hand-made codes), but the model {tiny_dir} has 8. "
-        f"The cache belongs to another model: prepare the data with this model: higgs-tune prepare MANIFEST --model {tiny_dir} "
-        "--out NEW_CACHE_DIR.\n"
+        f"error: {cache} holds codes with 4 codebooks (prepared with hand-made codes), but the model {tiny_dir} "
+        "has 8. The cache belongs to another model: prepare the data with this model: higgs-tune prepare MANIFEST "
+        f"--model {tiny_dir} --out NEW_CACHE_DIR.\n"
     )
 
 
@@ -518,7 +521,8 @@ def test_batch_statistics_exact(two_sample_batch):
         (lambda b, t: b["audio_labels"].fill_(-100), r"batch 0 \(samples clone, tts\) has no trained audio token"),
         (
             lambda b, t: b["audio_labels"][..., 3].masked_fill_(b["audio_labels"][..., 3] == t.stream_eos, -100),
-            r"batch 0 \(samples clone, tts\) has no stream EOS label in codebook\(s\) 3: the model would never learn to stop",
+            r"batch 0 \(samples clone, tts\) has no stream EOS label in codebook\(s\) 3: the model would never "
+            r"learn to stop",
         ),
         (
             lambda b, t: b["audio_labels"].masked_fill_((b["audio_roles"] == 1)[..., None], 5),

@@ -483,7 +483,8 @@ def test_convert_metadata_numeric_speaker_and_non_string_text(tmp_path):
         convert_folder(ds, language="en")
     assert str(e.value) == (
         f"cannot convert {ds}: 1 problem(s); nothing was written:\n"
-        f'  - {ds / "metadata.json"} sample 2: "text"/"transcript" is int 7, not a string. Fix: write the transcript as a JSON string.'
+        f'  - {ds / "metadata.json"} sample 2: "text"/"transcript" is int 7, not a string. '
+        "Fix: write the transcript as a JSON string."
     )
     (ds / "metadata.json").write_text(
         json.dumps([{"audio_file": "a.wav", "text": "Fine.", "speaker_id": 1034}]), encoding="utf-8"

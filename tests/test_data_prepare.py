@@ -130,7 +130,7 @@ def test_equal_length_batch_is_exact(codec):
     rng = np.random.default_rng(0)
     waves = [(rng.standard_normal(30000) * 0.1).astype(np.float32) for _ in range(4)]
     batched = encode_batch(codec, waves)
-    for w, b in zip(waves, batched):
+    for w, b in zip(waves, batched, strict=True):
         assert b.dtype == np.int16 and b.shape == (8, codec_num_frames(codec.config, 30000))
         np.testing.assert_array_equal(b, encode_batch(codec, [w])[0])
 
@@ -147,7 +147,7 @@ def test_demo_prepare_codes(demo_prepared, demo_manifest, demo_waves, codec):
     assert cache.codec_fingerprint == codec_fingerprint(codec)
     assert [e.id for e in cache.entries] == [r["id"] for r in rows]
     assert cache.rejects == [] and (out / "rejects.jsonl").read_text() == ""
-    for e, r in zip(cache.entries, rows):
+    for e, r in zip(cache.entries, rows, strict=True):
         n = len(demo_waves[e.id])
         info = sf.info(demo_manifest.parent / r["audio"])
         assert (e.text, e.speaker, e.language, e.audio, e.scene) == (
@@ -195,7 +195,7 @@ def test_batched_vs_single_encoding_agreement(
     naive = {}
     for b in range(0, len(order), 8):
         ids = order[b : b + 8]
-        naive.update(zip(ids, encode_batch(codec, [demo_waves[i] for i in ids])))
+        naive.update(zip(ids, encode_batch(codec, [demo_waves[i] for i in ids]), strict=True))
     naive_diff = sum(int((naive[i] != single_codes[i]).sum()) for i in order)
     exact = prepare_manifest(demo_manifest, tiny_dir, tmp_path / "exact", pad_tolerance_s=0.0, progress=False)
     exact_diff, _ = code_diff(CodeCache.open(tmp_path / "exact"), single_codes)
@@ -410,7 +410,10 @@ def test_cache_dir_with_foreign_files_is_refused(tiny_dir, demo_manifest, tmp_pa
 def test_code_cache_open_errors(tiny_dir, demo_manifest, tmp_path):
     with pytest.raises(
         DataError,
-        match=r"no code cache at .*nope \(folder not found\). Fix: run `higgs-tune prepare MANIFEST --model MODEL --out",
+        match=(
+            r"no code cache at .*nope \(folder not found\). Fix: run `higgs-tune prepare MANIFEST --model MODEL "
+            r"--out"
+        ),
     ):
         CodeCache.open(tmp_path / "nope")
     (tmp_path / "empty").mkdir()
@@ -513,9 +516,9 @@ def test_cli_from_folder(tiny_dir, demo_manifest, tmp_path):
     res = runner.invoke(cli, encode)
     assert res.exit_code == 2
     assert res.stderr == (
-        f"error: {tmp_path / 'speaker_x.jsonl'} already exists and differs from what {ds} converts to now. Fix: delete it "
-        "(the code cache stays incremental), pass --overwrite to replace it (with --model/--out this also rebuilds the cache "
-        "from scratch), or pass --manifest-out to write elsewhere.\n"
+        f"error: {tmp_path / 'speaker_x.jsonl'} already exists and differs from what {ds} converts to now. Fix: "
+        "delete it (the code cache stays incremental), pass --overwrite to replace it (with --model/--out this "
+        "also rebuilds the cache from scratch), or pass --manifest-out to write elsewhere.\n"
     )
     (tmp_path / "speaker_x.jsonl").unlink()
     res = runner.invoke(cli, encode)

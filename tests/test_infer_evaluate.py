@@ -182,7 +182,8 @@ def test_evaluate_heldout_writes_every_metric(tiny_dir, adapter_dir, eval_models
         else:
             assert c["speaker_similarity"] is None and c["speaker_similarity_gt"] is None
             assert c["notes"] == [
-                f"output of {c['duration_s']:.2f} s is shorter than the speaker model's minimum 0.33 s: no speaker similarity"
+                f"output of {c['duration_s']:.2f} s is shorter than the speaker model's minimum 0.33 s: no speaker "
+                "similarity"
             ]
         gt = sf.info(str(DEMO / "audio" / f"{c['id']}.flac"))
         assert c["gt_duration_s"] == pytest.approx(gt.frames / gt.samplerate)

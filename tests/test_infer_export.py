@@ -89,12 +89,12 @@ def test_export_loads_with_plain_transformers_and_gives_the_same_codes(tiny_dir,
     processor = HiggsAudioV2Processor.from_pretrained(str(out))
     got = _codes(model, processor, stack.tokens)
     assert [c.shape for c in got] == [c.shape for c in expected]
-    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+    assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
 
     # and the adapter changed the model: the merged weights are not the base's
     with stack.model.disable_adapter():
         base = _codes(stack.model, stack.processor, stack.tokens)
-    assert any(a.shape != b.shape or not torch.equal(a, b) for a, b in zip(base, expected))
+    assert any(a.shape != b.shape or not torch.equal(a, b) for a, b in zip(base, expected, strict=True))
     base_head = stack.model.base_model.model.audio_lm_head.original_module.weight
     assert not torch.equal(model.audio_lm_head.weight, base_head)
     assert torch.equal(
@@ -126,7 +126,7 @@ def test_export_with_audio_self_attention_keeps_its_weights(tiny_dir, tmp_path):
     merged = load_inference_stack(result.out_dir, device="cpu")
     expected = _codes(stack.model, stack.processor, stack.tokens)
     got = _codes(merged.model, merged.processor, merged.tokens)
-    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+    assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
 
 
 def test_export_refuses_a_foreign_folder(tiny_dir, tmp_path):
@@ -159,9 +159,11 @@ def test_full_fine_tune_weights_generate_and_export(tiny_dir, tmp_path):
     assert stack.model.text_lm_head is not None  # the full checkpoint has it, so it is loaded
     assert torch.equal(stack.model.audio_lm_head.weight, tuned.audio_lm_head.weight)
     expected = _codes(tuned.eval(), stack.processor, stack.tokens)
-    assert all(torch.equal(a, b) for a, b in zip(_codes(stack.model, stack.processor, stack.tokens), expected))
+    assert all(
+        torch.equal(a, b) for a, b in zip(_codes(stack.model, stack.processor, stack.tokens), expected, strict=True)
+    )
 
     result = export_merged(tiny_dir, weights, tmp_path / "export")
     assert not result.merged_lora
     plain = HiggsAudioV2ForConditionalGeneration.from_pretrained(str(result.out_dir)).eval()
-    assert all(torch.equal(a, b) for a, b in zip(_codes(plain, stack.processor, stack.tokens), expected))
+    assert all(torch.equal(a, b) for a, b in zip(_codes(plain, stack.processor, stack.tokens), expected, strict=True))

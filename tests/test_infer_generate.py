@@ -239,8 +239,8 @@ def test_adapter_of_another_base_model_is_refused(tiny_dir, tmp_path):
     message = str(err.value)
     assert f"the adapter {adapter} does not fit the base model {tiny_dir}" in message
     assert (
-        "base_model.model.model.layers.0.self_attn.k_proj.lora_A.weight (4, 32) (base model.layers.0.self_attn.k_proj is 32x64)"
-        in message
+        "base_model.model.model.layers.0.self_attn.k_proj.lora_A.weight (4, 32) (base "
+        "model.layers.0.self_attn.k_proj is 32x64)" in message
     )
     assert "It was trained on '/models/other-base'" in message and "--model" in message
 

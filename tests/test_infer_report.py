@@ -212,7 +212,7 @@ def _check_page(page: _Page, run: Path) -> None:
     files = [run / "samples" / f"step-{s}" / f"sample-{i}.wav" for s in (60, 120) for i in range(2)]
     files += [run / "eval" / "wavs" / "en_a_008.wav", run / "eval" / "wavs" / "ar_a_010.wav"]
     assert len(page.audio) == len(files)
-    for src, path in zip(page.audio, files):
+    for src, path in zip(page.audio, files, strict=True):
         assert src.startswith("data:audio/wav;base64,")
         assert base64.b64decode(src.split(",", 1)[1]) == path.read_bytes()
     # self-contained: nothing is loaded from elsewhere, nothing runs

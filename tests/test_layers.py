@@ -103,7 +103,8 @@ def test_the_checker_sees_function_level_and_relative_imports(tmp_path):
     (src / "__init__.py").write_text("")
     f = src / "x.py"
     f.write_text(
-        "from ..train import recipe\n\ndef g():\n    from higgs_tune.infer.generate import A\n    import higgs_tune.app.cli\n"
+        "from ..train import recipe\n\ndef g():\n    from higgs_tune.infer.generate import A\n    import "
+        "higgs_tune.app.cli\n"
     )
     global PACKAGE
     saved, PACKAGE = PACKAGE, tmp_path / "higgs_tune"

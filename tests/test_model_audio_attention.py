@@ -228,7 +228,8 @@ def test_cached_generation_equals_full_recompute(tiny_dir, reference):
         assert torch.allclose(logits, _full_recompute_logits(model, prompts, cached, step), atol=1e-5), step
     # the block matters: without it the logits differ
     plain = base.generate(**prompts, **kw)
-    assert max((a - b).abs().max().item() for a, b in zip(cached.logits, plain.logits)) > 0.1
+    # strict=True: the plain model may emit EOS before max_new_tokens; compare the steps both made
+    assert max((a - b).abs().max().item() for a, b in zip(cached.logits, plain.logits, strict=False)) > 0.1
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(tiny_dir):
@@ -240,7 +241,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_dir):
     grads, calls = [], []
     for m in (model, ckpt):
         counter = []
-        hook = m.model.layers[0].audio_attn.register_forward_hook(lambda *_: counter.append(1))
+        hook = m.model.layers[0].audio_attn.register_forward_hook(lambda *_, counter=counter: counter.append(1))
         m.train()
         m(**batch).loss.backward()
         hook.remove()

@@ -145,7 +145,7 @@ def test_convert_round_trip_gives_identical_model(tiny_dir, tmp_path):
     for name, tensor in original.state_dict().items():
         assert torch.equal(converted.state_dict()[name], tensor), name
     batch = synthetic_batch(original.config)
-    for a, b in zip(_logits(original, batch), _logits(converted, batch)):
+    for a, b in zip(_logits(original, batch), _logits(converted, batch), strict=True):
         assert torch.equal(a, b)
     processor = load_processor(tmp_path / "hf")
     assert processor.tokenizer.chat_template == load_processor(tiny_dir).tokenizer.chat_template

@@ -99,7 +99,10 @@ def test_non_higgs_folder_names_what_it_found(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
     with pytest.raises(
         ModelLoadError,
-        match=r"not a Higgs Audio v2 checkpoint: config.json has model_type 'llama' \(architectures \['LlamaForCausalLM'\]\)",
+        match=(
+            r"not a Higgs Audio v2 checkpoint: config.json has model_type 'llama' \(architectures "
+            r"\['LlamaForCausalLM'\]\)"
+        ),
     ):
         load_model(_cfg(tmp_path))
     empty = tmp_path / "empty"
@@ -114,7 +117,10 @@ def test_original_layout_points_to_convert(stack):
     _edit_json(stack / "config.json", model_type="higgs_audio", architectures=["HiggsAudioModel"])
     with pytest.raises(
         ModelLoadError,
-        match=r"(?s)original boson_multimodal .*Convert it once with:\n    higgs-tune convert \S+/stack \S+/stack-hf --audio-tokenizer",
+        match=(
+            r"(?s)original boson_multimodal .*Convert it once with:\n    higgs-tune convert \S+/stack "
+            r"\S+/stack-hf --audio-tokenizer"
+        ),
     ):
         load_model(_cfg(stack))
 

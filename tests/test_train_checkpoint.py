@@ -302,7 +302,8 @@ def test_resume_refuses_a_changed_config_or_world_size(tmp_path, tiny_dir, caplo
         load_training_state(ckpt, optimizer=fresh.opt, scheduler=fresh.sched, world_size=2, rank=0, config=cfg)
     assert str(e.value) == (
         f"{ckpt} was saved by 1 process(es), this run has 2: the data order and the per-rank random streams cannot "
-        f"continue exactly. Launch 1 process(es) to resume, or start a new run from its weights with --resume-weights-only {ckpt}."
+        "continue exactly. Launch 1 process(es) to resume, or start a new run from its weights with "
+        f"--resume-weights-only {ckpt}."
     )
 
     # settings that do not affect the trajectory may change
@@ -415,8 +416,11 @@ def test_final_save_failure_raises_even_with_continue(tmp_path, tiny_dir):
     cfg, mgr = new_manager(run, tmp_path / "run", tiny_dir, save_weights, on_save_error="continue")
     with pytest.raises(
         CheckpointError,
-        match=r"^saving the final checkpoint to .* failed: OSError: \[Errno 28\] No space left on device\n"
-        r"Free space or fix the disk, then resume with --resume auto to write the final checkpoint again \(the last complete one is still there\)\.$",
+        match=(
+            r"^saving the final checkpoint to .* failed: OSError: \[Errno 28\] No space left on device\nFree space or "
+            r"fix the disk, then resume with --resume auto to write the final checkpoint again \(the last complete one "
+            r"is still there\)\.$"
+        ),
     ):
         save(mgr, run, cfg, STEPS, final=True)
     assert listing(tmp_path / "run") == []
@@ -434,8 +438,9 @@ def test_free_space_is_checked_before_writing(tmp_path, tiny_dir, monkeypatch):
     with pytest.raises(CheckpointError) as e:
         save(mgr, run, cfg, 4)
     assert str(e.value).startswith(
-        f"saving checkpoint-4 to {run_dir} failed: CheckpointError: {run_dir}: {format_bytes(1000)} free, a checkpoint needs about "
-        f"{format_bytes(size)} plus checkpoint.min_free_gb=0.5 GB kept free. Free space, or lower checkpoint.save_total_limit."
+        f"saving checkpoint-4 to {run_dir} failed: CheckpointError: {run_dir}: {format_bytes(1000)} free, a "
+        f"checkpoint needs about {format_bytes(size)} plus checkpoint.min_free_gb=0.5 GB kept free. Free space, or "
+        "lower checkpoint.save_total_limit."
     )
     assert listing(run_dir) == ["checkpoint-2", "checkpoints.json"]
 
@@ -522,7 +527,8 @@ def _three_checkpoints(tmp_path, tiny_dir):
         ("flip", "does not match its sha256 in the manifest: the file is corrupted or was changed."),
         (
             "no_manifest",
-            "no manifest.json, so it is not a complete higgs-tune checkpoint (an interrupted save, or another tool's folder).",
+            "no manifest.json, so it is not a complete higgs-tune checkpoint (an interrupted save, or another "
+            "tool's folder).",
         ),
     ],
 )
@@ -609,8 +615,8 @@ def test_leftover_temp_folders_are_ignored_then_removed(tmp_path, tiny_dir, capl
 
     assert find_resume_checkpoint(run_dir) == run_dir / "checkpoint-6"
     assert (
-        f"resume: ignoring {tmp}: an unfinished save or removal (process killed mid-way); it is removed at the next save"
-        in caplog.messages
+        f"resume: ignoring {tmp}: an unfinished save or removal (process killed mid-way); it is removed at the "
+        "next save" in caplog.messages
     )
     assert tmp.exists()  # resume only reads
 

@@ -176,7 +176,8 @@ def test_console_line_format():
         "grad_norm": 1.23456,
     }
     assert format_line(120, metrics) == (
-        "train step    120 | loss 3.1416 | text 0.500 | audio 2.642 | cb acc 0.300 | tok/s 8,200 | lr 3.00e-04 | gnorm 1.235"
+        "train step    120 | loss 3.1416 | text 0.500 | audio 2.642 | cb acc 0.300 | tok/s 8,200 | lr 3.00e-04 | "
+        "gnorm 1.235"
     )
 
 
@@ -247,8 +248,11 @@ DIST_SCRIPT = textwrap.dedent("""
     full, _ = two_row_batch(tok, model.config)
     # rank r gets row r, cut to its own length (ranks see different token counts)
     n, c = int(full["attention_mask"][r].sum()), int(full["audio_input_ids_mask"][r].sum())
-    batch = {k: (v[r:r + 1, :n] if k in ("input_ids", "attention_mask", "labels") else v[r:r + 1, :c] if k != "sample_ids" else v[r:r + 1])
-             for k, v in full.items()}
+    def cut(k, v):
+        if k == "sample_ids":
+            return v[r:r + 1]
+        return v[r:r + 1, :n] if k in ("input_ids", "attention_mask", "labels") else v[r:r + 1, :c]
+    batch = {k: cut(k, v) for k, v in full.items()}
     counts = module.count_tokens(batch).reduced(acc)
     wrapped = acc.prepare(module)          # DDP wraps the loss module; its forward is the one called
     out = wrapped(**batch)

@@ -203,7 +203,7 @@ def reference(model, batch, segments, text_weight=1.0, audio_weight=1.0, codeboo
                 cb_ok[k] += int(logits.argmax() == lab)
     per_cb = [sum(v) / len(v) for v in cb_ce]
     w = codebook_weights or [1.0] * K
-    audio = sum(wk * lk for wk, lk in zip(w, per_cb)) / sum(w)
+    audio = sum(wk * lk for wk, lk in zip(w, per_cb, strict=True)) / sum(w)
     text = sum(text_ce) / len(text_ce)
     return {
         "loss": text_weight * text + audio_weight * audio,
@@ -211,7 +211,7 @@ def reference(model, batch, segments, text_weight=1.0, audio_weight=1.0, codeboo
         "audio_loss": audio,
         "audio_loss_sum": sum(per_cb),
         "per_codebook_loss": per_cb,
-        "per_codebook_acc": [ok / len(v) for ok, v in zip(cb_ok, cb_ce)],
+        "per_codebook_acc": [ok / len(v) for ok, v in zip(cb_ok, cb_ce, strict=True)],
         "text_acc": text_ok / len(text_ce),
         "n_text_tokens": len(text_ce),
         "n_audio_tokens_per_codebook": [len(v) for v in cb_ce],

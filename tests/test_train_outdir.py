@@ -60,7 +60,8 @@ def test_new_folder_is_created_probed_and_marked(tmp_path, caplog):
     (line,) = [m for m in caplog.messages if m.startswith("output dir: ")]
     assert line.startswith(f"output dir: {out} (new run); ")
     assert line.endswith(
-        f" free, needs about {format_bytes(5 * 10 * MB)} (5 checkpoint(s) x {format_bytes(10 * MB)} + min_free_gb 0.0 GB)"
+        f" free, needs about {format_bytes(5 * 10 * MB)} (5 checkpoint(s) x {format_bytes(10 * MB)} + min_free_gb "
+        "0.0 GB)"
     )
 
 
@@ -136,9 +137,10 @@ def test_unusable_fallback_reports_both(tmp_path):
     with pytest.raises(OutputDirError) as e:
         prepare_output_dir(cfg, estimate_bytes=MB)
     assert str(e.value).splitlines() == [
-        f"checkpoint.output_dir {tmp_path / 'file' / 'a'} cannot be created: Not a directory (a part of the path is a file, not a folder: fix the path).",
-        f"The fallback is not usable either: checkpoint.output_dir {tmp_path / 'file' / 'b'} cannot be created: Not a directory "
-        "(a part of the path is a file, not a folder: fix the path).",
+        f"checkpoint.output_dir {tmp_path / 'file' / 'a'} cannot be created: Not a directory (a part of the path "
+        "is a file, not a folder: fix the path).",
+        f"The fallback is not usable either: checkpoint.output_dir {tmp_path / 'file' / 'b'} cannot be created: "
+        "Not a directory (a part of the path is a file, not a folder: fix the path).",
     ]
 
 
@@ -159,9 +161,9 @@ def test_not_enough_space_names_the_numbers(tmp_path, monkeypatch):
         prepare_output_dir(cfg, estimate_bytes=40 * MB)
     needed = 5 * 40 * MB + 500 * MB
     assert str(e.value) == (
-        f"{tmp_path / 'run'}: {format_bytes(100 * MB)} free, the run needs about {format_bytes(needed)} = 5 checkpoint(s) x "
-        f"{format_bytes(40 * MB)} (save_total_limit 2 + final + one being written + best) + checkpoint.min_free_gb 0.5 GB. "
-        "Free space, choose another disk, or lower checkpoint.save_total_limit."
+        f"{tmp_path / 'run'}: {format_bytes(100 * MB)} free, the run needs about {format_bytes(needed)} = 5 "
+        f"checkpoint(s) x {format_bytes(40 * MB)} (save_total_limit 2 + final + one being written + best) + "
+        "checkpoint.min_free_gb 0.5 GB. Free space, choose another disk, or lower checkpoint.save_total_limit."
     )
     fake_free(monkeypatch, needed)
     assert prepare_output_dir(cfg, estimate_bytes=40 * MB) == tmp_path / "run"
@@ -203,13 +205,14 @@ def test_foreign_folder_is_refused_even_with_overwrite(tmp_path):
         prepare_output_dir(make_cfg(out), estimate_bytes=MB)
     assert (
         str(e.value)
-        == f"{out} is not empty and is not a higgs-tune run (it holds config.yaml, thesis.pdf): choose an empty or new checkpoint.output_dir."
+        == f"{out} is not empty and is not a higgs-tune run (it holds config.yaml, thesis.pdf): choose an empty or "
+        "new checkpoint.output_dir."
     )
     with pytest.raises(OutputDirError) as e:
         prepare_output_dir(make_cfg(out), overwrite=True, estimate_bytes=MB)
     assert str(e.value) == (
-        f"{out} holds files higgs-tune did not write (config.yaml, thesis.pdf); --overwrite removes only higgs-tune's own "
-        "files and never these. Move them away or choose another checkpoint.output_dir."
+        f"{out} holds files higgs-tune did not write (config.yaml, thesis.pdf); --overwrite removes only "
+        "higgs-tune's own files and never these. Move them away or choose another checkpoint.output_dir."
     )
     assert listing(out) == ["config.yaml", "thesis.pdf"]
     assert (out / "config.yaml").read_text() == "my: own\n"

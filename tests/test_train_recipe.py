@@ -180,7 +180,8 @@ def test_train_cli_reports_every_config_problem_at_once(tmp_path):
 
     bad = tmp_path / "bad.yaml"
     bad.write_text(
-        "model:\n  dtype: float8\ntrain:\n  learning_rate: -1\n  max_stepz: 3\nfinetune:\n  mode: lora\n  pathways: [text_attn, nope]\n"
+        "model:\n  dtype: float8\ntrain:\n  learning_rate: -1\n  max_stepz: 3\nfinetune:\n  mode: lora\n  "
+        "pathways: [text_attn, nope]\n"
     )
     result = CliRunner().invoke(main, ["train", str(bad), "loss.text_weight=-2"])
     assert result.exit_code == 2

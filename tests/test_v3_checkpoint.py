@@ -75,7 +75,10 @@ def test_head_copies_accepted_only_when_equal(tmp_path):
     _rewrite(folder, lambda t: t[AUDIO_HEAD_COPY_KEY].add_(1e-3))
     with pytest.raises(
         ModelLoadError,
-        match=r"tied\.head\.modality_heads\.0\.weight differs from tied\.embedding\.modality_embeddings\.0\.embedding\.weight",
+        match=(
+            r"tied\.head\.modality_heads\.0\.weight differs from "
+            r"tied\.embedding\.modality_embeddings\.0\.embedding\.weight"
+        ),
     ):
         load_v3_checkpoint(folder)
 

@@ -42,7 +42,7 @@ def test_loss_only_at_labelled_rows(eoc_labels, per_codebook):
     want = [
         (i, p) for i, s in enumerate(samples) for p in (s["audio_roles"] == ROLE_TARGET).nonzero().flatten().tolist()
     ]
-    assert list(zip(out.rows.tolist(), out.positions.tolist())) == want
+    assert list(zip(out.rows.tolist(), out.positions.tolist(), strict=True)) == want
     frames = [s["target_frames"] for s in samples]
     assert out.n_tokens_per_codebook.tolist() == [sum(per_codebook(t, c) for t in frames) for c in range(8)]
     assert abs(out.loss.item() - 6.93) < 0.3  # ~ln(1026): random tiny model
@@ -82,7 +82,8 @@ def test_full_finetune_loss_falls():
     t0 = time.perf_counter()
     losses, out = _train(model, batch, steps=40, lr=3e-3)
     print(
-        f"full fine-tune: loss {losses[0]:.3f} -> {losses[-1]:.3f}, acc {out.accuracy:.2f}, {time.perf_counter() - t0:.1f}s"
+        f"full fine-tune: loss {losses[0]:.3f} -> {losses[-1]:.3f}, acc {out.accuracy:.2f}, "
+        f"{time.perf_counter() - t0:.1f}s"
     )
     assert losses[-1] < 0.25 * losses[0] and out.accuracy > 0.9
 

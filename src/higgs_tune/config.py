@@ -91,12 +91,14 @@ _KEEP_ON_RESUME = RESUME_MUST_MATCH
 class ModelConfig:
     name_or_path: str = _f(
         "bosonai/higgs-audio-v2-generation-3B-base",
-        "Hub id or local folder of a Higgs Audio v2 checkpoint (transformers layout; original `higgs_audio` layout is detected and converted).",
+        "Hub id or local folder of a Higgs Audio v2 checkpoint (transformers layout; original `higgs_audio` layout "
+        "is detected and converted).",
         _KEEP_ON_RESUME,
     )
     audio_tokenizer: str | None = _f(
         None,
-        "Audio tokenizer id or folder; default: `<name_or_path>/audio_tokenizer` if present, else what the processor config records.",
+        "Audio tokenizer id or folder; default: `<name_or_path>/audio_tokenizer` if present, else what the "
+        "processor config records.",
     )
     dtype: str = _f("bfloat16", "Weights dtype: bfloat16, float16 or float32.", _KEEP_ON_RESUME)
     attn_implementation: str = _f("sdpa", "Attention backend: sdpa, eager or flash_attention_2 (when installed).")
@@ -106,7 +108,8 @@ class ModelConfig:
     )
     audio_self_attention: bool = _f(
         False,
-        "Add the audio-only self-attention block per layer (original `use_audio_out_self_attention`); starts as an exact no-op on checkpoints that lack it.",
+        "Add the audio-only self-attention block per layer (original `use_audio_out_self_attention`); starts as an "
+        "exact no-op on checkpoints that lack it.",
         _KEEP_ON_RESUME,
     )
 
@@ -170,7 +173,8 @@ class FinetuneConfig:
             )
         if self.freeze:
             problems.append(
-                "finetune.freeze is a full-mode option; in lora mode everything outside the adapters is frozen already. Remove it."
+                "finetune.freeze is a full-mode option; in lora mode everything outside the adapters is frozen "
+                "already. Remove it."
             )
         if self.lora_r <= 0:
             problems.append(f"finetune.lora_r must be > 0, got {self.lora_r}.")
@@ -181,7 +185,8 @@ class FinetuneConfig:
         overlap = sorted(set(self.pathways) & set(self.train_modules))
         if overlap:
             problems.append(
-                f"finetune: {', '.join(overlap)} is both a LoRA pathway and a fully trained module: choose one (remove it from pathways or train_modules)."
+                f"finetune: {', '.join(overlap)} is both a LoRA pathway and a fully trained module: choose one "
+                "(remove it from pathways or train_modules)."
             )
         return problems
 
@@ -190,15 +195,18 @@ class FinetuneConfig:
         lora_options_set = [name for name in _LORA_OPTIONS if was_given(name)]
         if lora_options_set:
             problems.append(
-                f"finetune.{', finetune.'.join(lora_options_set)} set in full mode: LoRA options have no effect there. Remove them or use mode: lora."
+                f"finetune.{', finetune.'.join(lora_options_set)} set in full mode: LoRA options have no effect "
+                "there. Remove them or use mode: lora."
             )
         if self.pathways and was_given("pathways"):
             problems.append(
-                "finetune.pathways set in full mode: all weights are trained; use finetune.freeze to keep parts frozen (or pathways: [])."
+                "finetune.pathways set in full mode: all weights are trained; use finetune.freeze to keep parts "
+                "frozen (or pathways: [])."
             )
         if self.train_modules:
             problems.append(
-                "finetune.train_modules set in full mode: every module is trained already. Remove it (use finetune.freeze to keep parts frozen)."
+                "finetune.train_modules set in full mode: every module is trained already. Remove it (use "
+                "finetune.freeze to keep parts frozen)."
             )
         return problems
 
@@ -245,7 +253,8 @@ class DataConfig:
             problems.append(f"data.clone_probability must be in [0, 1], got {self.clone_probability}.")
         if self.task != "mixed" and was_given("clone_probability"):
             problems.append(
-                f"data.clone_probability is used only with data.task: mixed (task is {self.task!r}). Remove it or set task: mixed."
+                f"data.clone_probability is used only with data.task: mixed (task is {self.task!r}). Remove it or "
+                "set task: mixed."
             )
         if not 0 <= self.eval_fraction < 1:
             problems.append(f"data.eval_fraction must be in [0, 1), got {self.eval_fraction}.")
@@ -256,7 +265,8 @@ class DataConfig:
                 problems.append(f"data.{name} must be > 0, got {getattr(self, name)}.")
         if self.max_sequence_length > self.max_tokens_per_batch:
             problems.append(
-                f"data.max_sequence_length ({self.max_sequence_length}) exceeds data.max_tokens_per_batch ({self.max_tokens_per_batch}): the longest sample would not fit a batch. Raise the budget."
+                f"data.max_sequence_length ({self.max_sequence_length}) exceeds data.max_tokens_per_batch "
+                f"({self.max_tokens_per_batch}): the longest sample would not fit a batch. Raise the budget."
             )
         if self.num_workers < 0:
             problems.append(f"data.num_workers must be >= 0, got {self.num_workers}.")
@@ -286,7 +296,8 @@ class LossConfig:
                 )
             if self.audio_weight == 0:
                 problems.append(
-                    "loss.codebook_weights is set but loss.audio_weight is 0: the audio loss is off. Remove one of them."
+                    "loss.codebook_weights is set but loss.audio_weight is 0: the audio loss is off. Remove one of "
+                    "them."
                 )
         return problems
 
@@ -353,7 +364,8 @@ class TrainConfig:
             problems.append(f"train.warmup_steps must be >= 0, got {self.warmup_steps}.")
         if self.max_steps is not None and self.max_steps > 0 and self.warmup_steps > self.max_steps:
             problems.append(
-                f"train.warmup_steps ({self.warmup_steps}) exceeds train.max_steps ({self.max_steps}): the peak learning rate would never be reached. Lower warmup_steps."
+                f"train.warmup_steps ({self.warmup_steps}) exceeds train.max_steps ({self.max_steps}): the peak "
+                "learning rate would never be reached. Lower warmup_steps."
             )
         for name in ("log_steps", "eval_steps", "sample_steps"):
             steps = getattr(self, name)
@@ -387,7 +399,8 @@ class CheckpointConfig:
             and Path(self.output_dir_fallback) == Path(self.output_dir)
         ):
             problems.append(
-                "checkpoint.output_dir_fallback is the same folder as checkpoint.output_dir: give another disk's folder or remove it."
+                "checkpoint.output_dir_fallback is the same folder as checkpoint.output_dir: give another disk's "
+                "folder or remove it."
             )
         if self.save_steps <= 0:
             problems.append(f"checkpoint.save_steps must be > 0, got {self.save_steps}.")
@@ -414,7 +427,8 @@ class LoggingConfig:
             problems += _not_one_of("logging.report_to", name, ("tensorboard", "wandb", "trackio", "none"))
         if "none" in self.report_to and len(self.report_to) > 1:
             problems.append(
-                f"logging.report_to lists none beside {', '.join(x for x in self.report_to if x != 'none')}: use [none] alone or drop it."
+                f"logging.report_to lists none beside {', '.join(x for x in self.report_to if x != 'none')}: use "
+                "[none] alone or drop it."
             )
         if self.preview_samples < 0:
             problems.append(f"logging.preview_samples must be >= 0, got {self.preview_samples}.")
@@ -476,7 +490,8 @@ class Config:
             )
         if TEXT_LM_HEAD in finetune.train_modules and not model.use_text_head:
             problems.append(
-                "finetune.train_modules has text_lm_head but model.use_text_head is false: set use_text_head true or remove text_lm_head."
+                "finetune.train_modules has text_lm_head but model.use_text_head is false: set use_text_head true "
+                "or remove text_lm_head."
             )
         return problems
 
@@ -500,7 +515,9 @@ class Config:
                 )
             elif train.eval_steps > 0 and checkpoint.save_steps > 0 and checkpoint.save_steps % train.eval_steps:
                 problems.append(
-                    f"checkpoint.save_steps ({checkpoint.save_steps}) is not a multiple of train.eval_steps ({train.eval_steps}): with keep_best every save needs a fresh eval loss. Make save_steps a multiple of eval_steps."
+                    f"checkpoint.save_steps ({checkpoint.save_steps}) is not a multiple of train.eval_steps "
+                    f"({train.eval_steps}): with keep_best every save needs a fresh eval loss. Make save_steps a "
+                    "multiple of eval_steps."
                 )
             if not has_held_out:
                 problems.append(

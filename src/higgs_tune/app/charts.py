@@ -116,7 +116,8 @@ def svg_line_chart(
     parts.append("</g>")
     parts.append(f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" class="frame"/>')
     parts.append(
-        f'<text x="{left + pw / 2}" y="{height - 6}" text-anchor="middle" class="axis-label">{html.escape(x_label)}</text>'
+        f'<text x="{left + pw / 2}" y="{height - 6}" text-anchor="middle" '
+        f'class="axis-label">{html.escape(x_label)}</text>'
     )
     parts.append(
         f'<text x="14" y="{top + ph / 2}" text-anchor="middle" class="axis-label" '
@@ -160,7 +161,8 @@ def svg_line_chart(
         x -= w
         dash = ' stroke-dasharray="6 4"' if s.dashed else ""
         parts.append(
-            f'<line x1="{x:.1f}" y1="{top - 12}" x2="{x + 18:.1f}" y2="{top - 12}" stroke="{s.color}" stroke-width="2.5"{dash}/>'
+            f'<line x1="{x:.1f}" y1="{top - 12}" x2="{x + 18:.1f}" y2="{top - 12}" stroke="{s.color}" '
+            f'stroke-width="2.5"{dash}/>'
         )
         parts.append(f'<text x="{x + 22:.1f}" y="{top - 8}" class="legend">{label}</text>')
     parts.append("</svg>")

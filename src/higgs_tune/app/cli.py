@@ -1,8 +1,8 @@
 """The `higgs-tune` command line: one group; the subcommands live in app/commands/, one module per area.
 
 Subcommands are imported lazily (start-up time: `higgs-tune train` need not load the
-inference code) and a broken optional area cannot break the others. Everything below the CLI raises typed errors (`HiggsTuneError`
-subclasses) whose message says what to do; this module turns them into one clean line
+inference code) and a broken optional area cannot break the others. Everything below the CLI raises typed errors
+(`HiggsTuneError` subclasses) whose message says what to do; this module turns them into one clean line
 and exit status 2, never a traceback.
 """
 

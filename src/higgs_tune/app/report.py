@@ -120,7 +120,9 @@ def read_metrics(path: Path) -> MetricsLog:
         elif event == "samples" and isinstance(rec.get("step"), int):
             files, stopped, frames = rec.get("files") or [], rec.get("stopped") or [], rec.get("frames") or []
             if len(files) == len(stopped) == len(frames):
-                samples[rec["step"]] = {str(f): (bool(st), int(n)) for f, st, n in zip(files, stopped, frames)}
+                samples[rec["step"]] = {
+                    str(f): (bool(st), int(n)) for f, st, n in zip(files, stopped, frames, strict=True)
+                }
     ordered = sorted(by_key.items(), key=lambda kv: kv[0][1])
     return MetricsLog(
         train=[r for (split, _), r in ordered if split == "train"],
@@ -180,13 +182,16 @@ _CSS = """
 body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;color:#1d2330;background:#f6f7f9}
 header{background:#1d2330;color:#fff;padding:18px 28px}header h1{margin:0;font-size:22px}
 header p{margin:4px 0 0;color:#c9d1e0}nav{padding:8px 28px;background:#e9ecf2}nav a{margin-right:16px;color:#1d4ed8}
-main{padding:8px 28px 40px;max-width:1360px}section{background:#fff;border:1px solid #dde2ea;border-radius:8px;padding:12px 18px;margin:16px 0}
+main{padding:8px 28px 40px;max-width:1360px}
+section{background:#fff;border:1px solid #dde2ea;border-radius:8px;padding:12px 18px;margin:16px 0}
 h2{font-size:18px;margin:4px 0 10px}h3{font-size:15px;margin:14px 0 6px}
 .charts{display:flex;flex-wrap:wrap;gap:12px}.chart{background:#fff;border:1px solid #e3e7ee;border-radius:6px}
 .chart text{font-size:11px;fill:#4a5568}.chart .chart-title{font-size:13px;font-weight:600;fill:#1d2330}
-.chart .grid line{stroke:#edf0f5}.chart .frame{fill:none;stroke:#aab3c2}.chart .hline{stroke:#d62728;stroke-dasharray:3 3}
+.chart .grid line{stroke:#edf0f5}.chart .frame{fill:none;stroke:#aab3c2}
+.chart .hline{stroke:#d62728;stroke-dasharray:3 3}
 .chart .hline-label{fill:#d62728}.chart .legend{font-size:11px;fill:#1d2330}.chart .empty{fill:#999}
-table{border-collapse:collapse;margin:6px 0}td,th{border:1px solid #dde2ea;padding:4px 8px;text-align:left;vertical-align:top}
+table{border-collapse:collapse;margin:6px 0}
+td,th{border:1px solid #dde2ea;padding:4px 8px;text-align:left;vertical-align:top}
 td.txt{overflow-wrap:anywhere;min-width:240px;max-width:520px}td.num,td.id{white-space:nowrap}
 th{background:#f0f2f6}td.num{text-align:right;font-variant-numeric:tabular-nums}
 pre{background:#f6f8fa;border:1px solid #e3e7ee;padding:10px;overflow:auto;font-size:12px}
@@ -225,7 +230,10 @@ def _player(path: Path, label: str, budget: _AudioBudget, run_dir: Path, status:
     uri = budget.data_uri(path)
     if uri is None:
         rel = path.relative_to(run_dir) if run_dir in path.parents else path
-        return f'<div class="player"><div>{head}</div><span class="muted">not embedded (size limit): {html.escape(str(rel))}</span></div>'
+        return (
+            f'<div class="player"><div>{head}</div>'
+            f'<span class="muted">not embedded (size limit): {html.escape(str(rel))}</span></div>'
+        )
     return f'<div class="player"><div>{head}</div><audio controls preload="metadata" src="{uri}"></audio></div>'
 
 
@@ -310,22 +318,29 @@ def _eval_section(doc: dict, budget: _AudioBudget, run_dir: Path) -> str:
     per_lang = doc.get("per_language") or {}
     if per_lang:
         out.append(
-            '<h3>Per language</h3><table class="eval-languages"><tr><th>language</th><th>clips</th><th>WER</th><th>CER</th><th>SIM</th><th>duration ratio</th><th>stop rate</th></tr>'
+            '<h3>Per language</h3><table class="eval-languages">'
+            "<tr><th>language</th><th>clips</th><th>WER</th><th>CER</th><th>SIM</th><th>duration ratio</th>"
+            "<th>stop rate</th></tr>"
         )
         for lang, m in per_lang.items():
             out.append(
-                f"<tr><td>{html.escape(lang)}</td><td class='num'>{_num(m.get('num_clips'))}</td><td class='num'>{_num(m.get('wer'))}</td>"
+                f"<tr><td>{html.escape(lang)}</td><td class='num'>{_num(m.get('num_clips'))}</td>"
+                f"<td class='num'>{_num(m.get('wer'))}</td>"
                 f"<td class='num'>{_num(m.get('cer'))}</td><td class='num'>{_num(m.get('speaker_similarity'))}</td>"
-                f"<td class='num'>{_num(m.get('duration_ratio'))}</td><td class='num'>{_num(m.get('stop_rate'))}</td></tr>"
+                f"<td class='num'>{_num(m.get('duration_ratio'))}</td>"
+                f"<td class='num'>{_num(m.get('stop_rate'))}</td></tr>"
             )
         out.append("</table>")
     settings = doc.get("settings") or {}
     out.append(
-        f'<p class="muted">ASR {html.escape(str(settings.get("asr_model")))}; speaker model {html.escape(str(settings.get("speaker_model")))}; '
+        f'<p class="muted">ASR {html.escape(str(settings.get("asr_model")))}; '
+        f"speaker model {html.escape(str(settings.get('speaker_model')))}; "
         f"model {html.escape(str(settings.get('model')))}; adapter {html.escape(str(settings.get('adapter')))}</p>"
     )
     out.append(
-        '<h3>Per clip</h3><table class="eval-clips"><tr><th>id</th><th>lang</th><th>text / transcript</th><th>WER</th><th>CER</th><th>SIM</th><th>dur. ratio</th><th>stopped</th><th>output</th></tr>'
+        '<h3>Per clip</h3><table class="eval-clips">'
+        "<tr><th>id</th><th>lang</th><th>text / transcript</th><th>WER</th><th>CER</th><th>SIM</th>"
+        "<th>dur. ratio</th><th>stopped</th><th>output</th></tr>"
     )
     eval_dir = run_dir / EVAL_RESULTS.parent
     for c in doc.get("clips", []):
@@ -338,9 +353,11 @@ def _eval_section(doc: dict, budget: _AudioBudget, run_dir: Path) -> str:
         stopped = '<span class="ok">yes</span>' if c.get("stopped") else '<span class="bad">no (hit max length)</span>'
         out.append(
             f"<tr><td class='id'>{html.escape(str(c.get('id')))}</td><td>{html.escape(str(c.get('language')))}</td>"
-            f"<td class='txt'><bdi>{html.escape(str(c.get('text')))}</bdi><br><bdi class='muted'>{html.escape(str(c.get('transcript')))}</bdi></td>"
+            f"<td class='txt'><bdi>{html.escape(str(c.get('text')))}</bdi><br>"
+            f"<bdi class='muted'>{html.escape(str(c.get('transcript')))}</bdi></td>"
             f"<td class='num'>{_num(c.get('wer'), 3)}</td><td class='num'>{_num(c.get('cer'), 3)}</td>"
-            f"<td class='num'>{_num(c.get('speaker_similarity'), 3)}</td><td class='num'>{_num(c.get('duration_ratio'), 3)}</td>"
+            f"<td class='num'>{_num(c.get('speaker_similarity'), 3)}</td>"
+            f"<td class='num'>{_num(c.get('duration_ratio'), 3)}</td>"
             f"<td>{stopped}</td><td>{player}</td></tr>"
         )
     out.append("</table>")
@@ -354,7 +371,10 @@ def render_report(data: RunData, *, max_audio_mb: float = 100.0) -> str:
     model = (cfg.get("model") or {}).get("name_or_path", "?") if isinstance(cfg.get("model"), dict) else "?"
     ft = cfg.get("finetune") if isinstance(cfg.get("finetune"), dict) else {}
     last = data.train[-1] if data.train else {}
-    subtitle = f"model {model} · {ft.get('mode', '?')} fine-tuning · {len(data.train)} train / {len(data.eval)} eval log points"
+    subtitle = (
+        f"model {model} · {ft.get('mode', '?')} fine-tuning · "
+        f"{len(data.train)} train / {len(data.eval)} eval log points"
+    )
     if last:
         subtitle += f" · last step {last['step']}, loss {_num(last.get('loss'))}"
     sections: list[tuple[str, str, str]] = []
@@ -368,14 +388,21 @@ def render_report(data: RunData, *, max_audio_mb: float = 100.0) -> str:
     if data.warnings:
         rows = "".join(
             f"<tr class='warn'><td>{html.escape(w['code'])}</td><td class='num'>{_num(w['step'])}</td>"
-            f"<td class='num'>{_num(w['last_step'])}</td><td class='num'>{_num(w['count'])}</td><td>{html.escape(w['message'])}</td></tr>"
+            f"<td class='num'>{_num(w['last_step'])}</td><td class='num'>{_num(w['count'])}</td>"
+            f"<td>{html.escape(w['message'])}</td></tr>"
             for w in data.warnings
         )
-        body = f'<table class="warnings"><tr><th>warning</th><th>first step</th><th>last step</th><th>times</th><th>message</th></tr>{rows}</table>'
+        body = (
+            '<table class="warnings"><tr><th>warning</th><th>first step</th><th>last step</th><th>times</th>'
+            f"<th>message</th></tr>{rows}</table>"
+        )
     else:
         body = '<p class="ok">No health warnings were raised.</p>'
     if data.bad_lines:
-        body += f'<p class="bad">{data.bad_lines} line(s) of {METRICS_FILE} could not be read (a write torn by a crash?).</p>'
+        body += (
+            f'<p class="bad">{data.bad_lines} line(s) of {METRICS_FILE} could not be read '
+            "(a write torn by a crash?).</p>"
+        )
     sections.append(("health", "Health warnings", body))
 
     if data.param_report is not None:
@@ -426,7 +453,8 @@ def render_report(data: RunData, *, max_audio_mb: float = 100.0) -> str:
         f'<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
         f'<meta name="viewport" content="width=device-width, initial-scale=1"><style>{_CSS}</style></head>'
         f"<body><header><h1>{html.escape(title)}</h1><p>{html.escape(subtitle)}</p>"
-        f'<p class="muted">generated {html.escape(time.strftime("%Y-%m-%d %H:%M:%S"))} from {html.escape(str(data.run_dir.resolve()))}</p></header>'
+        f'<p class="muted">generated {html.escape(time.strftime("%Y-%m-%d %H:%M:%S"))} '
+        f"from {html.escape(str(data.run_dir.resolve()))}</p></header>"
         f"<nav>{nav}</nav><main>{body}</main></body></html>\n"
     )
 

@@ -38,7 +38,8 @@ def read_batch_file(path: str | Path) -> list[FileRequest]:
         lines = path.read_text(encoding="utf-8").splitlines()
     except FileNotFoundError:
         raise DataError(
-            f"batch file {path} not found. Fix: give a JSON Lines file with one {{text, ref_audio, ref_text, out}} object per line."
+            f"batch file {path} not found. Fix: give a JSON Lines file with one {{text, ref_audio, ref_text, out}} "
+            "object per line."
         ) from None
     except UnicodeDecodeError as e:
         raise DataError(

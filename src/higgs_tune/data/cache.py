@@ -113,7 +113,9 @@ def read_index(cache_dir: Path) -> dict | None:
         ) from None
     if not isinstance(index, dict) or index.get("format") != FORMAT:
         raise DataError(
-            f"{path} is not a higgs-tune code cache index (format {index.get('format') if isinstance(index, dict) else None!r}). Fix: point at a folder written by `higgs-tune prepare`, or {_fix(cache_dir)}."
+            f"{path} is not a higgs-tune code cache index (format "
+            f"{index.get('format') if isinstance(index, dict) else None!r}). Fix: point at a folder written by "
+            f"`higgs-tune prepare`, or {_fix(cache_dir)}."
         )
     version = index.get("format_version")
     if version != FORMAT_VERSION:
@@ -124,12 +126,14 @@ def read_index(cache_dir: Path) -> dict | None:
             else f"an older higgs-tune: rebuild it ({_fix(cache_dir, index.get('header'))} with --overwrite)"
         )
         raise DataError(
-            f"{path} has cache format version {version!r}; this higgs-tune reads version {FORMAT_VERSION}. Fix: it was written by {what}."
+            f"{path} has cache format version {version!r}; this higgs-tune reads version {FORMAT_VERSION}. Fix: it "
+            f"was written by {what}."
         )
     for key, kind in (("header", dict), ("shards", dict), ("codes", dict), ("entries", list)):
         if not isinstance(index.get(key), kind):
             raise DataError(
-                f"{path} is damaged (no valid {key!r}). Fix: rebuild the cache: {_fix(cache_dir, index.get('header'))} with --overwrite."
+                f"{path} is damaged (no valid {key!r}). Fix: rebuild the cache: "
+                f"{_fix(cache_dir, index.get('header'))} with --overwrite."
             )
     return index
 
@@ -200,7 +204,8 @@ class CodeCache:
                 raise DataError(f"{index_path} is damaged (codes {key!r} are in no shard). {damaged}")
             if t.dtype != torch.int16 or t.shape != (K, meta["num_frames"]):
                 raise DataError(
-                    f"{cache_dir / meta['shard']}: codes {key!r} have {t.dtype} {tuple(t.shape)}, expected int16 ({K}, {meta['num_frames']}). {damaged}"
+                    f"{cache_dir / meta['shard']}: codes {key!r} have {t.dtype} {tuple(t.shape)}, expected int16 "
+                    f"({K}, {meta['num_frames']}). {damaged}"
                 )
             if t.numel() and (int(t.min()) < 0 or int(t.max()) >= V):
                 raise DataError(f"{cache_dir / meta['shard']}: codes {key!r} lie outside 0..{V - 1}. {damaged}")
@@ -210,12 +215,14 @@ class CodeCache:
         for i, e in enumerate(index["entries"]):
             if not isinstance(e, dict) or any(n not in e for n in names):
                 raise DataError(
-                    f"{index_path} is damaged (entry {i + 1} lacks {[n for n in names if n not in e] if isinstance(e, dict) else names}). {damaged}"
+                    f"{index_path} is damaged (entry {i + 1} lacks "
+                    f"{[n for n in names if n not in e] if isinstance(e, dict) else names}). {damaged}"
                 )
             for key in (e["key"], e["ref_key"]):
                 if key is not None and key not in index["codes"]:
                     raise DataError(
-                        f"{index_path} is damaged (entry {e['id']!r} refers to codes {key!r} that are not in the cache). {damaged}"
+                        f"{index_path} is damaged (entry {e['id']!r} refers to codes {key!r} that are not in the "
+                        f"cache). {damaged}"
                     )
             entry = CacheEntry(**{n: e[n] for n in names})
             wrong = [
@@ -257,7 +264,8 @@ class CodeCache:
             raise DataError(f"{index_path} is damaged (header lacks {', '.join(missing)}). {damaged}")
         if index.get("complete") is not True:
             raise DataError(
-                f"{index_path}: prepare did not finish (interrupted?); the cache is incomplete. Fix: {_fix(cache_dir, header)} again; it resumes from the finished shards."
+                f"{index_path}: prepare did not finish (interrupted?); the cache is incomplete. Fix: "
+                f"{_fix(cache_dir, header)} again; it resumes from the finished shards."
             )
 
         K, V = header["num_codebooks"], header["codebook_size"]

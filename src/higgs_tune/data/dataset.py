@@ -203,9 +203,11 @@ class TTSDataset(torch.utils.data.Dataset):
             self.tokens,
             sample_ids=[entries[i].id for i in explicit],
         )
-        self._explicit_length = {i: self._tts_length[i] + extra for i, extra in zip(explicit, explicit_extra)}
+        self._explicit_length = {
+            i: self._tts_length[i] + extra for i, extra in zip(explicit, explicit_extra, strict=True)
+        }
 
-        too_long = [(e.id, n) for e, n in zip(entries, self._tts_length) if n > limit]
+        too_long = [(e.id, n) for e, n in zip(entries, self._tts_length, strict=True) if n > limit]
         if self.task != "tts":
             too_long += [
                 (entries[i].id, n)

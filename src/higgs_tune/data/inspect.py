@@ -206,9 +206,12 @@ def render_summary(s: dict) -> str:
     """The summary as terminal text."""
     lines = [
         f"cache        {s['cache_dir']}",
-        f"clips        {s['clips']}  ({s['hours']:.3f} h = {s['seconds']:.1f} s, {s['frames']} frames at {s['frame_rate']} fps, {s['num_codebooks']} codebooks)",
-        f"durations    min {s['duration_s']['min']:.2f} s, median {s['duration_s']['median']:.2f} s, max {s['duration_s']['max']:.2f} s",
-        f"prompts      {s['with_reference']} clip(s) with an explicit reference, {s['with_scene']} with a scene description",
+        f"clips        {s['clips']}  ({s['hours']:.3f} h = {s['seconds']:.1f} s, {s['frames']} frames at "
+        f"{s['frame_rate']} fps, {s['num_codebooks']} codebooks)",
+        f"durations    min {s['duration_s']['min']:.2f} s, median {s['duration_s']['median']:.2f} s, max "
+        f"{s['duration_s']['max']:.2f} s",
+        f"prompts      {s['with_reference']} clip(s) with an explicit reference, {s['with_scene']} with a scene "
+        "description",
         "",
         f"speakers ({len(s['speakers'])})",
     ]
@@ -228,11 +231,13 @@ def render_summary(s: dict) -> str:
         lines.append(f"text/audio length outliers ({len(s['outliers'])}): check these transcripts")
         for o in s["outliers"]:
             lines.append(
-                f"  {o['id']}: {o['chars']} chars in {o['duration_s']:.2f} s = {o['chars_per_s']:.1f} chars/s vs median {o['reference_cps']:.1f} of {o['reference']}: {o['reason']}"
+                f"  {o['id']}: {o['chars']} chars in {o['duration_s']:.2f} s = {o['chars_per_s']:.1f} chars/s vs "
+                f"median {o['reference_cps']:.1f} of {o['reference']}: {o['reason']}"
             )
     else:
         lines.append(
-            "text/audio length outliers: none (every clip within 0.5x-2x of its speaker's median characters/s, no robust z-score beyond 3.5)"
+            "text/audio length outliers: none (every clip within 0.5x-2x of its speaker's median characters/s, no "
+            "robust z-score beyond 3.5)"
         )
     lines.append("")
     if s["rejects"]:
@@ -339,7 +344,7 @@ def batch_statistics(batches: Iterable[dict], stream_bos_id: int = 1024, stream_
         raise DataError(f"batches disagree on the number of codebooks: {sorted({p['num_codebooks'] for p in per})}.")
 
     def add(lists):
-        return [sum(v) for v in zip(*lists)]
+        return [sum(v) for v in zip(*lists, strict=True)]
 
     lengths = [n for p in per for n in p["lengths"]]
     tokens = sum(p["tokens"] for p in per)
@@ -381,7 +386,8 @@ def _render_counts(s: dict, indent: str) -> list[str]:
     k = s["num_codebooks"]
     t = s["text"]
     lines = [
-        f"{indent}text tokens   {t['total']:>7}  trained {t['trained']:>6} ({_pct(t['trained'], t['total'])})  masked {t['masked']:>7}"
+        f"{indent}text tokens   {t['total']:>7}  trained {t['trained']:>6} ({_pct(t['trained'], t['total'])})  "
+        f"masked {t['masked']:>7}"
     ]
     for name in ROLE_NAMES.values():
         a = s["audio"][name]
@@ -390,8 +396,8 @@ def _render_counts(s: dict, indent: str) -> list[str]:
             continue
         tr, ms = a["trained"], a["masked"]
         lines.append(
-            f"{indent}{name:<9} audio: {a['segments']} segment(s), {a['columns']} columns x {k} codebooks = {a['columns'] * k} tokens;"
-            f" trained {sum(tr)} ({_pct(sum(tr), a['columns'] * k)}), masked {sum(ms)}"
+            f"{indent}{name:<9} audio: {a['segments']} segment(s), {a['columns']} columns x {k} codebooks = "
+            f"{a['columns'] * k} tokens; trained {sum(tr)} ({_pct(sum(tr), a['columns'] * k)}), masked {sum(ms)}"
         )
         lines.append(f"{indent}  trained per codebook {tr}")
         lines.append(f"{indent}  EOS labels per codebook {a['eos_labels']}")
@@ -399,7 +405,8 @@ def _render_counts(s: dict, indent: str) -> list[str]:
     lines.append(f"{indent}stream BOS  inputs {st['bos_inputs']}  labels {st['bos_labels']}")
     lines.append(f"{indent}stream EOS  inputs {st['eos_inputs']}  labels {st['eos_labels']}")
     lines.append(
-        f"{indent}positions with a loss {s['loss_positions']} of {s['tokens']} real tokens ({_pct(s['loss_positions'], s['tokens']).strip()})"
+        f"{indent}positions with a loss {s['loss_positions']} of {s['tokens']} real tokens "
+        f"({_pct(s['loss_positions'], s['tokens']).strip()})"
     )
     return lines
 
@@ -409,8 +416,8 @@ def render_batch_statistics(stats: dict) -> str:
     for b in stats["batches"]:
         lens = b["lengths"]
         lines.append(
-            f"batch {b['index']}: {b['batch_size']} sample(s) [{', '.join(b['sample_ids'])}], padded length {b['padded_length']}, "
-            f"lengths {min(lens)}-{max(lens)}, padding waste {100 * b['padding_waste']:.1f}%"
+            f"batch {b['index']}: {b['batch_size']} sample(s) [{', '.join(b['sample_ids'])}], padded length "
+            f"{b['padded_length']}, lengths {min(lens)}-{max(lens)}, padding waste {100 * b['padding_waste']:.1f}%"
         )
         lines += _render_counts(b, "  ")
     t = stats["total"]
@@ -418,8 +425,9 @@ def render_batch_statistics(stats: dict) -> str:
         return "no batches"
     lines.append("")
     lines.append(
-        f"total: {t['batches']} batch(es), {t['samples']} sample(s), lengths {t['length_min']}-{t['length_max']} (mean {t['length_mean']:.1f}), "
-        f"{t['tokens']} real of {t['padded_tokens']} padded tokens, padding waste {100 * t['padding_waste']:.1f}%"
+        f"total: {t['batches']} batch(es), {t['samples']} sample(s), lengths {t['length_min']}-{t['length_max']} "
+        f"(mean {t['length_mean']:.1f}), {t['tokens']} real of {t['padded_tokens']} padded tokens, padding waste "
+        f"{100 * t['padding_waste']:.1f}%"
     )
     lines += _render_counts(t, "  ")
     return "\n".join(lines)
@@ -450,9 +458,9 @@ def check_prompt_matches(sample: dict, prompt: dict, tokens) -> int:
         n = min(p_ids.shape[0], cut)
         diff = next((i for i in range(n) if int(p_ids[i]) != int(s_ids[i])), n)
         raise DataError(
-            f"sample {sid!r}: the generation prompt ({p_ids.shape[0]} tokens) differs from the training sample before its "
-            f"target audio ({cut} tokens) at position {diff}. Training and inference would see different layouts; "
-            "both must come from higgs_tune.data.layout."
+            f"sample {sid!r}: the generation prompt ({p_ids.shape[0]} tokens) differs from the training sample "
+            f"before its target audio ({cut} tokens) at position {diff}. Training and inference would see "
+            "different layouts; both must come from higgs_tune.data.layout."
         )
     ref_cols = targets[0].audio_start
     p_audio = prompt.get("audio_input_ids")
@@ -461,8 +469,8 @@ def check_prompt_matches(sample: dict, prompt: dict, tokens) -> int:
         (p_audio == sample["audio_input_ids"][:ref_cols]).all()
     ):
         raise DataError(
-            f"sample {sid!r}: the generation prompt's audio columns {tuple(p_audio.shape)} differ from the training sample's "
-            f"reference columns {tuple(sample['audio_input_ids'][:ref_cols].shape)}."
+            f"sample {sid!r}: the generation prompt's audio columns {tuple(p_audio.shape)} differ from the "
+            f"training sample's reference columns {tuple(sample['audio_input_ids'][:ref_cols].shape)}."
         )
     if int(tokens.audio_out_bos) != int(s_ids[cut - 1]):
         raise DataError(f"sample {sid!r}: the prompt does not end with <|audio_out_bos|>; the layout is broken.")
@@ -553,7 +561,8 @@ def render_sample(sample: dict, prompt: dict, tokenizer, tokens) -> str:
     code_w = max(len(str(tokens.stream_eos)), 4)
     codes_w = k * (code_w + 1) - 1
     lines = head + [
-        f"{'pos':>5}  {'token':<{tok_w}}  {'label':<{lab_w}} | {'col':>4}  {'audio input k0..k' + str(k - 1):<{codes_w}}  {'audio label k0..k' + str(k - 1):<{codes_w}} | prompt"
+        f"{'pos':>5}  {'token':<{tok_w}}  {'label':<{lab_w}} | {'col':>4}  "
+        f"{'audio input k0..k' + str(k - 1):<{codes_w}}  {'audio label k0..k' + str(k - 1):<{codes_w}} | prompt"
     ]
     for pos, tok in enumerate(ids):
         if pos == cut:
@@ -562,8 +571,8 @@ def render_sample(sample: dict, prompt: dict, tokenizer, tokens) -> str:
             s = by_start[pos]
             what = "all labels masked" if s.role == ROLE_REFERENCE else "trained: codes + one EOS per codebook"
             lines.append(
-                f"----- {role(s)} audio: {s.num_frames} frames -> {s.token_end - s.token_start} columns, tokens {s.token_start}-{s.token_end - 1}, "
-                f"audio columns {s.audio_start}-{s.audio_end - 1} ({what})"
+                f"----- {role(s)} audio: {s.num_frames} frames -> {s.token_end - s.token_start} columns, tokens "
+                f"{s.token_start}-{s.token_end - 1}, audio columns {s.audio_start}-{s.audio_end - 1} ({what})"
             )
         tok_s = _token_text(tokenizer, tok, tokens, special_ids)
         lab_s = MASK if labels[pos] == IGNORE else _token_text(tokenizer, labels[pos], tokens, special_ids)
@@ -609,14 +618,15 @@ def check_cache_fits_model(cache, tokens, model_name: str) -> None:
     if cache.num_codebooks != tokens.num_codebooks:
         made_with = cache.header.get("codec_source") or "another audio tokenizer"
         raise DataError(
-            f"{cache.cache_dir} holds codes with {cache.num_codebooks} codebooks (prepared with {made_with}), "
-            f"but the model {model_name} has {tokens.num_codebooks}. The cache belongs to another model: prepare the data "
-            f"with this model: higgs-tune prepare MANIFEST --model {model_name} --out NEW_CACHE_DIR."
+            f"{cache.cache_dir} holds codes with {cache.num_codebooks} codebooks (prepared with {made_with}), but "
+            f"the model {model_name} has {tokens.num_codebooks}. The cache belongs to another model: prepare the "
+            f"data with this model: higgs-tune prepare MANIFEST --model {model_name} --out NEW_CACHE_DIR."
         )
     if cache.codebook_size != tokens.stream_bos:
         raise DataError(
-            f"{cache.cache_dir} holds codes of a {cache.codebook_size}-code codebook, but the model {model_name} expects "
-            f"{tokens.stream_bos} codes (stream BOS id {tokens.stream_bos}). Prepare the data with this model's audio tokenizer."
+            f"{cache.cache_dir} holds codes of a {cache.codebook_size}-code codebook, but the model {model_name} "
+            f"expects {tokens.stream_bos} codes (stream BOS id {tokens.stream_bos}). Prepare the data with this "
+            "model's audio tokenizer."
         )
 
 
@@ -629,8 +639,8 @@ def sample_and_prompt(dataset, sample_id: str) -> tuple[dict, dict]:
         in_cache = any(e.id == sample_id for e in dataset.cache.entries)
         if in_cache:
             raise DataError(
-                f"clip {sample_id!r} is in {dataset.cache.cache_dir} but held out of training (data.eval_fraction split). "
-                "Show a training clip, or set data.eval_fraction: 0 to inspect every clip."
+                f"clip {sample_id!r} is in {dataset.cache.cache_dir} but held out of training (data.eval_fraction "
+                "split). Show a training clip, or set data.eval_fraction: 0 to inspect every clip."
             )
         known = [e.id for e in dataset.entries]
         shown = ", ".join(known[:8]) + (", ..." if len(known) > 8 else "")

@@ -576,7 +576,9 @@ def sample_lengths(
     sample_ids = sample_ids if sample_ids is not None else [str(i) for i in range(len(convs))]
     encoded = _encode(tokenizer, [c.render() for c in convs]) if convs else []
     out, bad = [], []
-    for ids, conv, t_frames, r_frames, sample_id in zip(encoded, convs, target_frames, ref_frames, sample_ids):
+    for ids, conv, t_frames, r_frames, sample_id in zip(
+        encoded, convs, target_frames, ref_frames, sample_ids, strict=True
+    ):
         if (conv.ref_text is None) != (r_frames is None):
             raise ValueError("ref_frames must be given exactly for the voice-cloning conversations")
         markup = _markup_in_text(ids, _expected_structure(conv, tokens), tokens, tokenizer)
@@ -602,7 +604,11 @@ def reference_lengths(
     sample_ids = sample_ids if sample_ids is not None else [str(i) for i in range(len(ref_texts))]
     encoded = _encode(tokenizer, [render_reference_turns(t) for t in ref_texts]) if ref_texts else []
     expected = _expected_structure(None, tokens)
-    bad = [(i, m) for i, ids in zip(sample_ids, encoded) if (m := _markup_in_text(ids, expected, tokens, tokenizer))]
+    bad = [
+        (i, m)
+        for i, ids in zip(sample_ids, encoded, strict=True)
+        if (m := _markup_in_text(ids, expected, tokens, tokenizer))
+    ]
     if bad:
         raise _markup_error(bad)
-    return [len(ids) + tokens.num_columns(f) - 1 for ids, f in zip(encoded, ref_frames)]
+    return [len(ids) + tokens.num_columns(f) - 1 for ids, f in zip(encoded, ref_frames, strict=True)]

@@ -229,7 +229,8 @@ def _parse_rows(manifest: Path, root: Path, allow_outside_root: bool) -> tuple[l
         ) from None
     except IsADirectoryError:
         raise DataError(
-            f"{manifest} is a folder. Fix: give the manifest file (e.g. {manifest / 'manifest.jsonl'}), or use --from-folder {manifest}."
+            f"{manifest} is a folder. Fix: give the manifest file (e.g. {manifest / 'manifest.jsonl'}), or use "
+            f"--from-folder {manifest}."
         ) from None
     except PermissionError:
         raise DataError(f"cannot read {manifest} (permission denied). Fix: make it readable.") from None
@@ -260,7 +261,8 @@ def _parse_rows(manifest: Path, root: Path, allow_outside_root: bool) -> tuple[l
             d.add(
                 "line",
                 f"is not valid JSON ({e.msg} at column {e.colno})",
-                'write one JSON object per line, e.g. {"audio": "a.wav", "text": "...", "speaker": "s", "language": "en"}',
+                'write one JSON object per line, e.g. {"audio": "a.wav", "text": "...", "speaker": "s", '
+                '"language": "en"}',
             )
             continue
         if not isinstance(obj, dict):
@@ -357,8 +359,9 @@ def validate_manifest(
     root = manifest.parent
     if not MIN_CODEC_SECONDS <= min_seconds < max_seconds:
         raise DataError(
-            f"clip length bounds must satisfy {MIN_CODEC_SECONDS:g} <= min_seconds < max_seconds (the codec needs a few "
-            f"milliseconds of audio), got {min_seconds:g} and {max_seconds:g}. Fix: change --min-seconds / --max-seconds."
+            f"clip length bounds must satisfy {MIN_CODEC_SECONDS:g} <= min_seconds < max_seconds (the codec needs "
+            f"a few milliseconds of audio), got {min_seconds:g} and {max_seconds:g}. Fix: change --min-seconds / "
+            "--max-seconds."
         )
     drafts, fatal = _parse_rows(manifest, root, allow_outside_root)
 
@@ -459,12 +462,14 @@ def _from_metadata(
         meta = json.loads(meta_path.read_text(encoding="utf-8-sig"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise DataError(
-            f"{meta_path}: not valid UTF-8 JSON ({e}). Fix: repair the file, or remove it to convert the <name>.wav + <name>.txt pairs."
+            f"{meta_path}: not valid UTF-8 JSON ({e}). Fix: repair the file, or remove it to convert the "
+            "<name>.wav + <name>.txt pairs."
         ) from None
     samples = meta.get("samples") if isinstance(meta, dict) else meta
     if not isinstance(samples, list):
         raise DataError(
-            f'{meta_path}: expected a list of samples or an object with a "samples" list, got {type(meta).__name__}. Fix: use one of these two layouts.'
+            f'{meta_path}: expected a list of samples or an object with a "samples" list, got '
+            f"{type(meta).__name__}. Fix: use one of these two layouts."
         )
     used = {
         "audio_file",
@@ -499,7 +504,8 @@ def _from_metadata(
             text = _read_transcript(folder / tfile if tfile else audio_path.with_suffix(".txt"), problems)
         if text is not None and not isinstance(text, str):
             problems.append(
-                f'{where}: "text"/"transcript" is {type(text).__name__} {json.dumps(text)[:40]}, not a string. Fix: write the transcript as a JSON string.'
+                f'{where}: "text"/"transcript" is {type(text).__name__} {json.dumps(text)[:40]}, not a string. '
+                "Fix: write the transcript as a JSON string."
             )
             continue
         speaker = s.get("speaker", s.get("speaker_id"))
@@ -528,7 +534,8 @@ def _from_pairs(folder: Path, language: str | None, problems: list[str]) -> list
     for t in files:
         if t.suffix.lower() == ".txt" and t.with_suffix("") not in stems:
             problems.append(
-                f"{t}: transcript without an audio file. Fix: add {t.stem}.wav next to it, or move the .txt out of {folder}."
+                f"{t}: transcript without an audio file. Fix: add {t.stem}.wav next to it, or move the .txt out of "
+                f"{folder}."
             )
     counts: dict[str, int] = defaultdict(int)
     for p in audio:
@@ -544,7 +551,8 @@ def _from_pairs(folder: Path, language: str | None, problems: list[str]) -> list
         )
     if not audio:
         problems.append(
-            f"{folder}: no audio files ({', '.join(AUDIO_EXTENSIONS)}) and no metadata.json. Fix: point --from-folder at the dataset folder."
+            f"{folder}: no audio files ({', '.join(AUDIO_EXTENSIONS)}) and no metadata.json. Fix: point "
+            "--from-folder at the dataset folder."
         )
     return rows
 
@@ -607,9 +615,9 @@ def convert_folder(
             return dataclasses.replace(result, unchanged=True)
         if not overwrite:
             raise DataError(
-                f"{out} already exists and differs from what {folder} converts to now. Fix: delete it (the code cache "
-                "stays incremental), pass --overwrite to replace it (with --model/--out this also rebuilds the cache from "
-                "scratch), or pass --manifest-out to write elsewhere."
+                f"{out} already exists and differs from what {folder} converts to now. Fix: delete it (the code "
+                "cache stays incremental), pass --overwrite to replace it (with --model/--out this also rebuilds "
+                "the cache from scratch), or pass --manifest-out to write elsewhere."
             )
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out, data)

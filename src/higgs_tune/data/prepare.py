@@ -96,7 +96,8 @@ def load_audio_tokenizer(model: str | Path, device: str | torch.device = "cpu"):
         source = path
     elif path.exists():
         raise ModelLoadError(
-            f"{path} has no config.json. Fix: pass a Higgs Audio v2 model folder (with audio_tokenizer/) or an audio tokenizer folder."
+            f"{path} has no config.json. Fix: pass a Higgs Audio v2 model folder (with audio_tokenizer/) or an "
+            "audio tokenizer folder."
         )
     else:
         source = str(model)
@@ -104,7 +105,8 @@ def load_audio_tokenizer(model: str | Path, device: str | torch.device = "cpu"):
         codec = HiggsAudioV2TokenizerModel.from_pretrained(source, dtype=torch.float32)
     except (OSError, ValueError) as e:
         raise ModelLoadError(
-            f"cannot load the audio tokenizer from {source}: {e}. Fix: pass a local model folder with audio_tokenizer/ (see `higgs-tune make-tiny`)."
+            f"cannot load the audio tokenizer from {source}: {e}. Fix: pass a local model folder with "
+            "audio_tokenizer/ (see `higgs-tune make-tiny`)."
         ) from None
     return codec.eval().to(device)
 
@@ -125,7 +127,7 @@ def codec_num_frames(config, num_samples: int) -> int:
         n = -(-n * (ssr // g) // (sr // g))  # ceil, in integers
     n += 2 * SEMANTIC_PAD
     sem = config.semantic_model_config
-    for kernel, stride in zip(sem.conv_kernel, sem.conv_stride):
+    for kernel, stride in zip(sem.conv_kernel, sem.conv_stride, strict=True):
         n = (n - kernel) // stride + 1
     return -(-n // config.semantic_downsample_factor)
 
@@ -170,13 +172,15 @@ def encode_batch(codec, waves: list[np.ndarray]) -> list[np.ndarray]:
     expected = codec_num_frames(config, longest)
     if codes.shape[-1] != expected or codes.shape[1] != config.num_quantizers:
         raise ModelLoadError(
-            f"the audio tokenizer returned codes of shape {tuple(codes.shape)} for {longest} samples; higgs-tune expects "
-            f"({len(waves)}, {config.num_quantizers}, {expected}). This codec's length rule differs from HiggsAudioV2TokenizerModel's "
-            "in transformers 5.24. Fix: use that transformers version, or a Higgs Audio v2 audio tokenizer."
+            f"the audio tokenizer returned codes of shape {tuple(codes.shape)} for {longest} samples; higgs-tune "
+            f"expects ({len(waves)}, {config.num_quantizers}, {expected}). This codec's length rule differs from "
+            "HiggsAudioV2TokenizerModel's in transformers 5.24. Fix: use that transformers version, or a Higgs "
+            "Audio v2 audio tokenizer."
         )
     if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= config.codebook_size):
         raise ModelLoadError(
-            f"the audio tokenizer returned codes outside 0..{config.codebook_size - 1}. Fix: check the audio tokenizer's config (codebook_size)."
+            f"the audio tokenizer returned codes outside 0..{config.codebook_size - 1}. Fix: check the audio "
+            "tokenizer's config (codebook_size)."
         )
     return [codes[i, :, : codec_num_frames(config, len(w))].numpy().astype(np.int16) for i, w in enumerate(waves)]
 
@@ -263,7 +267,8 @@ def _check_cache_dir(out_dir: Path, overwrite: bool) -> dict | None:
     if foreign:
         shown = ", ".join(foreign[:5]) + (" ..." if len(foreign) > 5 else "")
         raise DataError(
-            f"{out_dir} holds files that `higgs-tune prepare` did not write ({shown}). Fix: choose an empty or new folder for the code cache."
+            f"{out_dir} holds files that `higgs-tune prepare` did not write ({shown}). Fix: choose an empty or new "
+            "folder for the code cache."
         )
     try:
         return read_index(out_dir)
@@ -320,7 +325,8 @@ def prepare_manifest(
         raise DataError(f"shard_size must be >= 1, got {shard_size}. Fix: use e.g. {DEFAULT_SHARD_SIZE}.")
     if pad_tolerance_s < 0:
         raise DataError(
-            f"--pad-tolerance must be >= 0 seconds, got {pad_tolerance_s:g}. Fix: use 0 (exact) or e.g. {DEFAULT_PAD_TOLERANCE_S:g}."
+            f"--pad-tolerance must be >= 0 seconds, got {pad_tolerance_s:g}. Fix: use 0 (exact) or e.g. "
+            f"{DEFAULT_PAD_TOLERANCE_S:g}."
         )
     # 1. the cache folder, before anything slow
     previous = _check_cache_dir(out_dir, overwrite)
@@ -362,8 +368,9 @@ def prepare_manifest(
         if differs and not overwrite:
             what = ", ".join(f"{k} {old.get(k)!r} vs {header[k]!r}" for k in differs)
             raise DataError(
-                f"{out_dir} holds codes of another audio tokenizer ({what}; made from {old.get('codec_source')!r}). "
-                f"Its codes cannot be mixed with those of {model_dir}. Fix: pass --overwrite to rebuild it, or choose another --out."
+                f"{out_dir} holds codes of another audio tokenizer ({what}; made from "
+                f"{old.get('codec_source')!r}). Its codes cannot be mixed with those of {model_dir}. Fix: pass "
+                "--overwrite to rebuild it, or choose another --out."
             )
 
     # 3. validation: all problems at once, nothing written in strict mode
@@ -422,15 +429,17 @@ def prepare_manifest(
                     samples, sr = read_audio(path)
                 except AudioReadError as e:  # the file changed or vanished since validation
                     raise DataError(
-                        f"{path} could not be read again after validation ({e}). Fix: do not modify the dataset while prepare runs; run it again."
+                        f"{path} could not be read again after validation ({e}). Fix: do not modify the dataset "
+                        "while prepare runs; run it again."
                     ) from e
                 wave = to_codec_input(samples, sr, sample_rate, loudness=normalize_loudness)
                 if len(wave) != lengths[i]:
                     raise DataError(
-                        f"{path} changed while prepare was running ({len(wave)} samples, validated {lengths[i]}). Fix: run prepare again."
+                        f"{path} changed while prepare was running ({len(wave)} samples, validated {lengths[i]}). "
+                        "Fix: run prepare again."
                     )
                 waves.append(wave)
-            for i, codes in zip(batch, encode_batch(codec, waves)):
+            for i, codes in zip(batch, encode_batch(codec, waves), strict=True):
                 pending[todo[i][0]] = codes
             bar.update(len(batch))
             if len(pending) >= shard_size:

@@ -137,8 +137,8 @@ class AsrModel:
         code = language.lower().replace("_", "-").split("-")[0]
         if f"<|{code}|>" not in self.languages:
             raise ModelLoadError(
-                f"the ASR model {self.name} has no language token for {language!r} (<|{code}|>). "
-                "Fix: use a multilingual Whisper model (--asr-model), or correct the manifest's language codes (ISO 639-1)."
+                f"the ASR model {self.name} has no language token for {language!r} (<|{code}|>). Fix: use a "
+                "multilingual Whisper model (--asr-model), or correct the manifest's language codes (ISO 639-1)."
             )
         return code
 
@@ -207,10 +207,10 @@ class SpeakerModel:
         the x-vector TDNN's context (~0.3 s for WavLM) must fit, with two output frames left for
         the statistics pooling's standard deviation. Shorter clips have no embedding."""
         cfg = self.model.config
-        context = sum((k - 1) * d for k, d in zip(cfg.tdnn_kernel, cfg.tdnn_dilation))
+        context = sum((k - 1) * d for k, d in zip(cfg.tdnn_kernel, cfg.tdnn_dilation, strict=True))
 
         def frames(n: int) -> int:
-            for k, stride in zip(cfg.conv_kernel, cfg.conv_stride):
+            for k, stride in zip(cfg.conv_kernel, cfg.conv_stride, strict=True):
                 n = (n - k) // stride + 1
             return n
 
@@ -369,12 +369,14 @@ def evaluate_manifest(
         )
     results = generate_speech(stack.model, stack.processor, stack.tokens, requests, options)
     gen_seconds = time.monotonic() - t0
-    wav_paths = [write_wav(out / WAVS_DIR / f"{item.id}.wav", res.wav, rate) for item, res in zip(items, results)]
+    wav_paths = [
+        write_wav(out / WAVS_DIR / f"{item.id}.wav", res.wav, rate) for item, res in zip(items, results, strict=True)
+    ]
 
     # ASR, one language at a time (Whisper is told the language: no detection errors).
     transcripts: dict[str, str] = {}
     for language in dict.fromkeys(i.language for i in items):
-        group = [(i, r) for i, r in zip(items, results) if i.language == language]
+        group = [(i, r) for i, r in zip(items, results, strict=True) if i.language == language]
         audible = [(i, r) for i, r in group if len(r.wav)]
         texts = asr.transcribe(
             [_resample(r.wav, rate, asr.sample_rate) for _, r in audible],
@@ -382,7 +384,7 @@ def evaluate_manifest(
             batch_size=asr_batch_size,
             max_new_tokens=asr_max_new_tokens,
         )
-        transcripts.update({i.id: t for (i, _), t in zip(audible, texts)})
+        transcripts.update({i.id: t for (i, _), t in zip(audible, texts, strict=True)})
         transcripts.update({i.id: "" for i, r in group if not len(r.wav)})
 
     # Speaker embeddings of outputs, references and ground truths (each file once).
@@ -394,7 +396,7 @@ def evaluate_manifest(
         return file_embeddings[path]
 
     clips, word_counts, char_counts = [], [], []
-    for item, res, wav_path in zip(items, results, wav_paths):
+    for item, res, wav_path in zip(items, results, wav_paths, strict=True):
         words = M.word_edits(item.text, transcripts[item.id], item.language)
         chars = M.char_edits(item.text, transcripts[item.id], item.language)
         word_counts.append(words)
@@ -499,10 +501,12 @@ def read_results(path: str | Path) -> dict:
         raise DataError(f"{path} is not valid JSON ({e}). Fix: re-run `higgs-tune evaluate`.") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise DataError(
-            f"{path} is not a higgs-tune evaluation result (format {doc.get('format') if isinstance(doc, dict) else None!r}). Fix: re-run `higgs-tune evaluate`."
+            f"{path} is not a higgs-tune evaluation result (format "
+            f"{doc.get('format') if isinstance(doc, dict) else None!r}). Fix: re-run `higgs-tune evaluate`."
         )
     if doc.get("format_version", 0) > FORMAT_VERSION:
         raise DataError(
-            f"{path} has format_version {doc['format_version']}; this higgs-tune reads up to {FORMAT_VERSION}. Fix: upgrade higgs-tune."
+            f"{path} has format_version {doc['format_version']}; this higgs-tune reads up to {FORMAT_VERSION}. "
+            "Fix: upgrade higgs-tune."
         )
     return doc

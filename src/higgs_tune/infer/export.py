@@ -147,14 +147,16 @@ def export_merged(
         if audio_attn:
             notes.append(
                 "this model has higgs-tune's audio self-attention blocks: plain transformers ignores their weights "
-                "(a different model). Load it with higgs-tune (model.audio_self_attention: true, or `higgs-tune generate --model OUT`)."
+                "(a different model). Load it with higgs-tune (model.audio_self_attention: true, or `higgs-tune "
+                "generate --model OUT`)."
             )
         # transformers resolves audio_tokenizer_name_or_path as written (no relative paths), so
         # plain from_pretrained finds the codec only while the export stays where it was written.
         notes.append(
-            f"processor_config.json points at the audio tokenizer by absolute path ({(out / AUDIO_TOKENIZER_DIR).resolve()}): "
-            "if you move or upload the export, set audio_tokenizer_name_or_path there to its new place (or a Hub id) "
-            "for plain transformers; higgs-tune finds OUT/audio_tokenizer by itself."
+            "processor_config.json points at the audio tokenizer by absolute path "
+            f"({(out / AUDIO_TOKENIZER_DIR).resolve()}): if you move or upload the export, set "
+            "audio_tokenizer_name_or_path there to its new place (or a Hub id) for plain transformers; higgs-tune "
+            "finds OUT/audio_tokenizer by itself."
         )
         marker = {
             "format": "higgs-tune-export",

@@ -118,7 +118,8 @@ class GenerationRequest:
         if (self.ref_codes is None) != (self.ref_text is None):
             given = "ref_codes" if self.ref_codes is not None else "ref_text"
             raise GenerationError(
-                f"request {self.id or self.text[:40]!r}: {given} without the other; voice cloning needs the reference codes and their transcript."
+                f"request {self.id or self.text[:40]!r}: {given} without the other; voice cloning needs the "
+                "reference codes and their transcript."
             )
         if self.ref_codes is None:
             return Conversation.tts(self.text, system_prompt=self.system_prompt, scene=self.scene)

@@ -82,7 +82,8 @@ def check_adapter_fits(base_model, adapter_dir: Path, base_name: str) -> list[st
     weights = adapter_dir / "adapter_model.safetensors"
     if not weights.is_file():
         raise ModelLoadError(
-            f"{adapter_dir} has adapter_config.json but no adapter_model.safetensors. Point --adapter at a complete adapter folder (checkpoint-N/ or final/ of a run)."
+            f"{adapter_dir} has adapter_config.json but no adapter_model.safetensors. Point --adapter at a "
+            "complete adapter folder (checkpoint-N/ or final/ of a run)."
         )
 
     modules = dict(base_model.named_modules())
@@ -162,12 +163,13 @@ def load_inference_stack(
     if adapter_dir is not None:
         if not adapter_dir.is_dir():
             raise ModelLoadError(
-                f"adapter folder {adapter_dir} does not exist. Pass a run's checkpoint-N/ or final/ folder (or a PEFT adapter folder)."
+                f"adapter folder {adapter_dir} does not exist. Pass a run's checkpoint-N/ or final/ folder (or a "
+                "PEFT adapter folder)."
             )
         if not (adapter_dir / "adapter_config.json").is_file() and not (adapter_dir / "config.json").is_file():
             raise ModelLoadError(
-                f"{adapter_dir} holds neither adapter_config.json (LoRA adapter) nor config.json (full fine-tune weights). "
-                "Pass a run's checkpoint-N/ or final/ folder."
+                f"{adapter_dir} holds neither adapter_config.json (LoRA adapter) nor config.json (full fine-tune "
+                "weights). Pass a run's checkpoint-N/ or final/ folder."
             )
     if model is None:
         recorded = adapter_base_from_checkpoint(adapter_dir) if adapter_dir is not None else None
@@ -196,7 +198,8 @@ def load_inference_stack(
             net = load_trainable(net, adapter_dir)
         except RuntimeError as e:  # torch's load_state_dict size mismatch, for shapes the pre-check cannot see
             raise ModelLoadError(
-                f"the weights in {adapter_dir} do not fit the base model {model}: {str(e).splitlines()[0]}. Load them onto the base model they were trained from (--model)."
+                f"the weights in {adapter_dir} do not fit the base model {model}: {str(e).splitlines()[0]}. Load "
+                "them onto the base model they were trained from (--model)."
             ) from e
     net = net.to(device).eval()
     processor = load_processor(folder, audio_tokenizer)

@@ -161,7 +161,7 @@ def cosine_similarity(a: Sequence[float], b: Sequence[float]) -> float:
     nb = math.sqrt(sum(x * x for x in b))
     if na == 0.0 or nb == 0.0:
         raise ValueError("cosine_similarity: a zero vector has no direction.")
-    return sum(x * y for x, y in zip(a, b)) / (na * nb)
+    return sum(x * y for x, y in zip(a, b, strict=True)) / (na * nb)
 
 
 def duration_ratio(output_s: float, reference_s: float) -> float:

@@ -90,7 +90,8 @@ def merge_partially_frozen(state: dict[str, torch.Tensor]) -> dict[str, torch.Te
             partner = f"{base}.{trainable}.weight"
             if partner not in state:
                 raise ModelLoadError(
-                    f"original checkpoint has {key} but not {partner}: the split {frozen}/{trainable} weight is incomplete."
+                    f"original checkpoint has {key} but not {partner}: the split {frozen}/{trainable} weight is "
+                    "incomplete."
                 )
             out[f"{base}.weight"] = torch.cat([out.pop(key), out.pop(partner)], dim=0)
     return out
@@ -131,14 +132,16 @@ def convert_config(original: dict, tokenizer) -> dict:
         problems.append(f"audio_adapter_type {adapter!r} (the port implements DualFFN only)")
     elif sorted(original.get("audio_dual_ffn_layers") or []) != list(range(n_layers or 0)):
         problems.append(
-            f"audio_dual_ffn_layers {original.get('audio_dual_ffn_layers')} (the port has DualFFN in all {n_layers} layers)"
+            f"audio_dual_ffn_layers {original.get('audio_dual_ffn_layers')} (the port has DualFFN in all "
+            f"{n_layers} layers)"
         )
     for flag in ("use_audio_out_embed_projector", "audio_embed_avg", "use_rq_transformer"):
         if original.get(flag):
             problems.append(f"{flag}: true")
     if original.get("audio_decoder_proj_num_layers", 0):
         problems.append(
-            f"audio_decoder_proj_num_layers {original['audio_decoder_proj_num_layers']} (the port's heads are plain linears)"
+            f"audio_decoder_proj_num_layers {original['audio_decoder_proj_num_layers']} (the port's heads are "
+            "plain linears)"
         )
     if not original.get("use_delay_pattern", False):
         problems.append("use_delay_pattern: false (transformers' generation always applies the delay pattern)")
@@ -158,7 +161,8 @@ def convert_config(original: dict, tokenizer) -> dict:
         tid = tokenizer.convert_tokens_to_ids(token)
         if tid is None or tid == tokenizer.unk_token_id:
             raise ModelLoadError(
-                f"the tokenizer has no {token} token; it is not a Higgs Audio tokenizer. Use the tokenizer of the original checkpoint."
+                f"the tokenizer has no {token} token; it is not a Higgs Audio tokenizer. Use the tokenizer of the "
+                "original checkpoint."
             )
         return tid
 
@@ -183,7 +187,8 @@ def convert_config(original: dict, tokenizer) -> dict:
     for field, token in (("audio_token_id", "<|AUDIO_OUT|>"), ("audio_bos_token_id", "<|audio_out_bos|>")):
         if kwargs[field] != token_id(token):
             raise ModelLoadError(
-                f"config {field} {kwargs[field]} but the tokenizer maps {token} to {token_id(token)}: tokenizer and checkpoint do not belong together."
+                f"config {field} {kwargs[field]} but the tokenizer maps {token} to {token_id(token)}: tokenizer "
+                "and checkpoint do not belong together."
             )
     if kwargs["audio_stream_eos_id"] != audio_size + 1 or kwargs["audio_stream_bos_id"] != audio_size:
         raise ModelLoadError(

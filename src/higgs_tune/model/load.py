@@ -74,7 +74,8 @@ def resolve_checkpoint(name_or_path: str | Path) -> Path:
             )
         if not path.is_dir():
             raise ModelLoadError(
-                f"{path} is a file, not a checkpoint folder. Set model.name_or_path to the folder that holds config.json."
+                f"{path} is a file, not a checkpoint folder. Set model.name_or_path to the folder that holds "
+                "config.json."
             )
         return path
     try:
@@ -98,7 +99,8 @@ def read_model_config(folder: Path) -> dict:
     path = folder / "config.json"
     if not path.is_file():
         raise ModelLoadError(
-            f"{folder} has no config.json: it is not a model checkpoint. Point model.name_or_path at a Higgs Audio v2 checkpoint folder."
+            f"{folder} has no config.json: it is not a model checkpoint. Point model.name_or_path at a Higgs Audio "
+            "v2 checkpoint folder."
         )
     return _read_json(path)
 
@@ -260,8 +262,9 @@ def check_codec_matches(model_config: dict, codec_config, model_where: Path, cod
         or model_config.get("audio_stream_eos_id", size + 1) != size + 1
     ):
         problems.append(
-            f"audio_stream_bos_id/eos_id {model_config.get('audio_stream_bos_id')}/{model_config.get('audio_stream_eos_id')} "
-            f"!= {size}/{size + 1}"
+            "audio_stream_bos_id/eos_id "
+            f"{model_config.get('audio_stream_bos_id')}/{model_config.get('audio_stream_eos_id')} != "
+            f"{size}/{size + 1}"
         )
     if problems:
         raise ModelLoadError(
@@ -352,12 +355,14 @@ def _check_attention_backend(name: str, dtype: torch.dtype) -> None:
         if not available[name]():
             package = "flash-attn" if name == "flash_attention_2" else "flash-attn 3 (flash_attn_interface)"
             raise ModelLoadError(
-                f"model.attn_implementation is {name} but {package} is not usable here (not installed, or no CUDA GPU). "
-                "Install it (pip install flash-attn --no-build-isolation) or set model.attn_implementation: sdpa."
+                f"model.attn_implementation is {name} but {package} is not usable here (not installed, or no CUDA "
+                "GPU). Install it (pip install flash-attn --no-build-isolation) or set model.attn_implementation: "
+                "sdpa."
             )
         if dtype == torch.float32:
             raise ModelLoadError(
-                f"{name} needs bfloat16 or float16 weights; model.dtype is float32. Set model.dtype: bfloat16 or use sdpa."
+                f"{name} needs bfloat16 or float16 weights; model.dtype is float32. Set model.dtype: bfloat16 or "
+                "use sdpa."
             )
 
 
@@ -411,8 +416,9 @@ def load_model(cfg: ModelConfig, device=None):
     if missing:
         names = sorted(missing)
         raise ModelLoadError(
-            f"{folder} lacks {len(names)} weight(s) of the model ({', '.join(names[:8])}{', ...' if len(names) > 8 else ''}): "
-            "they would be random. The checkpoint is incomplete or for a different configuration; re-download or re-save it."
+            f"{folder} lacks {len(names)} weight(s) of the model "
+            f"({', '.join(names[:8])}{', ...' if len(names) > 8 else ''}): they would be random. The checkpoint is "
+            "incomplete or for a different configuration; re-download or re-save it."
         )
     unexpected = sorted(k for k in info["unexpected_keys"] if not any(p in k for p in AUDIO_ATTN_KEY_PARTS))
     if unexpected:
@@ -441,9 +447,10 @@ def _load_audio_attention(model, keys: dict[str, Path], audio_attn_keys: list[st
     if present != expected:
         missing, extra = sorted(expected - present), sorted(present - expected)
         raise ModelLoadError(
-            f"{folder} has audio self-attention weights that do not fit this model: "
-            f"missing {missing[:6]}{'...' if len(missing) > 6 else ''}, unexpected {extra[:6]}{'...' if len(extra) > 6 else ''}. "
-            "The checkpoint was saved from a model with a different layer count or block layout."
+            f"{folder} has audio self-attention weights that do not fit this model: missing "
+            f"{missing[:6]}{'...' if len(missing) > 6 else ''}, unexpected "
+            f"{extra[:6]}{'...' if len(extra) > 6 else ''}. The checkpoint was saved from a model with a different "
+            "layer count or block layout."
         )
     tensors = read_tensors(keys, audio_attn_keys)
     model.load_state_dict(tensors, strict=False)  # keys checked against the model's state dict above

@@ -151,7 +151,8 @@ def apply_finetuning(model, cfg: FinetuneConfig):
         )
     if cfg_names.AUDIO_ATTN in cfg.pathways and cfg_names.AUDIO_ATTN in cfg.train_modules:
         raise ModelLoadError(
-            "audio_attn is both a LoRA pathway and a fully trained module: list it in one of finetune.pathways / finetune.train_modules."
+            "audio_attn is both a LoRA pathway and a fully trained module: list it in one of finetune.pathways / "
+            "finetune.train_modules."
         )
     targets = resolve_targets(model, cfg.pathways)
     to_save = resolve_train_modules(model, cfg.train_modules)

@@ -122,11 +122,13 @@ def set_rng_state(state: dict[str, Any]) -> list[str]:
     if cuda is not None:
         if not torch.cuda.is_available():
             warnings.append(
-                f"the checkpoint holds CUDA RNG states for {len(cuda)} device(s) but CUDA is not available: GPU random numbers will differ from the uninterrupted run."
+                f"the checkpoint holds CUDA RNG states for {len(cuda)} device(s) but CUDA is not available: GPU "
+                "random numbers will differ from the uninterrupted run."
             )
         elif len(cuda) != torch.cuda.device_count():
             warnings.append(
-                f"the checkpoint holds CUDA RNG states for {len(cuda)} device(s), this process sees {torch.cuda.device_count()}: restored the first {min(len(cuda), torch.cuda.device_count())}."
+                f"the checkpoint holds CUDA RNG states for {len(cuda)} device(s), this process sees "
+                f"{torch.cuda.device_count()}: restored the first {min(len(cuda), torch.cuda.device_count())}."
             )
             for i, s in enumerate(cuda[: torch.cuda.device_count()]):
                 torch.cuda.set_rng_state(s, device=i)
@@ -134,7 +136,8 @@ def set_rng_state(state: dict[str, Any]) -> list[str]:
             torch.cuda.set_rng_state_all(cuda)
     elif torch.cuda.is_available():
         warnings.append(
-            "the checkpoint holds no CUDA RNG state (saved without CUDA): GPU random numbers will differ from the uninterrupted run."
+            "the checkpoint holds no CUDA RNG state (saved without CUDA): GPU random numbers will differ from the "
+            "uninterrupted run."
         )
     return warnings
 

@@ -22,7 +22,8 @@ Codes (a warning is emitted once per code, later hits only raise its `count`):
 How the recipe calls it (`check_step` reads metrics reduced over ranks, so every rank takes the
 same decision and a raise never leaves another rank waiting in a collective):
 
-    monitor = HealthMonitor.for_model(cfg.health, cfg.loss, model.config, tokenizer, on_warning=metrics_logger.log_warning)
+    monitor = HealthMonitor.for_model(cfg.health, cfg.loss, model.config, tokenizer,
+                                      on_warning=metrics_logger.log_warning)
     first micro-batch:     out = wrapped(**batch); monitor.check_batch(step, batch, out)   # local, never raises
     after backward + clip: metrics = reduce_metrics(...); monitor.check_step(step, metrics, grad_norm=gn,
                                         sample_ids=ids, last_checkpoint=last_ckpt)  # BEFORE optimizer.step()
@@ -231,11 +232,10 @@ class HealthMonitor:
                     NO_SIGNAL,
                     step,
                     (
-                        f"no audio token is scored in this batch while loss.audio_weight = {self.audio_weight}: the audio "
-                        "pathway learns nothing from it. Check that target segments have audio labels (reference segments are "
-                        "all -100 by design) and that audio_labels line up with the collator's placeholders. Samples: "
-                        + ", ".join(ids[:8])
-                        + "."
+                        f"no audio token is scored in this batch while loss.audio_weight = {self.audio_weight}: "
+                        "the audio pathway learns nothing from it. Check that target segments have audio labels "
+                        "(reference segments are all -100 by design) and that audio_labels line up with the "
+                        "collator's placeholders. Samples: " + ", ".join(ids[:8]) + "."
                     ),
                     sample_ids=ids[:8],
                 )
@@ -246,9 +246,9 @@ class HealthMonitor:
                     NO_SIGNAL,
                     step,
                     (
-                        f"no text token is scored in this batch while loss.text_weight = {self.text_weight}. The contract labels "
-                        "<|audio_out_bos|>, <|audio_eos|> and <|eot_id|> of the target turn; check the collator's text labels, "
-                        "or set loss.text_weight: 0."
+                        f"no text token is scored in this batch while loss.text_weight = {self.text_weight}. The "
+                        "contract labels <|audio_out_bos|>, <|audio_eos|> and <|eot_id|> of the target turn; "
+                        "check the collator's text labels, or set loss.text_weight: 0."
                     ),
                     sample_ids=ids[:8],
                 )
@@ -261,10 +261,12 @@ class HealthMonitor:
                         NO_SIGNAL,
                         step,
                         (
-                            f"all {n_text} text labels of this batch are chat markup (token ids {sorted(targets)[:10]}: headers, "
-                            "role names, '\\n\\n', <|begin_of_text|>, pad or audio placeholders) while loss.text_weight = "
-                            f"{self.text_weight}: the text loss trains nothing useful and can look 'learned'. Label the target "
-                            "turn's <|audio_out_bos|>, <|audio_eos|>, <|eot_id|> (the contract), or set loss.text_weight: 0."
+                            f"all {n_text} text labels of this batch are chat markup (token ids "
+                            f"{sorted(targets)[:10]}: headers, role names, '\\n\\n', <|begin_of_text|>, pad or "
+                            f"audio placeholders) while loss.text_weight = {self.text_weight}: the text loss "
+                            "trains nothing useful and can look 'learned'. Label the target turn's "
+                            "<|audio_out_bos|>, <|audio_eos|>, <|eot_id|> (the contract), or set "
+                            "loss.text_weight: 0."
                         ),
                         target_ids=sorted(targets)[:10],
                     )
@@ -275,10 +277,11 @@ class HealthMonitor:
                     NO_EOS,
                     step,
                     (
-                        f"no stream EOS (id {self.stream_eos_id}) among the {n_audio} scored audio labels of this batch "
-                        f"(samples {', '.join(ids[:8])}): a model trained like this never learns to stop and generates "
-                        "minutes of silence. Each codebook's first EOS after the codes must be a label (the transformers "
-                        "processor's output_labels masks it); check the collator's audio labels."
+                        f"no stream EOS (id {self.stream_eos_id}) among the {n_audio} scored audio labels of this "
+                        f"batch (samples {', '.join(ids[:8])}): a model trained like this never learns to stop and "
+                        "generates minutes of silence. Each codebook's first EOS after the codes must be a label "
+                        "(the transformers processor's output_labels masks it); check the collator's audio "
+                        "labels."
                     ),
                     sample_ids=ids[:8],
                 )
@@ -310,9 +313,9 @@ class HealthMonitor:
                     LABEL_MISALIGNED,
                     step,
                     (
-                        f"{n_bad} of {n_set} audio labels differ from the audio input at the same column (first: sample {who}, "
-                        f"column {n}, codebook {k}).{hint} The contract keeps each label at its own column (the loss does the "
-                        "shift); fix the collator."
+                        f"{n_bad} of {n_set} audio labels differ from the audio input at the same column (first: "
+                        f"sample {who}, column {n}, codebook {k}).{hint} The contract keeps each label at its own "
+                        "column (the loss does the shift); fix the collator."
                     ),
                     audio_mismatches=n_bad,
                     audio_labels=n_set,
@@ -329,9 +332,9 @@ class HealthMonitor:
                     LABEL_MISALIGNED,
                     step,
                     (
-                        f"{int(bad_t.sum())} of {int(set_t.sum())} text labels differ from the token at the same position "
-                        f"(first: sample {who}, position {t}). Text labels sit at their own token's position; the loss shifts. "
-                        "Fix the collator."
+                        f"{int(bad_t.sum())} of {int(set_t.sum())} text labels differ from the token at the same "
+                        f"position (first: sample {who}, position {t}). Text labels sit at their own token's "
+                        "position; the loss shifts. Fix the collator."
                     ),
                     text_mismatches=int(bad_t.sum()),
                     text_labels=int(set_t.sum()),
@@ -353,11 +356,11 @@ class HealthMonitor:
             COPY_TASK,
             step,
             (
-                f"every one of the {n} scored audio targets equals the audio input at the position whose logits are scored "
-                "against it: the loss compares the logits at position t with the label at t, a copy task. The loss will "
-                "fall to ~0 and the model will generate silence. The loss must score position t against the label at "
-                "t+1 (HiggsLossModule does; check that this module is the one the wrapper calls and that it was not built "
-                "with _debug_unshifted=True)."
+                f"every one of the {n} scored audio targets equals the audio input at the position whose logits "
+                "are scored against it: the loss compares the logits at position t with the label at t, a copy "
+                "task. The loss will fall to ~0 and the model will generate silence. The loss must score position "
+                "t against the label at t+1 (HiggsLossModule does; check that this module is the one the wrapper "
+                "calls and that it was not built with _debug_unshifted=True)."
             ),
             scored=n,
             equal_to_input=same,
@@ -387,8 +390,8 @@ class HealthMonitor:
                     NO_SIGNAL,
                     step,
                     (
-                        f"step {step} scored no audio token on any rank while loss.audio_weight = {self.audio_weight}: check the "
-                        "audio labels of the target segments (higgs-tune inspect)."
+                        f"step {step} scored no audio token on any rank while loss.audio_weight = "
+                        f"{self.audio_weight}: check the audio labels of the target segments (higgs-tune inspect)."
                     ),
                 )
             )
@@ -398,8 +401,8 @@ class HealthMonitor:
                     NO_SIGNAL,
                     step,
                     (
-                        f"step {step} scored no text token on any rank while loss.text_weight = {self.text_weight}: check the "
-                        "text labels, or set loss.text_weight: 0."
+                        f"step {step} scored no text token on any rank while loss.text_weight = "
+                        f"{self.text_weight}: check the text labels, or set loss.text_weight: 0."
                     ),
                 )
             )
@@ -413,11 +416,13 @@ class HealthMonitor:
                         COPY_TASK,
                         step,
                         (
-                            f"audio accuracy {acc:.3f} / audio loss {loss:.3f} at step {step}, before {self.cfg.copy_check_steps} "
-                            "steps: too good to be true. Most likely the loss compares the logits at t with the label at t (a "
-                            "copy task: the model learns to repeat its input and generates silence), or labels leak the target "
-                            "into the input. Check the shift (position t predicts t+1) and the collator's labels. On a tiny, "
-                            "repeated dataset fast memorisation can do this too: then raise health.copy_check_steps."
+                            f"audio accuracy {acc:.3f} / audio loss {loss:.3f} at step {step}, before "
+                            f"{self.cfg.copy_check_steps} steps: too good to be true. Most likely the loss "
+                            "compares the logits at t with the label at t (a copy task: the model learns to "
+                            "repeat its input and generates silence), or labels leak the target into the input. "
+                            "Check the shift (position t predicts t+1) and the collator's labels. On a tiny, "
+                            "repeated dataset fast memorisation can do this too: then raise "
+                            "health.copy_check_steps."
                         ),
                         audio_acc=acc,
                         audio_loss=loss,
@@ -474,7 +479,9 @@ class HealthMonitor:
                 per_cb = [float(x) for x in metrics.get("per_codebook_loss", [])]
                 counts = metrics.get("n_audio_tokens_per_codebook", [1] * len(per_cb))
                 stuck = [
-                    (k, x) for k, (x, n) in enumerate(zip(per_cb, counts)) if n and at_chance(x, self.codebook_size)
+                    (k, x)
+                    for k, (x, n) in enumerate(zip(per_cb, counts, strict=True))
+                    if n and at_chance(x, self.codebook_size)
                 ]
                 if stuck:
                     parts.append(
@@ -494,10 +501,11 @@ class HealthMonitor:
             step,
             (
                 "; ".join(parts)
-                + f" after {step} steps: the model is not learning (a loss at ln(V) is a uniform guess). "
-                "Check the learning rate (too low: flat; too high: at or above chance), that the trainable parameters "
-                "receive gradients (finetune.pathways / train_modules, and that the optimizer holds them), that labels are "
-                "aligned (higgs-tune inspect), and that a frozen random head is not being trained through LoRA alone."
+                + f" after {step} steps: the model is not learning (a loss at ln(V) is a uniform guess). Check the "
+                "learning rate (too low: flat; too high: at or above chance), that the trainable parameters "
+                "receive gradients (finetune.pathways / train_modules, and that the optimizer holds them), that "
+                "labels are aligned (higgs-tune inspect), and that a frozen random head is not being trained "
+                "through LoRA alone."
             ),
             metrics={k: metrics.get(k) for k in ("loss", "text_loss", "audio_loss", "per_codebook_loss")},
         )
@@ -517,9 +525,13 @@ def check_trainable(stats: dict) -> None:
     """
     if not stats["batches"]:
         raise TrainingHealthError(
-            "no training batch was built: the training cache is empty or every sample was dropped. Run `higgs-tune inspect CACHE_DIR` to see what the cache holds."
+            "no training batch was built: the training cache is empty or every sample was dropped. Run `higgs-tune "
+            "inspect CACHE_DIR` to see what the cache holds."
         )
-    fix = "Build samples with higgs_tune.data.layout.build_sample (targets trained, references masked); run `higgs-tune inspect CACHE_DIR --config CONFIG --batches N` to see the labels."
+    fix = (
+        "Build samples with higgs_tune.data.layout.build_sample (targets trained, references masked); run "
+        "`higgs-tune inspect CACHE_DIR --config CONFIG --batches N` to see the labels."
+    )
     for b in stats["batches"]:
         where = f"batch {b['index']} (samples {', '.join(b['sample_ids'])})"
         target = b["audio"]["target"]
@@ -530,21 +542,25 @@ def check_trainable(stats: dict) -> None:
         missing = [c for c, n in enumerate(b["stream"]["eos_labels"]) if n == 0]
         if missing:
             raise TrainingHealthError(
-                f"{where} has no stream EOS label in codebook(s) {', '.join(map(str, missing))}: the model would never learn to stop "
-                f"(minutes of silence at generation). Each target segment needs its first EOS per codebook as a label. {fix}"
+                f"{where} has no stream EOS label in codebook(s) {', '.join(map(str, missing))}: the model would "
+                "never learn to stop (minutes of silence at generation). Each target segment needs its first EOS "
+                f"per codebook as a label. {fix}"
             )
         wrong = [c for c, n in enumerate(target["eos_labels"]) if n != target["segments"]]
         if wrong:
             raise TrainingHealthError(
-                f"{where} has {[target['eos_labels'][c] for c in wrong]} stream EOS labels in codebook(s) {', '.join(map(str, wrong))} "
-                f"for {target['segments']} target segment(s): each target segment must label exactly its first EOS per codebook. {fix}"
+                f"{where} has {[target['eos_labels'][c] for c in wrong]} stream EOS labels in codebook(s) "
+                f"{', '.join(map(str, wrong))} for {target['segments']} target segment(s): each target segment "
+                f"must label exactly its first EOS per codebook. {fix}"
             )
         ref = b["audio"]["reference"]
         if sum(ref["trained"]):
             raise TrainingHealthError(
-                f"{where} trains {sum(ref['trained'])} reference audio label(s): the voice prompt would be learned as a target. Reference segments must be all -100. {fix}"
+                f"{where} trains {sum(ref['trained'])} reference audio label(s): the voice prompt would be learned "
+                f"as a target. Reference segments must be all -100. {fix}"
             )
         if sum(b["stream"]["bos_labels"]):
             raise TrainingHealthError(
-                f"{where} has {sum(b['stream']['bos_labels'])} stream BOS label(s): BOS is an input, never a label. {fix}"
+                f"{where} has {sum(b['stream']['bos_labels'])} stream BOS label(s): BOS is an input, never a "
+                f"label. {fix}"
             )

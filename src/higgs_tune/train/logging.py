@@ -58,7 +58,8 @@ def reduce_metrics(metrics: Mapping, accelerator=None) -> dict:
     for key, value in extras.items():
         if isinstance(value, (list, tuple, dict)) or (isinstance(value, torch.Tensor) and value.numel() != 1):
             raise TypeError(
-                f"reduce_metrics: extra metric {key!r} must be a scalar (it is averaged over ranks), got {type(value).__name__}."
+                f"reduce_metrics: extra metric {key!r} must be a scalar (it is averaged over ranks), got "
+                f"{type(value).__name__}."
             )
     multi = accelerator is not None and accelerator.num_processes > 1
     device = accelerator.device if multi else torch.device("cpu")
@@ -69,13 +70,14 @@ def reduce_metrics(metrics: Mapping, accelerator=None) -> dict:
         packed = accelerator.reduce(packed, reduction="sum")
     packed = packed.cpu()
     sums, offset = {}, 0
-    for key, part in zip(STAT_KEYS, parts):
+    # strict=False: parts ends with the extras block, which is read after the loop
+    for key, part in zip(STAT_KEYS, parts, strict=False):
         sums[key] = packed[offset : offset + part.numel()]
         offset += part.numel()
     sums[WEIGHTS_KEY] = weights
     out = finalize_metrics(sums)
     world = accelerator.num_processes if multi else 1
-    out.update({k: float(v) / world for k, v in zip(extras, packed[offset:].tolist())})
+    out.update({k: float(v) / world for k, v in zip(extras, packed[offset:].tolist(), strict=True)})
     return out
 
 

@@ -118,7 +118,8 @@ class LossWeights:
             cb = [1.0] * num_codebooks
         elif len(cb) != num_codebooks:
             problems.append(
-                f"loss.codebook_weights has {len(cb)} values but the model has {num_codebooks} codebooks: give one weight per codebook."
+                f"loss.codebook_weights has {len(cb)} values but the model has {num_codebooks} codebooks: give one "
+                "weight per codebook."
             )
         elif any(w < 0 for w in cb) or sum(cb) <= 0:
             problems.append(f"loss.codebook_weights {list(cb)} must be >= 0 with a positive sum.")
@@ -297,7 +298,7 @@ def finalize_metrics(stats: Mapping) -> dict:
     text_acc = float(tensor("text_correct")) / n_text if n_text else 0.0
     correct = tensor("audio_correct_per_codebook").reshape(-1).tolist()
     n_cb = n_cb.tolist()
-    per_cb_acc = [c / n if n else 0.0 for c, n in zip(correct, n_cb)]
+    per_cb_acc = [c / n if n else 0.0 for c, n in zip(correct, n_cb, strict=True)]
     per_cb_loss = terms.per_codebook_loss.tolist()
     n_audio = sum(n_cb)
     return {
@@ -468,7 +469,8 @@ class HiggsLossModule(nn.Module):
         if self.weights.text > 0 and self._base().text_lm_head is None:
             raise ConfigError(
                 [
-                    f"loss.text_weight is {self.weights.text} but the model has no text_lm_head: load it with use_text_head=True (model.use_text_head: true) or set loss.text_weight: 0."
+                    f"loss.text_weight is {self.weights.text} but the model has no text_lm_head: load it with "
+                    "use_text_head=True (model.use_text_head: true) or set loss.text_weight: 0."
                 ]
             )
         self.shift = 0 if _debug_unshifted else 1
@@ -509,7 +511,9 @@ class HiggsLossModule(nn.Module):
         if flags[0]:
             for row in (per_row_placeholders != per_row_columns).nonzero().flatten().tolist():
                 problems.append(
-                    f"{who(row)} has {int(per_row_placeholders[row])} audio placeholders in input_ids but {int(per_row_columns[row])} audio columns in audio_input_ids_mask; each column needs exactly one <|AUDIO_OUT|>/delay token (check the collator)."
+                    f"{who(row)} has {int(per_row_placeholders[row])} audio placeholders in input_ids but "
+                    f"{int(per_row_columns[row])} audio columns in audio_input_ids_mask; each column needs exactly "
+                    "one <|AUDIO_OUT|>/delay token (check the collator)."
                 )
         if flags[1]:
             row = int(bad_text.nonzero()[0, 0])
@@ -517,7 +521,8 @@ class HiggsLossModule(nn.Module):
         if flags[2]:
             row = int(bad_audio.nonzero()[0, 0])
             problems.append(
-                f"{who(row)}: audio labels outside [0, {self.codebook_size}) and not -100 (the model's codebook_size includes stream BOS/EOS)."
+                f"{who(row)}: audio labels outside [0, {self.codebook_size}) and not -100 (the model's "
+                "codebook_size includes stream BOS/EOS)."
             )
         if flags[3]:
             row = int(bad_input.nonzero()[0, 0])

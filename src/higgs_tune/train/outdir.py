@@ -219,7 +219,8 @@ def checkpoints_on_disk(cfg: Any, total_steps: int | None = None) -> tuple[int, 
         n = steps // c.save_steps
         return n + 2, f"{n} saves (all kept) + final + one being written"
     log.warning(
-        "output dir: save_total_limit is null (keep all) and the run length is not known yet: the space check counts 5 checkpoints"
+        "output dir: save_total_limit is null (keep all) and the run length is not known yet: the space check "
+        "counts 5 checkpoints"
     )
     return 5, "5 (keep-all, run length unknown)"
 
@@ -321,19 +322,22 @@ def _check_contents(path: Path, cfg: Any, overwrite: bool, resume: str | Path | 
     resume_inside = resume is not None and (str(resume) == "auto" or _inside(Path(resume), path))
     if overwrite and resume_inside:
         raise OutputDirError(
-            f"--overwrite would remove the checkpoints that --resume {resume} continues from in {path}: use one of the two."
+            f"--overwrite would remove the checkpoints that --resume {resume} continues from in {path}: use one of "
+            "the two."
         )
     if resume is not None and not overwrite and (is_run or ours):
         if not is_run:
             raise OutputDirError(
-                f"{path} holds higgs-tune artefacts but no config.yaml written by higgs-tune, so it cannot be checked to be a run of this config. "
-                f"Copy a checkpoint's config.yaml there to continue it, or start over with --overwrite."
+                f"{path} holds higgs-tune artefacts but no config.yaml written by higgs-tune, so it cannot be "
+                "checked to be a run of this config. Copy a checkpoint's config.yaml there to continue it, or "
+                "start over with --overwrite."
             )
         try:
             saved = yaml.safe_load(run_config.read_text(encoding="utf-8")) or {}
         except (OSError, yaml.YAMLError) as e:
             raise OutputDirError(
-                f"{run_config} cannot be read ({e}): cannot check that this is a run of the same config. Start over with --overwrite or choose another output_dir."
+                f"{run_config} cannot be read ({e}): cannot check that this is a run of the same config. Start "
+                "over with --overwrite or choose another output_dir."
             ) from e
         changes = resume_config_changes(saved, cfg)
         if changes:
@@ -353,14 +357,15 @@ def _check_contents(path: Path, cfg: Any, overwrite: bool, resume: str | Path | 
                 "files and never these. Move them away or choose another checkpoint.output_dir."
             )
         raise OutputDirError(
-            f"{path} is not empty and is not a higgs-tune run (it holds {shown}): choose an empty or new checkpoint.output_dir."
+            f"{path} is not empty and is not a higgs-tune run (it holds {shown}): choose an empty or new "
+            "checkpoint.output_dir."
         )
     if overwrite:
         return ours, False
     names = ", ".join(e.name for e in ours[:5]) + (" ..." if len(ours) > 5 else "")
     raise OutputDirError(
-        f"{path} holds an earlier higgs-tune run ({names}): continue it with --resume auto, start over with --overwrite "
-        "(removes only higgs-tune's files), or choose another checkpoint.output_dir."
+        f"{path} holds an earlier higgs-tune run ({names}): continue it with --resume auto, start over with "
+        "--overwrite (removes only higgs-tune's files), or choose another checkpoint.output_dir."
     )
 
 
@@ -413,9 +418,11 @@ def _prepare_main(
     reclaim = sum(_tree_bytes(e) for e in remove)
     if free + reclaim < needed:
         raise OutputDirError(
-            f"{path}: {format_bytes(free)} free{f' (+{format_bytes(reclaim)} freed by --overwrite)' if reclaim else ''}, the run needs about "
-            f"{format_bytes(needed)} = {n} checkpoint(s) x {format_bytes(estimate_bytes)} ({why}) + checkpoint.min_free_gb {c.min_free_gb} GB. "
-            "Free space, choose another disk, or lower checkpoint.save_total_limit."
+            f"{path}: {format_bytes(free)} "
+            f"free{f' (+{format_bytes(reclaim)} freed by --overwrite)' if reclaim else ''}, the run needs about "
+            f"{format_bytes(needed)} = {n} checkpoint(s) x {format_bytes(estimate_bytes)} ({why}) + "
+            f"checkpoint.min_free_gb {c.min_free_gb} GB. Free space, choose another disk, or lower "
+            "checkpoint.save_total_limit."
         )
     if remove:
         _remove_our_artefacts(path, remove)

@@ -229,7 +229,8 @@ def train(
         step, epoch = state.step, int(state.epoch)
         data.sampler.load_state_dict(state.sampler_state)
         say(
-            f"resumed from {resume_from} at step {step} (epoch {epoch}, batch {state.sampler_state['batches_consumed']})"
+            f"resumed from {resume_from} at step {step} (epoch {epoch}, batch "
+            f"{state.sampler_state['batches_consumed']})"
         )
         if step >= total_steps:
             say(

@@ -43,7 +43,10 @@ from higgs_tune.errors import TrainingHealthError
 @click.option(
     "--skip-invalid",
     is_flag=True,
-    help="Prepare the valid rows and list the others in CACHE_DIR/rejects.jsonl (default: any bad row stops with the full list and writes nothing).",
+    help=(
+        "Prepare the valid rows and list the others in CACHE_DIR/rejects.jsonl (default: any bad row stops with "
+        "the full list and writes nothing)."
+    ),
 )
 @click.option(
     "--batch-seconds",
@@ -58,7 +61,10 @@ from higgs_tune.errors import TrainingHealthError
     type=float,
     default=DEFAULT_PAD_TOLERANCE_S,
     show_default=True,
-    help="Seconds of zero padding allowed when batching clips of different lengths (the codec has no padding mask, so padding can change a few codes); 0 = codes identical to one-by-one encoding.",
+    help=(
+        "Seconds of zero padding allowed when batching clips of different lengths (the codec has no padding mask, "
+        "so padding can change a few codes); 0 = codes identical to one-by-one encoding."
+    ),
 )
 @click.option("--normalize-loudness", is_flag=True, help="Scale each clip to -20 dBFS RMS, limited to a -1 dBFS peak.")
 @click.option(
@@ -71,7 +77,10 @@ from higgs_tune.errors import TrainingHealthError
 @click.option(
     "--overwrite",
     is_flag=True,
-    help="Rebuild CACHE_DIR from scratch (needed when it holds codes of another codec); with --from-folder, replace an existing manifest that differs (an identical one is reused).",
+    help=(
+        "Rebuild CACHE_DIR from scratch (needed when it holds codes of another codec); with --from-folder, "
+        "replace an existing manifest that differs (an identical one is reused)."
+    ),
 )
 @click.option(
     "--shard-size",
@@ -281,7 +290,8 @@ def inspect_command(cache_dir, plot_path, config_path, model, num_batches, show_
                 problem = e  # raised after the JSON is written, so the numbers are kept
             else:
                 click.echo(
-                    "\ntrainable: every batch has trained target audio and one EOS label per codebook and target segment"
+                    "\ntrainable: every batch has trained target audio and one EOS label per codebook and target "
+                    "segment"
                 )
 
     if json_path is not None:

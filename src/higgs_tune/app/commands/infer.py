@@ -67,7 +67,10 @@ def _model_options(f):
             "--model",
             "model",
             default=None,
-            help="Base model folder or Hub id, or a merged export. Default: the base recorded in the adapter checkpoint's config.yaml.",
+            help=(
+                "Base model folder or Hub id, or a merged export. Default: the base recorded in the adapter "
+                "checkpoint's config.yaml."
+            ),
         ),
         click.option(
             "--adapter",
@@ -193,7 +196,7 @@ def generate_command(
         )
         requests = [
             FileRequest(text=t, out=o, ref_audio=ref_path, ref_text=ref_text, id=o.stem, scene=scene)
-            for t, o in zip(texts, outs)
+            for t, o in zip(texts, outs, strict=True)
         ]
 
     _run_generation(requests, model, adapter, audio_tokenizer, device, dtype, options)
@@ -217,7 +220,7 @@ def _run_generation(requests, model, adapter, audio_tokenizer, device, dtype, op
         )
     results = generate_speech(stack.model, stack.processor, stack.tokens, gen_requests, options)
     not_stopped = 0
-    for r, res in zip(requests, results):
+    for r, res in zip(requests, results, strict=True):
         write_wav(r.out, res.wav, res.sample_rate)
         line = f"{r.out}: {res.duration_s:.2f} s, {res.num_frames} frames"
         if res.stopped:
@@ -323,7 +326,8 @@ def evaluate_command(
     )
     for lang, m in doc["per_language"].items():
         click.echo(
-            f"  [{lang}] {m['num_clips']} clips: WER {fmt(m['wer'])}  CER {fmt(m['cer'])}  SIM {fmt(m['speaker_similarity'])}"
+            f"  [{lang}] {m['num_clips']} clips: WER {fmt(m['wer'])}  CER {fmt(m['cer'])}  SIM "
+            f"{fmt(m['speaker_similarity'])}"
         )
 
 

@@ -24,11 +24,13 @@ def convert_command(src, dst, audio_tokenizer, overwrite):
     summary = convert_checkpoint(src, dst, audio_tokenizer=audio_tokenizer, overwrite=overwrite)
     click.echo(f"converted {summary['source']} -> {dst}: {summary['tensors']} tensors ({summary['dtype']})")
     click.echo(
-        f"  text head: {'yes' if summary['text_head'] else 'no'}; audio self-attention: {'yes' if summary['audio_self_attention'] else 'no'}"
+        f"  text head: {'yes' if summary['text_head'] else 'no'}; audio self-attention: "
+        f"{'yes' if summary['audio_self_attention'] else 'no'}"
     )
     if summary["dropped"]:
         click.echo(
-            f"  dropped {len(summary['dropped'])} tensor(s) the port does not use, e.g. {', '.join(summary['dropped'][:3])}"
+            f"  dropped {len(summary['dropped'])} tensor(s) the port does not use, e.g. "
+            f"{', '.join(summary['dropped'][:3])}"
         )
     if summary["audio_tokenizer"] is None:
         click.echo(

@@ -93,7 +93,10 @@ def interrupted_message(cfg, config: str, overrides) -> str:
     found = [c for c in (newest_complete_checkpoint(Path(f)) for f in folders) if c is not None]
     command = shlex.join(["higgs-tune", "train", config, *overrides, "--resume", "auto"])
     if not found:
-        return f"interrupted before the first checkpoint: nothing to resume from; `{command}` starts the run again from step 0."
+        return (
+            f"interrupted before the first checkpoint: nothing to resume from; `{command}` starts the run again "
+            "from step 0."
+        )
     step, path = max(found)
     return f"interrupted: the newest complete checkpoint is {path} (step {step}). Continue with:\n  {command}"
 

@@ -119,11 +119,13 @@ def v3_config_from_dict(raw: dict, where: str = "config.json") -> V3ModelConfig:
     enc = dict(raw.get("audio_encoder_config") or {})
     if enc.get("encoder_type", "discrete") != "discrete":
         raise ModelLoadError(
-            f"{where}: audio_encoder_config.encoder_type is {enc.get('encoder_type')!r}; only the discrete TTS path is supported."
+            f"{where}: audio_encoder_config.encoder_type is {enc.get('encoder_type')!r}; only the discrete TTS "
+            "path is supported."
         )
     if not enc.get("tie_word_embeddings", True):
         raise ModelLoadError(
-            f"{where}: audio_encoder_config.tie_word_embeddings is false (an untied audio head); only the tied layout is supported."
+            f"{where}: audio_encoder_config.tie_word_embeddings is false (an untied audio head); only the tied "
+            "layout is supported."
         )
     text = dict(raw.get("text_config") or {})
     if text.get("model_type", "qwen3") != "qwen3":

@@ -166,13 +166,15 @@ def check_written(folder: Path, manifest: dict) -> None:
     on_disk = {str(p) for p in files_under(folder)} - {MANIFEST_FILE}
     if on_disk != set(manifest["files"]):
         raise CheckpointError(
-            f"{folder}: files on disk ({', '.join(sorted(on_disk))}) differ from the manifest ({', '.join(sorted(manifest['files']))})."
+            f"{folder}: files on disk ({', '.join(sorted(on_disk))}) differ from the manifest "
+            f"({', '.join(sorted(manifest['files']))})."
         )
     for rel, meta in manifest["files"].items():
         size = (folder / rel).stat().st_size
         if size != meta["bytes"]:
             raise CheckpointError(
-                f"{folder / rel} has {size} bytes after writing, {meta['bytes']} when hashed: the file changed while being saved."
+                f"{folder / rel} has {size} bytes after writing, {meta['bytes']} when hashed: the file changed "
+                "while being saved."
             )
     try:
         # mmap: the unpickling (and weights_only's type checks) run without reading all tensor bytes.
@@ -194,7 +196,8 @@ def read_manifest(ckpt: Path) -> dict:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise CheckpointError(
-            f"{ckpt}: no {MANIFEST_FILE}, so it is not a complete higgs-tune checkpoint (an interrupted save, or another tool's folder)."
+            f"{ckpt}: no {MANIFEST_FILE}, so it is not a complete higgs-tune checkpoint (an interrupted save, or "
+            "another tool's folder)."
         ) from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(
@@ -202,11 +205,13 @@ def read_manifest(ckpt: Path) -> dict:
         ) from e
     if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("files"), dict):
         raise CheckpointError(
-            f"{path} is not a higgs-tune checkpoint manifest (format {data.get('format') if isinstance(data, dict) else None!r})."
+            f"{path} is not a higgs-tune checkpoint manifest (format "
+            f"{data.get('format') if isinstance(data, dict) else None!r})."
         )
     if data.get("format_version", 0) > FORMAT_VERSION:
         raise CheckpointError(
-            f"{path} has format_version {data['format_version']}, this higgs-tune reads up to {FORMAT_VERSION}: upgrade higgs-tune."
+            f"{path} has format_version {data['format_version']}, this higgs-tune reads up to {FORMAT_VERSION}: "
+            "upgrade higgs-tune."
         )
     return data
 

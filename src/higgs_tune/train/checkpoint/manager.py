@@ -97,7 +97,10 @@ def _failure_fix(e: BaseException, final: bool) -> str:
     """What to do after a save that failed with `e` (the line after the error)."""
     if final:
         first = "Free space or fix the disk" if isinstance(e, OSError) else "Fix the cause above"
-        return f"{first}, then resume with --resume auto to write the final checkpoint again (the last complete one is still there)."
+        return (
+            f"{first}, then resume with --resume auto to write the final checkpoint again (the last complete "
+            "one is still there)."
+        )
     if isinstance(e, OSError):
         return "Free space or fix the disk, then resume with --resume auto from the last complete checkpoint."
     return "Earlier checkpoints are intact: fix the cause above, then resume with --resume auto."
@@ -168,7 +171,8 @@ class CheckpointManager:
             require_unsharded(accelerator)
             if accelerator.num_processes != dist_utils.world_size():
                 raise CheckpointError(
-                    f"the accelerator has {accelerator.num_processes} processes but torch.distributed reports {dist_utils.world_size()}: the process group is not set up as accelerate expects."
+                    f"the accelerator has {accelerator.num_processes} processes but torch.distributed reports "
+                    f"{dist_utils.world_size()}: the process group is not set up as accelerate expects."
                 )
         self.is_main = dist_utils.is_main()
         self.world_size = dist_utils.world_size()
@@ -201,7 +205,7 @@ class CheckpointManager:
 
     def _scan(self) -> None:
         """Read the manifests of the complete checkpoints (sizes, eval losses); no hashing."""
-        for step, path in checkpoint_folders(self.run_dir):
+        for _step, path in checkpoint_folders(self.run_dir):
             try:
                 m = read_manifest(path)
             except CheckpointError as e:
@@ -291,8 +295,8 @@ class CheckpointManager:
             # the message names the cause; a traceback only for an unexpected error (a bug, not a full disk)
             expected = isinstance(error, (CheckpointError, OSError))
             log.error(
-                "%s -- on_save_error=continue: training goes on and the next save tries again (%d failed save(s) in a row); "
-                "earlier checkpoints are intact.",
+                "%s -- on_save_error=continue: training goes on and the next save tries again (%d failed save(s) "
+                "in a row); earlier checkpoints are intact.",
                 message,
                 self._failures,
                 exc_info=None if expected else error,
@@ -356,7 +360,8 @@ class CheckpointManager:
             json.dumps({"metrics": metrics, "eval_loss": eval_loss, "epoch": epoch})  # fail before writing anything
         except (TypeError, ValueError) as e:
             raise CheckpointError(
-                f"metrics/eval_loss/epoch of step {step} are not JSON numbers or strings ({e}); pass float(x) for tensors."
+                f"metrics/eval_loss/epoch of step {step} are not JSON numbers or strings ({e}); pass float(x) for "
+                "tensors."
             ) from e
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -429,8 +434,9 @@ class CheckpointManager:
         needed = self._estimate + reserve
         if free < needed:
             raise CheckpointError(
-                f"{self.run_dir}: {format_bytes(free)} free, a checkpoint needs about {format_bytes(self._estimate)} plus "
-                f"checkpoint.min_free_gb={self.cfg.min_free_gb} GB kept free. Free space, or lower checkpoint.save_total_limit."
+                f"{self.run_dir}: {format_bytes(free)} free, a checkpoint needs about "
+                f"{format_bytes(self._estimate)} plus checkpoint.min_free_gb={self.cfg.min_free_gb} GB kept free. "
+                "Free space, or lower checkpoint.save_total_limit."
             )
 
     def _rotate(self, keep: str) -> None:

@@ -112,7 +112,8 @@ def _find_main(run_dir: Path, which: str | Path) -> tuple[str, str | None]:
     for entry in sorted(run_dir.iterdir()):
         if entry.name.startswith((TMP_PREFIX, TRASH_PREFIX)) and entry.is_dir():
             log.warning(
-                "resume: ignoring %s: an unfinished save or removal (process killed mid-way); it is removed at the next save",
+                "resume: ignoring %s: an unfinished save or removal (process killed mid-way); it is removed at the "
+                "next save",
                 entry,
             )
     skipped = []
@@ -190,18 +191,24 @@ def _check_optimizer_shapes(ckpt: Path, saved: dict, optimizer: torch.optim.Opti
     groups, saved_groups = optimizer.param_groups, saved.get("param_groups", [])
     if len(groups) != len(saved_groups):
         raise CheckpointError(
-            f"{ckpt / TRAINING_STATE_FILE}: the optimizer has {len(groups)} parameter group(s), the checkpoint {len(saved_groups)}: the trained parameters changed. Resume with the same finetune settings, or use --resume-weights-only."
+            f"{ckpt / TRAINING_STATE_FILE}: the optimizer has {len(groups)} parameter group(s), the checkpoint "
+            f"{len(saved_groups)}: the trained parameters changed. Resume with the same finetune settings, or use "
+            "--resume-weights-only."
         )
-    for gi, (g, sg) in enumerate(zip(groups, saved_groups)):
+    for gi, (g, sg) in enumerate(zip(groups, saved_groups, strict=True)):
         if len(g["params"]) != len(sg["params"]):
             raise CheckpointError(
-                f"{ckpt / TRAINING_STATE_FILE}: parameter group {gi} has {len(g['params'])} parameters now, {len(sg['params'])} in the checkpoint: the trained parameters changed. Resume with the same finetune settings, or use --resume-weights-only."
+                f"{ckpt / TRAINING_STATE_FILE}: parameter group {gi} has {len(g['params'])} parameters now, "
+                f"{len(sg['params'])} in the checkpoint: the trained parameters changed. Resume with the same "
+                "finetune settings, or use --resume-weights-only."
             )
-        for param, pid in zip(g["params"], sg["params"]):
+        for param, pid in zip(g["params"], sg["params"], strict=True):
             for key, value in saved.get("state", {}).get(pid, {}).items():
                 if key in _PARAM_SHAPED_STATE and torch.is_tensor(value) and value.shape != param.shape:
                     raise CheckpointError(
-                        f"{ckpt / TRAINING_STATE_FILE}: optimizer state {key!r} of parameter {pid} has shape {tuple(value.shape)}, the parameter now {tuple(param.shape)}: the model changed. Use --resume-weights-only or the original model settings."
+                        f"{ckpt / TRAINING_STATE_FILE}: optimizer state {key!r} of parameter {pid} has shape "
+                        f"{tuple(value.shape)}, the parameter now {tuple(param.shape)}: the model changed. Use "
+                        "--resume-weights-only or the original model settings."
                     )
 
 
@@ -250,11 +257,13 @@ def load_training_state(
         raise CheckpointError(f"{path} is missing: the checkpoint is damaged; resume from an older one.") from None
     except Exception as e:  # torch raises UnpicklingError/RuntimeError/EOFError for bad bytes
         raise CheckpointError(
-            f"{path} cannot be read with weights_only=True ({short_torch_error(e)}); the checkpoint is damaged or was not written by higgs-tune."
+            f"{path} cannot be read with weights_only=True ({short_torch_error(e)}); the checkpoint is damaged or "
+            "was not written by higgs-tune."
         ) from e
     if state.get(KEY_STEP) != manifest["step"] or state.get(KEY_WORLD_SIZE) != saved_ws:
         raise CheckpointError(
-            f"{path} says step {state.get(KEY_STEP)} / world size {state.get(KEY_WORLD_SIZE)}, its manifest step {manifest['step']} / {saved_ws}: the files come from different saves."
+            f"{path} says step {state.get(KEY_STEP)} / world size {state.get(KEY_WORLD_SIZE)}, its manifest step "
+            f"{manifest['step']} / {saved_ws}: the files come from different saves."
         )
 
     layout = state.get(KEY_OPTIMIZER_LAYOUT)
