@@ -804,6 +804,7 @@ def test_sigkill_during_a_save_never_leaves_a_partial_checkpoint(tmp_path, tiny_
     assert _read_out(tmp_path / "resumed", 0)["losses"] == {str(s): uninterrupted[s] for s in range(3, 7)}
 
 
+@pytest.mark.slow  # torchrun, two processes: 10-40 s on 2 busy cores
 @pytest.mark.multiproc
 def test_two_processes_save_once_with_both_rng_states_and_resume_exactly(tmp_path, tiny_dir):
     """torchrun, 2 CPU processes (gloo, DDP, set up through accelerate as the recipe does): train 6

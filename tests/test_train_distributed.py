@@ -10,7 +10,8 @@ import torch
 from recipe_support import run_folder_at_checkpoint, small_config, torchrun2, train_losses
 from safetensors.torch import load_file
 
-pytestmark = pytest.mark.multiproc
+# torchrun, two processes: 40-65 s on 2 busy cores
+pytestmark = [pytest.mark.slow, pytest.mark.multiproc]
 
 
 def test_two_processes_train_save_once_and_resume_exactly(tiny_dir, demo_cache, tmp_path):

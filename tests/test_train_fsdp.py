@@ -8,7 +8,8 @@ import torch
 from recipe_support import run_folder_at_checkpoint, small_config, torchrun2, train_losses
 from safetensors.torch import load_file
 
-pytestmark = pytest.mark.multiproc
+# torchrun, two processes: 20-90 s on 2 busy cores
+pytestmark = [pytest.mark.slow, pytest.mark.multiproc]
 FSDP_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_AUTO_WRAP_POLICY": "NO_WRAP"}
 
 

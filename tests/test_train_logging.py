@@ -269,7 +269,7 @@ DIST_SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.slow  # two processes importing torch + transformers: ~10 s alone, ~25 s on a busy 2-core box
+@pytest.mark.slow  # torchrun, two processes importing torch + transformers: 25-30 s on 2 busy cores
 @pytest.mark.multiproc
 def test_two_ranks_ddp_gradients_and_reduced_metrics_equal_the_whole_batch(tmp_path, tiny_dir, tok):
     """torchrun, 2 CPU ranks (gloo), one row each: DDP-averaged gradients of loss_for_step and the

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from recipe_support import small_config
 from safetensors.torch import load_file
 
@@ -54,6 +55,7 @@ def _launch(config: Path, *extra: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow  # one straight run, then 4 training subprocesses killed and resumed: ~65 s on 2 busy cores
 def test_sigkill_anywhere_then_resume_equals_uninterrupted(tiny_dir, demo_cache, tmp_path):
     overrides = [
         "train.max_steps=8",
