@@ -346,7 +346,8 @@ class QualityEvaluator:
             outputs = [self._embed(r.wav, rate) if len(r.wav) else None for r in results]
         t3 = time.monotonic()
         clips, word_counts, char_counts = [], [], []
-        for clip, res, text, emb, (gt_emb, ref_emb) in zip(self.clips, results, transcripts, outputs, truth, strict=True):
+        scored = zip(self.clips, results, transcripts, outputs, truth, strict=True)
+        for clip, res, text, emb, (gt_emb, ref_emb) in scored:
             wav = write_wav(out / WAVS_DIR / f"{clip.id}.wav", res.wav, rate)
             notes = [] if emb is not None else [too_short_note(res.duration_s, self.speaker)]
             if clip.ref_codes is None:
