@@ -14,6 +14,7 @@ import torch
 from recipe_support import run_folder_at_checkpoint, small_config, train_losses
 from safetensors.torch import load_file
 
+from higgs_tune.app.report import build_report
 from higgs_tune.config import ConfigError, HealthConfig, config_from_dict
 from higgs_tune.infer import metrics as M
 from higgs_tune.tiny.eval_models import make_tiny_eval_models
@@ -133,6 +134,22 @@ def test_quality_scores_are_computed_logged_and_choose_best(
         load_file(run / "best" / "adapter_model.safetensors").keys()
         == load_file(run / expected / "adapter_model.safetensors").keys()
     )
+
+    # the report: a chart per metric with the base model as the reference line, the checkpoints
+    # with their scores and the best marked, the best and the last clips side by side
+    page = build_report(run).read_text(encoding="utf-8")
+    section = page[page.index('<section id="quality">') :]
+    section = section[: section.index("</section>")]
+    assert "Character error rate (ASR)" in section and "Stop rate (ended by itself)" in section
+    assert f"base model (step 0): {doc['baseline']['cer']:.3f}" in section
+    table = section[section.index('<table class="quality-checkpoints">') :]
+    table = table[: table.index("</table>")]
+    assert table.count("<tr") == 1 + 1 + len(index["checkpoints"])  # header, base model, checkpoints
+    assert f"<td>{expected}</td>" in table and table.count('<span class="ok">best</span>') == 1
+    clips = section[section.index('<table class="quality-clips">') :]
+    best_step = 4 if expected == "final" else 2
+    assert f"<th>best (step {best_step})</th><th>last (step 4)</th>" in clips
+    assert clips.count("<audio") == 4  # 2 clips x (best, last)
 
     # a second run on the same base model and quality set takes the baseline from the cache
     assert len(list((baseline_cache / "quality-baselines").glob("*.json"))) == 1
