@@ -366,6 +366,11 @@ class TrainConfig:
     quality_baseline: bool = _f(
         True, "Score the base model on the quality set before training (cached per base model + set)."
     )
+    quality_cache_dir: str | None = _f(
+        None,
+        "Folder of the cached base-model scores; null: $HIGGS_TUNE_CACHE/quality-baselines, else "
+        "~/.cache/higgs-tune/quality-baselines.",
+    )
 
     def validate(self, was_given: WasGiven) -> list[str]:
         problems = []

@@ -33,8 +33,8 @@ Files, in the run folder:
 Base-model baseline: before the first step the model (LoRA adapters at their identity start,
 added audio attention an exact no-op) is the base model; its scores are the "before" of every
 curve. They are cached per (base model, quality set, models, sampling) in
-`$HIGGS_TUNE_CACHE/quality-baselines/<key>.json` (default ~/.cache/higgs-tune), so a re-run
-does not pay for them again.
+`train.quality_cache_dir` (default `$HIGGS_TUNE_CACHE/quality-baselines/`, else
+~/.cache/higgs-tune/quality-baselines/) as <key>.json, so a re-run does not pay for them again.
 
 Resume: quality/history.json is read back and the evaluations after the resumed step dropped
 (as metrics.jsonl is truncated), so the alarm and the report see the whole history.
@@ -285,7 +285,7 @@ class QualityEvaluator:
         doc = None
         if self.is_main:
             key = self._baseline_key()
-            cached = _baseline_cache_dir() / f"{key}.json"
+            cached = _baseline_cache_dir(self.cfg.train.quality_cache_dir) / f"{key}.json"
             if cached.is_file():
                 doc = json.loads(cached.read_text(encoding="utf-8"))
                 doc["cached"] = True
@@ -476,6 +476,9 @@ def _folder_fingerprint(name: str) -> list | None:
     )
 
 
-def _baseline_cache_dir() -> Path:
+def _baseline_cache_dir(configured: str | None) -> Path:
+    """train.quality_cache_dir, else $HIGGS_TUNE_CACHE/quality-baselines, else ~/.cache/higgs-tune/..."""
+    if configured:
+        return Path(configured).expanduser()
     root = os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "higgs-tune"
     return Path(root) / BASELINE_CACHE_DIR
