@@ -363,3 +363,52 @@ def test_signal_shares_count_silent_frames_and_clipped_samples():
     # a last, partial frame is padded with silence: 25 loud samples = one loud and one partly loud frame
     assert M.signal_shares(np.full(25, 0.5), rate) == M.SignalShares(silence=0.0, clipped=0.0)
     assert M.signal_shares(np.full(10, 0.001), rate).silence == 1.0  # -60 dBFS is silent
+
+
+# ---------------------------------------------------------------- DDP: the main process scores, the others wait
+
+
+@pytest.mark.multiproc
+def test_two_processes_score_on_the_main_one_and_stop_together(
+    tiny_dir, demo_cache, demo_heldout_cache, tmp_path, eval_models
+):
+    """Under DDP the main process generates and scores, the other rank waits for its scores; both
+    take the same early-stop decision (a constructed degradation, as in the single-process test),
+    and the training losses equal those of a DDP run without the quality evaluation."""
+    from recipe_support import torchrun2
+
+    quality = [
+        "train.max_steps=12",
+        "train.quality_eval_steps=1",
+        "train.quality_eval_clips=1",
+        "checkpoint.save_steps=1",
+        "health.quality_alarm_evals=1",
+        "health.quality_alarm_threshold=1e-9",
+        "health.quality_early_stop=true",
+        "checkpoint.best_metric=sim",
+        f"train.quality_cache_dir={tmp_path / 'baselines'}",
+    ]
+    with_q = quality_config(tiny_dir, demo_cache, demo_heldout_cache, tmp_path / "q", eval_models, quality)
+    without = quality_config(
+        tiny_dir,
+        demo_cache,
+        demo_heldout_cache,
+        tmp_path / "plain",
+        eval_models,
+        ["train.max_steps=12", "train.quality_eval_steps=null", "checkpoint.save_steps=1"],
+    )
+    with_q.save(tmp_path / "q.yaml")
+    without.save(tmp_path / "plain.yaml")
+    p = torchrun2("dist_train_script.py", str(tmp_path / "q.yaml"), str(tmp_path / "wq"))
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    p = torchrun2("dist_train_script.py", str(tmp_path / "plain.yaml"), str(tmp_path / "wp"))
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+
+    evals = history(tmp_path / "q")["evals"]
+    stop = evals[-1]["step"]
+    assert stop < 12  # stopped early, both ranks at the same step (else the run would hang)
+    assert [r["step"] for r in records(tmp_path / "q", "quality")] == [0, *range(1, stop + 1)]  # logged once
+    losses_q, losses_plain = train_losses(tmp_path / "q"), train_losses(tmp_path / "plain")
+    assert losses_q == {s: v for s, v in losses_plain.items() if s <= stop}
+    r0, r1 = load_file(tmp_path / "wq" / "rank0.safetensors"), load_file(tmp_path / "wq" / "rank1.safetensors")
+    assert all(torch.equal(r0[k], r1[k]) for k in r0)  # the ranks stayed in step
