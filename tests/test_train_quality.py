@@ -106,6 +106,11 @@ def test_quality_scores_are_computed_logged_and_choose_best(
         # the scores are those of the clips written beside them, recomputed here from the transcripts
         res = json.loads((run / "quality" / f"step-{e['step']}" / "results.json").read_text(encoding="utf-8"))
         assert len(res["clips"]) == 2
+        # one Arabic and one English clip (one speaker after another): each scored in its language,
+        # Arabic compared without hamza forms and diacritics
+        assert sorted(c["language"] for c in res["clips"]) == ["ar", "en"] and set(e["per_language"]) == {"ar", "en"}
+        ar = next(c for c in res["clips"] if c["language"] == "ar")
+        assert ar["normalized_text"] == M.normalize_text(ar["text"], "ar") != M.normalize_text(ar["text"], "en")
         chars = [M.char_edits(c["text"], c["transcript"], c["language"]) for c in res["clips"]]
         words = [M.word_edits(c["text"], c["transcript"], c["language"]) for c in res["clips"]]
         assert e["cer"] == M.corpus_rate(chars) and e["wer"] == M.corpus_rate(words)
@@ -412,3 +417,21 @@ def test_two_processes_score_on_the_main_one_and_stop_together(
     assert losses_q == {s: v for s, v in losses_plain.items() if s <= stop}
     r0, r1 = load_file(tmp_path / "wq" / "rank0.safetensors"), load_file(tmp_path / "wq" / "rank1.safetensors")
     assert all(torch.equal(r0[k], r1[k]) for k in r0)  # the ranks stayed in step
+
+
+@pytest.mark.multiproc
+def test_fsdp_refuses_the_quality_evaluation_with_the_reason(
+    tiny_dir, demo_cache, demo_heldout_cache, tmp_path, eval_models
+):
+    from recipe_support import torchrun2
+    from test_train_fsdp import FSDP_ENV
+
+    cfg = quality_config(tiny_dir, demo_cache, demo_heldout_cache, tmp_path / "run", eval_models)
+    cfg.save(tmp_path / "run.yaml")
+    p = torchrun2("fsdp_train_script.py", str(tmp_path / "run.yaml"), env=FSDP_ENV)
+    assert p.returncode != 0
+    assert (
+        "train.quality_eval_steps: the in-training quality evaluation generates on the main process alone, "
+        "which cannot run an FSDP-sharded model; set train.quality_eval_steps: null"
+    ) in p.stderr
+    assert not (tmp_path / "run" / "quality").exists()  # refused before anything was generated
