@@ -235,13 +235,14 @@ def test_alarm_fires_when_quality_worsens_while_the_loss_falls():
     cer = [0.40, 0.20, 0.30, 0.32, 0.35]  # best at step 4, then 3 evaluations each worse by > 0.05
     loss = [3.0, 2.5, 2.0, 1.5, 1.2]
     evals = _evals(cer, loss)
-    fired = [monitor.check_quality(e["step"], evals[: i + 1], "cer", "checkpoint-4") for i, e in enumerate(evals)]
+    names = {4: "checkpoint-4"}.get
+    fired = [monitor.check_quality(e["step"], evals[: i + 1], "cer", names) for i, e in enumerate(evals)]
     assert fired == [False, False, False, False, True]
     (w,) = warnings
     assert w.code == QUALITY_DEGRADED and w.step == 10
     assert w.details["best_step"] == 4 and w.details["best_checkpoint"] == "checkpoint-4"
     assert w.details["recent_steps"] == [6, 8, 10] and w.details["recent_values"] == [0.30, 0.32, 0.35]
-    assert "cer was 0.2000 at step 4 (the best so far: checkpoint checkpoint-4)" in w.message
+    assert "cer was 0.2000 at step 4 (the best so far: checkpoint-4)" in w.message
     assert "quality/step-4/wavs" in w.message and "best/" in w.message
 
 
@@ -267,7 +268,7 @@ def test_alarm_reads_similarity_as_higher_is_better():
     evals = _evals([0.50, 0.80, 0.70, 0.65, 0.60], [3.0, 2.5, 2.0, 1.5, 1.2], "sim")
     assert monitor.check_quality(10, evals, "sim", None)
     assert warnings[0].details["best_value"] == 0.80
-    assert "no checkpoint saved at that step" in warnings[0].message
+    assert "no checkpoint kept from that step" in warnings[0].message
 
 
 def test_early_stop_ends_the_run_at_the_alarm(tiny_dir, demo_cache, demo_heldout_cache, tmp_path, eval_models):
@@ -298,7 +299,8 @@ def test_early_stop_ends_the_run_at_the_alarm(tiny_dir, demo_cache, demo_heldout
     stops = [e["step"] for i, e in enumerate(evals) if monitor.check_quality(e["step"], evals[: i + 1], "sim")]
     assert stops, [(e["step"], e["sim"], e["train_loss"]) for e in evals]
     assert result.steps == stops[0] < 12 and evals[-1]["step"] == stops[0]
-    assert [w.code for w in result.warnings] == [QUALITY_DEGRADED]
+    (w,) = result.warnings
+    assert w.code == QUALITY_DEGRADED and w.details["best_checkpoint"] == f"checkpoint-{w.details['best_step']}"
     assert (result.run_dir / "final").is_dir()
 
 

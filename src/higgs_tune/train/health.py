@@ -212,11 +212,16 @@ class HealthMonitor:
 
     # ------------------------------------------------------------------ per quality evaluation
     def check_quality(
-        self, step: int, evals: Sequence[Mapping], metric: str, best_checkpoint: str | None = None
+        self,
+        step: int,
+        evals: Sequence[Mapping],
+        metric: str,
+        checkpoint_at: Callable[[int], str | None] | None = None,
     ) -> bool:
         """quality_degraded (see the module docstring) on the quality evaluations so far, in step
-        order, each with `step`, `train_loss` and the metric. True when the degradation holds at
-        this evaluation (the recipe stops there with health.quality_early_stop). Every rank
+        order, each with `step`, `train_loss` and the metric. `checkpoint_at(step)` names the
+        checkpoint saved at a step (the message points to the best one). True when the degradation
+        holds at this evaluation (the recipe stops there with health.quality_early_stop). Every rank
         passes the same evaluations (broadcast by the evaluator), so every rank decides alike."""
         k, threshold = self.cfg.quality_alarm_evals, self.cfg.quality_alarm_threshold
         higher_better = QUALITY_METRICS[metric]
@@ -238,7 +243,8 @@ class HealthMonitor:
         if best.get("train_loss") is None or any(x is None for x in losses) or sum(losses) / k >= best["train_loss"]:
             return False
         mean_now = sign * (sum(value(e) for e in recent) / k)
-        where = f"checkpoint {best_checkpoint}" if best_checkpoint else "no checkpoint saved at that step"
+        best_checkpoint = checkpoint_at(best["step"]) if checkpoint_at is not None else None
+        where = best_checkpoint if best_checkpoint else "no checkpoint kept from that step"
         self._emit(
             QUALITY_DEGRADED,
             step,

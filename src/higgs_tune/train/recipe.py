@@ -342,7 +342,7 @@ def train(
         if quality is not None and quality.due(step, total_steps):
             quality.run(model, step)
             metric = ck.best_metric if ck.best_metric in QUALITY_METRICS else "cer"
-            degraded = health.check_quality(step, quality.evals, metric, best_checkpoint=last_best(checkpoints))
+            degraded = health.check_quality(step, quality.evals, metric, checkpoint_at=checkpoint_at(checkpoints))
             stop_early = degraded and cfg.health.quality_early_stop
         if step % ck.save_steps == 0 and step < total_steps:
             saved = checkpoints.save(
@@ -360,7 +360,7 @@ def train(
         if stop_early:
             say(
                 f"[bold red]stopping early at step {step}[/]: quality_degraded (health.quality_early_stop); "
-                f"the best checkpoint by {ck.best_metric}: {last_best(checkpoints)}"
+                f"the best checkpoint by {ck.best_metric}: {checkpoints.best}"
             )
             break
 
@@ -425,10 +425,14 @@ def _json_metrics(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}
 
 
-def last_best(checkpoints: CheckpointManager) -> str | None:
-    """The best checkpoint so far by checkpoint.best_metric, as the alarm names it."""
-    best = checkpoints.best
-    return best.name if best is not None else None
+def checkpoint_at(checkpoints: CheckpointManager):
+    """step -> the name of the checkpoint kept from that step (or None), as the alarm names it."""
+
+    def name(step: int) -> str | None:
+        path = checkpoints.at_step(step)
+        return path.name if path is not None else None
+
+    return name
 
 
 def _checkpoint_step(folder: Path) -> int:

@@ -248,6 +248,11 @@ class CheckpointManager:
         sign = -1.0 if QUALITY_METRICS.get(metric, False) else 1.0
         return self.run_dir / min(scored, key=lambda r: (sign * r.score(metric), -r.step)).name
 
+    def at_step(self, step: int) -> Path | None:
+        """The checkpoint saved after optimizer step `step` (checkpoint-<step> before final/), if kept."""
+        found = [r for r in self._records.values() if r.step == step]
+        return self.run_dir / min(found, key=lambda r: r.name == FINAL_NAME).name if found else None
+
     @property
     def latest(self) -> Path | None:
         if not self._records:
