@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from higgs_tune.app.report import build_report
 from higgs_tune.config import ConfigError, HealthConfig, config_from_dict
+from higgs_tune.errors import ModelLoadError
 from higgs_tune.infer import metrics as M
 from higgs_tune.tiny.eval_models import make_tiny_eval_models
 from higgs_tune.train.health import QUALITY_DEGRADED, HealthMonitor
@@ -437,3 +438,17 @@ def test_fsdp_refuses_the_quality_evaluation_with_the_reason(
         "which cannot run an FSDP-sharded model; set train.quality_eval_steps: null"
     ) in p.stderr
     assert not (tmp_path / "run" / "quality").exists()  # refused before anything was generated
+
+
+def test_a_wrong_quality_model_fails_before_training_naming_the_setting(
+    tiny_dir, demo_cache, demo_heldout_cache, tmp_path, eval_models
+):
+    missing = tmp_path / "no-such-asr"
+    cfg = quality_config(
+        tiny_dir, demo_cache, demo_heldout_cache, tmp_path / "run", eval_models, [f"train.quality_asr_model={missing}"]
+    )
+    with pytest.raises(ModelLoadError) as e:
+        train(cfg)
+    assert str(e.value).startswith(f"cannot load the ASR model {str(missing)!r} (")
+    assert "Fix: pass train.quality_asr_model with a local folder or a Hub id" in str(e.value)
+    assert not (tmp_path / "run" / "param_report.txt").exists()  # the Higgs model was never loaded

@@ -355,7 +355,8 @@ class TrainConfig:
         None,
         "Every N optimizer steps (and at the end) generate the fixed held-out quality set and score it: CER/WER "
         "(ASR), speaker similarity, duration ratio, stop rate, silence/clipping share; the base model is scored "
-        "first (cached). Main process only; costs about N clips of generation + ASR each time. null: off.",
+        "first (cached). Main process only; each time costs quality_eval_clips clips of generation + ASR. "
+        "null: off.",
     )
     quality_eval_clips: int = _f(16, "Clips in the quality set (held-out clips, one speaker after another).")
     quality_eval_seed: int = _f(0, "Seed that picks the quality clips and seeds their generation.")

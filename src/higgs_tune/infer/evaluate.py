@@ -121,12 +121,13 @@ class AsrModel:
         self.languages = set((getattr(model.generation_config, "lang_to_id", None) or {}).keys())
 
     @classmethod
-    def load(cls, name: str | Path, device: str | torch.device = "cpu") -> AsrModel:
+    def load(cls, name: str | Path, device: str | torch.device = "cpu", *, option: str = "--asr-model") -> AsrModel:
+        """`option`: the setting that named the model, for the error message."""
         try:
             processor = AutoProcessor.from_pretrained(str(name))
             model = AutoModelForSpeechSeq2Seq.from_pretrained(str(name)).eval().to(device)
         except (OSError, ValueError) as e:
-            raise _load_error("ASR", str(name), "--asr-model", e) from e
+            raise _load_error("ASR", str(name), option, e) from e
         return cls(model, processor, str(name))
 
     def language_token(self, language: str | None) -> str | None:
@@ -193,12 +194,15 @@ class SpeakerModel:
         self.sample_rate = int(feature_extractor.sampling_rate)
 
     @classmethod
-    def load(cls, name: str | Path, device: str | torch.device = "cpu") -> SpeakerModel:
+    def load(
+        cls, name: str | Path, device: str | torch.device = "cpu", *, option: str = "--speaker-model"
+    ) -> SpeakerModel:
+        """`option`: the setting that named the model, for the error message."""
         try:
             fe = AutoFeatureExtractor.from_pretrained(str(name))
             model = AutoModelForAudioXVector.from_pretrained(str(name)).eval().to(device)
         except (OSError, ValueError) as e:
-            raise _load_error("speaker", str(name), "--speaker-model", e) from e
+            raise _load_error("speaker", str(name), option, e) from e
         return cls(model, fe, str(name))
 
     @property

@@ -245,8 +245,10 @@ class QualityEvaluator:
                 self.history["evals"] = [e for e in self.history["evals"] if e["step"] <= resume_step]
             # loading initialises weights (random draws): the training streams must not move
             with dist_utils.preserved_rng():
-                self.asr = AsrModel.load(t.quality_asr_model, accelerator.device)
-                self.speaker = SpeakerModel.load(t.quality_speaker_model, accelerator.device)
+                self.asr = AsrModel.load(t.quality_asr_model, accelerator.device, option="train.quality_asr_model")
+                self.speaker = SpeakerModel.load(
+                    t.quality_speaker_model, accelerator.device, option="train.quality_speaker_model"
+                )
         # every rank holds the same history, so every rank takes the same alarm decision
         self.history = dist_utils.broadcast_from_main(self.history)
 

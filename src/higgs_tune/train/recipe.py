@@ -186,6 +186,11 @@ def train(
         total = text[text.find("total:") :] if "total:" in text else text
         say(f"first {INSPECT_BATCHES} training batches ({DATA_REPORT_FILE} has each one):\n{total}")
     total_steps = total_optimizer_steps(cfg, len(data.sampler))
+    # the quality set and its ASR / speaker models, before the model loads: a wrong model id fails
+    # fast (train/quality.py; main process only, RNG preserved)
+    quality = None
+    if t.quality_eval_steps:
+        quality = QualityEvaluator.create(cfg, data, processor, run_dir, accelerator, logger, resume_step=resume_step)
 
     # --- model: load, audio self-attention, LoRA / full, report ---------------------------------
     model = load_model(cfg.model, device=accelerator.device)
@@ -249,13 +254,10 @@ def train(
     elif resume_from is not None:
         say(f"loaded weights only from {resume_from}; optimizer, schedule and data order start afresh")
 
-    # --- quality: the fixed held-out set, scored now (the base model: the "before") and every
-    # quality_eval_steps; main process only, RNG preserved (train/quality.py) ---------------------
-    quality = None
-    if t.quality_eval_steps:
-        quality = QualityEvaluator.create(cfg, data, processor, run_dir, accelerator, logger, resume_step=resume_step)
-        if resume_from is None and t.quality_baseline:
-            quality.baseline(model)
+    # --- quality: the fixed held-out set scored now (the base model: the "before"), then every
+    # quality_eval_steps in the loop; main process only, RNG preserved (train/quality.py) ----------
+    if quality is not None and resume_from is None and t.quality_baseline:
+        quality.baseline(model)
 
     # --- loop ------------------------------------------------------------------------------------
     accum = t.gradient_accumulation_steps
