@@ -180,7 +180,14 @@ def test_save_writes_exactly_these_files_and_they_verify(tmp_path, tiny_dir, cap
     assert yaml.safe_load(text) == cfg.to_dict()
     assert json.loads((run_dir / "checkpoints.json").read_text()) == {
         "latest": "checkpoint-2",
-        "best": {"name": "checkpoint-2", "step": 2, "eval_loss": 2.25},
+        "best": {
+            "name": "checkpoint-2",
+            "step": 2,
+            "eval_loss": 2.25,
+            "metric": "eval_loss",
+            "value": 2.25,
+            "folder": None,  # best/ is written with keep_best only
+        },
         "final": None,
         "checkpoints": [
             {
@@ -188,6 +195,7 @@ def test_save_writes_exactly_these_files_and_they_verify(tmp_path, tiny_dir, cap
                 "step": 2,
                 "eval_loss": 2.25,
                 "bytes": sum(m["bytes"] for m in manifest["files"].values()),
+                "metrics": {"loss": 1.5},
             }
         ],
     }
@@ -653,14 +661,16 @@ def test_rotation_keeps_the_newest_and_the_best(tmp_path, tiny_dir):
     cfg, mgr = new_manager(run, run_dir, tiny_dir, overrides=EVAL, save_total_limit=2, keep_best=True)
     for step, loss in [(2, 1.0), (4, 0.5), (6, 0.7), (8, 0.9)]:
         save(mgr, run, cfg, step, eval_loss=loss)
-    assert listing(run_dir) == ["checkpoint-4", "checkpoint-6", "checkpoint-8", "checkpoints.json"]
+    assert listing(run_dir) == ["best", "checkpoint-4", "checkpoint-6", "checkpoint-8", "checkpoints.json"]
     assert mgr.best == run_dir / "checkpoint-4" and mgr.latest == run_dir / "checkpoint-8"
+    assert snapshot(run_dir / "best") == snapshot(run_dir / "checkpoint-4")
     save(mgr, run, cfg, 10, eval_loss=0.3)  # a new best: the old one may go now
-    assert listing(run_dir) == ["checkpoint-10", "checkpoint-8", "checkpoints.json"]
+    assert listing(run_dir) == ["best", "checkpoint-10", "checkpoint-8", "checkpoints.json"]
+    assert snapshot(run_dir / "best") == snapshot(run_dir / "checkpoint-10")
     index = json.loads((run_dir / "checkpoints.json").read_text())
     assert (index["latest"], index["best"]) == (
         "checkpoint-10",
-        {"name": "checkpoint-10", "step": 10, "eval_loss": 0.3},
+        {"name": "checkpoint-10", "step": 10, "eval_loss": 0.3, "metric": "eval_loss", "value": 0.3, "folder": "best"},
     )
     assert [c["name"] for c in index["checkpoints"]] == ["checkpoint-8", "checkpoint-10"]
 
@@ -668,7 +678,68 @@ def test_rotation_keeps_the_newest_and_the_best(tmp_path, tiny_dir):
     cfg2, mgr2 = new_manager(run, run_dir, tiny_dir, overrides=EVAL, save_total_limit=1, keep_best=True)
     assert mgr2.best == run_dir / "checkpoint-10"
     save(mgr2, run, cfg2, 12, eval_loss=0.8)
-    assert listing(run_dir) == ["checkpoint-10", "checkpoint-12", "checkpoints.json"]
+    assert listing(run_dir) == ["best", "checkpoint-10", "checkpoint-12", "checkpoints.json"]
+
+
+QUALITY = ["train.quality_eval_steps=2", "data.eval_fraction=0.1"]
+
+
+def test_best_follows_the_quality_metric_where_eval_loss_disagrees(tmp_path, tiny_dir):
+    """checkpoint.best_metric: cer picks the lowest CER even where the eval loss points elsewhere;
+    best/ holds that checkpoint's files (hard links), rotation keeps it, checkpoints.json records
+    every metric of every checkpoint, and a new manager (a resumed run) finds the same best."""
+    run_dir = tmp_path / "run"
+    run = new_run(tiny_dir)
+    train(run, 0, 1)
+    over = [*QUALITY, "checkpoint.best_metric=cer"]
+    cfg, mgr = new_manager(run, run_dir, tiny_dir, overrides=over, save_total_limit=1, keep_best=True)
+
+    def save_scored(m, c, step, eval_loss, cer, sim):
+        return m.save(
+            step,
+            optimizer=run.opt,
+            scheduler=run.sched,
+            sampler_state=run.sampler.state_dict(),
+            epoch=0,
+            metrics={"loss": 1.5, "quality_cer": cer, "quality_sim": sim, "quality_step": step},
+            config=c,
+            eval_loss=eval_loss,
+        )
+
+    # eval loss keeps falling (best: step 6); CER is best at step 2
+    for step, loss, cer, sim in [(2, 1.0, 0.10, 0.50), (4, 0.8, 0.30, 0.70), (6, 0.5, 0.45, 0.60)]:
+        save_scored(mgr, cfg, step, loss, cer, sim)
+    assert mgr.best == run_dir / "checkpoint-2"
+    assert listing(run_dir) == ["best", "checkpoint-2", "checkpoint-6", "checkpoints.json"]
+    assert snapshot(run_dir / "best") == snapshot(run_dir / "checkpoint-2")
+    assert (run_dir / "best" / "manifest.json").stat().st_ino == (
+        run_dir / "checkpoint-2" / "manifest.json"
+    ).stat().st_ino
+    assert verify_checkpoint(run_dir / "best")["step"] == 2
+    index = json.loads((run_dir / "checkpoints.json").read_text())
+    assert index["best"] == {
+        "name": "checkpoint-2",
+        "step": 2,
+        "eval_loss": 1.0,
+        "metric": "cer",
+        "value": 0.10,
+        "folder": "best",
+    }
+    assert [(c["name"], c["eval_loss"], c["metrics"]["quality_cer"]) for c in index["checkpoints"]] == [
+        ("checkpoint-2", 1.0, 0.10),
+        ("checkpoint-6", 0.5, 0.45),
+    ]
+    # the same checkpoints ranked by eval loss and by speaker similarity (higher is better)
+    for metric, expected in (("eval_loss", "checkpoint-6"), ("sim", "checkpoint-6")):
+        cfg_m = H.make_config(run_dir, STEPS, [*QUALITY, f"checkpoint.best_metric={metric}"], keep_best=False)
+        assert CheckpointManager(run_dir, None, cfg_m.checkpoint, None, None).best == run_dir / expected
+
+    # a new manager on the folder (a resumed run) finds the CER best again; a better one replaces best/
+    cfg2, mgr2 = new_manager(run, run_dir, tiny_dir, overrides=over, save_total_limit=1, keep_best=True)
+    assert mgr2.best == run_dir / "checkpoint-2"
+    save_scored(mgr2, cfg2, 8, 0.4, 0.05, 0.2)
+    assert listing(run_dir) == ["best", "checkpoint-8", "checkpoints.json"]
+    assert snapshot(run_dir / "best") == snapshot(run_dir / "checkpoint-8")
 
 
 def test_rotation_without_keep_best_never_deletes_the_newest(tmp_path, tiny_dir):

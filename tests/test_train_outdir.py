@@ -423,7 +423,7 @@ def test_run_artefact_names_are_documented_constants():
         "report.json",
         "summary.json",
     }
-    assert outdir.RUN_DIRS == {"final", "samples", "tensorboard", "wandb", "logs", "eval"}
+    assert outdir.RUN_DIRS == {"final", "samples", "tensorboard", "wandb", "logs", "eval", "quality", "best"}
     # the names the recipe, the metrics logger and the report write are among them
     from higgs_tune.runfs import DATA_REPORT_FILE, METRICS_FILE, PARAM_REPORT_FILE, SAMPLES_DIR, TENSORBOARD_DIR
     from higgs_tune.runfs import REPORT_FILE as REPORT_NAME

@@ -60,6 +60,15 @@ TEXT_LM_HEAD = "text_lm_head"
 TEXT_EMBEDDINGS = "text_embeddings"
 TRAIN_MODULES = (AUDIO_LM_HEAD, AUDIO_EMBEDDINGS, TEXT_LM_HEAD, TEXT_EMBEDDINGS, AUDIO_ATTN)
 
+# Metrics of the in-training quality evaluation that can choose the best checkpoint or raise the
+# degradation alarm (train/quality.py computes them): name -> True when higher is better.
+# cer_sim is a named combination: CER + (1 - speaker similarity), lower is better.
+QUALITY_METRICS = {"cer": False, "wer": False, "sim": True, "sim_gt": True, "cer_sim": False}
+EVAL_LOSS = "eval_loss"
+BEST_METRICS = (EVAL_LOSS, *QUALITY_METRICS)
+DEFAULT_QUALITY_ASR = "openai/whisper-large-v3"  # as in Seed-TTS-eval (infer/evaluate.py's default too)
+DEFAULT_QUALITY_SPEAKER = "microsoft/wavlm-base-plus-sv"
+
 _LORA_OPTIONS = ("lora_r", "lora_alpha", "lora_dropout", "use_rslora", "use_dora")
 
 
@@ -310,6 +319,16 @@ class HealthConfig:
     chance_tolerance: float = _f(0.05, "Relative distance to ln(V) counted as chance level.")
     copy_check_steps: int = _f(20, "Warn of a copy task when audio accuracy > 0.98 or loss < 0.05 before this step.")
     stop_on_nonfinite: bool = _f(True, "Stop with a named error on a NaN/Inf loss or gradient.")
+    quality_alarm_threshold: float = _f(
+        0.05,
+        "quality_degraded warning: the watched quality metric (checkpoint.best_metric when it is a quality "
+        "metric, else cer) worsened by more than this (absolute: 0.05 = 5 CER points or 0.05 similarity) "
+        "over quality_alarm_evals evaluations while the training loss fell.",
+    )
+    quality_alarm_evals: int = _f(3, "K: the number of quality evaluations the worsening is measured over.")
+    quality_early_stop: bool = _f(
+        False, "Stop training (final checkpoint saved as usual) when quality_degraded fires; best/ keeps the best."
+    )
 
     def validate(self, was_given: WasGiven) -> list[str]:
         problems = []
@@ -317,6 +336,10 @@ class HealthConfig:
             problems.append("health.chance_after_steps and health.copy_check_steps must be >= 0.")
         if not 0 < self.chance_tolerance < 1:
             problems.append(f"health.chance_tolerance must be in (0, 1), got {self.chance_tolerance}.")
+        if self.quality_alarm_threshold <= 0:
+            problems.append(f"health.quality_alarm_threshold must be > 0, got {self.quality_alarm_threshold}.")
+        if self.quality_alarm_evals < 1:
+            problems.append(f"health.quality_alarm_evals must be >= 1, got {self.quality_alarm_evals}.")
         return problems
 
 
@@ -339,6 +362,27 @@ class TrainConfig:
     )
     sample_steps: int | None = _f(None, "Generate the fixed sample prompts every N steps and save WAVs.")
     num_samples: int = _f(2, "How many fixed prompts to generate at each sample step.")
+    quality_eval_steps: int | None = _f(
+        None,
+        "Every N optimizer steps (and at the end) generate the fixed held-out quality set and score it: CER/WER "
+        "(ASR), speaker similarity, duration ratio, stop rate, silence/clipping share; the base model is scored "
+        "first (cached). Main process only; each time costs quality_eval_clips clips of generation + ASR. "
+        "null: off.",
+    )
+    quality_eval_clips: int = _f(16, "Clips in the quality set (held-out clips, one speaker after another).")
+    quality_eval_seed: int = _f(0, "Seed that picks the quality clips and seeds their generation.")
+    quality_asr_model: str = _f(DEFAULT_QUALITY_ASR, "ASR model (Hub id or folder) of the quality evaluation.")
+    quality_speaker_model: str = _f(
+        DEFAULT_QUALITY_SPEAKER, "Speaker-embedding model (x-vector; Hub id or folder) of the quality evaluation."
+    )
+    quality_baseline: bool = _f(
+        True, "Score the base model on the quality set before training (cached per base model + set)."
+    )
+    quality_cache_dir: str | None = _f(
+        None,
+        "Folder of the cached base-model scores; null: $HIGGS_TUNE_CACHE/quality-baselines, else "
+        "~/.cache/higgs-tune/quality-baselines.",
+    )
 
     def validate(self, was_given: WasGiven) -> list[str]:
         problems = []
@@ -367,7 +411,13 @@ class TrainConfig:
                 f"train.warmup_steps ({self.warmup_steps}) exceeds train.max_steps ({self.max_steps}): the peak "
                 "learning rate would never be reached. Lower warmup_steps."
             )
-        for name in ("log_steps", "eval_steps", "sample_steps"):
+        if self.quality_eval_steps is not None:
+            if self.quality_eval_clips < 1:
+                problems.append(f"train.quality_eval_clips must be >= 1, got {self.quality_eval_clips}.")
+            for name in ("quality_asr_model", "quality_speaker_model"):
+                if not getattr(self, name):
+                    problems.append(f"train.{name} is empty: give a Hub id or a local model folder.")
+        for name in ("log_steps", "eval_steps", "sample_steps", "quality_eval_steps"):
             steps = getattr(self, name)
             if steps is not None and steps <= 0:
                 problems.append(f"train.{name} must be > 0 (or null), got {steps}.")
@@ -382,7 +432,17 @@ class CheckpointConfig:
     output_dir_fallback: str | None = _f(None, "Used, loudly, only if output_dir cannot be created or written.")
     save_steps: int = _f(500, "Save a checkpoint every N optimizer steps.")
     save_total_limit: int | None = _f(3, "Keep at most N step checkpoints (never the newest complete one or the best).")
-    keep_best: bool = _f(False, "Keep the checkpoint with the lowest eval loss (needs eval_steps dividing save_steps).")
+    keep_best: bool = _f(
+        False,
+        "Keep the checkpoint with the best checkpoint.best_metric: never rotated away, and linked as best/ "
+        "(its evaluation must divide save_steps).",
+    )
+    best_metric: str = _f(
+        EVAL_LOSS,
+        "What 'best' means: eval_loss (lowest), cer / wer (lowest), sim / sim_gt (speaker similarity to the "
+        "voice prompt / ground truth, highest) or cer_sim (CER + 1 - sim, lowest); quality metrics need "
+        "train.quality_eval_steps.",
+    )
     on_save_error: str = _f(
         "abort",
         "abort, or continue (log the error and retry at the next save; the run still fails if the final save fails).",
@@ -409,6 +469,7 @@ class CheckpointConfig:
                 f"checkpoint.save_total_limit must be >= 1 (or null to keep all), got {self.save_total_limit}."
             )
         problems += _not_one_of("checkpoint.on_save_error", self.on_save_error, ("abort", "continue"))
+        problems += _not_one_of("checkpoint.best_metric", self.best_metric, BEST_METRICS)
         if self.min_free_gb < 0:
             problems.append(f"checkpoint.min_free_gb must be >= 0, got {self.min_free_gb}.")
         return problems
@@ -461,6 +522,7 @@ class Config:
             "loss": self._text_loss_needs_text_head,
             "train": self._precision_fits_dtype,
             "checkpoint": self._eval_needs_held_out_split,
+            "logging": self._quality_needs_its_evaluation,
         }
         problems: list[str] = []
         for section_field in dataclasses.fields(self):
@@ -508,7 +570,7 @@ class Config:
     def _eval_needs_held_out_split(self) -> list[str]:
         checkpoint, train, problems = self.checkpoint, self.train, []
         has_held_out = self.data.has_held_out
-        if checkpoint.keep_best:
+        if checkpoint.keep_best and checkpoint.best_metric == EVAL_LOSS:
             if train.eval_steps is None:
                 problems.append(
                     "checkpoint.keep_best needs train.eval_steps: the best checkpoint is chosen by eval loss."
@@ -527,6 +589,30 @@ class Config:
             problems.append(
                 "train.eval_steps is set but there is no held-out split: set data.eval_cache or data.eval_fraction."
             )
+        return problems
+
+    def _quality_needs_its_evaluation(self) -> list[str]:
+        checkpoint, train, problems = self.checkpoint, self.train, []
+        every = train.quality_eval_steps
+        if checkpoint.best_metric in QUALITY_METRICS:
+            if every is None:
+                problems.append(
+                    f"checkpoint.best_metric {checkpoint.best_metric} needs train.quality_eval_steps: the quality "
+                    "metric is measured by the in-training quality evaluation."
+                )
+            elif checkpoint.keep_best and every > 0 and checkpoint.save_steps > 0 and checkpoint.save_steps % every:
+                problems.append(
+                    f"checkpoint.save_steps ({checkpoint.save_steps}) is not a multiple of train.quality_eval_steps "
+                    f"({every}): with keep_best by {checkpoint.best_metric} every save needs a fresh score. "
+                    "Make save_steps a multiple of quality_eval_steps."
+                )
+        if every is not None and not self.data.has_held_out:
+            problems.append(
+                "train.quality_eval_steps is set but there is no held-out split: the quality set is made of "
+                "held-out clips. Set data.eval_cache or data.eval_fraction."
+            )
+        if self.health.quality_early_stop and every is None:
+            problems.append("health.quality_early_stop needs train.quality_eval_steps (the alarm watches it).")
         return problems
 
     def to_dict(self) -> dict:

@@ -45,6 +45,9 @@ TENSORBOARD_DIR = "tensorboard"
 WANDB_DIR = "wandb"
 LOGS_DIR = "logs"
 EVAL_DIR = "eval"  # where `higgs-tune evaluate` writes for a run
+QUALITY_DIR = "quality"  # in-training quality evaluation: quality/step-<N>/ (wavs, results.json)
+QUALITY_HISTORY_FILE = "history.json"  # quality/history.json: the base model's scores and every evaluation
+BEST_NAME = "best"  # the checkpoint with the best checkpoint.best_metric (hard links into checkpoint-<N>)
 
 # checkpoints: checkpoint-<step>/ and final/, each holding these files besides the weights
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -76,7 +79,7 @@ RUN_FILES = frozenset(
         SUMMARY_FILE,
     }
 )
-RUN_DIRS = frozenset({FINAL_NAME, SAMPLES_DIR, TENSORBOARD_DIR, WANDB_DIR, LOGS_DIR, EVAL_DIR})
+RUN_DIRS = frozenset({FINAL_NAME, SAMPLES_DIR, TENSORBOARD_DIR, WANDB_DIR, LOGS_DIR, EVAL_DIR, QUALITY_DIR, BEST_NAME})
 RUN_PATTERN = re.compile(
     rf"^(?:{re.escape(CHECKPOINT_PREFIX)}\d+|{re.escape(TMP_PREFIX)}.+|{re.escape(TRASH_PREFIX)}.+|{re.escape(PROBE_PREFIX)}\d+)$"
 )

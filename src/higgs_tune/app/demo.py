@@ -3,7 +3,9 @@
     OUT/tiny-model/         make-tiny (random weights, nothing downloaded)
     OUT/cache/train|heldout prepare (validated, encoded once, incremental on a re-run)
     OUT/eval-models/        tiny random-weight ASR and speaker models (real code path)
-    OUT/run/                train (configs/demo-tiny-cpu.yaml), then eval/ and report.html
+    OUT/run/                train (configs/demo-tiny-cpu.yaml + DEMO_QUALITY: the quality
+                            evaluation at a low frequency), then eval/ and report.html
+    OUT/cache/quality-baselines/   the base model's cached quality scores
 
 The numbers of a random tiny model mean nothing for speech quality; what the demo shows
 is that every stage runs and that the audio loss falls far below chance.
@@ -31,6 +33,9 @@ from higgs_tune.train.recipe import train
 log = logging.getLogger("higgs_tune.demo")
 
 PRESET = "demo-tiny-cpu.yaml"
+# The in-training quality evaluation, turned on at a low frequency: 2 held-out clips, the base
+# model before training, every 60 steps and at the end, with the tiny evaluation models.
+DEMO_QUALITY = ("train.quality_eval_steps=60", "train.quality_eval_clips=2")
 
 
 def demo_data_dir() -> Path:
@@ -47,7 +52,7 @@ def demo_data_dir() -> Path:
 
 
 def demo_config(out: Path, max_steps: int | None = None):
-    """The embedded preset with its ${...} paths filled in for OUT."""
+    """The embedded preset with its ${...} paths filled in for OUT, and the quality evaluation on."""
     text = files("higgs_tune.resources").joinpath(PRESET).read_text(encoding="utf-8")
     for key, value in {
         "TINY_MODEL": out / "tiny-model",
@@ -57,6 +62,12 @@ def demo_config(out: Path, max_steps: int | None = None):
     }.items():
         text = text.replace("${" + key + "}", str(value))
     overrides = [f"train.max_steps={max_steps}"] if max_steps else []
+    overrides += [
+        *DEMO_QUALITY,
+        f"train.quality_asr_model={out / 'eval-models' / 'asr'}",
+        f"train.quality_speaker_model={out / 'eval-models' / 'speaker'}",
+        f"train.quality_cache_dir={out / 'cache' / 'quality-baselines'}",
+    ]
     return config_from_dict(yaml.safe_load(text), overrides, source=PRESET)
 
 
@@ -86,6 +97,9 @@ def run_demo(out: Path, *, max_steps: int | None = None, overwrite: bool = False
             r.cache_dir,
         )
 
+    asr_dir, spk_dir = out / "eval-models" / "asr", out / "eval-models" / "speaker"
+    if not (asr_dir / "config.json").is_file() or not (spk_dir / "config.json").is_file():
+        make_tiny_eval_models(out / "eval-models")  # before training: the quality evaluation uses them
     cfg = demo_config(out, max_steps)
     run = train(cfg, overwrite=overwrite)
     log.info(
@@ -94,9 +108,6 @@ def run_demo(out: Path, *, max_steps: int | None = None, overwrite: bool = False
         run.last_metrics.get("audio_loss", float("nan")),
     )
 
-    asr_dir, spk_dir = out / "eval-models" / "asr", out / "eval-models" / "speaker"
-    if not (asr_dir / "config.json").is_file() or not (spk_dir / "config.json").is_file():
-        make_tiny_eval_models(out / "eval-models")
     stack = load_inference_stack(tiny, run.final_dir)
     evaluate_manifest(
         stack,

@@ -13,7 +13,10 @@ What the page shows, from the files a run folder holds:
 - audio players for the samples of each step (`samples/step-N/*.wav`), the WAV bytes
   embedded as base64 `data:` URIs so the page works when mailed or moved;
 - the evaluation (`eval/results.json` from `higgs-tune evaluate`): summary, per language,
-  per clip with a player for each output.
+  per clip with a player for each output;
+- quality during training (`quality/history.json`, app/quality_report.py): each quality metric
+  over the steps with the base model's score as a reference line, the checkpoints with their
+  scores and the chosen best, the clips of the best and the last checkpoint side by side.
 
 Every number is escaped into the page; no script runs in it. Audio is embedded up to
 `max_audio_mb` in total (default 100 MB); beyond that a player is replaced by the file's path
@@ -34,6 +37,7 @@ from pathlib import Path
 import yaml
 
 from higgs_tune.app.charts import PALETTE, Series, svg_line_chart
+from higgs_tune.app.quality_report import QualityData, collect_quality, quality_section
 from higgs_tune.errors import DataError
 from higgs_tune.infer.evaluate import read_results
 from higgs_tune.runfs import (
@@ -68,6 +72,7 @@ class RunData:
         default_factory=dict
     )  # step -> file -> (stopped, frames)
     eval_results: dict | None = None
+    quality: QualityData | None = None  # quality/history.json + checkpoints.json (app/quality_report.py)
 
 
 @dataclass
@@ -174,6 +179,7 @@ def collect_run(run_dir: str | Path) -> RunData:
         data.samples = sorted(steps)
     if (run / EVAL_RESULTS).is_file():
         data.eval_results = read_results(run / EVAL_RESULTS)
+    data.quality = collect_quality(run)
     return data
 
 
@@ -384,6 +390,13 @@ def render_report(data: RunData, *, max_audio_mb: float = 100.0) -> str:
         '<div class="charts">' + "".join(charts) + "</div>" if charts else '<p class="muted">No metrics logged yet.</p>'
     )
     sections.append(("curves", "Loss curves", body))
+
+    if data.quality is not None:
+
+        def player(path: Path, label: str) -> str:
+            return _player(path, label, budget, data.run_dir)
+
+        sections.append(("quality", "Quality during training", quality_section(data.quality, data.run_dir, player)))
 
     if data.warnings:
         rows = "".join(

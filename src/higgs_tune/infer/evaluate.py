@@ -121,12 +121,13 @@ class AsrModel:
         self.languages = set((getattr(model.generation_config, "lang_to_id", None) or {}).keys())
 
     @classmethod
-    def load(cls, name: str | Path, device: str | torch.device = "cpu") -> AsrModel:
+    def load(cls, name: str | Path, device: str | torch.device = "cpu", *, option: str = "--asr-model") -> AsrModel:
+        """`option`: the setting that named the model, for the error message."""
         try:
             processor = AutoProcessor.from_pretrained(str(name))
             model = AutoModelForSpeechSeq2Seq.from_pretrained(str(name)).eval().to(device)
         except (OSError, ValueError) as e:
-            raise _load_error("ASR", str(name), "--asr-model", e) from e
+            raise _load_error("ASR", str(name), option, e) from e
         return cls(model, processor, str(name))
 
     def language_token(self, language: str | None) -> str | None:
@@ -193,12 +194,15 @@ class SpeakerModel:
         self.sample_rate = int(feature_extractor.sampling_rate)
 
     @classmethod
-    def load(cls, name: str | Path, device: str | torch.device = "cpu") -> SpeakerModel:
+    def load(
+        cls, name: str | Path, device: str | torch.device = "cpu", *, option: str = "--speaker-model"
+    ) -> SpeakerModel:
+        """`option`: the setting that named the model, for the error message."""
         try:
             fe = AutoFeatureExtractor.from_pretrained(str(name))
             model = AutoModelForAudioXVector.from_pretrained(str(name)).eval().to(device)
         except (OSError, ValueError) as e:
-            raise _load_error("speaker", str(name), "--speaker-model", e) from e
+            raise _load_error("speaker", str(name), option, e) from e
         return cls(model, fe, str(name))
 
     @property
@@ -308,7 +312,7 @@ def _finite(x: float | None) -> float | None:
     return x if x is not None and math.isfinite(x) else None
 
 
-def _summary(clips: list[dict], word_counts: list, char_counts: list) -> dict:
+def summarize_clips(clips: list[dict], word_counts: list, char_counts: list) -> dict:
     sims = [c["speaker_similarity"] for c in clips if c["speaker_similarity"] is not None]
     sims_gt = [c["speaker_similarity_gt"] for c in clips if c["speaker_similarity_gt"] is not None]
     ratios = [c["duration_ratio"] for c in clips]
@@ -322,6 +326,90 @@ def _summary(clips: list[dict], word_counts: list, char_counts: list) -> dict:
         "duration_ratio": M.mean(ratios),
         "stop_rate": sum(c["stopped"] for c in clips) / len(clips) if clips else None,
     }
+
+
+NO_REFERENCE_NOTE = "no other clip of this speaker: generated without a voice prompt (plain TTS)"
+
+
+def too_short_note(duration_s: float, speaker: SpeakerModel) -> str:
+    return (
+        f"output of {duration_s:.2f} s is shorter than the speaker model's minimum "
+        f"{speaker.min_samples / speaker.sample_rate:.2f} s: no speaker similarity"
+    )
+
+
+def transcribe_outputs(
+    asr: AsrModel,
+    languages: Sequence[str],
+    wavs: Sequence[np.ndarray],
+    rate: int,
+    *,
+    batch_size: int = 8,
+    max_new_tokens: int = 128,
+) -> list[str]:
+    """One transcript per output (mono float32 at `rate`), one ASR pass per language (Whisper is
+    told the language: no detection errors); an empty output has the empty transcript."""
+    out = [""] * len(wavs)
+    for language in dict.fromkeys(languages):
+        idx = [k for k, lang in enumerate(languages) if lang == language and len(wavs[k])]
+        texts = asr.transcribe(
+            [_resample(wavs[k], rate, asr.sample_rate) for k in idx],
+            language,
+            batch_size=batch_size,
+            max_new_tokens=max_new_tokens,
+        )
+        for k, t in zip(idx, texts, strict=True):
+            out[k] = t
+    return out
+
+
+def clip_record(
+    clip_id: str,
+    speaker: str,
+    language: str,
+    reference_id: str | None,
+    text: str,
+    transcript: str,
+    res,
+    gt_duration_s: float,
+    *,
+    sim: float | None,
+    sim_gt: float | None,
+    wav: str,
+    notes: list,
+) -> tuple[dict, M.EditCounts, M.EditCounts]:
+    """(the clip's row of results.json, its word edits, its character edits); `res` a GenerationResult."""
+    words = M.word_edits(text, transcript, language)
+    chars = M.char_edits(text, transcript, language)
+    record = {
+        "id": clip_id,
+        "speaker": speaker,
+        "language": language,
+        "reference_id": reference_id,
+        "text": text,
+        "transcript": transcript,
+        "normalized_text": M.normalize_text(text, language),
+        "normalized_transcript": M.normalize_text(transcript, language),
+        "wer": _finite(words.rate()),
+        "cer": _finite(chars.rate()),
+        "word_errors": words.errors,
+        "ref_words": words.ref_length,
+        "substitutions": words.substitutions,
+        "deletions": words.deletions,
+        "insertions": words.insertions,
+        "char_errors": chars.errors,
+        "ref_chars": chars.ref_length,
+        "speaker_similarity": sim,
+        "speaker_similarity_gt": sim_gt,
+        "duration_s": res.duration_s,
+        "gt_duration_s": gt_duration_s,
+        "duration_ratio": M.duration_ratio(res.duration_s, gt_duration_s),
+        "stopped": res.stopped,
+        "num_frames": res.num_frames,
+        "wav": wav,
+        "notes": notes,
+    }
+    return record, words, chars
 
 
 def evaluate_manifest(
@@ -374,18 +462,15 @@ def evaluate_manifest(
     ]
 
     # ASR, one language at a time (Whisper is told the language: no detection errors).
-    transcripts: dict[str, str] = {}
-    for language in dict.fromkeys(i.language for i in items):
-        group = [(i, r) for i, r in zip(items, results, strict=True) if i.language == language]
-        audible = [(i, r) for i, r in group if len(r.wav)]
-        texts = asr.transcribe(
-            [_resample(r.wav, rate, asr.sample_rate) for _, r in audible],
-            language,
-            batch_size=asr_batch_size,
-            max_new_tokens=asr_max_new_tokens,
-        )
-        transcripts.update({i.id: t for (i, _), t in zip(audible, texts, strict=True)})
-        transcripts.update({i.id: "" for i, r in group if not len(r.wav)})
+    texts = transcribe_outputs(
+        asr,
+        [i.language for i in items],
+        [r.wav for r in results],
+        rate,
+        batch_size=asr_batch_size,
+        max_new_tokens=asr_max_new_tokens,
+    )
+    transcripts = {i.id: t for i, t in zip(items, texts, strict=True)}
 
     # Speaker embeddings of outputs, references and ground truths (each file once).
     file_embeddings: dict[Path, np.ndarray | None] = {}
@@ -397,66 +482,46 @@ def evaluate_manifest(
 
     clips, word_counts, char_counts = [], [], []
     for item, res, wav_path in zip(items, results, wav_paths, strict=True):
-        words = M.word_edits(item.text, transcripts[item.id], item.language)
-        chars = M.char_edits(item.text, transcripts[item.id], item.language)
-        word_counts.append(words)
-        char_counts.append(chars)
         sim = sim_gt = None
         notes = []
         emb = speaker.embed([_resample(res.wav, rate, speaker.sample_rate)])[0] if len(res.wav) else None
         if emb is None:
-            notes.append(
-                f"output of {res.duration_s:.2f} s is shorter than the speaker model's minimum "
-                f"{speaker.min_samples / speaker.sample_rate:.2f} s: no speaker similarity"
-            )
+            notes.append(too_short_note(res.duration_s, speaker))
         else:
             gt_emb = file_embedding(item.audio_path)
             sim_gt = M.cosine_similarity(emb, gt_emb) if gt_emb is not None else None
             ref_emb = file_embedding(item.ref_path) if item.ref_path is not None else None
             sim = M.cosine_similarity(emb, ref_emb) if ref_emb is not None else None
         if item.ref_path is None:
-            notes.append("no other clip of this speaker: generated without a voice prompt (plain TTS)")
-        clips.append(
-            {
-                "id": item.id,
-                "speaker": item.speaker,
-                "language": item.language,
-                "reference_id": item.ref_id,
-                "text": item.text,
-                "transcript": transcripts[item.id],
-                "normalized_text": M.normalize_text(item.text, item.language),
-                "normalized_transcript": M.normalize_text(transcripts[item.id], item.language),
-                "wer": _finite(words.rate()),
-                "cer": _finite(chars.rate()),
-                "word_errors": words.errors,
-                "ref_words": words.ref_length,
-                "substitutions": words.substitutions,
-                "deletions": words.deletions,
-                "insertions": words.insertions,
-                "char_errors": chars.errors,
-                "ref_chars": chars.ref_length,
-                "speaker_similarity": sim,
-                "speaker_similarity_gt": sim_gt,
-                "duration_s": res.duration_s,
-                "gt_duration_s": item.gt_duration_s,
-                "duration_ratio": M.duration_ratio(res.duration_s, item.gt_duration_s),
-                "stopped": res.stopped,
-                "num_frames": res.num_frames,
-                "wav": str(wav_path.relative_to(out)),
-                "notes": notes,
-            }
+            notes.append(NO_REFERENCE_NOTE)
+        clip, words, chars = clip_record(
+            item.id,
+            item.speaker,
+            item.language,
+            item.ref_id,
+            item.text,
+            transcripts[item.id],
+            res,
+            item.gt_duration_s,
+            sim=sim,
+            sim_gt=sim_gt,
+            wav=str(wav_path.relative_to(out)),
+            notes=notes,
         )
+        clips.append(clip)
+        word_counts.append(words)
+        char_counts.append(chars)
 
     per_language = {}
     for language in dict.fromkeys(c["language"] for c in clips):
         idx = [k for k, c in enumerate(clips) if c["language"] == language]
-        per_language[language] = _summary(
+        per_language[language] = summarize_clips(
             [clips[k] for k in idx], [word_counts[k] for k in idx], [char_counts[k] for k in idx]
         )
     results_doc = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "summary": _summary(clips, word_counts, char_counts),
+        "summary": summarize_clips(clips, word_counts, char_counts),
         "per_language": per_language,
         "settings": {
             "manifest": str(Path(manifest)),

@@ -1,4 +1,5 @@
-"""Evaluation metrics on plain Python values: text normalisation, WER/CER, cosine, durations.
+"""Evaluation metrics on plain Python values: text normalisation, WER/CER, cosine, durations,
+and a signal-level check (silence / clipping share, `signal_shares`).
 
 Nothing here loads a model. WER and CER come from `jiwer`'s alignment of the normalised
 texts (our normaliser, below; jiwer only aligns), which counts substitutions, deletions and
@@ -22,6 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import jiwer
+import numpy as np
 
 # Harakat, tanwin, shadda, sukun, maddah/hamza marks above/below (U+064B..U+065F),
 # superscript alef (U+0670) and the Quranic annotation signs (U+06D6..U+06ED).
@@ -175,3 +177,35 @@ def mean(values: Sequence[float]) -> float | None:
     """Arithmetic mean; None for an empty sequence (a metric with no data, not 0)."""
     values = list(values)
     return sum(values) / len(values) if values else None
+
+
+# ----------------------------------------------------------------------------- signal level
+SILENCE_DBFS = -40.0  # a 20 ms frame whose RMS is below this (dB re full scale) counts as silent
+SILENCE_FRAME_S = 0.02
+CLIP_LEVEL = 0.999  # |sample| at or above this counts as clipped (full scale is 1.0)
+
+
+@dataclass(frozen=True)
+class SignalShares:
+    """The cheap signal-level check of one waveform, no model involved.
+
+    silence: share of 20 ms frames whose RMS is below SILENCE_DBFS (a model that babbles
+    silence, or pads with it, scores high); clipped: share of samples at full scale
+    (|x| >= CLIP_LEVEL: a model drifting into noise or distortion scores high)."""
+
+    silence: float
+    clipped: float
+
+
+def signal_shares(wav: Sequence[float], sample_rate: int) -> SignalShares | None:
+    """Silence and clipping shares of a mono waveform; None for an empty one (no audio to judge)."""
+    x = np.asarray(wav, dtype=np.float64).reshape(-1)
+    if x.size == 0:
+        return None
+    frame = max(1, int(round(SILENCE_FRAME_S * sample_rate)))
+    n = -(-x.size // frame)  # frames, the last one zero-padded
+    padded = np.zeros(n * frame)
+    padded[: x.size] = x
+    rms = np.sqrt((padded.reshape(n, frame) ** 2).mean(axis=1))
+    silent = rms < 10 ** (SILENCE_DBFS / 20)
+    return SignalShares(silence=float(silent.mean()), clipped=float((np.abs(x) >= CLIP_LEVEL).mean()))

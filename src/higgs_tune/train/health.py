@@ -15,6 +15,14 @@ Codes (a warning is emitted once per code, later hits only raise its `count`):
                       the text labels are only chat markup (headers, role names, "\\n\\n",
                       <|begin_of_text|>, pad, placeholders).
     no_eos            (first batch) no stream EOS among the scored audio labels: generation never stops.
+    quality_degraded  (in-training quality evaluation, train/quality.py) the watched quality metric
+                      (checkpoint.best_metric when it is a quality metric, else cer) is worse than
+                      its best value so far by more than health.quality_alarm_threshold at each
+                      of the last health.quality_alarm_evals (K) evaluations, and on their mean,
+                      while the mean training loss over those K evaluations is below the one at
+                      the best: the loss says "better", the speech says "worse" (over-fitting or
+                      a quality collapse). Names the best checkpoint so far; with
+                      health.quality_early_stop the recipe stops there (final/ is still saved).
     non_finite        NaN/Inf loss or gradient norm. With health.stop_on_nonfinite (default) this
                       raises TrainingHealthError naming the step, the batch's sample ids and the last
                       good checkpoint; otherwise it is a warning.
@@ -53,7 +61,7 @@ import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from higgs_tune.config import HealthConfig, LossConfig
+from higgs_tune.config import QUALITY_METRICS, HealthConfig, LossConfig
 from higgs_tune.errors import TrainingHealthError
 from higgs_tune.train.loss import IGNORE, LossOutput
 
@@ -63,7 +71,8 @@ LABEL_MISALIGNED = "label_misaligned"
 NO_SIGNAL = "no_signal"
 NO_EOS = "no_eos"
 NON_FINITE = "non_finite"
-CODES = (CHANCE_LEVEL, COPY_TASK, LABEL_MISALIGNED, NO_SIGNAL, NO_EOS, NON_FINITE)
+QUALITY_DEGRADED = "quality_degraded"
+CODES = (CHANCE_LEVEL, COPY_TASK, LABEL_MISALIGNED, NO_SIGNAL, NO_EOS, NON_FINITE, QUALITY_DEGRADED)
 
 # Copy-task symptom thresholds (before health.copy_check_steps).
 COPY_ACCURACY = 0.98
@@ -201,6 +210,67 @@ class HealthMonitor:
         else:
             log.warning("%s", w)
         return w
+
+    # ------------------------------------------------------------------ per quality evaluation
+    def check_quality(
+        self,
+        step: int,
+        evals: Sequence[Mapping],
+        metric: str,
+        checkpoint_at: Callable[[int], str | None] | None = None,
+    ) -> bool:
+        """quality_degraded (see the module docstring) on the quality evaluations so far, in step
+        order, each with `step`, `train_loss` and the metric. `checkpoint_at(step)` names the
+        checkpoint saved at a step (the message points to the best one). True when the degradation
+        holds at this evaluation (the recipe stops there with health.quality_early_stop). Every rank
+        passes the same evaluations (broadcast by the evaluator), so every rank decides alike."""
+        k, threshold = self.cfg.quality_alarm_evals, self.cfg.quality_alarm_threshold
+        higher_better = QUALITY_METRICS[metric]
+        sign = -1.0 if higher_better else 1.0  # sign * value: lower is better
+
+        def value(e):
+            v = e.get(metric)
+            return sign * float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None
+
+        recent, before = list(evals[-k:]), list(evals[:-k])
+        scored = [e for e in before if value(e) is not None]
+        if len(recent) < k or not scored or any(value(e) is None for e in recent):
+            return False
+        best = min(scored, key=lambda e: (value(e), e["step"]))
+        worse = [value(e) - value(best) for e in recent]
+        losses = [e.get("train_loss") for e in recent]
+        if not (min(worse) > threshold and sum(worse) / k > threshold):
+            return False
+        if best.get("train_loss") is None or any(x is None for x in losses) or sum(losses) / k >= best["train_loss"]:
+            return False
+        mean_now = sign * (sum(value(e) for e in recent) / k)
+        best_checkpoint = checkpoint_at(best["step"]) if checkpoint_at is not None else None
+        where = best_checkpoint if best_checkpoint else "no checkpoint kept from that step"
+        self._emit(
+            QUALITY_DEGRADED,
+            step,
+            (
+                f"the generated speech got worse while the training loss kept falling: {metric} was "
+                f"{sign * value(best):.4f} at step {best['step']} (the best so far: {where}) and averaged "
+                f"{mean_now:.4f} over the last {k} quality evaluation(s) "
+                f"(steps {recent[0]['step']}-{recent[-1]['step']}, "
+                f"each worse by more than health.quality_alarm_threshold = {threshold}), while the mean training loss "
+                f"fell from {best['train_loss']:.4f} to {sum(losses) / k:.4f}. Likely causes: over-fitting a small "
+                "data set (too many steps or epochs), a learning rate too high for the modules trained in full "
+                "(audio head / embeddings drift), or a voice that collapses to one style. What to check: listen to "
+                f"quality/step-{best['step']}/wavs against quality/step-{recent[-1]['step']}/wavs; use the best "
+                "checkpoint (best/, chosen by checkpoint.best_metric) rather than final/; lower train.learning_rate "
+                "or train.max_steps, add data, raise finetune.lora_dropout; health.quality_early_stop: true stops "
+                "such a run at the first alarm."
+            ),
+            metric=metric,
+            best_step=best["step"],
+            best_value=sign * value(best),
+            best_checkpoint=best_checkpoint,
+            recent_steps=[e["step"] for e in recent],
+            recent_values=[sign * value(e) for e in recent],
+        )
+        return True
 
     # ------------------------------------------------------------------ per micro-batch
     def check_batch(self, step: int, batch: Mapping, out: LossOutput) -> list[HealthWarning]:

@@ -11,8 +11,9 @@ and the tiny CPU demo. It wires the parts together and holds no model or data lo
             optimizer, scheduler -> accelerator.prepare -> checkpoints -> resume
     loop    per optimizer step: count the step's tokens -> micro-batches (forward through the
             wrapper, backward) -> clip -> health -> optimizer/scheduler step -> log / preview
-            -> eval -> samples -> save
-    save    final/ (always), best by eval loss (when evaluating), report of what happened
+            -> eval -> samples -> quality (+ degradation alarm) -> save
+    save    final/ (always), best/ by checkpoint.best_metric (eval loss or a quality score),
+            report of what happened
 
 Data position: the sampler is ours (sharded per rank, not accelerate's), so the checkpoint's
 `sampler_state` is (epoch, batches consumed) and a resumed run continues with the exact next
@@ -35,14 +36,14 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import InitProcessGroupKwargs, set_seed
 
-from higgs_tune.config import Config, ConfigError
+from higgs_tune.config import QUALITY_METRICS, Config, ConfigError
 from higgs_tune.data.inspect import batch_statistics, render_batch_statistics
 from higgs_tune.data.pipeline import TrainData, build_train_data, first_batches
 from higgs_tune.errors import CheckpointError
 from higgs_tune.infer.generate import GenerationRequest, SamplingOptions, generate_speech, write_wav
 from higgs_tune.model.load import load_model, load_processor
 from higgs_tune.model.lora import apply_finetuning, load_trainable, parameter_report, save_trainable, verify_trainable
-from higgs_tune.runfs import DATA_REPORT_FILE, PARAM_REPORT_FILE, SAMPLES_DIR
+from higgs_tune.runfs import BEST_NAME, DATA_REPORT_FILE, PARAM_REPORT_FILE, SAMPLES_DIR
 from higgs_tune.train.checkpoint import (
     CheckpointManager,
     find_resume_checkpoint,
@@ -57,6 +58,7 @@ from higgs_tune.train.logging import MetricsLogger, reduce_metrics
 from higgs_tune.train.loss import HiggsLossModule, StepMetrics, TokenCounts
 from higgs_tune.train.outdir import estimate_checkpoint_bytes, prepare_output_dir, rough_checkpoint_bytes
 from higgs_tune.train.preview import prediction_preview
+from higgs_tune.train.quality import QualityEvaluator
 
 log = logging.getLogger("higgs_tune.train")
 
@@ -147,6 +149,14 @@ def train(
                 "process alone cannot run a sharded model); set train.sample_steps: null."
             ]
         )
+    if fsdp and t.quality_eval_steps:
+        raise ConfigError(
+            [
+                "train.quality_eval_steps: the in-training quality evaluation generates on the main process "
+                "alone, which cannot run an FSDP-sharded model; set train.quality_eval_steps: null and score "
+                "the checkpoints afterwards with `higgs-tune evaluate`."
+            ]
+        )
     set_seed(t.seed)
     # --resume-weights-only starts a new run (its own, empty folder) from another run's weights
     continuing = resume if not resume_weights_only else None
@@ -176,6 +186,11 @@ def train(
         total = text[text.find("total:") :] if "total:" in text else text
         say(f"first {INSPECT_BATCHES} training batches ({DATA_REPORT_FILE} has each one):\n{total}")
     total_steps = total_optimizer_steps(cfg, len(data.sampler))
+    # the quality set and its ASR / speaker models, before the model loads: a wrong model id fails
+    # fast (train/quality.py; main process only, RNG preserved)
+    quality = None
+    if t.quality_eval_steps:
+        quality = QualityEvaluator.create(cfg, data, processor, run_dir, accelerator, logger, resume_step=resume_step)
 
     # --- model: load, audio self-attention, LoRA / full, report ---------------------------------
     model = load_model(cfg.model, device=accelerator.device)
@@ -240,6 +255,11 @@ def train(
     elif resume_from is not None:
         say(f"loaded weights only from {resume_from}; optimizer, schedule and data order start afresh")
 
+    # --- quality: the fixed held-out set scored now (the base model: the "before"), then every
+    # quality_eval_steps in the loop; main process only, RNG preserved (train/quality.py) ----------
+    if quality is not None and resume_from is None and t.quality_baseline:
+        quality.baseline(model)
+
     # --- loop ------------------------------------------------------------------------------------
     accum = t.gradient_accumulation_steps
     draws = _endless(data, epoch)
@@ -274,6 +294,8 @@ def train(
             tokens_seen += int(batch["attention_mask"].sum())
         grad_norm = float(accelerator.clip_grad_norm_(trainable, t.max_grad_norm or float("inf")))
         step_metrics = reduce_metrics(window_metrics.pop(), accelerator)
+        if quality is not None:
+            quality.observe(step_metrics["loss"])
         ids = [sid for _, b in window for sid in b["sample_ids"]]
         # fp16 loss scaling overflows on purpose now and then: the scaler skips that step and
         # lowers its scale, so an infinite norm there is not a broken run
@@ -319,6 +341,12 @@ def train(
             write_samples(
                 model, processor, data, run_dir / SAMPLES_DIR / f"step-{step}", t.num_samples, accelerator, logger, step
             )
+        stop_early = False
+        if quality is not None and quality.due(step, total_steps):
+            quality.run(model, step)
+            metric = ck.best_metric if ck.best_metric in QUALITY_METRICS else "cer"
+            degraded = health.check_quality(step, quality.evals, metric, checkpoint_at=checkpoint_at(checkpoints))
+            stop_early = degraded and cfg.health.quality_early_stop
         if step % ck.save_steps == 0 and step < total_steps:
             saved = checkpoints.save(
                 step,
@@ -326,12 +354,18 @@ def train(
                 scheduler=scheduler,
                 sampler_state=data.sampler.state_dict(),
                 epoch=epoch,
-                metrics=_json_metrics(last_metrics),
+                metrics=_json_metrics(last_metrics) | (quality.checkpoint_scores() if quality else {}),
                 config=cfg,
                 eval_loss=eval_loss,
                 grad_scaler=accelerator.scaler,
             )
             last_ckpt = str(saved) if saved else last_ckpt
+        if stop_early:
+            say(
+                f"[bold red]stopping early at step {step}[/]: quality_degraded (health.quality_early_stop); "
+                f"the best checkpoint by {ck.best_metric}: {checkpoints.best}"
+            )
+            break
 
     # --- save: final/ always; the best by eval loss is kept by the checkpoint manager ----------
     final_dir = checkpoints.save(
@@ -340,7 +374,7 @@ def train(
         scheduler=scheduler,
         sampler_state=data.sampler.state_dict(),
         epoch=epoch,
-        metrics=_json_metrics(last_metrics),
+        metrics=_json_metrics(last_metrics) | (quality.checkpoint_scores() if quality else {}),
         config=cfg,
         eval_loss=eval_loss,
         grad_scaler=accelerator.scaler,
@@ -353,7 +387,8 @@ def train(
     logger.close()
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    return TrainResult(run_dir, Path(final_dir), checkpoints.best, step, last_metrics, warnings, model)
+    best_dir = run_dir / BEST_NAME if (run_dir / BEST_NAME).is_dir() else checkpoints.best
+    return TrainResult(run_dir, Path(final_dir), best_dir, step, last_metrics, warnings, model)
 
 
 # ----------------------------------------------------------------------------- loop helpers
@@ -391,6 +426,16 @@ def _to_device(batch: dict, device) -> dict:
 def _json_metrics(metrics: dict) -> dict:
     """Scalars only (the checkpoint's metrics are JSON)."""
     return {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}
+
+
+def checkpoint_at(checkpoints: CheckpointManager):
+    """step -> the name of the checkpoint kept from that step (or None), as the alarm names it."""
+
+    def name(step: int) -> str | None:
+        path = checkpoints.at_step(step)
+        return path.name if path is not None else None
+
+    return name
 
 
 def _checkpoint_step(folder: Path) -> int:

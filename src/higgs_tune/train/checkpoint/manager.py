@@ -4,7 +4,11 @@ Layout of a run folder (`run_dir`, prepared by `train.outdir.prepare_output_dir`
 
     checkpoint-<step>/            one complete, verified checkpoint per save (see format.py)
     final/                        the same layout, written by `save(final=True)`; never rotated
-    checkpoints.json              index for people and tools: latest, best, final (derived data:
+    best/                         with checkpoint.keep_best: the checkpoint with the best
+                                  checkpoint.best_metric, as hard links to its files (no extra
+                                  space; a copy where links fail); replaced when a better one comes
+    checkpoints.json              index for people and tools: latest, best, final, and every
+                                  checkpoint's metrics (the quality scores included) (derived data:
                                   resume never trusts it, it re-reads the manifests)
     .tmp-<name>-<pid>/            a save in progress (or one killed mid-way): never resumed from
     .old-<name>-<pid>/            a checkpoint being replaced or rotated away
@@ -44,8 +48,10 @@ from typing import Any
 
 import torch
 
+from higgs_tune.config import EVAL_LOSS, QUALITY_METRICS
 from higgs_tune.errors import CheckpointError
 from higgs_tune.runfs import (
+    BEST_NAME,
     FINAL_NAME,
     INDEX_FILE,
     LEFTOVER_RE,
@@ -53,6 +59,7 @@ from higgs_tune.runfs import (
     discard_dir,
     format_bytes,
     fsync_path,
+    fsync_tree,
     publish_dir,
     temp_path,
     write_json_atomic,
@@ -91,6 +98,13 @@ class _Record:
     step: int
     eval_loss: float | None
     bytes: int
+    metrics: dict = dataclasses.field(default_factory=dict)  # the manifest's metrics (quality_<key> included)
+
+    def score(self, metric: str) -> float | None:
+        """Its value of a checkpoint.best_metric: eval_loss, or the quality score recorded by
+        the recipe as `quality_<metric>` (train/quality.py); None when it has none."""
+        v = self.eval_loss if metric == EVAL_LOSS else self.metrics.get(f"quality_{metric}")
+        return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
 
 def _failure_fix(e: BaseException, final: bool) -> str:
@@ -177,6 +191,7 @@ class CheckpointManager:
         self.is_main = dist_utils.is_main()
         self.world_size = dist_utils.world_size()
         self._records: dict[str, _Record] = {}
+        self._linked: str | None = None  # the checkpoint best/ holds, once this manager linked it
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self._remove_leftovers()
@@ -212,19 +227,35 @@ class CheckpointManager:
                 log.warning("checkpoint: %s is damaged and is not counted as a checkpoint of this run: %s", path, e)
                 continue
             self._records[path.name] = _Record(
-                path.name, int(m["step"]), m.get("eval_loss"), sum(f["bytes"] for f in m["files"].values())
+                path.name,
+                int(m["step"]),
+                m.get("eval_loss"),
+                sum(f["bytes"] for f in m["files"].values()),
+                dict(m.get("metrics") or {}),
             )
         if self._records and self._estimate is None:
             newest = max(self._records.values(), key=lambda r: r.step)
             self._estimate = newest.bytes
 
     @property
+    def best_metric(self) -> str:
+        return self.cfg.best_metric
+
+    @property
     def best(self) -> Path | None:
-        """The checkpoint with the lowest eval loss (None when no save had an eval loss)."""
-        scored = [r for r in self._records.values() if r.eval_loss is not None]
+        """The checkpoint with the best `checkpoint.best_metric` (lowest eval loss / CER / WER /
+        cer_sim, highest similarity; the newest of equals); None when no save has that metric."""
+        metric = self.best_metric
+        scored = [r for r in self._records.values() if r.score(metric) is not None]
         if not scored:
             return None
-        return self.run_dir / min(scored, key=lambda r: (r.eval_loss, -r.step)).name
+        sign = -1.0 if QUALITY_METRICS.get(metric, False) else 1.0
+        return self.run_dir / min(scored, key=lambda r: (sign * r.score(metric), -r.step)).name
+
+    def at_step(self, step: int) -> Path | None:
+        """The checkpoint saved after optimizer step `step` (checkpoint-<step> before final/), if kept."""
+        found = [r for r in self._records.values() if r.step == step]
+        return self.run_dir / min(found, key=lambda r: r.name == FINAL_NAME).name if found else None
 
     @property
     def latest(self) -> Path | None:
@@ -400,7 +431,7 @@ class CheckpointManager:
 
         total = sum(f["bytes"] for f in files.values())
         self._estimate = total
-        self._records[name] = _Record(name, int(step), eval_loss, total)
+        self._records[name] = _Record(name, int(step), eval_loss, total, dict(metrics))
         listing = ", ".join(f"{rel} ({format_bytes(f['bytes'])})" for rel, f in files.items())
         log.info(
             "checkpoint: saved %s in %.1f s: %s; %s in total, %s free on the disk",
@@ -415,6 +446,8 @@ class CheckpointManager:
         try:
             if not final:
                 self._rotate(keep=name)
+            if self.cfg.keep_best:
+                self._link_best()
             self._write_index()
         except OSError as e:
             log.error(
@@ -458,6 +491,35 @@ class CheckpointManager:
             log.info("checkpoint: removed %s (save_total_limit=%d)", path, limit)
         fsync_path(self.run_dir)
 
+    def _link_best(self) -> None:
+        """best/ = the best checkpoint's files, hard-linked (a copy where the file system has no
+        hard links), published with one rename like a checkpoint; rewritten when the best changes."""
+        best = self.best
+        target = self.run_dir / BEST_NAME
+        if best is None or (self._linked == best.name and target.is_dir()):
+            return
+        tmp = temp_path(target)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        try:
+            for src in sorted(best.rglob("*")):
+                dst = tmp / src.relative_to(best)
+                if src.is_dir():
+                    dst.mkdir(parents=True, exist_ok=True)
+                    continue
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    os.link(src, dst)
+                except OSError:
+                    shutil.copy2(src, dst)
+            fsync_tree(tmp)
+            publish_dir(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        self._linked = best.name
+        log.info("checkpoint: %s is the best by %s: linked as %s", best.name, self.best_metric, target)
+
     def _write_index(self) -> None:
         best, latest = self.best, self.latest
         records = sorted(self._records.values(), key=lambda r: (r.step, r.name == FINAL_NAME))
@@ -471,6 +533,9 @@ class CheckpointManager:
                     "name": best.name,
                     "step": self._records[best.name].step,
                     "eval_loss": self._records[best.name].eval_loss,
+                    "metric": self.best_metric,
+                    "value": self._records[best.name].score(self.best_metric),
+                    "folder": BEST_NAME if self._linked == best.name else None,
                 },
                 "final": FINAL_NAME if FINAL_NAME in self._records else None,
                 "checkpoints": [dataclasses.asdict(r) for r in records],
