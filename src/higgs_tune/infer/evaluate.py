@@ -62,6 +62,8 @@ from higgs_tune.runfs import (
     RESULTS_JSON,
     WAVS_DIR,
     atomic_write_bytes,
+    claim,
+    safe_file_stem,
 )
 
 DEFAULT_ASR_MODEL = "openai/whisper-large-v3"
@@ -303,6 +305,13 @@ def default_eval_dir(adapter: str | Path | None) -> Path | None:
     return run_dir / EVAL_DIR if (run_dir / METRICS_FILE).is_file() else None
 
 
+def _claim_run_eval_dir(out: Path) -> None:
+    """RUN_DIR/eval created by evaluate is the run's: listed so that `train --overwrite` may remove it."""
+    if out.name == EVAL_DIR and (out.parent / METRICS_FILE).is_file() and not out.exists():
+        out.mkdir()
+        claim(out.parent, EVAL_DIR)
+
+
 # ----------------------------------------------------------------------------- the evaluation
 def _finite(x: float | None) -> float | None:
     return x if x is not None and math.isfinite(x) else None
@@ -369,7 +378,13 @@ def evaluate_manifest(
         )
     results = generate_speech(stack.model, stack.processor, stack.tokens, requests, options)
     gen_seconds = time.monotonic() - t0
-    wav_paths = [write_wav(out / WAVS_DIR / f"{item.id}.wav", res.wav, rate) for item, res in zip(items, results)]
+    _claim_run_eval_dir(out)
+    # file names from ids: escaped, so that no id (`../x`, `a/b`) names a file outside OUT/wavs
+    wavs_dir = out / WAVS_DIR
+    wav_paths = [
+        write_wav(wavs_dir / f"{safe_file_stem(item.id)}.wav", res.wav, rate)
+        for item, res in zip(items, results, strict=True)
+    ]
 
     # ASR, one language at a time (Whisper is told the language: no detection errors).
     transcripts: dict[str, str] = {}

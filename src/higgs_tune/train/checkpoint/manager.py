@@ -50,7 +50,9 @@ from higgs_tune.runfs import (
     INDEX_FILE,
     LEFTOVER_RE,
     checkpoint_name,
+    claim,
     discard_dir,
+    disown,
     format_bytes,
     fsync_path,
     publish_dir,
@@ -386,6 +388,7 @@ class CheckpointManager:
             # Publish: one atomic rename; an earlier folder of that name (a damaged checkpoint
             # from an abandoned attempt, or an earlier final) is replaced only if it succeeds.
             publish_dir(tmp, target)
+            claim(self.run_dir, name)  # ours: --overwrite may remove it, and only because it is listed
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             if tmp.exists():
@@ -449,6 +452,7 @@ class CheckpointManager:
             path = self.run_dir / rec.name
             discard_dir(path)  # renamed away first: the folder disappears whole, never half-deleted
             del self._records[rec.name]
+            disown(self.run_dir, rec.name)
             log.info("checkpoint: removed %s (save_total_limit=%d)", path, limit)
         fsync_path(self.run_dir)
 
@@ -470,3 +474,4 @@ class CheckpointManager:
                 "checkpoints": [dataclasses.asdict(r) for r in records],
             },
         )
+        claim(self.run_dir, INDEX_FILE)

@@ -1,0 +1,176 @@
+"""Regression tests of issue 15: nothing of the user's is lost, nothing damaged is used.
+
+Each test reproduces one fault found by a hostile pass over the CLI; docs/RELIABILITY.md lists
+them (case, expected behaviour, test name).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from higgs_tune.config import config_from_dict
+from higgs_tune.errors import OutputDirError
+from higgs_tune.runfs import LOCK_FILE, OWNED_FILE, RunLock, claim, owned_names
+from higgs_tune.train.outdir import prepare_output_dir
+
+MB = 1_000_000
+
+
+def make_cfg(output_dir, *overrides: str):
+    return config_from_dict(
+        {
+            "model": {"dtype": "float32"},
+            "data": {"train_cache": "cache/train"},
+            "train": {"max_steps": 100},
+            "checkpoint": {"output_dir": str(output_dir), "min_free_gb": 0.0},
+        },
+        list(overrides),
+    )
+
+
+# ---------------------------------------------------------------- 1. --overwrite removes only what higgs-tune wrote
+
+
+def test_overwrite_refuses_user_files_with_run_names_and_removes_only_listed_ones(tmp_path):
+    out = tmp_path / "run"
+    cfg = make_cfg(out)
+    prepare_output_dir(cfg, estimate_bytes=MB)
+    RunLock.release_folder(out)
+    (out / "checkpoint-5").mkdir()  # written by the run: listed in the ownership manifest
+    claim(out, "checkpoint-5")
+    # the user's own files, with the names a run may use: never ours by name alone
+    for name in ("logs", "eval", "samples"):
+        (out / name).mkdir()
+        (out / name / "mine.txt").write_text("precious")
+    for name in ("summary.json", "train.log"):
+        (out / name).write_text("precious")
+    with pytest.raises(OutputDirError) as e:
+        prepare_output_dir(cfg, overwrite=True, estimate_bytes=MB)
+    assert str(e.value) == (
+        f"{out} holds files higgs-tune did not write (eval, logs, samples, summary.json, train.log); --overwrite "
+        "removes only higgs-tune's own files and never these. Move them away or choose another checkpoint.output_dir."
+    )
+    for name in ("logs", "eval", "samples"):
+        assert (out / name / "mine.txt").read_text() == "precious"
+    assert (out / "train.log").read_text() == "precious" and (out / "checkpoint-5").is_dir()
+    assert not (out / LOCK_FILE).exists()  # a run that does not start leaves no lock
+    # once the user's files are gone, --overwrite removes exactly the listed entries
+    for name in ("logs", "eval", "samples"):
+        shutil.rmtree(out / name)
+    for name in ("summary.json", "train.log"):
+        (out / name).unlink()
+    assert prepare_output_dir(cfg, overwrite=True, estimate_bytes=MB) == out
+    assert sorted(os.listdir(out)) == [OWNED_FILE, LOCK_FILE, "config.yaml"]
+    assert owned_names(out) == {"config.yaml"}
+    RunLock.release_folder(out)
+
+
+# ---------------------------------------------------------------- 8. one run per folder: the lock
+
+_HOLD = """
+import sys, time
+from higgs_tune.runfs import RunLock
+RunLock.acquire(sys.argv[1])
+print("locked", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_second_run_on_a_locked_folder_is_refused_and_a_dead_holder_is_taken_over(tmp_path, caplog):
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD, str(out)], stdout=subprocess.PIPE, text=True, env={**os.environ}
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(OutputDirError) as e:
+            prepare_output_dir(make_cfg(out), resume="auto", estimate_bytes=MB)
+        message = str(e.value)
+        assert message.startswith(f"{out} is in use by another higgs-tune run (pid {holder.pid} on host ")
+        assert f"lock file {out / LOCK_FILE}" in message and "choose another checkpoint.output_dir" in message
+        assert not (out / "config.yaml").exists()  # nothing written by the refused run
+    finally:
+        holder.send_signal(signal.SIGKILL)  # a crash: the lock file stays, the OS frees the flock
+        holder.wait()
+    assert json.loads((out / LOCK_FILE).read_text())["pid"] == holder.pid
+    caplog.set_level(logging.WARNING, logger="higgs_tune")
+    assert prepare_output_dir(make_cfg(out), resume="auto", estimate_bytes=MB) == out
+    assert any(f"was left by pid {holder.pid} on host" in m and "taking it over" in m for m in caplog.messages), (
+        caplog.messages
+    )
+    assert json.loads((out / LOCK_FILE).read_text())["pid"] == os.getpid()
+    RunLock.release_folder(out)
+    assert not (out / LOCK_FILE).exists()
+
+
+# ---------------------------------------------------------------- 3. a sample never kills a run; final/ first
+
+
+def test_a_zero_frame_sample_or_a_failing_tracker_never_ends_the_run(tmp_path, caplog):
+    import numpy as np
+    from torch.utils.tensorboard import SummaryWriter
+
+    from higgs_tune.train.logging import MetricsLogger
+
+    logger = MetricsLogger(tmp_path / "run", ["tensorboard"])
+    caplog.set_level(logging.WARNING, logger="higgs_tune")
+    logger.log_audio(3, "clip", np.zeros(0, dtype=np.float32), 24000)  # TensorBoard's add_audio fails on this
+    original = SummaryWriter.add_audio
+    try:
+        SummaryWriter.add_audio = lambda *a, **k: (_ for _ in ()).throw(ValueError("bad audio"))
+        logger.log_audio(4, "clip", np.ones(10, dtype=np.float32) * 0.1, 24000)
+    finally:
+        SummaryWriter.add_audio = original
+    logger.close()
+    events = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [(e["event"], e["step"], e["reason"]) for e in events] == [
+        ("sample_not_logged", 3, "0 frames of audio"),
+        ("sample_not_logged", 4, "tensorboard: ValueError: bad audio"),
+    ]
+    assert "samples: step 3, clip has 0 frames of audio: not sent to the trackers" in caplog.messages
+    assert owned_names(tmp_path / "run") == {"metrics.jsonl", "tensorboard"}
+
+
+def test_final_checkpoint_is_saved_before_the_last_samples_and_a_zero_frame_sample_is_survived(
+    tiny_dir, demo_cache, tmp_path, monkeypatch
+):
+    from recipe_support import small_config
+
+    from higgs_tune.train import recipe
+
+    # one audio column per sample: the delay pattern leaves 0 frames, the reproduction of the crash
+    monkeypatch.setattr(recipe, "SAMPLE_MAX_COLUMNS", 1)
+    cfg = small_config(
+        tiny_dir,
+        demo_cache,
+        None,
+        tmp_path / "run",
+        [
+            "train.max_steps=2",
+            "train.warmup_steps=0",
+            "train.sample_steps=2",
+            "train.num_samples=1",
+            "checkpoint.save_steps=2",
+        ],
+    )
+    cfg.logging.report_to = ["tensorboard"]
+    result = recipe.train(cfg)
+    run = result.run_dir
+    assert (run / "final" / "manifest.json").is_file()
+    (wav,) = (run / "samples" / "step-2").glob("*.wav")
+    assert (run / "final" / "manifest.json").stat().st_mtime_ns <= wav.stat().st_mtime_ns  # final/ first
+    events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    samples = [e for e in events if e.get("event") == "samples"]
+    assert [s["frames"] for s in samples] == [[0]]
+    assert [e["reason"] for e in events if e.get("event") == "sample_not_logged"] == ["0 frames of audio"]
+    assert {"final", "samples", "metrics.jsonl", "tensorboard", "config.yaml"} <= owned_names(run)
+    assert not (run / LOCK_FILE).exists()  # released at the end of the run
