@@ -174,3 +174,27 @@ def test_final_checkpoint_is_saved_before_the_last_samples_and_a_zero_frame_samp
     assert [e["reason"] for e in events if e.get("event") == "sample_not_logged"] == ["0 frames of audio"]
     assert {"final", "samples", "metrics.jsonl", "tensorboard", "config.yaml"} <= owned_names(run)
     assert not (run / LOCK_FILE).exists()  # released at the end of the run
+
+
+# ---------------------------------------------------------------- 4. make-tiny --overwrite
+
+
+def test_make_tiny_overwrite_replaces_its_own_stack_and_never_a_users_file(tmp_path):
+    from higgs_tune.tiny import OutputDirNotEmpty, make_tiny
+
+    out = make_tiny(tmp_path / "tiny", seed=0)
+    written = sorted(p.name for p in out.iterdir() if p.name != OWNED_FILE)
+    assert owned_names(out) == set(written) and "model.safetensors" in written
+    (out / "notes.md").write_text("mine")
+    with pytest.raises(OutputDirNotEmpty) as e:
+        make_tiny(out, seed=1, overwrite=True)
+    assert str(e.value) == (
+        f"{out} holds files make-tiny did not write (notes.md); --overwrite removes only make-tiny's own files and "
+        "never these. Move them away or choose an empty folder."
+    )
+    assert (out / "notes.md").read_text() == "mine" and (out / "model.safetensors").is_file()
+    (out / "notes.md").unlink()
+    before = (out / "model.safetensors").read_bytes()
+    make_tiny(out, seed=1, overwrite=True)
+    assert sorted(p.name for p in out.iterdir() if p.name != OWNED_FILE) == written
+    assert (out / "model.safetensors").read_bytes() != before  # rebuilt from the new seed
