@@ -13,12 +13,13 @@ import shutil
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from higgs_tune.config import config_from_dict
 from higgs_tune.errors import OutputDirError
-from higgs_tune.runfs import LOCK_FILE, OWNED_FILE, RunLock, claim, owned_names
+from higgs_tune.runfs import LOCK_FILE, OWNED_FILE, RunLock, claim, owned_names, safe_file_stem
 from higgs_tune.train.outdir import prepare_output_dir
 
 MB = 1_000_000
@@ -198,3 +199,121 @@ def test_make_tiny_overwrite_replaces_its_own_stack_and_never_a_users_file(tmp_p
     make_tiny(out, seed=1, overwrite=True)
     assert sorted(p.name for p in out.iterdir() if p.name != OWNED_FILE) == written
     assert (out / "model.safetensors").read_bytes() != before  # rebuilt from the new seed
+
+
+# -------------------------------------------------------- 2, 13. evaluate: names from ids, --limit, --skip-invalid
+
+DEMO = Path(__file__).resolve().parents[1] / "examples" / "data" / "demo"
+
+
+@pytest.fixture(scope="module")
+def eval_setup(tiny_dir, tmp_path_factory):
+    from higgs_tune.tiny.eval_models import make_tiny_adapter, make_tiny_eval_models
+
+    root = tmp_path_factory.mktemp("evalrel")
+    asr, spk = make_tiny_eval_models(root / "models", seed=0)
+    adapter = make_tiny_adapter(tiny_dir, root / "adapter", seed=3)
+    return asr, spk, adapter
+
+
+def _eval_args(tiny_dir, eval_setup, manifest, out, *extra):
+    asr, spk, adapter = eval_setup
+    return [
+        "evaluate", str(manifest), "--model", str(tiny_dir), "--adapter", str(adapter), "--out", str(out),
+        "--asr-model", str(asr), "--speaker-model", str(spk), "--max-new-tokens", "20",
+        "--asr-max-new-tokens", "4", "--device", "cpu", *extra,
+    ]  # fmt: skip
+
+
+def test_evaluate_file_names_never_leave_out_and_limit_and_skip_invalid(tiny_dir, eval_setup, tmp_path):
+    from click.testing import CliRunner
+
+    from higgs_tune.app.cli import main
+
+    data = tmp_path / "data"
+    shutil.copytree(DEMO / "audio", data / "audio")
+    rows = [
+        {"id": "../escape", "audio": "audio/en_a_008.flac", "text": "Library.", "speaker": "en_a", "language": "en"},
+        {"id": "a/b", "audio": "audio/en_a_009.flac", "text": "Thank you.", "speaker": "en_a", "language": "en"},
+        {"id": "bad", "audio": "audio/none.flac", "text": "Missing.", "speaker": "en_a", "language": "en"},
+    ]
+    manifest = data / "m.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "ev" / "out"
+    runner = CliRunner()
+    # a bad row: the hint names evaluate's own flag
+    r = runner.invoke(main, _eval_args(tiny_dir, eval_setup, manifest, out))
+    assert r.exit_code == 2 and "Fix the rows above, or pass --skip-invalid to evaluate the valid rows" in r.output
+    # --limit 0 is an error, never "every clip"
+    r = runner.invoke(main, _eval_args(tiny_dir, eval_setup, manifest, out, "--limit", "0", "--skip-invalid"))
+    assert r.exit_code == 2 and "--limit" in r.output and "0 is not in the range x>=1" in r.output
+    r = runner.invoke(main, _eval_args(tiny_dir, eval_setup, manifest, out, "--skip-invalid"))
+    assert r.exit_code == 0, r.output
+    assert "skipped m.jsonl:3 (id 'bad'):" in r.output
+    assert sorted(p.name for p in (out / "wavs").iterdir()) == ["%2E.%2Fescape.wav", "a%2Fb.wav"]
+    assert sorted(p.name for p in (tmp_path / "ev").iterdir()) == ["out"]  # nothing beside --out
+    doc = json.loads((out / "results.json").read_text())
+    assert [c["wav"] for c in doc["clips"]] == ["wavs/%2E.%2Fescape.wav", "wavs/a%2Fb.wav"]
+    assert [s["id"] for s in doc["settings"]["skipped_rows"]] == ["bad"]
+    r = runner.invoke(main, _eval_args(tiny_dir, eval_setup, manifest, out, "--skip-invalid", "--limit", "1"))
+    assert r.exit_code == 0 and "evaluated 1 clips" in r.output
+
+
+def test_safe_file_stem_is_injective_and_stays_in_the_folder(tmp_path):
+    ids = ["../x", "..%2Fx", "a/b", "a%2Fb", ".hidden", "%2Ehidden", "c\\d", "plain", ""]
+    stems = [safe_file_stem(i) for i in ids]
+    assert len(set(stems)) == len(ids)
+    assert all("/" not in s and "\\" not in s and not s.startswith(".") and s for s in stems)
+    assert safe_file_stem("plain") == "plain" and safe_file_stem("../x") == "%2E.%2Fx"
+
+
+# ---------------------------------------------------------------- 2, 12. generate: outputs, empty text, NaN reference
+
+
+def test_generate_batch_never_replaces_a_users_file_nor_writes_outside(tiny_dir, tmp_path):
+    from click.testing import CliRunner
+
+    from higgs_tune.app.cli import main
+
+    batch = tmp_path / "b" / "requests.jsonl"
+    batch.parent.mkdir()
+    (batch.parent / "notes.txt").write_text("my notes")
+    batch.write_text(json.dumps({"text": "Hello.", "out": "notes.txt"}) + "\n")
+    runner = CliRunner()
+    args = ["generate", "--model", str(tiny_dir), "--batch", str(batch), "--device", "cpu", "--max-new-tokens", "12"]
+    for extra in ([], ["--overwrite"]):
+        r = runner.invoke(main, args + extra)
+        assert r.exit_code == 2, r.output
+        assert f"{batch.parent / 'notes.txt'} exists and is not an audio file: higgs-tune never replaces it" in r.output
+    assert (batch.parent / "notes.txt").read_text() == "my notes"
+    batch.write_text(json.dumps({"text": "Hello.", "out": "../escape.wav"}) + "\n")
+    r = runner.invoke(main, args)
+    assert r.exit_code == 2 and "is outside the batch file's folder" in r.output
+    assert not (tmp_path / "escape.wav").exists()
+    # an earlier output WAV: replaced only with --overwrite
+    batch.write_text(json.dumps({"text": "Hello.", "out": "a.wav"}) + "\n")
+    assert runner.invoke(main, args).exit_code == 0
+    r = runner.invoke(main, args)
+    assert r.exit_code == 2 and "a.wav exists (pass --overwrite to replace earlier outputs)" in r.output
+    assert runner.invoke(main, args + ["--overwrite"]).exit_code == 0
+
+
+def test_generate_refuses_empty_text_and_a_nan_reference(tiny_dir, tmp_path):
+    import numpy as np
+    import soundfile as sf
+    from click.testing import CliRunner
+
+    from higgs_tune.app.cli import main
+
+    runner = CliRunner()
+    base = ["generate", "--model", str(tiny_dir), "--device", "cpu", "--out-dir", str(tmp_path / "g")]
+    for text in ("", "  \u200f ", "\u200b"):
+        r = runner.invoke(main, [*base, text])
+        assert r.exit_code == 2 and "TEXT 1 is empty (only whitespace or invisible characters)" in r.output
+    ref = tmp_path / "nan.wav"
+    wav = np.full(24000, 0.1, dtype=np.float32)
+    wav[100] = np.nan
+    sf.write(ref, wav, 24000, subtype="FLOAT")
+    r = runner.invoke(main, [*base, "Hello.", "--ref-audio", str(ref), "--ref-text", "Hi."])
+    assert r.exit_code == 2 and f"reference audio {ref} has 1 NaN/Inf sample(s)" in r.output
+    assert not (tmp_path / "g").exists()

@@ -93,7 +93,14 @@ class Problem:
 class ManifestError(DataError):
     """A manifest with problems. `problems` holds every one; the message lists them with the fix."""
 
-    def __init__(self, manifest: Path, problems: list[Problem], cache_dir: Path | None = None, skippable: bool = True):
+    def __init__(
+        self,
+        manifest: Path,
+        problems: list[Problem],
+        cache_dir: Path | None = None,
+        skippable: bool = True,
+        skip_hint: str = SKIP_HINT,
+    ):
         self.manifest = manifest
         self.problems = list(problems)
         rows = {p.row for p in problems if p.row is not None}
@@ -107,7 +114,7 @@ class ManifestError(DataError):
                 by_field[p.field] += 1
             counts = ", ".join(f"{n} {f}" for f, n in sorted(by_field.items()))
             lines.append(f"  ... and {len(self.problems) - MAX_LISTED_PROBLEMS} more ({counts})")
-        tail = f"Fix the rows above, or {SKIP_HINT}." if skippable and rows else "Fix the problems above."
+        tail = f"Fix the rows above, or {skip_hint}." if skippable and rows else "Fix the problems above."
         super().__init__("\n".join([head + ":", *lines, tail]))
 
 
@@ -155,12 +162,15 @@ class Validation:
     audio: dict[Path, AudioInfo]  # decoded files (targets and references), by resolved path
     fatal: list[Problem]  # problems of the file as a whole (no row to skip)
 
-    def raise_if_invalid(self, cache_dir: Path | None = None, skip_invalid: bool = False) -> None:
-        """Strict: any problem raises. Skip-invalid: only file-level problems or no valid row raise."""
+    def raise_if_invalid(
+        self, cache_dir: Path | None = None, skip_invalid: bool = False, skip_hint: str = SKIP_HINT
+    ) -> None:
+        """Strict: any problem raises. Skip-invalid: only file-level problems or no valid row raise.
+        `skip_hint`: how the command that reads the manifest skips bad rows (its own flag)."""
         if self.fatal:
             raise ManifestError(self.manifest, self.fatal + self.problems, cache_dir, skippable=False)
         if self.problems and not skip_invalid:
-            raise ManifestError(self.manifest, self.problems, cache_dir)
+            raise ManifestError(self.manifest, self.problems, cache_dir, skip_hint=skip_hint)
         if not self.rows:
             raise ManifestError(
                 self.manifest,

@@ -92,6 +92,7 @@ CSV_COLUMNS = (
     "num_frames",
     "wav",
 )
+EVAL_SKIP_HINT = "pass --skip-invalid to evaluate the valid rows (the others are listed in results.json)"
 # Whisper's encoder sees 30 s windows; longer outputs are transcribed with its long-form mode.
 WHISPER_WINDOW_S = 30.0
 
@@ -345,17 +346,23 @@ def evaluate_manifest(
     asr_batch_size: int = 8,
     asr_max_new_tokens: int = 128,
     limit: int | None = None,
+    skip_invalid: bool = False,
 ) -> dict:
-    """Generate every clip of `manifest`, score it, write results.json / results.csv / wavs; return the results dict."""
+    """Generate every clip of `manifest`, score it, write results.json / results.csv / wavs; return the results dict.
+
+    `limit`: the first N valid clips (N >= 1). `skip_invalid`: evaluate the valid rows of a
+    manifest with bad rows (the results' `skipped` lists the others) instead of refusing it."""
+    if limit is not None and limit < 1:
+        raise DataError(f"limit must be >= 1 (the number of clips to evaluate), got {limit}. Fix: omit it for all.")
     options = (options or SamplingOptions()).validate()
     out = Path(out_dir)
     rate = stack.sample_rate
     validation = validate_manifest(manifest, target_rate=rate)
-    validation.raise_if_invalid()
-    rows = validation.rows[:limit] if limit else validation.rows
+    validation.raise_if_invalid(skip_invalid=skip_invalid, skip_hint=EVAL_SKIP_HINT)
+    rows = validation.rows[:limit] if limit is not None else validation.rows
     if ref_manifest is not None:
         pool = validate_manifest(ref_manifest, target_rate=rate)
-        pool.raise_if_invalid()
+        pool.raise_if_invalid(skip_invalid=skip_invalid, skip_hint=EVAL_SKIP_HINT)
         pool_rows, pool_infos = pool.rows, pool.audio
     else:
         pool_rows, pool_infos = validation.rows, validation.audio
@@ -484,6 +491,8 @@ def evaluate_manifest(
         },
         "clips": clips,
     }
+    if skip_invalid:
+        results_doc["settings"]["skipped_rows"] = validation.rejects
     write_results(out, results_doc)
     return results_doc
 
