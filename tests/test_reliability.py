@@ -317,3 +317,67 @@ def test_generate_refuses_empty_text_and_a_nan_reference(tiny_dir, tmp_path):
     r = runner.invoke(main, [*base, "Hello.", "--ref-audio", str(ref), "--ref-text", "Hi."])
     assert r.exit_code == 2 and f"reference audio {ref} has 1 NaN/Inf sample(s)" in r.output
     assert not (tmp_path / "g").exists()
+
+
+# ---------------------------------------------------------------- 7. the cache a run trains on: content and codec
+
+
+def test_resume_refuses_a_cache_re_prepared_with_other_content(tiny_dir, demo_manifest, tmp_path):
+    from fixtures_data import prepare_demo_cache
+    from recipe_support import small_config
+
+    from higgs_tune.data.cache import CodeCache
+    from higgs_tune.errors import CheckpointError
+    from higgs_tune.train import recipe
+    from higgs_tune.train.checkpoint import read_manifest
+
+    data = tmp_path / "data"
+    shutil.copytree(demo_manifest.parent / "audio", data / "audio")
+    rows = demo_manifest.read_text().splitlines()
+    (data / "all.jsonl").write_text("\n".join(rows) + "\n")
+    (data / "some.jsonl").write_text("\n".join([r for r in rows if "ref_audio" not in r][:20]) + "\n")
+    cache = tmp_path / "cache"
+    prepare_demo_cache(data / "all.jsonl", tiny_dir, cache)
+    first = CodeCache.open(cache)
+    index = json.loads((cache / "index.json").read_text())
+    assert index["header"]["content_fingerprint"] == first.content_fingerprint  # recorded at prepare time
+    cfg = small_config(
+        tiny_dir,
+        cache,
+        None,
+        tmp_path / "run",
+        ["train.max_steps=2", "train.warmup_steps=0", "checkpoint.save_steps=1"],
+    )
+    result = recipe.train(cfg)
+    assert read_manifest(result.final_dir)["data"] == {
+        "train_cache": str(cache),
+        "train_cache_fingerprint": first.content_fingerprint,
+        "codec_fingerprint": first.codec_fingerprint,
+    }
+    # the same data prepared again: the same fingerprint (resuming is fine)
+    prepare_demo_cache(data / "all.jsonl", tiny_dir, cache, overwrite=True)
+    assert CodeCache.open(cache).content_fingerprint == first.content_fingerprint
+    # other data at the same path: resume refuses, naming the fix
+    prepare_demo_cache(data / "some.jsonl", tiny_dir, cache, overwrite=True)
+    assert CodeCache.open(cache).content_fingerprint != first.content_fingerprint
+    with pytest.raises(CheckpointError) as e:
+        recipe.train(cfg, resume="auto")
+    assert str(e.value).startswith(f"{result.final_dir} was trained on a cache with another content than {cache}")
+    assert f"--resume-weights-only {result.final_dir}" in str(e.value)
+
+
+def test_train_refuses_a_cache_encoded_by_another_codec(tiny_dir, demo_cache, tmp_path):
+    from recipe_support import small_config
+
+    from higgs_tune.data.pipeline import build_train_data
+    from higgs_tune.errors import DataError
+    from higgs_tune.model.load import load_processor
+    from higgs_tune.tiny import make_tiny
+
+    other = make_tiny(tmp_path / "other", seed=1)  # same shapes, other codec weights
+    cfg = small_config(other, demo_cache, None, tmp_path / "run")
+    with pytest.raises(DataError) as e:
+        build_train_data(cfg, load_processor(str(other), None))
+    assert str(e.value).startswith(f"{demo_cache} was encoded by another audio tokenizer (fingerprint ")
+    assert "Fix: prepare the cache again with the model you train" in str(e.value)
+    build_train_data(small_config(tiny_dir, demo_cache, None, tmp_path / "run"), load_processor(str(tiny_dir), None))

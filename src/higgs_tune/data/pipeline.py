@@ -12,6 +12,8 @@ from higgs_tune.data.cache import CodeCache
 from higgs_tune.data.collate import Collator, TokenBudgetBatchSampler
 from higgs_tune.data.dataset import TTSDataset, split_ids
 from higgs_tune.data.layout import SpecialTokens
+from higgs_tune.data.prepare import codec_fingerprint
+from higgs_tune.errors import DataError
 
 
 @dataclass
@@ -48,11 +50,30 @@ class TrainData:
             yield self.collator([self.eval_set[i] for i in indices])
 
 
+def check_cache_codec(cache: CodeCache, processor) -> None:
+    """Refuse a cache encoded by another audio tokenizer than the model's: its codes would mean
+    other sounds to the model (the loss falls, nothing useful is learned)."""
+    codec = getattr(processor, "audio_tokenizer", None)
+    if codec is None or not hasattr(codec, "state_dict"):
+        return
+    mine = codec_fingerprint(codec)
+    if mine != cache.codec_fingerprint:
+        source = cache.header.get("codec_source")
+        raise DataError(
+            f"{cache.cache_dir} was encoded by another audio tokenizer (fingerprint {cache.codec_fingerprint[:12]}, "
+            f"from {source!r}) than the one this model loads (fingerprint {mine[:12]}): its codes mean other sounds "
+            "to this model. Fix: prepare the cache again with the model you train "
+            f"(higgs-tune prepare MANIFEST --model MODEL --out {cache.cache_dir} --overwrite), or set "
+            "model.name_or_path / model.audio_tokenizer to the codec that made it."
+        )
+
+
 def build_train_data(cfg: Config, processor, *, num_replicas: int = 1, rank: int = 0) -> TrainData:
     """Caches -> datasets (train / held-out) -> sampler -> collator, exactly as training uses them."""
     d, seed = cfg.data, cfg.train.seed
     tokens = SpecialTokens.from_tokenizer(processor.tokenizer, processor)
     train_cache = CodeCache.open(d.train_cache)
+    check_cache_codec(train_cache, processor)
     common = dict(
         task=d.task,
         clone_probability=d.clone_probability,
@@ -67,7 +88,9 @@ def build_train_data(cfg: Config, processor, *, num_replicas: int = 1, rank: int
     train_set = TTSDataset(train_cache, tokens, processor.tokenizer, ids=train_ids, **common)
     eval_set = None
     if d.eval_cache:
-        eval_set = TTSDataset(CodeCache.open(d.eval_cache), tokens, processor.tokenizer, **common)
+        eval_cache = CodeCache.open(d.eval_cache)
+        check_cache_codec(eval_cache, processor)
+        eval_set = TTSDataset(eval_cache, tokens, processor.tokenizer, **common)
     elif eval_ids:
         eval_set = TTSDataset(train_cache, tokens, processor.tokenizer, ids=eval_ids, **common)
     sampler = TokenBudgetBatchSampler(

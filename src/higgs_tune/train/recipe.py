@@ -45,6 +45,8 @@ from higgs_tune.model.lora import apply_finetuning, load_trainable, parameter_re
 from higgs_tune.runfs import DATA_REPORT_FILE, PARAM_REPORT_FILE, SAMPLES_DIR, RunLock, claim, safe_file_stem
 from higgs_tune.train.checkpoint import (
     CheckpointManager,
+    check_resume_data,
+    data_identity,
     find_resume_checkpoint,
     is_fsdp,
     load_training_state,
@@ -169,6 +171,8 @@ def train(
     # --- data: tokenizer + codec, datasets, sampler; look at the first batches -----------------
     processor = load_processor(cfg.model.name_or_path, cfg.model.audio_tokenizer)
     data = build_train_data(cfg, processor, num_replicas=accelerator.num_processes, rank=accelerator.process_index)
+    if resume_from is not None and not resume_weights_only:  # the same data, before the model loads
+        check_resume_data(resume_from, data_identity(data.train_set.cache))
     stats = inspect_first_batches(data)
     if accelerator.is_main_process:
         text = render_batch_statistics(stats)
@@ -213,6 +217,7 @@ def train(
         sharded_root=wrapped if fsdp else None,
         weights_prefix="model.",
     )
+    checkpoints.data_identity = data_identity(data.train_set.cache)  # every checkpoint records its data
 
     # --- resume: optimizer, scheduler, RNG of this rank, step, data position -------------------
     step, epoch, state = 0, 0, None

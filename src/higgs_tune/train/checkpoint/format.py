@@ -113,7 +113,14 @@ def training_state(
 
 
 def write_checkpoint_files(
-    folder: Path, state: dict, config: Any, *, final: bool, eval_loss: float | None, metrics: Mapping[str, Any]
+    folder: Path,
+    state: dict,
+    config: Any,
+    *,
+    final: bool,
+    eval_loss: float | None,
+    metrics: Mapping[str, Any],
+    data: Mapping[str, Any] | None = None,
 ) -> dict:
     """Complete a checkpoint in `folder` (which already holds the weights); return its manifest.
 
@@ -142,6 +149,8 @@ def write_checkpoint_files(
         "torch_version": torch.__version__,
         "files": files,
     }
+    if data:  # what the run trained on: cache content and codec fingerprints (resume compares them)
+        manifest["data"] = dict(data)
     (folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     fsync_tree(folder)
     return manifest

@@ -163,6 +163,7 @@ class CheckpointManager:
         self.verify_weights = verify_weights
         self._estimate = estimate_bytes
         self._failures = 0
+        self.data_identity: dict | None = None  # recorded in every manifest ("data"); set by the recipe
         self.sharded_root, self.weights_prefix = sharded_root, weights_prefix
         if is_fsdp(accelerator) and sharded_root is None:
             raise CheckpointError("an FSDP run needs CheckpointManager(sharded_root=...) to gather the sharded state.")
@@ -379,7 +380,9 @@ class CheckpointManager:
                 rng=rng,
                 gathered=full is not None,
             )
-            manifest = write_checkpoint_files(tmp, state, config, final=final, eval_loss=eval_loss, metrics=metrics)
+            manifest = write_checkpoint_files(
+                tmp, state, config, final=final, eval_loss=eval_loss, metrics=metrics, data=self.data_identity
+            )
             check_written(tmp, manifest)
             if full is None:
                 self.verify_weights(tmp)
