@@ -381,3 +381,123 @@ def test_train_refuses_a_cache_encoded_by_another_codec(tiny_dir, demo_cache, tm
     assert str(e.value).startswith(f"{demo_cache} was encoded by another audio tokenizer (fingerprint ")
     assert "Fix: prepare the cache again with the model you train" in str(e.value)
     build_train_data(small_config(tiny_dir, demo_cache, None, tmp_path / "run"), load_processor(str(tiny_dir), None))
+
+
+# ---------------------------------------------------------------- 5, 6. checkpoints: verified wherever read
+
+
+@pytest.fixture(scope="module")
+def trained_run(tiny_dir, demo_cache, tmp_path_factory):
+    """A finished tiny run: checkpoint-1/ and final/ (step 2)."""
+    from recipe_support import small_config
+
+    from higgs_tune.train import recipe
+
+    cfg = small_config(
+        tiny_dir,
+        demo_cache,
+        None,
+        tmp_path_factory.mktemp("trained") / "run",
+        ["train.max_steps=2", "train.warmup_steps=0", "checkpoint.save_steps=1"],
+    )
+    return recipe.train(cfg).run_dir
+
+
+def _copy_run(run: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    return copy
+
+
+def _edit_manifest(ckpt: Path, edit) -> None:
+    path = ckpt / "manifest.json"
+    manifest = json.loads(path.read_text())
+    edit(manifest["files"])
+    path.write_text(json.dumps(manifest, indent=2))
+
+
+@pytest.mark.parametrize(
+    "edit,problem",
+    [
+        (
+            lambda files: files.pop("adapter_model.safetensors"),
+            "{ckpt}/adapter_model.safetensors is not listed in {ckpt}/manifest.json: weights added or replaced after "
+            "the save, which the checkpoint cannot vouch for.",
+        ),
+        (
+            lambda files: files["training_state.pt"].pop("bytes"),
+            "{ckpt}/manifest.json: the entry of training_state.pt lacks 'bytes' or 'sha256': the manifest is damaged.",
+        ),
+    ],
+    ids=["weights-unlisted", "entry-without-bytes"],
+)
+def test_resume_falls_back_when_the_manifest_omits_weights_or_a_field(trained_run, tmp_path, caplog, edit, problem):
+    from higgs_tune.errors import CheckpointError
+    from higgs_tune.train.checkpoint import CheckpointManager, find_resume_checkpoint, verify_checkpoint
+
+    run = _copy_run(trained_run, tmp_path)
+    ckpt = run / "final"
+    _edit_manifest(ckpt, edit)
+    with pytest.raises(CheckpointError) as e:
+        verify_checkpoint(ckpt)
+    assert str(e.value).startswith(problem.format(ckpt=ckpt))
+    caplog.set_level(logging.WARNING, logger="higgs_tune")
+    assert find_resume_checkpoint(run, "auto") == run / "checkpoint-1"
+    assert any(m.startswith(f"resume: skipping {ckpt}: {problem.format(ckpt=ckpt)}") for m in caplog.messages)
+    # the manager reads the same manifests (sizes) without a KeyError
+    cfg = make_cfg(run)
+    manager = CheckpointManager(run, None, cfg.checkpoint, lambda d: None, lambda d: None)
+    assert manager.latest == ckpt
+
+
+def _nan_adapter(ckpt: Path, fix_manifest: bool) -> None:
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from higgs_tune.runfs import sha256_file
+
+    path = ckpt / "adapter_model.safetensors"
+    tensors = load_file(str(path))
+    first = sorted(tensors)[0]
+    tensors[first] = torch.full_like(tensors[first], float("nan"))
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    if fix_manifest:  # a NaN model saved as such: the manifest vouches for the NaN bytes
+        _edit_manifest(
+            ckpt, lambda files: files.update({path.name: {"bytes": path.stat().st_size, "sha256": sha256_file(path)}})
+        )
+
+
+def test_export_and_generate_refuse_damaged_or_non_finite_weights(trained_run, tiny_dir, tmp_path):
+    from click.testing import CliRunner
+
+    from higgs_tune.app.cli import main
+
+    run = _copy_run(trained_run, tmp_path)
+    runner = CliRunner()
+
+    def export(ckpt):
+        return runner.invoke(main, ["export", str(tmp_path / "out"), "--adapter", str(ckpt), "--model", str(tiny_dir)])
+
+    def generate(ckpt):
+        args = ["generate", "Hello.", "--adapter", str(ckpt), "--model", str(tiny_dir), "--device", "cpu"]
+        return runner.invoke(main, [*args, "--out", str(tmp_path / "g.wav")])
+
+    # NaN weights the manifest vouches for: the non-finite check
+    _nan_adapter(run / "final", fix_manifest=True)
+    for result in (export(run / "final"), generate(run / "final")):
+        assert result.exit_code == 2, result.output
+        assert f"the weights loaded from {run / 'final'} hold NaN/Inf values (" in result.output
+    # weights changed after the save: the manifest check, before anything loads
+    _nan_adapter(run / "checkpoint-1", fix_manifest=False)
+    for result in (export(run / "checkpoint-1"), generate(run / "checkpoint-1")):
+        assert result.exit_code == 2, result.output
+        assert f"{run / 'checkpoint-1' / 'adapter_model.safetensors'} does not match its sha256" in result.output
+    # a truncated adapter without a manifest (a plain PEFT folder): a clear error, no SafetensorError traceback
+    peft = tmp_path / "peft"
+    shutil.copytree(trained_run / "final", peft)
+    (peft / "manifest.json").unlink()
+    weights = peft / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    result = export(peft)
+    assert result.exit_code == 2 and f"{weights} cannot be read (SafetensorError" in result.output, result.output
+    assert not (tmp_path / "out").exists() and not (tmp_path / "g.wav").exists()

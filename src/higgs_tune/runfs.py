@@ -356,32 +356,51 @@ def path_in_folder(folder: Path, name: str) -> Path:
 # ---------------------------------------------------------------- verifying a folder's manifest
 
 
+# Weight files of a checkpoint (a PEFT adapter or full fine-tune weights): every one on disk must be listed.
+WEIGHT_FILE_RE = re.compile(
+    r"^(?:adapter_config\.json|config\.json|.*\.safetensors|.*\.bin|.*\.safetensors\.index\.json)$"
+)
+
+
 def verify_listed_files(folder: Path, files: Any, required: tuple[str, ...] = ()) -> list[str]:
-    """Problems of the files a manifest lists ({relpath: {bytes, sha256}}): missing, wrong size or
-    hash, an entry without its fields, a path leaving the folder, a `required` file not listed.
-    Empty list: every listed file verifies. The first problem of each file, in order."""
+    """Problems (one sentence each) of the files a manifest lists ({relpath: {bytes, sha256}}):
+    missing, wrong size or hash, an entry without its fields, a path leaving the folder, a
+    `required` file not listed, a weight file on disk that the manifest does not list (weights
+    added or swapped after the save), no weights listed at all. Empty: every file verifies."""
     folder = Path(folder)
+    manifest = folder / MANIFEST_FILE
     if not isinstance(files, dict):
-        return ["the manifest's file list is missing or not a mapping"]
-    problems = [f"{req} is not listed in the manifest (it must be)" for req in required if req not in files]
+        return [f"{manifest} has no file list: the manifest is damaged."]
+    problems = [f"{manifest} does not list {req}: not a resumable checkpoint." for req in required if req not in files]
     for rel, meta in files.items():
         path = folder / rel
         if not isinstance(rel, str) or Path(rel).is_absolute() or ".." in Path(rel).parts:
-            problems.append(f"{rel!r}: not a path inside the folder")
+            problems.append(f"{manifest} lists {rel!r}, not a path inside the checkpoint: the manifest is damaged.")
             continue
         meta = meta if isinstance(meta, dict) else {}
         if not isinstance(meta.get("bytes"), int) or not isinstance(meta.get("sha256"), str):
-            problems.append(f"{rel}: its manifest entry lacks 'bytes' or 'sha256'")
+            problems.append(f"{manifest}: the entry of {rel} lacks 'bytes' or 'sha256': the manifest is damaged.")
             continue
         try:
             size = path.stat().st_size
         except FileNotFoundError:
-            problems.append(f"{path} is missing (listed in the manifest)")
+            problems.append(f"{path} is missing (listed in the manifest): the checkpoint is damaged.")
             continue
         if size != meta["bytes"]:
-            problems.append(f"{path} has {size} bytes, the manifest says {meta['bytes']}: truncated or changed")
+            problems.append(
+                f"{path} has {size} bytes, the manifest says {meta['bytes']}: the file is truncated or was changed."
+            )
         elif sha256_file(path) != meta["sha256"]:
-            problems.append(f"{path} does not match its sha256 in the manifest: corrupted or changed")
+            problems.append(f"{path} does not match its sha256 in the manifest: the file is corrupted or was changed.")
+    on_disk = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+    for rel in on_disk:
+        if WEIGHT_FILE_RE.match(Path(rel).name) and rel not in files:
+            problems.append(
+                f"{folder / rel} is not listed in {manifest}: weights added or replaced after the save, "
+                "which the checkpoint cannot vouch for."
+            )
+    if not any(isinstance(rel, str) and Path(rel).suffix in (".safetensors", ".bin") for rel in files):
+        problems.append(f"{manifest} lists no weights file (*.safetensors): the checkpoint is incomplete.")
     return problems
 
 

@@ -210,9 +210,8 @@ class CheckpointManager:
             except CheckpointError as e:
                 log.warning("checkpoint: %s is damaged and is not counted as a checkpoint of this run: %s", path, e)
                 continue
-            self._records[path.name] = _Record(
-                path.name, int(m["step"]), m.get("eval_loss"), sum(f["bytes"] for f in m["files"].values())
-            )
+            size = sum(f.get("bytes", 0) for f in m["files"].values() if isinstance(f, dict))  # resume verifies
+            self._records[path.name] = _Record(path.name, int(m["step"]), m.get("eval_loss"), size)
         if self._records and self._estimate is None:
             newest = max(self._records.values(), key=lambda r: r.step)
             self._estimate = newest.bytes
