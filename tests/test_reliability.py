@@ -501,3 +501,25 @@ def test_export_and_generate_refuse_damaged_or_non_finite_weights(trained_run, t
     result = export(peft)
     assert result.exit_code == 2 and f"{weights} cannot be read (SafetensorError" in result.output, result.output
     assert not (tmp_path / "out").exists() and not (tmp_path / "g.wav").exists()
+
+
+# ---------------------------------------------------------------- 10. every float of the config is finite
+
+
+@pytest.mark.parametrize(
+    "override,problem",
+    [
+        ("train.learning_rate=.nan", "train.learning_rate must be a finite number, got nan."),
+        ("checkpoint.min_free_gb=.nan", "checkpoint.min_free_gb must be a finite number, got nan."),
+        ("train.max_grad_norm=.nan", "train.max_grad_norm must be a finite number, got nan."),
+        ("train.learning_rate=.inf", "train.learning_rate must be a finite number, got inf."),
+        ("loss.audio_weight=-.inf", "loss.audio_weight must be a finite number, got -inf."),
+        ("train.adam_betas=[0.9, .nan]", "train.adam_betas must hold finite numbers, got [0.9, nan]."),
+    ],
+)
+def test_non_finite_config_floats_are_named_errors(tmp_path, override, problem):
+    from higgs_tune.config import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        make_cfg(tmp_path / "run", override)
+    assert e.value.problems == [problem]
