@@ -523,3 +523,55 @@ def test_non_finite_config_floats_are_named_errors(tmp_path, override, problem):
     with pytest.raises(ConfigError) as e:
         make_cfg(tmp_path / "run", override)
     assert e.value.problems == [problem]
+
+
+# ---------------------------------------------------------------- 9. voice cloning needs a second clip per speaker
+
+
+def test_voice_clone_warns_or_refuses_when_speakers_have_a_single_clip(tiny_dir, demo_manifest, tmp_path, caplog):
+    from fixtures_data import prepare_demo_cache
+    from recipe_support import small_config
+
+    from higgs_tune.data.pipeline import build_train_data
+    from higgs_tune.errors import DataError
+    from higgs_tune.model.load import load_processor
+
+    data = tmp_path / "data"
+    shutil.copytree(demo_manifest.parent / "audio", data / "audio")
+    rows = [json.loads(r) for r in demo_manifest.read_text().splitlines() if "ref_audio" not in r]
+    first = {}
+    for r in rows:
+        first.setdefault(r["speaker"], []).append(r)
+    speakers = sorted(first)
+    assert len(speakers) >= 3
+    mixed = first[speakers[0]][:2] + [first[s][0] for s in speakers[1:]]
+    alone = [first[s][0] for s in speakers]
+    for name, chosen in (("mixed", mixed), ("alone", alone)):
+        (data / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in chosen))
+        prepare_demo_cache(data / f"{name}.jsonl", tiny_dir, tmp_path / name)
+    processor = load_processor(str(tiny_dir), None)
+
+    def task_config(cache, task):
+        base = small_config(tiny_dir, cache, None, tmp_path / "run").to_dict()
+        base["data"].pop("clone_probability", None)
+        return config_from_dict(base, [f"data.task={task}"])
+
+    caplog.set_level(logging.WARNING, logger="higgs_tune")
+    build_train_data(task_config(tmp_path / "mixed", "voice_clone"), processor)
+    n = len(speakers) - 1
+    assert (
+        f"data: {n} of {len(speakers)} speaker(s) have a single clip and no ref_audio, so their samples are plain "
+        f"TTS, never voice cloning (data.task voice_clone): {', '.join(speakers[1:])}. Add a second clip (or "
+        "ref_audio) per speaker to clone those voices." in caplog.messages
+    )
+    with pytest.raises(DataError) as e:
+        build_train_data(task_config(tmp_path / "alone", "voice_clone"), processor)
+    assert str(e.value).startswith(
+        f"data.task is voice_clone but no speaker of {tmp_path / 'alone'} has a second clip or a ref_audio "
+        f"({', '.join(speakers)}): every sample would be plain TTS and no cloning would be trained."
+    )
+    caplog.clear()
+    build_train_data(task_config(tmp_path / "alone", "mixed"), processor)
+    assert any(
+        m.startswith(f"data: {len(speakers)} of {len(speakers)} speaker(s) have a single clip") for m in caplog.messages
+    )
