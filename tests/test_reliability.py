@@ -575,3 +575,95 @@ def test_voice_clone_warns_or_refuses_when_speakers_have_a_single_clip(tiny_dir,
     assert any(
         m.startswith(f"data: {len(speakers)} of {len(speakers)} speaker(s) have a single clip") for m in caplog.messages
     )
+
+
+# ---------------------------------------------------------------- 11, 14, 15. manifests and audio: the real cause
+
+
+def _tone(seconds=1.0, rate=24000, amplitude=0.3):
+    import numpy as np
+
+    t = np.arange(int(seconds * rate), dtype=np.float32) / rate
+    return (amplitude * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
+
+
+def _row(audio, text="Hello there.", **kw):
+    return json.dumps({"audio": audio, "text": text, "speaker": "s", "language": "en", **kw}) + "\n"
+
+
+def test_validation_names_the_real_cause_of_unusable_audio_and_text(tmp_path):
+    import soundfile as sf
+
+    from higgs_tune.data.manifest import validate_manifest
+
+    sf.write(tmp_path / "ok.wav", _tone(), 24000)
+    sf.write(tmp_path / "tiny_rate.wav", _tone(3, 1), 1)  # 3 samples at 1 Hz: "3 s"
+    (tmp_path / "empty.wav").write_bytes(b"")
+    os.symlink("loop_b.wav", tmp_path / "loop_a.wav")
+    os.symlink("loop_a.wav", tmp_path / "loop_b.wav")
+    os.symlink("gone.wav", tmp_path / "broken.wav")
+    sf.write(tmp_path / "hot.wav", _tone(amplitude=1.5), 24000, subtype="FLOAT")  # float WAV above 0 dBFS
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(
+        _row("ok.wav", id="ok")
+        + _row("tiny_rate.wav")
+        + _row("empty.wav")
+        + _row("loop_a.wav")
+        + _row("broken.wav")
+        + _row("ok.wav", text="\u200f \u200b\u2067 ", id="invisible")
+        + _row("hot.wav")
+    )
+    v = validate_manifest(manifest)
+    got = {(p.row, p.field): p.message for p in v.problems}
+    assert got == {
+        (2, "audio"): "'tiny_rate.wav' has a sample rate of 1 Hz, below 8000 Hz: not speech audio (a wrong header?)",
+        (3, "audio"): "'empty.wav' is an empty file (0 bytes): the copy or download did not finish",
+        (4, "audio"): "'loop_a.wav' is a symlink loop (the links point at each other, never at a file)",
+        (5, "audio"): "'broken.wav' is a broken symlink (it points to 'gone.wav', which does not exist)",
+        (6, "text"): "is only invisible characters",
+    }
+    assert [r.id for r in v.rows] == ["ok", "hot"]  # a clipping clip is kept, with a warning
+    (w,) = v.warnings
+    assert (w.row, w.field) == (7, "audio")
+    assert w.format("m.jsonl") == (
+        "m.jsonl:7 (id 'hot') audio: 'hot.wav' peaks at +3.5 dBFS, above full scale (0 dBFS): clipped as soon as it "
+        "is written as PCM, and likely distorted. Fix: normalise the clip below 0 dBFS, or check how it was scaled."
+    )
+
+
+def test_a_utf16_manifest_is_named_as_such(tmp_path):
+    import soundfile as sf
+
+    from higgs_tune.data.manifest import ManifestError, validate_manifest
+
+    sf.write(tmp_path / "ok.wav", _tone(), 24000)
+    for encoding in ("utf-16", "utf-16-le"):  # with and without a byte order mark
+        manifest = tmp_path / f"{encoding}.jsonl"
+        manifest.write_bytes(_row("ok.wav").encode(encoding))
+        v = validate_manifest(manifest)
+        with pytest.raises(ManifestError) as e:
+            v.raise_if_invalid()
+        assert (
+            f"{manifest.name} file: is UTF-16 encoded (a byte order mark or NUL bytes between the characters), not "
+            f"UTF-8. Fix: save it as UTF-8, e.g. iconv -f UTF-16 -t UTF-8 {manifest.name} > fixed.jsonl."
+            in str(e.value)
+        )
+        assert "latin1" not in str(e.value)
+
+
+def test_prepare_reports_a_clipping_clip_and_keeps_it(tiny_dir, tmp_path):
+    import soundfile as sf
+
+    from higgs_tune.data.prepare import prepare_manifest
+
+    sf.write(tmp_path / "a.wav", _tone(amplitude=1.25), 24000, subtype="FLOAT")
+    sf.write(tmp_path / "b.wav", _tone(), 24000)
+    (tmp_path / "m.jsonl").write_text(_row("a.wav") + _row("b.wav"))
+    notes = []
+    result = prepare_manifest(tmp_path / "m.jsonl", tiny_dir, tmp_path / "cache", progress=False, log=notes.append)
+    assert result.entries == 2
+    assert [n for n in notes if n.startswith("warning: ")] == [
+        "warning: m.jsonl:1 (id 'a') audio: 'a.wav' peaks at +1.9 dBFS, above full scale (0 dBFS): clipped as soon "
+        "as it is written as PCM, and likely distorted. "
+        "Fix: normalise the clip below 0 dBFS, or check how it was scaled."
+    ]

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import json
 import os
-import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
+from higgs_tune.data.manifest import visible_text
 from higgs_tune.errors import DataError
 
 REQUEST_KEYS = ("text", "ref_audio", "ref_text", "out", "id", "scene")
@@ -156,12 +156,6 @@ def default_output_name(index: int, text: str) -> str:
     stem = "".join(c if c.isalnum() else "-" for c in text.lower())[:32].strip("-")
     stem = "-".join(filter(None, stem.split("-")))
     return f"out-{index:02d}{'-' + stem if stem else ''}.wav"
-
-
-def visible_text(text: str) -> str:
-    """`text` without whitespace and invisible format characters (bidi marks such as U+200F,
-    zero-width joiners: Unicode category Cf) at either end; empty when nothing is left to speak."""
-    return "".join(c for c in text if unicodedata.category(c) != "Cf").strip()
 
 
 def check_output_files(paths: list[Path], overwrite: bool) -> None:
