@@ -369,18 +369,17 @@ def test_resume_refuses_a_cache_re_prepared_with_other_content(tiny_dir, demo_ma
 def test_train_refuses_a_cache_encoded_by_another_codec(tiny_dir, demo_cache, tmp_path):
     from recipe_support import small_config
 
-    from higgs_tune.data.pipeline import build_train_data
     from higgs_tune.errors import DataError
-    from higgs_tune.model.load import load_processor
     from higgs_tune.tiny import make_tiny
+    from higgs_tune.train import recipe
 
     other = make_tiny(tmp_path / "other", seed=1)  # same shapes, other codec weights
-    cfg = small_config(other, demo_cache, None, tmp_path / "run")
+    cfg = small_config(other, demo_cache, None, tmp_path / "run", ["train.max_steps=1", "train.warmup_steps=0"])
     with pytest.raises(DataError) as e:
-        build_train_data(cfg, load_processor(str(other), None))
+        recipe.train(cfg)
     assert str(e.value).startswith(f"{demo_cache} was encoded by another audio tokenizer (fingerprint ")
     assert "Fix: prepare the cache again with the model you train" in str(e.value)
-    build_train_data(small_config(tiny_dir, demo_cache, None, tmp_path / "run"), load_processor(str(tiny_dir), None))
+    assert not (tmp_path / "run" / "param_report.txt").exists()  # refused before the model loads
 
 
 # ---------------------------------------------------------------- 5, 6. checkpoints: verified wherever read

@@ -71,6 +71,13 @@ def check_cache_codec(cache: CodeCache, processor) -> None:
         )
 
 
+def check_data_codec(data: TrainData, processor) -> None:
+    """Training: the train (and held-out) caches were encoded by the model's own codec."""
+    for dataset in (data.train_set, data.eval_set):
+        if dataset is not None:
+            check_cache_codec(dataset.cache, processor)
+
+
 def speakers_without_reference(dataset: TTSDataset) -> list[str]:
     """Speakers none of whose clips can be voice-cloned: a single clip and no explicit ref_audio."""
     clips: dict[str, list] = {}
@@ -111,7 +118,6 @@ def build_train_data(cfg: Config, processor, *, num_replicas: int = 1, rank: int
     d, seed = cfg.data, cfg.train.seed
     tokens = SpecialTokens.from_tokenizer(processor.tokenizer, processor)
     train_cache = CodeCache.open(d.train_cache)
-    check_cache_codec(train_cache, processor)
     common = dict(
         task=d.task,
         clone_probability=d.clone_probability,
@@ -127,9 +133,7 @@ def build_train_data(cfg: Config, processor, *, num_replicas: int = 1, rank: int
     check_cloning_references(train_set, d.task)
     eval_set = None
     if d.eval_cache:
-        eval_cache = CodeCache.open(d.eval_cache)
-        check_cache_codec(eval_cache, processor)
-        eval_set = TTSDataset(eval_cache, tokens, processor.tokenizer, **common)
+        eval_set = TTSDataset(CodeCache.open(d.eval_cache), tokens, processor.tokenizer, **common)
     elif eval_ids:
         eval_set = TTSDataset(train_cache, tokens, processor.tokenizer, ids=eval_ids, **common)
     sampler = TokenBudgetBatchSampler(

@@ -37,7 +37,7 @@ from accelerate.utils import InitProcessGroupKwargs, set_seed
 
 from higgs_tune.config import Config, ConfigError
 from higgs_tune.data.inspect import batch_statistics, render_batch_statistics
-from higgs_tune.data.pipeline import TrainData, build_train_data, first_batches
+from higgs_tune.data.pipeline import TrainData, build_train_data, check_data_codec, first_batches
 from higgs_tune.errors import CheckpointError
 from higgs_tune.infer.generate import GenerationRequest, SamplingOptions, generate_speech, write_wav
 from higgs_tune.model.load import load_model, load_processor
@@ -171,6 +171,7 @@ def train(
     # --- data: tokenizer + codec, datasets, sampler; look at the first batches -----------------
     processor = load_processor(cfg.model.name_or_path, cfg.model.audio_tokenizer)
     data = build_train_data(cfg, processor, num_replicas=accelerator.num_processes, rank=accelerator.process_index)
+    check_data_codec(data, processor)  # codes of another codec mean other sounds to this model
     if resume_from is not None and not resume_weights_only:  # the same data, before the model loads
         check_resume_data(resume_from, data_identity(data.train_set.cache))
     stats = inspect_first_batches(data)
