@@ -146,6 +146,8 @@ def test_make_tiny_cli_refuses_without_overwrite(tmp_path):
     result = CliRunner().invoke(main, ["make-tiny", str(tmp_path)])
     assert result.exit_code == 2
     assert "not empty" in result.output and "--overwrite" in result.output
+    # --overwrite removes only what make-tiny wrote: a user's file makes it refuse (issue 15, point 4)
     result = CliRunner().invoke(main, ["make-tiny", str(tmp_path), "--overwrite"])
-    assert result.exit_code == 0, result.output
-    assert (tmp_path / "config.json").exists() and not (tmp_path / "keep.txt").exists()
+    assert result.exit_code == 2, result.output
+    assert "make-tiny did not write (keep.txt)" in result.output
+    assert (tmp_path / "keep.txt").read_text() == "x" and not (tmp_path / "config.json").exists()

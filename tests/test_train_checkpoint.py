@@ -25,7 +25,7 @@ import torch
 import yaml
 
 from higgs_tune.errors import CheckpointError
-from higgs_tune.runfs import format_bytes
+from higgs_tune.runfs import LOCK_FILE, OWNED_FILE, format_bytes
 from higgs_tune.train import checkpoint as ck
 from higgs_tune.train import distributed as dist_utils
 from higgs_tune.train.checkpoint import (
@@ -97,7 +97,8 @@ def snapshot(folder: Path) -> dict[str, str]:
 
 
 def listing(folder: Path) -> list[str]:
-    return sorted(os.listdir(folder))
+    # the ownership manifest and the run lock are bookkeeping (tests/test_reliability.py checks them)
+    return sorted(n for n in os.listdir(folder) if n not in (OWNED_FILE, LOCK_FILE))
 
 
 def weights(model) -> dict[str, torch.Tensor]:

@@ -300,3 +300,19 @@ def test_pre_shifted_labels_are_label_misaligned(model, tok, batch):
     assert codes(found) == ["label_misaligned"]
     assert "equal the NEXT column's input: the labels were shifted already" in found[0].message
     assert found[0].details["fraction_next_column"] == 1.0
+
+
+def test_nonfinite_stop_says_only_this_step_was_not_applied(model, tok):
+    """Issue 15, point 10: a NaN at step 2 may come from weights step 1 already updated; the
+    message must not claim that no NaN reached the weights."""
+    mon = monitor_for(model, tok)
+    nan = {"loss": float("nan"), "text_loss": float("nan"), "audio_loss": float("nan")}
+    with pytest.raises(TrainingHealthError) as e:
+        mon.check_step(2, nan, grad_norm=None, sample_ids=["a"])
+    msg = str(e.value)
+    assert "no NaN reaches the weights" not in msg
+    assert msg.endswith(
+        "Stopped before step 2's optimizer update (health.stop_on_nonfinite): this step's values were not applied. "
+        "Earlier steps' updates were: if one of them already made the weights non-finite (a non-finite learning "
+        "rate, an overflow), resume from a checkpoint saved before it."
+    )

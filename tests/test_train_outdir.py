@@ -13,7 +13,7 @@ import pytest
 
 from higgs_tune.config import config_from_dict
 from higgs_tune.errors import OutputDirError
-from higgs_tune.runfs import CONFIG_HEADER, format_bytes
+from higgs_tune.runfs import CONFIG_HEADER, LOCK_FILE, OWNED_FILE, claim, format_bytes
 from higgs_tune.train import outdir
 from higgs_tune.train.outdir import (
     checkpoints_on_disk,
@@ -38,7 +38,8 @@ def make_cfg(output_dir, *overrides: str):
 
 
 def listing(folder: Path) -> list[str]:
-    return sorted(os.listdir(folder))
+    """The folder's entries besides the bookkeeping files (ownership manifest, lock; tested on their own)."""
+    return sorted(n for n in os.listdir(folder) if n not in (OWNED_FILE, LOCK_FILE))
 
 
 def fake_free(monkeypatch, free: int) -> None:
@@ -194,6 +195,7 @@ def _earlier_run(out: Path, cfg) -> None:
         (out / name / "x.bin").write_bytes(b"1234")
     (out / "checkpoints.json").write_text("{}")
     (out / "metrics.jsonl").write_text("{}\n")
+    claim(out, "checkpoint-500", "checkpoint-1000", "samples", "checkpoints.json", "metrics.jsonl")  # as the writers do
 
 
 def test_foreign_folder_is_refused_even_with_overwrite(tmp_path):
@@ -252,7 +254,7 @@ def test_overwrite_space_check_counts_what_it_frees(tmp_path, monkeypatch):
     _earlier_run(other, make_cfg(other))
 
     def freed(folder):
-        return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+        return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and p.name not in (OWNED_FILE, LOCK_FILE))
 
     # 5 checkpoints x 1 MB needed: short without what --overwrite frees, enough with it
     fake_free(monkeypatch, 5 * MB - freed(out))
@@ -330,6 +332,7 @@ def test_resume_into_an_empty_folder_from_elsewhere(tmp_path):
 def test_our_artefacts_without_a_run_config_cannot_be_resumed(tmp_path):
     out = tmp_path / "run"
     (out / "checkpoint-500").mkdir(parents=True)
+    claim(out, "checkpoint-500")
     with pytest.raises(OutputDirError, match=r"holds higgs-tune artefacts but no config.yaml written by higgs-tune"):
         prepare_output_dir(make_cfg(out), resume="auto", estimate_bytes=MB)
 

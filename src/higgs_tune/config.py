@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -527,6 +528,10 @@ class Config:
         problems: list[str] = []
         for section_field in dataclasses.fields(self):
             name = section_field.name
+            nonfinite = _nonfinite_floats(name, getattr(self, name))
+            if nonfinite:  # the section's range checks would compare NaN: report only this
+                problems += nonfinite
+                continue
             problems += getattr(self, name).validate(self._was_given(name, given))
             if name in links:
                 problems += links[name]()
@@ -744,6 +749,20 @@ def _type_name(hint) -> str:
             hint.__name__, hint.__name__
         )
     return str(hint).replace("typing.", "")
+
+
+def _nonfinite_floats(section: str, obj) -> list[str]:
+    """Every float setting (and float list item) of a section must be a finite number: `.nan` and
+    `.inf` are valid YAML floats but no valid learning rate, norm or size."""
+    problems = []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        items = value if isinstance(value, list) else [value]
+        bad = [v for v in items if isinstance(v, float) and not math.isfinite(v)]
+        if bad:
+            what = "must hold finite numbers" if isinstance(value, list) else "must be a finite number"
+            problems.append(f"{section}.{f.name} {what}, got {value!r}.")
+    return problems
 
 
 # YAML 1.1 (PyYAML) reads `3e-4` as a string (it wants `3.0e-4`): accept such numbers for floats.

@@ -18,13 +18,22 @@ removes a folder so that it disappears whole.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
+import socket
+import sys
+import time
 from pathlib import Path
 from typing import Any
+
+from higgs_tune.errors import OutputDirError
+
+log = logging.getLogger("higgs_tune.runfs")
 
 # ---------------------------------------------------------------- run-folder names
 
@@ -64,6 +73,7 @@ WAVS_DIR = "wavs"
 TMP_PREFIX = ".tmp-"
 TRASH_PREFIX = ".old-"
 PROBE_PREFIX = ".higgs-tune-probe-"  # the write probe of the output-dir check
+LOCK_FILE = ".higgs-tune.lock"  # held (flock) by the process running in the folder; see RunLock
 
 # Top-level names higgs-tune writes into a run folder (files and folders). `--overwrite` removes only these.
 RUN_FILES = frozenset(
@@ -230,3 +240,273 @@ def format_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
         n /= 1000
     return f"{n:.2f} TB"
+
+
+# ---------------------------------------------------------------- ownership: what higgs-tune wrote
+
+# The ownership manifest of a folder higgs-tune writes into (a run folder, a make-tiny folder):
+# the top-level names it created there. `--overwrite` removes exactly these and refuses when
+# anything else is in the folder; a file name alone never makes a file ours.
+OWNED_FILE = ".higgs-tune-owned.json"
+OWNED_FORMAT = "higgs-tune-owned"
+
+
+def owned_names(folder: Path) -> set[str]:
+    """The top-level names the ownership manifest of `folder` lists (empty without one)."""
+    path = Path(folder) / OWNED_FILE
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return set()
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return set()  # unreadable: nothing is provably ours, so --overwrite refuses and names the files
+    if not isinstance(data, dict) or data.get("format") != OWNED_FORMAT or not isinstance(data.get("entries"), list):
+        return set()
+    return {e for e in data["entries"] if isinstance(e, str) and e and "/" not in e and e not in (".", "..")}
+
+
+def claim(folder: Path, *names: str) -> None:
+    """Record that higgs-tune created the top-level entries `names` of `folder` (atomic update)."""
+    folder = Path(folder)
+    have = owned_names(folder)
+    new = {n for n in names if n and n != OWNED_FILE} - have
+    if not new and (folder / OWNED_FILE).is_file():
+        return
+    write_json_atomic(folder / OWNED_FILE, {"format": OWNED_FORMAT, "entries": sorted(have | new)})
+
+
+def disown(folder: Path, *names: str) -> None:
+    """Forget entries higgs-tune removed (a rotated checkpoint)."""
+    folder = Path(folder)
+    have = owned_names(folder)
+    if have & set(names):
+        write_json_atomic(folder / OWNED_FILE, {"format": OWNED_FORMAT, "entries": sorted(have - set(names))})
+
+
+def split_owned(folder: Path, ignore: tuple[str, ...] = ()) -> tuple[list[Path], list[str]]:
+    """(entries of `folder` higgs-tune created, names of the others), sorted.
+
+    Ours: listed in the ownership manifest, plus the manifest itself, the lock file and the
+    leftovers named with a pid (`.tmp-*`, `.old-*`, the write probe). `ignore`: names left out of both.
+    """
+    folder = Path(folder)
+    listed = owned_names(folder)
+    ours, foreign = [], []
+    for entry in sorted(folder.iterdir()):
+        name = entry.name
+        if name in ignore:
+            continue
+        bookkeeping = name in (OWNED_FILE, LOCK_FILE) or name.startswith(PROBE_PREFIX)
+        if name in listed or bookkeeping or LEFTOVER_RE.match(name):
+            ours.append(entry)
+        else:
+            foreign.append(name)
+    return ours, foreign
+
+
+def remove_owned(folder: Path, entries: list[Path]) -> None:
+    """Remove entries (folders renamed away first, so none is left half-deleted); the manifest last."""
+    folder = Path(folder)
+    manifest = folder / OWNED_FILE
+    for entry in entries:
+        if entry == manifest:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            discard_dir(entry)
+        elif entry.exists() or entry.is_symlink():
+            entry.unlink()
+    if manifest in entries or manifest.exists():
+        manifest.unlink(missing_ok=True)
+    fsync_path(folder)
+
+
+def describe_names(names: list[str], limit: int = 5) -> str:
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+# ---------------------------------------------------------------- safe output names
+
+
+def safe_file_stem(name: str) -> str:
+    """A file name derived from an id that cannot leave its folder: path separators, NUL, `%`
+    and a leading dot are percent-escaped (injective: two ids never share a name)."""
+    out = []
+    for i, c in enumerate(str(name)):
+        if c in "%/\\\0" or (i == 0 and c == ".") or ord(c) < 32:
+            out.append(f"%{ord(c):02X}")
+        else:
+            out.append(c)
+    return "".join(out) or "%00"
+
+
+def inside_folder(path: Path, folder: Path) -> bool:
+    """True when `path` (resolved, symlinks followed) lies inside `folder`."""
+    try:
+        Path(path).resolve().relative_to(Path(folder).resolve())
+    except ValueError:
+        return False
+    return True
+
+
+def path_in_folder(folder: Path, name: str) -> Path:
+    """folder/<safe_file_stem(name)>: a path that is certain to lie inside `folder`."""
+    path = Path(folder) / safe_file_stem(name)
+    if path.parent != Path(folder):
+        raise ValueError(f"{name!r} does not make a file name inside {folder}")
+    return path
+
+
+# ---------------------------------------------------------------- verifying a folder's manifest
+
+
+# Weight files of a checkpoint (a PEFT adapter or full fine-tune weights): every one on disk must be listed.
+WEIGHT_FILE_RE = re.compile(
+    r"^(?:adapter_config\.json|config\.json|.*\.safetensors|.*\.bin|.*\.safetensors\.index\.json)$"
+)
+
+
+def verify_listed_files(folder: Path, files: Any, required: tuple[str, ...] = ()) -> list[str]:
+    """Problems (one sentence each) of the files a manifest lists ({relpath: {bytes, sha256}}):
+    missing, wrong size or hash, an entry without its fields, a path leaving the folder, a
+    `required` file not listed, a weight file on disk that the manifest does not list (weights
+    added or swapped after the save), no weights listed at all. Empty: every file verifies."""
+    folder = Path(folder)
+    manifest = folder / MANIFEST_FILE
+    if not isinstance(files, dict):
+        return [f"{manifest} has no file list: the manifest is damaged."]
+    problems = [f"{manifest} does not list {req}: not a resumable checkpoint." for req in required if req not in files]
+    for rel, meta in files.items():
+        path = folder / rel
+        if not isinstance(rel, str) or Path(rel).is_absolute() or ".." in Path(rel).parts:
+            problems.append(f"{manifest} lists {rel!r}, not a path inside the checkpoint: the manifest is damaged.")
+            continue
+        meta = meta if isinstance(meta, dict) else {}
+        if not isinstance(meta.get("bytes"), int) or not isinstance(meta.get("sha256"), str):
+            problems.append(f"{manifest}: the entry of {rel} lacks 'bytes' or 'sha256': the manifest is damaged.")
+            continue
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            problems.append(f"{path} is missing (listed in the manifest): the checkpoint is damaged.")
+            continue
+        if size != meta["bytes"]:
+            problems.append(
+                f"{path} has {size} bytes, the manifest says {meta['bytes']}: the file is truncated or was changed."
+            )
+        elif sha256_file(path) != meta["sha256"]:
+            problems.append(f"{path} does not match its sha256 in the manifest: the file is corrupted or was changed.")
+    on_disk = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+    for rel in on_disk:
+        if WEIGHT_FILE_RE.match(Path(rel).name) and rel not in files:
+            problems.append(
+                f"{folder / rel} is not listed in {manifest}: weights added or replaced after the save, "
+                "which the checkpoint cannot vouch for."
+            )
+    if not any(isinstance(rel, str) and Path(rel).suffix in (".safetensors", ".bin") for rel in files):
+        problems.append(f"{manifest} lists no weights file (*.safetensors): the checkpoint is incomplete.")
+    return problems
+
+
+# ---------------------------------------------------------------- the run-folder lock
+
+
+class RunLock:
+    """An exclusive lock on a run folder, held for the whole run: `RUN_FOLDER/.higgs-tune.lock`.
+
+    `fcntl.flock` on the open file: the OS releases it when the process ends, however it ends
+    (a crash or SIGKILL included), so a lock is never stuck. The file holds who took it (pid,
+    host, start time, command) so that a second run can say who holds it. A lock file left by
+    a dead process (its flock is free) is reported and taken over. One process re-locking a
+    folder it already holds (a run that raised, then a retry in the same notebook) takes its
+    own lock back. `release()` removes the file.
+    """
+
+    _held: dict[str, RunLock] = {}  # resolved folder -> the lock this process holds
+
+    def __init__(self, folder: Path, fd: int):
+        self.folder, self.fd = Path(folder), fd
+        self.path = self.folder / LOCK_FILE
+
+    @classmethod
+    def acquire(cls, folder: Path) -> RunLock:
+        folder = Path(folder)
+        key = str(folder.resolve())
+        if key in cls._held:
+            return cls._held[key]
+        path = folder / LOCK_FILE
+        for _ in range(10):
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _read_holder(fd)
+                os.close(fd)
+                raise OutputDirError(
+                    f"{folder} is in use by another higgs-tune run ({_describe_holder(holder)}; lock file {path}). "
+                    "Two runs in one folder would overwrite each other's checkpoints and metrics: wait for it to end, "
+                    "stop it, or choose another checkpoint.output_dir."
+                ) from None
+            except OSError:
+                os.close(fd)
+                raise
+            try:  # the file may have been removed (released) between our open and our flock: retry
+                same = os.fstat(fd).st_ino == os.stat(path).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:
+                os.close(fd)
+                continue
+            stale = _read_holder(fd)
+            if stale:
+                log.warning(
+                    "run lock: %s was left by %s, which no longer holds it (the process ended without releasing it, "
+                    "e.g. killed); taking it over",
+                    path,
+                    _describe_holder(stale),
+                )
+            info = {
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+                "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "command": " ".join(sys.argv)[:300],
+            }
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (json.dumps(info) + "\n").encode("utf-8"), 0)
+            os.fsync(fd)
+            lock = cls(folder, fd)
+            cls._held[key] = lock
+            return lock
+        raise OutputDirError(f"{path}: could not take the run lock (the file keeps being replaced).")
+
+    def release(self) -> None:
+        if self.fd < 0:
+            return
+        self._held.pop(str(self.folder.resolve()), None)
+        try:
+            self.path.unlink(missing_ok=True)  # while still holding it: nobody locks a file being removed
+        finally:
+            os.close(self.fd)  # closing releases the flock
+            self.fd = -1
+
+    @classmethod
+    def release_folder(cls, folder: Path) -> None:
+        """Release this process's lock on `folder`, if it holds one."""
+        lock = cls._held.get(str(Path(folder).resolve()))
+        if lock is not None:
+            lock.release()
+
+
+def _read_holder(fd: int) -> dict:
+    try:
+        data = json.loads(os.pread(fd, 4096, 0).decode("utf-8") or "{}")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {"unreadable": True}
+    return data if isinstance(data, dict) else {"unreadable": True}
+
+
+def _describe_holder(holder: dict) -> str:
+    if not holder or holder.get("unreadable"):
+        return "holder unknown"
+    return f"pid {holder.get('pid')} on host {holder.get('host')}, started {holder.get('started')}" + (
+        f": {holder['command']}" if holder.get("command") else ""
+    )

@@ -49,6 +49,8 @@ from higgs_tune.runfs import (
     RESULTS_JSON,
     SAMPLES_DIR,
     atomic_write_bytes,
+    claim,
+    owned_names,
 )
 
 EVAL_RESULTS = Path(EVAL_DIR) / RESULTS_JSON
@@ -477,5 +479,8 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, *, max_audi
     data = collect_run(run_dir)
     path = Path(out) if out is not None else Path(run_dir) / REPORT_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
+    ours = out is None and (not path.exists() or REPORT_FILE in owned_names(run_dir))
     atomic_write_bytes(path, render_report(data, max_audio_mb=max_audio_mb).encode("utf-8"))
+    if ours:
+        claim(run_dir, REPORT_FILE)  # --overwrite of the run folder may remove it
     return path

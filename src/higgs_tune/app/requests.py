@@ -8,9 +8,11 @@ default_output_name(1, "Hello there.")                 # out-01-hello-there.wav
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from higgs_tune.data.manifest import visible_text
 from higgs_tune.errors import DataError
 
 REQUEST_KEYS = ("text", "ref_audio", "ref_text", "out", "id", "scene")
@@ -69,7 +71,7 @@ def read_batch_file(path: str | Path) -> list[FileRequest]:
             problems.append(f"{where}: {', '.join(bad)} must be strings")
             continue
         for key in ("text", "out"):
-            if not (row.get(key) or "").strip():
+            if not visible_text(row.get(key) or ""):
                 problems.append(f"{where}: {key!r} is missing or empty")
         if bool(row.get("ref_audio")) != bool(row.get("ref_text")):
             problems.append(
@@ -78,9 +80,15 @@ def read_batch_file(path: str | Path) -> list[FileRequest]:
         ref_audio = root / row["ref_audio"] if row.get("ref_audio") else None
         if ref_audio is not None and not ref_audio.is_file():
             problems.append(f"{where}: ref_audio {row['ref_audio']!r} not found (looked for {ref_audio})")
-        if not (row.get("text") or "").strip() or not (row.get("out") or "").strip():
+        if not visible_text(row.get("text") or "") or not visible_text(row.get("out") or ""):
             continue
-        target = root / row["out"]
+        target = Path(os.path.normpath(root / row["out"]))
+        if Path(row["out"]).is_absolute() or not (root == target.parent or root in target.parents):
+            problems.append(
+                f"{where}: out {row['out']!r} is outside the batch file's folder {root}: write it relative to that "
+                "folder, without '..'"
+            )
+            continue
         if target in outs:
             problems.append(f"{where}: out {row['out']!r} is also the output of line {outs[target]}")
         outs[target] = number
@@ -149,3 +157,29 @@ def default_output_name(index: int, text: str) -> str:
     stem = "".join(c if c.isalnum() else "-" for c in text.lower())[:32].strip("-")
     stem = "-".join(filter(None, stem.split("-")))
     return f"out-{index:02d}{'-' + stem if stem else ''}.wav"
+
+
+def check_output_files(paths: list[Path], overwrite: bool) -> None:
+    """Refuse, before any model loads, to replace an existing file without --overwrite, and to
+    replace anything but an audio file (an earlier output) even with it. One DataError lists all."""
+    import soundfile as sf
+
+    existing = [p for p in paths if p.exists() or p.is_symlink()]
+    problems = []
+    for p in existing:
+        if p.is_dir():
+            problems.append(f"{p} is a folder")
+            continue
+        try:
+            sf.info(str(p))
+        except Exception:  # noqa: BLE001 - soundfile raises several types for a non-audio file
+            problems.append(f"{p} exists and is not an audio file: higgs-tune never replaces it")
+            continue
+        if not overwrite:
+            problems.append(f"{p} exists (pass --overwrite to replace earlier outputs)")
+    if problems:
+        raise DataError(
+            f"{len(problems)} output path(s) cannot be written:\n"
+            + "\n".join(f"  - {p}" for p in problems)
+            + "\nFix: choose other output names or folder."
+        )

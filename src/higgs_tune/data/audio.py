@@ -18,8 +18,10 @@ clips with long pauses sound equally loud (pauses lower the RMS).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +29,7 @@ import numpy as np
 import soundfile as sf
 import soxr
 
+MIN_SAMPLE_RATE = 8000  # telephone speech; anything lower is a broken header, not audio
 DEFAULT_MIN_SECONDS = 0.3
 DEFAULT_MAX_SECONDS = 30.0
 # Peak below this (after the mono mix) counts as silence: -60 dBFS = 0.001 of full scale.
@@ -52,9 +55,11 @@ def read_audio(path: str | Path) -> tuple[np.ndarray, int]:
     """
     path = Path(path)
     if not path.exists():
-        raise AudioReadError("file not found")
+        raise AudioReadError(_why_missing(path))
     if not path.is_file():
         raise AudioReadError("not a file")
+    if path.stat().st_size == 0:
+        raise AudioReadError("is an empty file (0 bytes): the copy or download did not finish")
     try:
         samples, sample_rate = sf.read(str(path), dtype="float32", always_2d=True)
     except sf.SoundFileError as e:
@@ -64,6 +69,21 @@ def read_audio(path: str | Path) -> tuple[np.ndarray, int]:
     except OSError as e:
         raise AudioReadError(f"cannot read ({e.strerror or e})") from e
     return samples, int(sample_rate)
+
+
+def _why_missing(path: Path) -> str:
+    """Why `path` cannot be opened although it may be named in the folder: a symlink loop, a
+    symlink to nothing, or simply no such file ("file not found")."""
+    try:
+        os.stat(path)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "is a symlink loop (the links point at each other, never at a file)"
+        if path.is_symlink():
+            return f"is a broken symlink (it points to {os.readlink(path)!r}, which does not exist)"
+        if e.errno == errno.EACCES:
+            return "cannot be reached (permission denied on a folder of its path)"
+    return "file not found"
 
 
 def content_sha256(samples: np.ndarray, sample_rate: int) -> str:
@@ -128,6 +148,20 @@ class AudioInfo:
     peak_dbfs: float  # after the mono mix
     sha256: str  # content_sha256 of the decoded samples
     codec_samples: int  # length after mono mix + resampling to the codec rate
+    raw_peak: float = 0.0  # largest |sample| of any channel (1.0 = full scale, 0 dBFS)
+
+    @property
+    def warnings(self) -> list[tuple[str, str]]:
+        """(warning, fix) of what is usable but suspicious (validation reports it, prepare goes on)."""
+        if self.raw_peak > 1.0:
+            return [
+                (
+                    f"peaks at {dbfs(self.raw_peak):+.1f} dBFS, above full scale (0 dBFS): clipped as soon as it is "
+                    "written as PCM, and likely distorted",
+                    "normalise the clip below 0 dBFS, or check how it was scaled",
+                )
+            ]
+        return []
 
 
 def inspect_audio(
@@ -145,15 +179,26 @@ def inspect_audio(
     try:
         samples, sr = read_audio(path)
     except AudioReadError as e:
-        fix = (
-            "correct the path or remove the row"
-            if str(e) == "file not found"
-            else "re-export the file (WAV or FLAC) or remove the row"
-        )
+        reason = str(e)
+        if reason == "file not found":
+            fix = "correct the path or remove the row"
+        elif "symlink" in reason:
+            fix = "point the link at the audio file (ls -l shows where it points) or remove the row"
+        elif "0 bytes" in reason:
+            fix = "copy the file again from its source or remove the row"
+        else:
+            fix = "re-export the file (WAV or FLAC) or remove the row"
         return None, [(str(e), fix)]
     n = samples.shape[0]
     if n == 0:
         return None, [("has no samples (empty audio)", "re-export the file or remove the row")]
+    if sr < MIN_SAMPLE_RATE:
+        return None, [
+            (
+                f"has a sample rate of {sr} Hz, below {MIN_SAMPLE_RATE} Hz: not speech audio (a wrong header?)",
+                "re-export the file with its real sample rate (16-48 kHz for speech) or remove the row",
+            )
+        ]
     finite = np.isfinite(samples)
     if not finite.all():
         bad = int(samples.size - finite.sum())
@@ -193,5 +238,6 @@ def inspect_audio(
         peak_dbfs=peak,
         sha256=content_sha256(samples, sr),
         codec_samples=codec_samples,
+        raw_peak=float(np.max(np.abs(samples))),
     )
     return info, problems

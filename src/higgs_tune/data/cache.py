@@ -29,6 +29,8 @@ finished shards; `CodeCache.open` refuses an incomplete cache.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
 import re
@@ -163,6 +165,10 @@ class CodeCache:
         self.frame_rate: int = header["frame_rate"]
         self.sample_rate: int = header["sample_rate"]
         self.codec_fingerprint: str = header["codec_fingerprint"]
+        # what the cache holds (recorded by prepare; computed for caches written before it was)
+        self.content_fingerprint: str = header.get("content_fingerprint") or content_fingerprint(
+            [dataclasses.asdict(e) for e in entries], header
+        )
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -302,6 +308,20 @@ class CodeCache:
         return cls(cache_dir, header, entries, codes, rejects)
 
 
+# the fields of an entry that make up what is trained on (not where the audio file was)
+_CONTENT_FIELDS = ("id", "key", "ref_key", "text", "ref_text", "speaker", "language", "scene", "num_frames")
+
+
+def content_fingerprint(entries: list[dict], header: dict) -> str:
+    """sha256 of what a cache holds: every entry's content key (decoded audio + preprocessing),
+    texts, speaker, language, reference, frames, and the codec that encoded it. Cheap: the keys
+    already hash the audio, so no code is read. A cache re-prepared from other data at the same
+    path gets another fingerprint; one rebuilt from the same data, the same one."""
+    rows = [[e.get(k) for k in _CONTENT_FIELDS] for e in entries]
+    data = {"codec": header.get("codec_fingerprint"), "preprocessing": header.get("preprocessing"), "entries": rows}
+    return hashlib.sha256(json.dumps(data, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
 class CacheWriter:
     """Adds shards to a cache folder and finally writes the entries; resumes what a run left.
 
@@ -379,6 +399,7 @@ class CacheWriter:
         atomic_write_bytes(
             self.dir / REJECTS_NAME, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejects).encode("utf-8")
         )
+        self.header["content_fingerprint"] = content_fingerprint(entries, self.header)
         self._write_index(complete=True, entries=entries, num_rejects=len(rejects))
         for name in unused:
             (self.dir / name).unlink()

@@ -26,6 +26,7 @@ import dataclasses
 import difflib
 import json
 import os
+import unicodedata
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,7 +94,14 @@ class Problem:
 class ManifestError(DataError):
     """A manifest with problems. `problems` holds every one; the message lists them with the fix."""
 
-    def __init__(self, manifest: Path, problems: list[Problem], cache_dir: Path | None = None, skippable: bool = True):
+    def __init__(
+        self,
+        manifest: Path,
+        problems: list[Problem],
+        cache_dir: Path | None = None,
+        skippable: bool = True,
+        skip_hint: str = SKIP_HINT,
+    ):
         self.manifest = manifest
         self.problems = list(problems)
         rows = {p.row for p in problems if p.row is not None}
@@ -107,7 +115,7 @@ class ManifestError(DataError):
                 by_field[p.field] += 1
             counts = ", ".join(f"{n} {f}" for f, n in sorted(by_field.items()))
             lines.append(f"  ... and {len(self.problems) - MAX_LISTED_PROBLEMS} more ({counts})")
-        tail = f"Fix the rows above, or {SKIP_HINT}." if skippable and rows else "Fix the problems above."
+        tail = f"Fix the rows above, or {skip_hint}." if skippable and rows else "Fix the problems above."
         super().__init__("\n".join([head + ":", *lines, tail]))
 
 
@@ -154,13 +162,17 @@ class Validation:
     problems: list[Problem]  # every problem, by row
     audio: dict[Path, AudioInfo]  # decoded files (targets and references), by resolved path
     fatal: list[Problem]  # problems of the file as a whole (no row to skip)
+    warnings: list[Problem] = field(default_factory=list)  # usable but suspicious (clipping): reported, kept
 
-    def raise_if_invalid(self, cache_dir: Path | None = None, skip_invalid: bool = False) -> None:
-        """Strict: any problem raises. Skip-invalid: only file-level problems or no valid row raise."""
+    def raise_if_invalid(
+        self, cache_dir: Path | None = None, skip_invalid: bool = False, skip_hint: str = SKIP_HINT
+    ) -> None:
+        """Strict: any problem raises. Skip-invalid: only file-level problems or no valid row raise.
+        `skip_hint`: how the command that reads the manifest skips bad rows (its own flag)."""
         if self.fatal:
             raise ManifestError(self.manifest, self.fatal + self.problems, cache_dir, skippable=False)
         if self.problems and not skip_invalid:
-            raise ManifestError(self.manifest, self.problems, cache_dir)
+            raise ManifestError(self.manifest, self.problems, cache_dir, skip_hint=skip_hint)
         if not self.rows:
             raise ManifestError(
                 self.manifest,
@@ -180,6 +192,13 @@ def _resolve(root: Path, written: str) -> tuple[Path, bool]:
     return full, full == root or root in full.parents
 
 
+def visible_text(text: str) -> str:
+    """`text` without invisible format characters (Unicode category Cf: bidi marks such as
+    U+200F, zero-width spaces and joiners) and surrounding whitespace: empty when nothing is
+    left to speak."""
+    return "".join(c for c in text if unicodedata.category(c) != "Cf").strip()
+
+
 def _check_str(d: _Draft, key: str, *, required: bool, non_empty: bool = True) -> str | None:
     if key not in d.values or (not required and d.values[key] is None):
         return None
@@ -191,8 +210,10 @@ def _check_str(d: _Draft, key: str, *, required: bool, non_empty: bool = True) -
             f'write it as a JSON string, e.g. "{key}": "..."',
         )
         return None
-    if non_empty and not value.strip():
-        what = "empty or whitespace-only" if value else "empty"
+    if non_empty and not visible_text(value):
+        what = (
+            "empty" if not value else ("empty or whitespace-only" if not value.strip() else "only invisible characters")
+        )
         d.add(
             key,
             f"is {what}",
@@ -237,6 +258,16 @@ def _parse_rows(manifest: Path, root: Path, allow_outside_root: bool) -> tuple[l
 
     drafts: list[_Draft] = []
     fatal: list[Problem] = []
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")) or (len(data) >= 4 and data.count(b"\x00") * 4 >= len(data)):
+        fatal.append(
+            Problem(
+                None,
+                "file",
+                "is UTF-16 encoded (a byte order mark or NUL bytes between the characters), not UTF-8",
+                f"save it as UTF-8, e.g. iconv -f UTF-16 -t UTF-8 {manifest.name} > fixed.jsonl",
+            )
+        )
+        return drafts, fatal
     lines = data.split(b"\n")
     for number, raw in enumerate(lines, start=1):
         if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
@@ -423,8 +454,23 @@ def validate_manifest(
             )
         )
     problems = [p for d in drafts for p in d.problems]
+    warnings = [
+        Problem(d.row, key, f"{d.values[key]!r} {message}", fix, d.id)
+        for d in drafts
+        if not d.problems
+        for key, path in (("audio", d.audio_path), ("ref_audio", d.ref_audio_path))
+        if path in infos
+        for message, fix in infos[path].warnings
+    ]
     return Validation(
-        manifest=manifest, root=root, rows=rows, rejects=rejects, problems=problems, audio=infos, fatal=fatal
+        manifest=manifest,
+        root=root,
+        rows=rows,
+        rejects=rejects,
+        problems=problems,
+        audio=infos,
+        fatal=fatal,
+        warnings=warnings,
     )
 
 

@@ -383,6 +383,8 @@ def prepare_manifest(
         progress=progress,
     )
     validation.raise_if_invalid(cache_dir=out_dir, skip_invalid=skip_invalid)
+    for warning in validation.warnings:  # kept, but the user hears of it
+        log(f"warning: {warning.format(validation.manifest.name)}")
     rows = validation.rows
     infos = validation.audio
 

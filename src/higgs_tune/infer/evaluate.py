@@ -62,6 +62,8 @@ from higgs_tune.runfs import (
     RESULTS_JSON,
     WAVS_DIR,
     atomic_write_bytes,
+    claim,
+    safe_file_stem,
 )
 
 DEFAULT_ASR_MODEL = "openai/whisper-large-v3"
@@ -90,6 +92,7 @@ CSV_COLUMNS = (
     "num_frames",
     "wav",
 )
+EVAL_SKIP_HINT = "pass --skip-invalid to evaluate the valid rows (the others are listed in results.json)"
 # Whisper's encoder sees 30 s windows; longer outputs are transcribed with its long-form mode.
 WHISPER_WINDOW_S = 30.0
 
@@ -307,6 +310,13 @@ def default_eval_dir(adapter: str | Path | None) -> Path | None:
     return run_dir / EVAL_DIR if (run_dir / METRICS_FILE).is_file() else None
 
 
+def _claim_run_eval_dir(out: Path) -> None:
+    """RUN_DIR/eval created by evaluate is the run's: listed so that `train --overwrite` may remove it."""
+    if out.name == EVAL_DIR and (out.parent / METRICS_FILE).is_file() and not out.exists():
+        out.mkdir()
+        claim(out.parent, EVAL_DIR)
+
+
 # ----------------------------------------------------------------------------- the evaluation
 def _finite(x: float | None) -> float | None:
     return x if x is not None and math.isfinite(x) else None
@@ -424,17 +434,23 @@ def evaluate_manifest(
     asr_batch_size: int = 8,
     asr_max_new_tokens: int = 128,
     limit: int | None = None,
+    skip_invalid: bool = False,
 ) -> dict:
-    """Generate every clip of `manifest`, score it, write results.json / results.csv / wavs; return the results dict."""
+    """Generate every clip of `manifest`, score it, write results.json / results.csv / wavs; return the results dict.
+
+    `limit`: the first N valid clips (N >= 1). `skip_invalid`: evaluate the valid rows of a
+    manifest with bad rows (the results' `skipped` lists the others) instead of refusing it."""
+    if limit is not None and limit < 1:
+        raise DataError(f"limit must be >= 1 (the number of clips to evaluate), got {limit}. Fix: omit it for all.")
     options = (options or SamplingOptions()).validate()
     out = Path(out_dir)
     rate = stack.sample_rate
     validation = validate_manifest(manifest, target_rate=rate)
-    validation.raise_if_invalid()
-    rows = validation.rows[:limit] if limit else validation.rows
+    validation.raise_if_invalid(skip_invalid=skip_invalid, skip_hint=EVAL_SKIP_HINT)
+    rows = validation.rows[:limit] if limit is not None else validation.rows
     if ref_manifest is not None:
         pool = validate_manifest(ref_manifest, target_rate=rate)
-        pool.raise_if_invalid()
+        pool.raise_if_invalid(skip_invalid=skip_invalid, skip_hint=EVAL_SKIP_HINT)
         pool_rows, pool_infos = pool.rows, pool.audio
     else:
         pool_rows, pool_infos = validation.rows, validation.audio
@@ -457,8 +473,12 @@ def evaluate_manifest(
         )
     results = generate_speech(stack.model, stack.processor, stack.tokens, requests, options)
     gen_seconds = time.monotonic() - t0
+    _claim_run_eval_dir(out)
+    # file names from ids: escaped, so that no id (`../x`, `a/b`) names a file outside OUT/wavs
+    wavs_dir = out / WAVS_DIR
     wav_paths = [
-        write_wav(out / WAVS_DIR / f"{item.id}.wav", res.wav, rate) for item, res in zip(items, results, strict=True)
+        write_wav(wavs_dir / f"{safe_file_stem(item.id)}.wav", res.wav, rate)
+        for item, res in zip(items, results, strict=True)
     ]
 
     # ASR, one language at a time (Whisper is told the language: no detection errors).
@@ -536,6 +556,8 @@ def evaluate_manifest(
         },
         "clips": clips,
     }
+    if skip_invalid:
+        results_doc["settings"]["skipped_rows"] = validation.rejects
     write_results(out, results_doc)
     return results_doc
 

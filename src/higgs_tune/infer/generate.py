@@ -271,6 +271,12 @@ def load_codec_audio(path: str | Path, sample_rate: int, what: str = "reference 
         raise DataError(f"{what} {path}: {e}. Fix: {fix}.") from None
     if samples.shape[0] == 0:
         raise DataError(f"{what} {path} has no samples. Fix: use a clip of speech (a few seconds).")
+    finite = np.isfinite(samples)
+    if not finite.all():
+        raise DataError(
+            f"{what} {path} has {int(samples.size - finite.sum())} NaN/Inf sample(s): the voice prompt would be noise. "
+            "Fix: re-export the clip from its source."
+        )
     return to_codec_input(samples, sr, sample_rate)
 
 

@@ -31,6 +31,7 @@ from higgs_tune.model.load import (
     resolve_checkpoint,
 )
 from higgs_tune.model.lora import load_trainable
+from higgs_tune.runfs import MANIFEST_FILE, verify_listed_files
 
 
 @dataclass
@@ -91,7 +92,14 @@ def check_adapter_fits(base_model, adapter_dir: Path, base_name: str) -> list[st
     # audio self-attention blocks are created from the layer's own shapes when the adapter needs them
     alias = {".audio_attn.": ".self_attn.", ".audio_post_audio_attn_layer_norm": ".audio_input_layernorm"}
     wrong, unknown = [], []
-    with safe_open(str(weights), framework="pt") as f:
+    try:
+        f = safe_open(str(weights), framework="pt")
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error type for a damaged file
+        raise ModelLoadError(
+            f"{weights} cannot be read ({type(e).__name__}: {e}): the file is truncated or damaged. "
+            "Use another checkpoint of the run (checkpoint-N/), or re-export the adapter."
+        ) from None
+    with f:
         for key in f.keys():
             shape = tuple(f.get_slice(key).get_shape())
             name = key.removeprefix("base_model.model.")
@@ -130,6 +138,40 @@ def check_adapter_fits(base_model, adapter_dir: Path, base_name: str) -> list[st
             "but if these are different models the output will be wrong."
         )
     return notes
+
+
+def verify_adapter_manifest(adapter_dir: Path) -> None:
+    """A higgs-tune checkpoint (it has manifest.json): every listed file present with its size and
+    sha256, every weight file listed. ModelLoadError naming the file. A plain PEFT folder (no
+    manifest) has nothing to verify against."""
+    path = adapter_dir / MANIFEST_FILE
+    if not path.is_file():
+        return
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelLoadError(
+            f"{path} cannot be read ({e}): the checkpoint is damaged. Use another checkpoint."
+        ) from None
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    problems = verify_listed_files(adapter_dir, files)
+    if problems:
+        more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
+        raise ModelLoadError(
+            f"{problems[0]}{more} Use another checkpoint of the run (checkpoint-N/), or the run's own copy of this one."
+        )
+
+
+def check_finite_weights(net, source: Path) -> None:
+    """Refuse a model whose weights hold NaN/Inf (a diverged run's checkpoint): it would export
+    or speak noise. Names the first parameters at fault."""
+    bad = [name for name, p in net.named_parameters() if p.is_floating_point() and not torch.isfinite(p).all()]
+    if bad:
+        shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise ModelLoadError(
+            f"the weights loaded from {source} hold NaN/Inf values ({shown}): the run diverged before this save. "
+            "Use an earlier checkpoint of the run (before the loss became non-finite)."
+        )
 
 
 def adapter_needs_text_head(adapter: Path) -> bool:
@@ -189,6 +231,8 @@ def load_inference_stack(
         use_text_head=use_text_head,
         audio_self_attention=has_audio_attn,
     )
+    if adapter_dir is not None:
+        verify_adapter_manifest(adapter_dir)  # before anything reads the weights
     net = load_model(cfg)
     notes: list[str] = []
     if adapter_dir is not None:
@@ -201,6 +245,7 @@ def load_inference_stack(
                 f"the weights in {adapter_dir} do not fit the base model {model}: {str(e).splitlines()[0]}. Load "
                 "them onto the base model they were trained from (--model)."
             ) from e
+    check_finite_weights(net, adapter_dir or folder)
     net = net.to(device).eval()
     processor = load_processor(folder, audio_tokenizer)
     processor.audio_tokenizer.to(device)

@@ -19,7 +19,6 @@ the regular vocabulary; the model config's special-token ids are read back from 
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -37,6 +36,7 @@ from transformers import (
 )
 
 from higgs_tune.resources import chat_template, text_corpus_lines
+from higgs_tune.runfs import claim, describe_names, remove_owned, split_owned
 
 # Higgs chat markup, in the order of Llama-3's special-token block (offset 0 = <|begin_of_text|>).
 # Higgs renamed some reserved tokens; the ids the model uses are read from the tokenizer.
@@ -232,7 +232,7 @@ def make_tiny(out_dir: str | Path, seed: int = 0, overwrite: bool = False) -> Pa
                 f"{out} is not empty ({len(list(out.iterdir()))} entries); "
                 "pass --overwrite to replace its contents, or choose an empty folder."
             )
-        shutil.rmtree(out)
+        clear_owned_folder(out, OutputDirNotEmpty)
     spec = TinySpec(seed=seed)
     torch.manual_seed(seed)
     tokenizer = build_text_tokenizer(spec)
@@ -252,4 +252,17 @@ def make_tiny(out_dir: str | Path, seed: int = 0, overwrite: bool = False) -> Pa
     processor.save_pretrained(out)
     # save_pretrained does not record use_text_head; the loader reads this marker instead.
     (out / "higgs_tune_tiny.json").write_text(json.dumps({"spec": asdict(spec), "use_text_head": True}, indent=2))
+    claim(out, *(p.name for p in out.iterdir()))  # all of it is ours: a later --overwrite removes exactly this
     return out
+
+
+def clear_owned_folder(out: Path, error: type[Exception]) -> None:
+    """--overwrite of a make-tiny folder: remove what an earlier make-tiny wrote (its ownership
+    manifest lists it); refuse, naming them, when the folder holds anything else."""
+    ours, foreign = split_owned(out)
+    if foreign:
+        raise error(
+            f"{out} holds files make-tiny did not write ({describe_names(foreign)}); --overwrite removes only "
+            "make-tiny's own files and never these. Move them away or choose an empty folder."
+        )
+    remove_owned(out, ours)

@@ -19,13 +19,13 @@ Self-contained on purpose (moves to `tiny/v3.py` at merge).
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from higgs_tune.resources import text_corpus_lines
+from higgs_tune.runfs import claim
 
 # Relative to <|tts|>: the spacing reported for the real tokenizer (151667 ...).
 V3_SPECIAL_TOKENS = (
@@ -132,13 +132,13 @@ def make_tiny_v3(out_dir: str | Path, seed: int = 0, *, head_copies: bool = Fals
         v3_config_from_dict,
     )
     from higgs_tune.families.v3.model import build_v3_model
-    from higgs_tune.tiny.v2 import TinySpec, build_audio_tokenizer
+    from higgs_tune.tiny.v2 import TinySpec, build_audio_tokenizer, clear_owned_folder
 
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise FileExistsError(f"{out} is not empty; pass overwrite=True or choose an empty folder.")
-        shutil.rmtree(out)
+        clear_owned_folder(out, FileExistsError)
     spec = V3TinySpec(seed=seed)
     tokenizer = build_v3_text_tokenizer(spec)
     codec = build_audio_tokenizer(TinySpec(seed=seed, num_codebooks=spec.num_codebooks))
@@ -156,4 +156,5 @@ def make_tiny_v3(out_dir: str | Path, seed: int = 0, *, head_copies: bool = Fals
     (out / "higgs_tune_tiny.json").write_text(
         json.dumps({"family": "v3", **asdict(spec), "head_copies": head_copies}, indent=2) + "\n"
     )
+    claim(out, *(p.name for p in out.iterdir()))
     return out

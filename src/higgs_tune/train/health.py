@@ -521,7 +521,9 @@ class HealthMonitor:
         )
         if self.cfg.stop_on_nonfinite:
             raise TrainingHealthError(
-                message + " Stopped before the optimizer step so no NaN reaches the weights (health.stop_on_nonfinite)."
+                message + f" Stopped before step {step}'s optimizer update (health.stop_on_nonfinite): this step's "
+                "values were not applied. Earlier steps' updates were: if one of them already made the weights "
+                "non-finite (a non-finite learning rate, an overflow), resume from a checkpoint saved before it."
             )
         return self._emit(
             NON_FINITE,

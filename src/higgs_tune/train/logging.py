@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import math
 import os
 import time
@@ -34,7 +35,7 @@ from rich.markup import escape
 
 from higgs_tune.config import ConfigError
 from higgs_tune.errors import OutputDirError
-from higgs_tune.runfs import METRICS_FILE, TENSORBOARD_DIR, atomic_write_text
+from higgs_tune.runfs import METRICS_FILE, TENSORBOARD_DIR, WANDB_DIR, atomic_write_text, claim
 from higgs_tune.train.loss import STAT_KEYS, WEIGHTS_KEY, finalize_metrics
 
 TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio"}  # name -> module to import
@@ -164,6 +165,10 @@ def _check_report_to(report_to: Sequence[str]) -> list[str]:
 
 
 # ---------------------------------------------------------------------- the logger
+_TRACKER_DIRS = {"tensorboard": TENSORBOARD_DIR, "wandb": WANDB_DIR}  # what each tracker writes into the run folder
+log = logging.getLogger("higgs_tune.train")
+
+
 class MetricsLogger:
     """Console + metrics.jsonl + trackers for one run folder; no-ops off the main process."""
 
@@ -207,6 +212,7 @@ class MetricsLogger:
                     soft_wrap=True,
                 )
         self._file = open(self.path, "a", encoding="utf-8")
+        claim(self.run_dir, METRICS_FILE, *(_TRACKER_DIRS[t] for t in self.trackers if t in _TRACKER_DIRS))
         name = run_name or self.run_dir.name
         if "tensorboard" in self.trackers:
             from torch.utils.tensorboard import SummaryWriter
@@ -281,8 +287,31 @@ class MetricsLogger:
         itself is written by the caller and listed in a "samples" record of metrics.jsonl."""
         if not self.is_main_process:
             return
+        # Optional: a sample that a tracker cannot take (0 frames, a tracker bug) is reported and
+        # skipped; it never ends a run.
+        if len(wav) == 0:
+            self.log_event("sample_not_logged", step, name=name, reason="0 frames of audio")
+            log.warning("samples: step %d, %s has 0 frames of audio: not sent to the trackers", step, name)
+            return
+        for tracker, send in (("tensorboard", self._tb_audio), ("wandb", self._wandb_audio)):
+            try:
+                send(step, name, wav, sample_rate)
+            except Exception as e:  # noqa: BLE001 - any tracker failure: log it and go on
+                self.log_event("sample_not_logged", step, name=name, reason=f"{tracker}: {type(e).__name__}: {e}")
+                log.warning(
+                    "samples: step %d, %s could not be logged to %s (%s: %s); training goes on",
+                    step,
+                    name,
+                    tracker,
+                    type(e).__name__,
+                    e,
+                )
+
+    def _tb_audio(self, step, name, wav, sample_rate) -> None:
         if self._tb is not None:
             self._tb.add_audio(f"samples/{name}", torch.as_tensor(wav).reshape(1, -1), step, sample_rate=sample_rate)
+
+    def _wandb_audio(self, step, name, wav, sample_rate) -> None:
         if self._wandb is not None:
             import wandb
 

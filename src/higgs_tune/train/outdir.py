@@ -35,14 +35,19 @@ from higgs_tune.runfs import (
     CONFIG_FILE,
     CONFIG_HEADER,
     FINAL_NAME,
+    LOCK_FILE,
+    OWNED_FILE,
     PROBE_PREFIX,
-    RUN_DIRS,
-    RUN_FILES,
+    RUN_DIRS,  # noqa: F401 - re-exported: the names a run may hold
+    RUN_FILES,  # noqa: F401
     RUN_PATTERN,
+    RunLock,
     atomic_write_text,
-    discard_dir,
+    claim,
+    describe_names,
     format_bytes,
-    fsync_path,
+    owned_names,
+    remove_owned,
 )
 from higgs_tune.train import distributed as dist_utils
 from higgs_tune.train.checkpoint import config_yaml_text, resume_config_changes
@@ -237,15 +242,33 @@ def _is_our_config(path: Path) -> bool:
         return False
 
 
-def _is_ours(entry: Path) -> bool:
+def _is_ours(entry: Path, listed: set[str] | None = None) -> bool:
+    """Written by higgs-tune: listed in the folder's ownership manifest (`runfs.claim`), or
+    proven by content (a config.yaml with our header, a checkpoint with our manifest), or a
+    pid-named leftover. A name alone (logs/, eval/, train.log, ...) never makes an entry ours."""
     name = entry.name
+    if listed is None:
+        listed = owned_names(entry.parent)
     if name == CONFIG_FILE:
         return _is_our_config(entry)
-    if name in RUN_FILES:
-        return entry.is_file()
-    if name in RUN_DIRS:
-        return entry.is_dir()
-    return bool(RUN_PATTERN.match(name))
+    if name in listed:
+        return True
+    if RUN_PATTERN.match(name) and not CHECKPOINT_RE.match(name):
+        return True  # .tmp-*, .old-*, the write probe: named with our pid
+    if (CHECKPOINT_RE.match(name) or name == FINAL_NAME) and entry.is_dir():
+        return _is_our_checkpoint(entry)
+    return False
+
+
+def _is_our_checkpoint(folder: Path) -> bool:
+    from higgs_tune.errors import CheckpointError
+    from higgs_tune.train.checkpoint import read_manifest  # the format's own check
+
+    try:
+        read_manifest(folder)
+    except CheckpointError:
+        return False
+    return True
 
 
 def _reason(e: OSError) -> str:
@@ -293,12 +316,7 @@ def _tree_bytes(path: Path) -> int:
 
 def _remove_our_artefacts(path: Path, entries: list[Path]) -> None:
     """--overwrite: remove our entries; folders are renamed away first so none is left half-deleted."""
-    for entry in entries:
-        if entry.is_dir():
-            discard_dir(entry)
-        else:
-            entry.unlink()
-    fsync_path(path)
+    remove_owned(path, entries)
     log.warning(
         "output dir: --overwrite removed %d earlier run artefact(s) from %s: %s",
         len(entries),
@@ -310,12 +328,14 @@ def _remove_our_artefacts(path: Path, entries: list[Path]) -> None:
 def _check_contents(path: Path, cfg: Any, overwrite: bool, resume: str | Path | None) -> tuple[list[Path], bool]:
     """Decide what to do with an existing folder: (our entries to remove, is a continued run)."""
     entries = sorted(path.iterdir())
-    entries = [e for e in entries if not e.name.startswith(PROBE_PREFIX)]
+    # the probe, the lock (held by this process now) and the ownership manifest are bookkeeping
+    entries = [e for e in entries if not e.name.startswith(PROBE_PREFIX) and e.name not in (LOCK_FILE, OWNED_FILE)]
     if not entries:
         return [], False
-    ours = [e for e in entries if _is_ours(e)]
-    foreign = [e.name for e in entries if not _is_ours(e)]
-    shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+    listed = owned_names(path)
+    ours = [e for e in entries if _is_ours(e, listed)]
+    foreign = [e.name for e in entries if not _is_ours(e, listed)]
+    shown = describe_names(foreign)
     run_config = path / CONFIG_FILE
     is_run = run_config.is_file() and _is_our_config(run_config)
 
@@ -404,6 +424,19 @@ def _prepare_main(
             raise OutputDirError(f"{first}\nThe fallback is not usable either: {second}") from second
         path = fallback
 
+    # One run per folder: held until the run ends (or the process dies; the OS releases it then).
+    lock = RunLock.acquire(path)
+    try:
+        return _prepare_locked(path, cfg, overwrite, resume, estimate_bytes, total_steps)
+    except BaseException:
+        lock.release()  # a run that does not start leaves no lock behind
+        raise
+
+
+def _prepare_locked(
+    path: Path, cfg: Any, overwrite: bool, resume: str | Path | None, estimate_bytes: int, total_steps: int | None
+) -> Path:
+    c = cfg.checkpoint
     remove, continued = _check_contents(path, cfg, overwrite, resume)
 
     # Space: the checkpoints this run will hold at once, minus those already there (a
@@ -430,6 +463,7 @@ def _prepare_main(
     # The run's config.yaml marks the folder as a run of this config (for --resume and
     # --overwrite later); a continued run's non-resume settings may have changed, so rewrite.
     atomic_write_text(path / CONFIG_FILE, config_yaml_text(cfg))
+    claim(path, CONFIG_FILE)
     log.info(
         "output dir: %s (%s); %s free, needs about %s (%d checkpoint(s) x %s + min_free_gb %s GB)",
         path,

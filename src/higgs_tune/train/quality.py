@@ -73,7 +73,7 @@ from higgs_tune.infer.evaluate import (
     write_results,
 )
 from higgs_tune.infer.generate import GenerationRequest, SamplingOptions, decode_codes, generate_speech, write_wav
-from higgs_tune.runfs import QUALITY_DIR, QUALITY_HISTORY_FILE, WAVS_DIR, write_json_atomic
+from higgs_tune.runfs import QUALITY_DIR, QUALITY_HISTORY_FILE, WAVS_DIR, claim, write_json_atomic
 from higgs_tune.train import distributed as dist_utils
 
 log = logging.getLogger("higgs_tune.train.quality")
@@ -330,6 +330,7 @@ class QualityEvaluator:
     def _evaluate(self, model, step: int) -> dict:
         """Main process: generate, score, write quality/step-<step>/; returns the scores."""
         out = self.run_dir / QUALITY_DIR / f"step-{step}"
+        claim(self.run_dir, QUALITY_DIR)  # ours: --overwrite may remove it
         unwrapped = self.accelerator.unwrap_model(model)
         tokens = self.data.tokens
         codec = self.processor.audio_tokenizer

@@ -38,14 +38,16 @@ from accelerate.utils import InitProcessGroupKwargs, set_seed
 
 from higgs_tune.config import QUALITY_METRICS, Config, ConfigError
 from higgs_tune.data.inspect import batch_statistics, render_batch_statistics
-from higgs_tune.data.pipeline import TrainData, build_train_data, first_batches
+from higgs_tune.data.pipeline import TrainData, build_train_data, check_data_codec, first_batches
 from higgs_tune.errors import CheckpointError
 from higgs_tune.infer.generate import GenerationRequest, SamplingOptions, generate_speech, write_wav
 from higgs_tune.model.load import load_model, load_processor
 from higgs_tune.model.lora import apply_finetuning, load_trainable, parameter_report, save_trainable, verify_trainable
-from higgs_tune.runfs import BEST_NAME, DATA_REPORT_FILE, PARAM_REPORT_FILE, SAMPLES_DIR
+from higgs_tune.runfs import BEST_NAME, DATA_REPORT_FILE, PARAM_REPORT_FILE, SAMPLES_DIR, RunLock, claim, safe_file_stem
 from higgs_tune.train.checkpoint import (
     CheckpointManager,
+    check_resume_data,
+    data_identity,
     find_resume_checkpoint,
     is_fsdp,
     load_training_state,
@@ -179,10 +181,14 @@ def train(
     # --- data: tokenizer + codec, datasets, sampler; look at the first batches -----------------
     processor = load_processor(cfg.model.name_or_path, cfg.model.audio_tokenizer)
     data = build_train_data(cfg, processor, num_replicas=accelerator.num_processes, rank=accelerator.process_index)
+    check_data_codec(data, processor)  # codes of another codec mean other sounds to this model
+    if resume_from is not None and not resume_weights_only:  # the same data, before the model loads
+        check_resume_data(resume_from, data_identity(data.train_set.cache))
     stats = inspect_first_batches(data)
     if accelerator.is_main_process:
         text = render_batch_statistics(stats)
         (run_dir / DATA_REPORT_FILE).write_text(text + "\n", encoding="utf-8")
+        claim(run_dir, DATA_REPORT_FILE)
         total = text[text.find("total:") :] if "total:" in text else text
         say(f"first {INSPECT_BATCHES} training batches ({DATA_REPORT_FILE} has each one):\n{total}")
     total_steps = total_optimizer_steps(cfg, len(data.sampler))
@@ -204,6 +210,7 @@ def train(
     report = parameter_report(model, cfg.finetune)
     if accelerator.is_main_process:
         (run_dir / PARAM_REPORT_FILE).write_text(report.format() + "\n", encoding="utf-8")
+        claim(run_dir, PARAM_REPORT_FILE)
         say(report.format())
     loss_module = HiggsLossModule(model, cfg.loss, _debug_unshifted=_debug_unshifted)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -226,6 +233,7 @@ def train(
         sharded_root=wrapped if fsdp else None,
         weights_prefix="model.",
     )
+    checkpoints.data_identity = data_identity(data.train_set.cache)  # every checkpoint records its data
 
     # --- resume: optimizer, scheduler, RNG of this rank, step, data position -------------------
     step, epoch, state = 0, 0, None
@@ -268,7 +276,7 @@ def train(
     # what the next save records: the checkpoint's own values on resume, as the uninterrupted run has them
     last_metrics, eval_loss = (dict(state.metrics), state.eval_loss) if state is not None else ({}, None)
     tokens_seen, tic = 0, time.perf_counter()
-    first_batch_checked = False
+    first_batch_checked, first_step = False, step
     wrapped.train()
     while step < total_steps:
         step += 1  # the optimizer step being computed, numbered from 1 as it is logged
@@ -337,7 +345,7 @@ def train(
             logger.log(step, eval_metrics, split="eval")
             eval_loss = eval_metrics["loss"]
             wrapped.train()
-        if t.sample_steps and (step % t.sample_steps == 0 or step == total_steps):
+        if t.sample_steps and step % t.sample_steps == 0 and step < total_steps:  # the last: after final/
             write_samples(
                 model, processor, data, run_dir / SAMPLES_DIR / f"step-{step}", t.num_samples, accelerator, logger, step
             )
@@ -381,11 +389,18 @@ def train(
         final=True,
     )
     say(f"final checkpoint: {final_dir}")
+    # optional work only after final/ is on disk: a failure there can no longer cost the model
+    if t.sample_steps and step > first_step:
+        write_samples(
+            model, processor, data, run_dir / SAMPLES_DIR / f"step-{step}", t.num_samples, accelerator, logger, step
+        )
     warnings = health.warnings
     if warnings:
         say(f"[bold red]{len(warnings)} health warning(s) during this run:[/] " + ", ".join(w.code for w in warnings))
     logger.close()
     accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        RunLock.release_folder(run_dir)
     accelerator.end_training()
     best_dir = run_dir / BEST_NAME if (run_dir / BEST_NAME).is_dir() else checkpoints.best
     return TrainResult(run_dir, Path(final_dir), best_dir, step, last_metrics, warnings, model)
@@ -478,22 +493,36 @@ def sample_requests(data: TrainData, n: int) -> list:
 
 
 def write_samples(model, processor, data: TrainData, out_dir: Path, n: int, accelerator, logger, step: int) -> None:
-    """Generate the fixed prompts on the main process and save WAVs (other ranks wait)."""
+    """Generate the fixed prompts on the main process and save WAVs (other ranks wait).
+
+    Optional work: a failure is logged (and recorded in metrics.jsonl) and the run goes on."""
     if accelerator.is_main_process:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        unwrapped = accelerator.unwrap_model(model)
-        options = SamplingOptions(temperature=0.0, ras_win_len=None, max_new_tokens=SAMPLE_MAX_COLUMNS, seed=0)
-        with preserved_rng():  # how often samples are made must not change the training run
-            results = generate_speech(unwrapped, processor, data.tokens, sample_requests(data, n), options)
-        for r in results:
-            write_wav(out_dir / f"{r.id}.wav", r.wav, r.sample_rate)
-            logger.log_audio(step, r.id, r.wav, r.sample_rate)
-        logger.log_event(
-            "samples",
-            step,
-            folder=str(out_dir),
-            files=[f"{r.id}.wav" for r in results],
-            stopped=[r.stopped for r in results],
-            frames=[r.num_frames for r in results],
-        )
+        try:
+            _write_samples_main(model, processor, data, out_dir, n, accelerator, logger, step)
+        except Exception as e:  # noqa: BLE001 - samples must never end a run
+            log.warning("samples: step %d failed (%s: %s); training goes on", step, type(e).__name__, e)
+            logger.log_event("samples_failed", step, error=f"{type(e).__name__}: {e}")
     accelerator.wait_for_everyone()
+
+
+def _write_samples_main(model, processor, data: TrainData, out_dir: Path, n: int, accelerator, logger, step: int):
+    if not out_dir.parent.exists():  # samples/: ours once created
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        claim(out_dir.parent.parent, out_dir.parent.name)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    unwrapped = accelerator.unwrap_model(model)
+    options = SamplingOptions(temperature=0.0, ras_win_len=None, max_new_tokens=SAMPLE_MAX_COLUMNS, seed=0)
+    with preserved_rng():  # how often samples are made must not change the training run
+        results = generate_speech(unwrapped, processor, data.tokens, sample_requests(data, n), options)
+    files = [f"{safe_file_stem(r.id)}.wav" for r in results]  # an id never names a path outside out_dir
+    for r, name in zip(results, files, strict=True):
+        write_wav(out_dir / name, r.wav, r.sample_rate)
+        logger.log_audio(step, r.id, r.wav, r.sample_rate)
+    logger.log_event(
+        "samples",
+        step,
+        folder=str(out_dir),
+        files=files,
+        stopped=[r.stopped for r in results],
+        frames=[r.num_frames for r in results],
+    )

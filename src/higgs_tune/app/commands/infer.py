@@ -11,7 +11,14 @@ from pathlib import Path
 
 import click
 
-from higgs_tune.app.requests import FileRequest, default_output_name, pick_speaker_reference, read_batch_file
+from higgs_tune.app.requests import (
+    FileRequest,
+    check_output_files,
+    default_output_name,
+    pick_speaker_reference,
+    read_batch_file,
+    visible_text,
+)
 from higgs_tune.errors import DataError
 from higgs_tune.infer.generate import GenerationRequest, SamplingOptions, encode_reference, generate_speech, write_wav
 
@@ -126,6 +133,7 @@ def _load_stack(model, adapter, audio_tokenizer, device, dtype):
     help="JSON Lines file, one {text, ref_audio, ref_text, out[, id, scene]} per line; paths relative to the file.",
 )
 @click.option("--scene", default=None, help="Scene description put into the system turn.")
+@click.option("--overwrite", is_flag=True, help="Replace existing output WAVs (never a file that is not audio).")
 @click.option("--out", "out_file", type=click.Path(dir_okay=False), default=None, help="Output WAV (one TEXT only).")
 @click.option(
     "--out-dir",
@@ -148,6 +156,7 @@ def generate_command(
     manifest,
     batch_file,
     scene,
+    overwrite,
     out_file,
     out_dir,
     options,
@@ -177,6 +186,12 @@ def generate_command(
         raise click.UsageError("--speaker needs --manifest (the manifest that lists the speaker's clips).")
     if out_file and len(texts) != 1:
         raise click.UsageError("--out names one file: give exactly one TEXT (or use --out-dir).")
+    empty = [i + 1 for i, t in enumerate(texts) if not visible_text(t)]
+    if empty:
+        raise DataError(
+            f"TEXT {', '.join(map(str, empty))} is empty (only whitespace or invisible characters): nothing to speak. "
+            "Fix: give the sentence to say."
+        )
 
     if batch_file:
         requests = read_batch_file(batch_file)
@@ -199,6 +214,7 @@ def generate_command(
             for t, o in zip(texts, outs, strict=True)
         ]
 
+    check_output_files([r.out for r in requests], overwrite)  # before the model loads
     _run_generation(requests, model, adapter, audio_tokenizer, device, dtype, options)
 
 
@@ -261,7 +277,12 @@ def _run_generation(requests, model, adapter, audio_tokenizer, device, dtype, op
 )
 @click.option("--asr-batch-size", type=int, default=8, show_default=True)
 @click.option("--asr-max-new-tokens", type=int, default=128, show_default=True, help="Most tokens per transcript.")
-@click.option("--limit", type=int, default=None, help="Evaluate only the first N clips.")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Evaluate only the first N clips (N >= 1).")
+@click.option(
+    "--skip-invalid",
+    is_flag=True,
+    help="Evaluate the valid rows of a manifest with bad rows (listed in results.json) instead of refusing it.",
+)
 @_sampling_options
 def evaluate_command(
     manifest,
@@ -277,6 +298,7 @@ def evaluate_command(
     asr_batch_size,
     asr_max_new_tokens,
     limit,
+    skip_invalid,
     options,
 ):
     """Generate every clip of a held-out MANIFEST and score it: WER/CER (ASR), speaker similarity
@@ -313,8 +335,11 @@ def evaluate_command(
         asr_batch_size=asr_batch_size,
         asr_max_new_tokens=asr_max_new_tokens,
         limit=limit,
+        skip_invalid=skip_invalid,
     )
     s = doc["summary"]
+    for row in doc["settings"].get("skipped_rows", []):
+        click.secho(f"skipped {Path(manifest).name}:{row['row']} (id {row['id']!r}): {row['reason']}", fg="yellow")
 
     def fmt(v):
         return "-" if v is None else f"{v:.4f}"

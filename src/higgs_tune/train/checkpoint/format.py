@@ -41,6 +41,7 @@ from higgs_tune.runfs import (
     fsync_path,
     fsync_tree,
     sha256_file,
+    verify_listed_files,
 )
 
 log = logging.getLogger("higgs_tune.train.checkpoint")
@@ -113,7 +114,14 @@ def training_state(
 
 
 def write_checkpoint_files(
-    folder: Path, state: dict, config: Any, *, final: bool, eval_loss: float | None, metrics: Mapping[str, Any]
+    folder: Path,
+    state: dict,
+    config: Any,
+    *,
+    final: bool,
+    eval_loss: float | None,
+    metrics: Mapping[str, Any],
+    data: Mapping[str, Any] | None = None,
 ) -> dict:
     """Complete a checkpoint in `folder` (which already holds the weights); return its manifest.
 
@@ -142,6 +150,8 @@ def write_checkpoint_files(
         "torch_version": torch.__version__,
         "files": files,
     }
+    if data:  # what the run trained on: cache content and codec fingerprints (resume compares them)
+        manifest["data"] = dict(data)
     (folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     fsync_tree(folder)
     return manifest
@@ -219,31 +229,22 @@ def read_manifest(ckpt: Path) -> dict:
 def verify_checkpoint(ckpt: Path) -> dict:
     """Check every file of the manifest (present, same size, same sha256); return the manifest.
 
-    Raises CheckpointError naming the first file at fault. Files not in the manifest are not
-    an error (resume does not read them) but are logged.
+    Every file the format requires must be listed: training_state.pt, config.yaml and the
+    weights (a weight file on disk that the manifest does not list is an error: weights edited
+    after the save would otherwise pass); an entry without `bytes`/`sha256` is a damaged
+    manifest. Raises CheckpointError naming the first file at fault. Other files not in the
+    manifest are not an error (nothing reads them) but are logged.
     """
     ckpt = Path(ckpt)
     if not ckpt.is_dir():
         raise CheckpointError(f"{ckpt} is not a folder.")
     manifest = read_manifest(ckpt)
     files: dict = manifest["files"]
-    for required in (TRAINING_STATE_FILE, CONFIG_FILE):
-        if required not in files:
-            raise CheckpointError(f"{ckpt / MANIFEST_FILE} does not list {required}: not a resumable checkpoint.")
-    for rel, meta in files.items():
-        path = ckpt / rel
-        try:
-            size = path.stat().st_size
-        except FileNotFoundError:
-            raise CheckpointError(f"{path} is missing (listed in the manifest): the checkpoint is damaged.") from None
-        if size != meta["bytes"]:
-            raise CheckpointError(
-                f"{path} has {size} bytes, the manifest says {meta['bytes']}: the file is truncated or was changed."
-            )
-        if sha256_file(path) != meta["sha256"]:
-            raise CheckpointError(
-                f"{path} does not match its sha256 in the manifest: the file is corrupted or was changed."
-            )
+    # every file listed verifies, the resume files and the weights are listed, no weight file is unlisted
+    problems = verify_listed_files(ckpt, files, required=(TRAINING_STATE_FILE, CONFIG_FILE))
+    if problems:
+        more = f" (and {len(problems) - 1} more problem(s) in {ckpt})" if len(problems) > 1 else ""
+        raise CheckpointError(problems[0] + more)
     extra = [str(p) for p in files_under(ckpt) if str(p) not in files and str(p) != MANIFEST_FILE]
     if extra:
         log.info("checkpoint %s: files not in its manifest (not used by resume): %s", ckpt, ", ".join(extra))

@@ -56,7 +56,9 @@ from higgs_tune.runfs import (
     INDEX_FILE,
     LEFTOVER_RE,
     checkpoint_name,
+    claim,
     discard_dir,
+    disown,
     format_bytes,
     fsync_path,
     fsync_tree,
@@ -178,6 +180,7 @@ class CheckpointManager:
         self.verify_weights = verify_weights
         self._estimate = estimate_bytes
         self._failures = 0
+        self.data_identity: dict | None = None  # recorded in every manifest ("data"); set by the recipe
         self.sharded_root, self.weights_prefix = sharded_root, weights_prefix
         if is_fsdp(accelerator) and sharded_root is None:
             raise CheckpointError("an FSDP run needs CheckpointManager(sharded_root=...) to gather the sharded state.")
@@ -226,12 +229,9 @@ class CheckpointManager:
             except CheckpointError as e:
                 log.warning("checkpoint: %s is damaged and is not counted as a checkpoint of this run: %s", path, e)
                 continue
+            size = sum(f.get("bytes", 0) for f in m["files"].values() if isinstance(f, dict))  # resume verifies
             self._records[path.name] = _Record(
-                path.name,
-                int(m["step"]),
-                m.get("eval_loss"),
-                sum(f["bytes"] for f in m["files"].values()),
-                dict(m.get("metrics") or {}),
+                path.name, int(m["step"]), m.get("eval_loss"), size, dict(m.get("metrics") or {})
             )
         if self._records and self._estimate is None:
             newest = max(self._records.values(), key=lambda r: r.step)
@@ -413,7 +413,9 @@ class CheckpointManager:
                 rng=rng,
                 gathered=full is not None,
             )
-            manifest = write_checkpoint_files(tmp, state, config, final=final, eval_loss=eval_loss, metrics=metrics)
+            manifest = write_checkpoint_files(
+                tmp, state, config, final=final, eval_loss=eval_loss, metrics=metrics, data=self.data_identity
+            )
             check_written(tmp, manifest)
             if full is None:
                 self.verify_weights(tmp)
@@ -422,6 +424,7 @@ class CheckpointManager:
             # Publish: one atomic rename; an earlier folder of that name (a damaged checkpoint
             # from an abandoned attempt, or an earlier final) is replaced only if it succeeds.
             publish_dir(tmp, target)
+            claim(self.run_dir, name)  # ours: --overwrite may remove it, and only because it is listed
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             if tmp.exists():
@@ -488,6 +491,7 @@ class CheckpointManager:
             path = self.run_dir / rec.name
             discard_dir(path)  # renamed away first: the folder disappears whole, never half-deleted
             del self._records[rec.name]
+            disown(self.run_dir, rec.name)
             log.info("checkpoint: removed %s (save_total_limit=%d)", path, limit)
         fsync_path(self.run_dir)
 
@@ -514,6 +518,7 @@ class CheckpointManager:
                     shutil.copy2(src, dst)
             fsync_tree(tmp)
             publish_dir(tmp, target)
+            claim(self.run_dir, BEST_NAME)  # ours: --overwrite may remove it
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -541,3 +546,4 @@ class CheckpointManager:
                 "checkpoints": [dataclasses.asdict(r) for r in records],
             },
         )
+        claim(self.run_dir, INDEX_FILE)

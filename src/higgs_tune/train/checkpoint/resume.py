@@ -329,3 +329,36 @@ def load_training_state(
         world_size=saved_ws,
         rng_warnings=rng_warnings,
     )
+
+
+# ---------------------------------------------------------------- what the run trains on
+
+
+def data_identity(train_cache: Any) -> dict:
+    """What a checkpoint records of the data it was trained on (a CodeCache): its folder, the
+    fingerprint of its content and that of the codec that encoded it."""
+    return {
+        "train_cache": str(train_cache.cache_dir),
+        "train_cache_fingerprint": train_cache.content_fingerprint,
+        "codec_fingerprint": train_cache.codec_fingerprint,
+    }
+
+
+def check_resume_data(ckpt: Path, identity: Mapping[str, Any]) -> None:
+    """Refuse to resume `ckpt` on a cache whose content or codec differs from what it trained on.
+
+    A checkpoint written before fingerprints were recorded (no "data" in its manifest) passes."""
+    saved = read_manifest(ckpt).get("data")
+    if not isinstance(saved, Mapping):
+        log.info("resume: %s records no data fingerprint (an older checkpoint); the cache is not compared", ckpt)
+        return
+    what = {"train_cache_fingerprint": "content", "codec_fingerprint": "audio tokenizer (codec)"}
+    changed = [label for key, label in what.items() if saved.get(key) != identity.get(key)]
+    if changed:
+        was, now = str(saved.get("train_cache_fingerprint"))[:12], str(identity.get("train_cache_fingerprint"))[:12]
+        raise CheckpointError(
+            f"{ckpt} was trained on a cache with another {' and '.join(changed)} than {identity.get('train_cache')} "
+            f"has now (it was {saved.get('train_cache')}, fingerprint {was}; now {now}): the cache was re-prepared, "
+            "so resuming would not continue the same run. Fix: point data.train_cache at the cache the run used, or "
+            f"start a new run from these weights with --resume-weights-only {ckpt}."
+        )
