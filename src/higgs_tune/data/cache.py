@@ -134,6 +134,19 @@ def read_index(cache_dir: Path) -> dict | None:
     return index
 
 
+def check_cache_codec(cache: CodeCache, fingerprint: str | None, model_name: str = "this model") -> None:
+    """Refuse a cache whose codes another codec made: the header records the codec's fingerprint
+    (config + weights, `prepare.codec_fingerprint`). `fingerprint` None: not checked."""
+    if fingerprint is None or cache.codec_fingerprint == fingerprint:
+        return
+    raise DataError(
+        f"{cache.cache_dir} was prepared with another audio codec ({cache.header.get('codec_source')!r}, fingerprint "
+        f"{cache.codec_fingerprint[:12]}) than the one {model_name} uses (fingerprint {fingerprint[:12]}): its codes "
+        f"mean other sounds to this model. Fix: re-run `higgs-tune prepare MANIFEST --model {model_name} --out NEW_DIR` "
+        "and train on the new cache."
+    )
+
+
 class CodeCache:
     """Audio codes of a prepared dataset, all in memory as int16 (a 100 h dataset is ~150 MB).
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from higgs_tune.config import Config
-from higgs_tune.data.cache import CodeCache
+from higgs_tune.data.cache import CodeCache, check_cache_codec
 from higgs_tune.data.collate import Collator, TokenBudgetBatchSampler
-from higgs_tune.data.dataset import TTSDataset, split_ids
+from higgs_tune.data.dataset import TTSDataset, V2SampleLayout, split_ids
 from higgs_tune.data.layout import SpecialTokens
 
 
@@ -48,11 +48,33 @@ class TrainData:
             yield self.collator([self.eval_set[i] for i in indices])
 
 
-def build_train_data(cfg: Config, processor, *, num_replicas: int = 1, rank: int = 0) -> TrainData:
+@dataclass(frozen=True)
+class FamilyData:
+    """The model family's data pieces, passed in by the caller (data/ does not import families/):
+    its special tokens, sample layout (`dataset.SampleLayout`), collator and the codec the cache
+    must come from (`codec` = the cache's recorded codec id; None: not checked)."""
+
+    tokens: object
+    layout: object
+    collator: object
+    codec: str | None = None
+
+
+def v2_family_data(cfg: Config, processor) -> FamilyData:
+    """Higgs Audio v2's pieces (the default when no family is given)."""
+    tokens = SpecialTokens.from_tokenizer(processor.tokenizer, processor)
+    return FamilyData(tokens, V2SampleLayout(cfg.data.system_prompt, cfg.data.use_scene), Collator(tokens))
+
+
+def build_train_data(
+    cfg: Config, processor, *, num_replicas: int = 1, rank: int = 0, family_data: FamilyData | None = None
+) -> TrainData:
     """Caches -> datasets (train / held-out) -> sampler -> collator, exactly as training uses them."""
     d, seed = cfg.data, cfg.train.seed
-    tokens = SpecialTokens.from_tokenizer(processor.tokenizer, processor)
+    fam = family_data if family_data is not None else v2_family_data(cfg, processor)
+    tokens = fam.tokens
     train_cache = CodeCache.open(d.train_cache)
+    check_cache_codec(train_cache, fam.codec, cfg.model.name_or_path)
     common = dict(
         task=d.task,
         clone_probability=d.clone_probability,
@@ -60,6 +82,7 @@ def build_train_data(cfg: Config, processor, *, num_replicas: int = 1, rank: int
         use_scene=d.use_scene,
         seed=seed,
         max_sequence_length=d.max_sequence_length,
+        layout=fam.layout,
     )
     train_ids, eval_ids = None, None
     if d.eval_fraction:
@@ -67,7 +90,9 @@ def build_train_data(cfg: Config, processor, *, num_replicas: int = 1, rank: int
     train_set = TTSDataset(train_cache, tokens, processor.tokenizer, ids=train_ids, **common)
     eval_set = None
     if d.eval_cache:
-        eval_set = TTSDataset(CodeCache.open(d.eval_cache), tokens, processor.tokenizer, **common)
+        eval_cache = CodeCache.open(d.eval_cache)
+        check_cache_codec(eval_cache, fam.codec, cfg.model.name_or_path)
+        eval_set = TTSDataset(eval_cache, tokens, processor.tokenizer, **common)
     elif eval_ids:
         eval_set = TTSDataset(train_cache, tokens, processor.tokenizer, ids=eval_ids, **common)
     sampler = TokenBudgetBatchSampler(
@@ -80,7 +105,7 @@ def build_train_data(cfg: Config, processor, *, num_replicas: int = 1, rank: int
         num_replicas=num_replicas,
         rank=rank,
     )
-    return TrainData(train_set, eval_set, sampler, Collator(tokens), tokens)
+    return TrainData(train_set, eval_set, sampler, fam.collator, tokens)
 
 
 def first_batches(dataset, sampler, collator, n: int, epoch: int = 0) -> list[dict]:

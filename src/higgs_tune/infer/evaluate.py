@@ -367,7 +367,7 @@ def evaluate_manifest(
                 id=item.id,
             )
         )
-    results = generate_speech(stack.model, stack.processor, stack.tokens, requests, options)
+    results = generate_speech(stack.model, stack.processor, stack.tokens, requests, options, family=stack.family)
     gen_seconds = time.monotonic() - t0
     wav_paths = [write_wav(out / WAVS_DIR / f"{item.id}.wav", res.wav, rate) for item, res in zip(items, results)]
 

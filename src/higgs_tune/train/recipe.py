@@ -36,12 +36,10 @@ from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import InitProcessGroupKwargs, set_seed
 
 from higgs_tune.config import Config, ConfigError
-from higgs_tune.data.inspect import batch_statistics, render_batch_statistics
-from higgs_tune.data.pipeline import TrainData, build_train_data, first_batches
+from higgs_tune.data.pipeline import FamilyData, TrainData, build_train_data, first_batches
 from higgs_tune.errors import CheckpointError
+from higgs_tune.families.select import family_for
 from higgs_tune.infer.generate import GenerationRequest, SamplingOptions, generate_speech, write_wav
-from higgs_tune.model.load import load_model, load_processor
-from higgs_tune.model.lora import apply_finetuning, load_trainable, parameter_report, save_trainable, verify_trainable
 from higgs_tune.runfs import DATA_REPORT_FILE, PARAM_REPORT_FILE, SAMPLES_DIR
 from higgs_tune.train.checkpoint import (
     CheckpointManager,
@@ -52,9 +50,9 @@ from higgs_tune.train.checkpoint import (
     require_unsharded,
 )
 from higgs_tune.train.distributed import preserved_rng
-from higgs_tune.train.health import HealthMonitor, check_trainable
+from higgs_tune.train.health import HealthMonitor
 from higgs_tune.train.logging import MetricsLogger, reduce_metrics
-from higgs_tune.train.loss import HiggsLossModule, StepMetrics, TokenCounts
+from higgs_tune.train.loss import StepMetrics, TokenCounts, make_loss_module
 from higgs_tune.train.outdir import estimate_checkpoint_bytes, prepare_output_dir, rough_checkpoint_bytes
 from higgs_tune.train.preview import prediction_preview
 
@@ -78,12 +76,21 @@ class TrainResult:
 
 
 # ----------------------------------------------------------------------------- data
-def inspect_first_batches(data: TrainData, n: int = INSPECT_BATCHES) -> dict:
-    """Statistics of the first n batches of epoch 0; raises when nothing would be learned."""
+def inspect_first_batches(data: TrainData, family, n: int = INSPECT_BATCHES) -> tuple[dict, str]:
+    """(statistics, text) of the first n batches of epoch 0; raises when nothing would be learned."""
     batches = first_batches(data.train_set, data.sampler, data.collator, n)
-    stats = batch_statistics(batches, data.tokens.stream_bos, data.tokens.stream_eos)
-    check_trainable(stats)
-    return stats
+    return family.first_batch_report(batches, data.tokens)
+
+
+def family_data(family, cfg: Config, processor) -> FamilyData:
+    """The family's tokens, sample layout, collator and codec fingerprint for the data pipeline."""
+    tokens = family.special_tokens(processor)
+    return FamilyData(
+        tokens,
+        family.sample_layout(cfg.data),
+        family.collator(tokens, processor),
+        codec=family.cache_codec_fingerprint(processor),
+    )
 
 
 # ----------------------------------------------------------------------------- schedule
@@ -167,37 +174,46 @@ def train(
     say(f"run folder: {run_dir} · {accelerator.num_processes} process(es) on {accelerator.device}")
 
     # --- data: tokenizer + codec, datasets, sampler; look at the first batches -----------------
-    processor = load_processor(cfg.model.name_or_path, cfg.model.audio_tokenizer)
-    data = build_train_data(cfg, processor, num_replicas=accelerator.num_processes, rank=accelerator.process_index)
-    stats = inspect_first_batches(data)
+    family = family_for(cfg.model.name_or_path, cfg.model.family)
+    processor = family.load_processor(cfg.model.name_or_path, cfg.model.audio_tokenizer)
+    data = build_train_data(
+        cfg,
+        processor,
+        num_replicas=accelerator.num_processes,
+        rank=accelerator.process_index,
+        family_data=family_data(family, cfg, processor),
+    )
+    _, text = inspect_first_batches(data, family)
     if accelerator.is_main_process:
-        text = render_batch_statistics(stats)
         (run_dir / DATA_REPORT_FILE).write_text(text + "\n", encoding="utf-8")
         total = text[text.find("total:") :] if "total:" in text else text
         say(f"first {INSPECT_BATCHES} training batches ({DATA_REPORT_FILE} has each one):\n{total}")
     total_steps = total_optimizer_steps(cfg, len(data.sampler))
 
     # --- model: load, audio self-attention, LoRA / full, report ---------------------------------
-    model = load_model(cfg.model, device=accelerator.device)
+    model = family.load_model(cfg.model, device=accelerator.device)
     if resume_from is not None:
         # the trained weights of the checkpoint (adapter + audio attention, or the full model)
-        model = load_trainable(model, resume_from, is_trainable=True)
+        model = family.load_trainable(model, resume_from, is_trainable=True)
         if cfg.finetune.mode == "full":
-            model = apply_finetuning(model, cfg.finetune)  # re-applies finetune.freeze
+            model = family.apply_finetuning(model, cfg.finetune)  # re-applies finetune.freeze
     else:
-        model = apply_finetuning(model, cfg.finetune)
-    report = parameter_report(model, cfg.finetune)
+        model = family.apply_finetuning(model, cfg.finetune)
+    report = family.parameter_report(model, cfg.finetune)
     if accelerator.is_main_process:
         (run_dir / PARAM_REPORT_FILE).write_text(report.format() + "\n", encoding="utf-8")
         say(report.format())
-    loss_module = HiggsLossModule(model, cfg.loss, _debug_unshifted=_debug_unshifted)
+    loss_module = make_loss_module(family, model, cfg.loss, _debug_unshifted=_debug_unshifted)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=t.learning_rate, betas=tuple(t.adam_betas), weight_decay=t.weight_decay)
     scheduler = make_scheduler(optimizer, t.lr_scheduler, t.warmup_steps, total_steps)
     wrapped, optimizer = accelerator.prepare(loss_module, optimizer)
     trainable = [p for p in model.parameters() if p.requires_grad]  # FSDP replaced them with sharded ones
-    health = HealthMonitor.for_model(
-        cfg.health, cfg.loss, model.config, processor.tokenizer, on_warning=logger.log_warning
+    health = HealthMonitor.from_spec(
+        cfg.health,
+        cfg.loss,
+        family.health_spec(_base_config(model), processor.tokenizer),
+        on_warning=logger.log_warning,
     )
 
     # every save is read back and compared bit for bit with the weights in memory
@@ -205,8 +221,8 @@ def train(
         run_dir,
         accelerator,
         ck,
-        save_weights=lambda d, state_dict=None: save_trainable(model, d, state_dict),
-        verify_weights=lambda d, state_dict=None: verify_trainable(model, d, state_dict),
+        save_weights=lambda d, state_dict=None: family.save_trainable(model, d, state_dict),
+        verify_weights=lambda d, state_dict=None: family.verify_trainable(model, d, state_dict),
         estimate_bytes=estimate_checkpoint_bytes(model, cfg.finetune.mode),
         sharded_root=wrapped if fsdp else None,
         weights_prefix="model.",
@@ -316,7 +332,15 @@ def train(
             wrapped.train()
         if t.sample_steps and (step % t.sample_steps == 0 or step == total_steps):
             write_samples(
-                model, processor, data, run_dir / SAMPLES_DIR / f"step-{step}", t.num_samples, accelerator, logger, step
+                model,
+                processor,
+                data,
+                run_dir / SAMPLES_DIR / f"step-{step}",
+                t.num_samples,
+                accelerator,
+                logger,
+                step,
+                family=family,
             )
         if step % ck.save_steps == 0 and step < total_steps:
             saved = checkpoints.save(
@@ -383,6 +407,11 @@ def _epochs_done(data: TrainData, epoch: int) -> float:
     return epoch + position["batches_consumed"] / max(1, data.sampler.batches_per_epoch)
 
 
+def _base_config(model):
+    """The config of the model inside a PEFT wrapper (or of the model itself)."""
+    return (model.get_base_model() if hasattr(model, "get_base_model") else model).config
+
+
 def _to_device(batch: dict, device) -> dict:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
@@ -431,14 +460,18 @@ def sample_requests(data: TrainData, n: int) -> list:
     return requests
 
 
-def write_samples(model, processor, data: TrainData, out_dir: Path, n: int, accelerator, logger, step: int) -> None:
+def write_samples(
+    model, processor, data: TrainData, out_dir: Path, n: int, accelerator, logger, step: int, *, family=None
+) -> None:
     """Generate the fixed prompts on the main process and save WAVs (other ranks wait)."""
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
         unwrapped = accelerator.unwrap_model(model)
         options = SamplingOptions(temperature=0.0, ras_win_len=None, max_new_tokens=SAMPLE_MAX_COLUMNS, seed=0)
         with preserved_rng():  # how often samples are made must not change the training run
-            results = generate_speech(unwrapped, processor, data.tokens, sample_requests(data, n), options)
+            results = generate_speech(
+                unwrapped, processor, data.tokens, sample_requests(data, n), options, family=family
+            )
         for r in results:
             write_wav(out_dir / f"{r.id}.wav", r.wav, r.sample_rate)
             logger.log_audio(step, r.id, r.wav, r.sample_rate)

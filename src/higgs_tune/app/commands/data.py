@@ -144,11 +144,15 @@ def prepare_command(
             return
         manifest = converted.manifest
 
+    # lazy: the family selector loads transformers, too slow for `higgs-tune --help`
+    from higgs_tune.families.select import load_codec_for
+
     try:
         result = prepare_manifest(
             manifest,
             model,
             out_dir,
+            load_codec=load_codec_for,
             skip_invalid=skip_invalid,
             batch_seconds=batch_seconds,
             pad_tolerance_s=pad_tolerance_s,
