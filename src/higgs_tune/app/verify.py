@@ -56,6 +56,8 @@ class VerifyResult:
     per_codebook_acc: list[float]
     end_correct: int
     end_total: int
+    end_correct_per_codebook: list[int]
+    end_total_per_codebook: list[int]
     stopped: bool
     generated_frames: int
     generated_seconds: float
@@ -95,7 +97,10 @@ class VerifyResult:
             f"  audio loss {self.audio_loss:.3f} (chance {self.chance_loss:.2f})",
             f"  loss per codebook     {cb(self.per_codebook_loss, '{:.2f}')}",
             f"  accuracy per codebook {cb(self.per_codebook_acc, '{:.2f}')}",
-            f"  end-of-audio labels predicted: {end}",
+            f"  end-of-audio labels predicted: {end}; per codebook "
+            + ", ".join(
+                f"{c}/{t}" for c, t in zip(self.end_correct_per_codebook, self.end_total_per_codebook, strict=True)
+            ),
             f"generation:  greedy, at most {self.max_frames} frames: "
             + (f"stopped after {self.generated_frames} frames" if self.stopped else "did NOT stop")
             + f" ({self.generated_seconds:.2f} s of audio)",
@@ -180,6 +185,8 @@ def verify_model(
         per_codebook_acc=[float(x) for x in out.per_codebook_acc],
         end_correct=int(((p.audio_pred == p.audio_target) & end).sum()),
         end_total=int(end.sum()),
+        end_correct_per_codebook=((p.audio_pred == p.audio_target) & end).sum(0).tolist(),
+        end_total_per_codebook=end.sum(0).tolist(),
         stopped=gen.stopped,
         generated_frames=gen.num_frames,
         generated_seconds=gen.duration_s,

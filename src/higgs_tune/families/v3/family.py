@@ -162,6 +162,11 @@ class V3Family(ModelFamily):
                 "v3: pathways %s have no v3 counterpart (its audio side is the fused table, trained whole)",
                 ", ".join(dropped),
             )
+        if finetune_cfg.train_modules:
+            logger.info(
+                "v3: finetune.train_modules %s ignored: the fused audio table (embedding = head) trains whole",
+                ", ".join(finetune_cfg.train_modules),
+            )
         if not pathways:
             raise ModelLoadError(
                 f"finetune.pathways {finetune_cfg.pathways}: none applies to Higgs Audio v3; "
