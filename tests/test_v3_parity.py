@@ -365,17 +365,9 @@ def test_config_field_names_and_rope_patch_match_engines(sgl, vll):
 def test_key_map_matches_engines(sgl, vll):
     """Every released key maps where SGLang's mapper (and vLLM's prefix table) sends it."""
 
-    def literal(source: str, name: str):
-        for node in ast.walk(ast.parse(source)):
-            if isinstance(node, (ast.Assign, ast.AnnAssign)):
-                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
-                if any(isinstance(t, ast.Name) and t.id == name for t in targets):
-                    return ast.literal_eval(node.value)
-        raise AssertionError(f"{name} not found")
-
-    sgl_text_map = literal((sgl.root / "model.py").read_text(), "_BACKBONE_PREFIX_MAP")
+    sgl_text_map = _literal((sgl.root / "model.py").read_text(), "_BACKBONE_PREFIX_MAP")
     mapper = sgl.weight_loader.DiscreteWeightMapper(text_prefix_map=sgl_text_map, tie_modality=True)
-    vll_map = literal(vll.talker_source, "_BACKBONE_PREFIX_MAP")
+    vll_map = _literal(vll.talker_source, "_BACKBONE_PREFIX_MAP")
     for released, ours in released_key_map(2).items():
         if ours == "audio_table.weight":
             assert mapper.map(released) == "multimodal_embedding.modality_embedding_0.weight"
