@@ -149,3 +149,20 @@ def test_demo_family_v3_end_to_end(tmp_path):
     summary = json.loads((run / "eval" / "results.json").read_text())["summary"]
     assert summary["num_clips"] == 6
     assert "<svg" in (run / "report.html").read_text(encoding="utf-8")
+
+
+def test_inspect_batches_of_a_v3_cache(tiny_v3_stack, v3_demo_cache, tmp_path):
+    out_json = tmp_path / "stats.json"
+    args = ["inspect", str(v3_demo_cache), "--model", str(tiny_v3_stack), "--batches", "2", "--json", str(out_json)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "target labels per codebook" in result.output and "trainable:" in result.output
+    batches = json.loads(out_json.read_text())["batches"]["batches"]
+    assert len(batches) == 2
+    for b in batches:
+        assert b["reference_trained"] == 0 and b["boc_labels"] == 0
+        assert b["target_eoc_labels"][0] >= b["targets"] > 0
+    show = CliRunner().invoke(
+        main, ["inspect", str(v3_demo_cache), "--model", str(tiny_v3_stack), "--show", "en_a_000"]
+    )
+    assert show.exit_code == 2 and "--show renders the Higgs Audio v2 chat layout" in show.output

@@ -9,8 +9,8 @@ methods and never ask which family it is. `families/select.py` picks the family 
     weights     apply_finetuning (LoRA pathways / full), load_trainable, save_trainable,
                 verify_trainable, parameter_report, check_adapter (an adapter of another family)
     layout      sample_layout (training sample + its token length, for the dataset and the
-                sampler), collator, first_batch_report (statistics of real batches; raises
-                when nothing would be learned)
+                sampler), collator, first_batch_report (statistics of real batches) and
+                check_first_batches (raises when nothing would be learned)
     loss        scored_rows_model (True: the model's forward returns the scored rows itself;
                 False: the train/loss heads module gathers them), health_spec (chance levels)
     generation  generate_codes (one request -> codes + the stop rule's verdict)
@@ -138,7 +138,15 @@ class ModelFamily:
         raise NotImplementedError
 
     def first_batch_report(self, batches: list, tokens) -> tuple[dict, str]:
-        """(statistics, text) of the first batches; raises TrainingHealthError when nothing is learned."""
+        """(statistics, text) of real batches (`train` and `inspect --batches` show them)."""
+        raise NotImplementedError
+
+    def render_sample(self, dataset, sample_id: str, tokenizer, tokens) -> str:
+        """One training sample token by token beside its generation prompt (`inspect --show`)."""
+        raise NotImplementedError
+
+    def check_first_batches(self, stats: dict) -> None:
+        """Raise TrainingHealthError when these batches would teach nothing (no trained audio, no end label)."""
         raise NotImplementedError
 
     # ------------------------------------------------------------------ loss and health

@@ -79,7 +79,9 @@ class TrainResult:
 def inspect_first_batches(data: TrainData, family, n: int = INSPECT_BATCHES) -> tuple[dict, str]:
     """(statistics, text) of the first n batches of epoch 0; raises when nothing would be learned."""
     batches = first_batches(data.train_set, data.sampler, data.collator, n)
-    return family.first_batch_report(batches, data.tokens)
+    stats, text = family.first_batch_report(batches, data.tokens)
+    family.check_first_batches(stats)
+    return stats, text
 
 
 def family_data(family, cfg: Config, processor) -> FamilyData:

@@ -11,7 +11,13 @@ from pathlib import Path
 
 from higgs_tune.data.collate import Collator
 from higgs_tune.data.dataset import V2SampleLayout
-from higgs_tune.data.inspect import batch_statistics, check_trainable, render_batch_statistics
+from higgs_tune.data.inspect import (
+    batch_statistics,
+    check_trainable,
+    render_batch_statistics,
+    render_sample,
+    sample_and_prompt,
+)
 from higgs_tune.data.layout import SpecialTokens
 from higgs_tune.data.prepare import load_audio_tokenizer
 from higgs_tune.families.base import HealthSpec, ModelFamily
@@ -89,8 +95,14 @@ class V2Family(ModelFamily):
 
     def first_batch_report(self, batches: list, tokens) -> tuple[dict, str]:
         stats = batch_statistics(batches, tokens.stream_bos, tokens.stream_eos)
-        check_trainable(stats)
         return stats, render_batch_statistics(stats)
+
+    def render_sample(self, dataset, sample_id: str, tokenizer, tokens) -> str:
+        sample, prompt = sample_and_prompt(dataset, sample_id)
+        return render_sample(sample, prompt, tokenizer, tokens)
+
+    def check_first_batches(self, stats: dict) -> None:
+        check_trainable(stats)
 
     # ------------------------------------------------------------------ loss and health
     def health_spec(self, model_config, tokenizer=None) -> HealthSpec:

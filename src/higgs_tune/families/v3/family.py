@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from higgs_tune.config import ModelConfig
 from higgs_tune.data.prepare import codec_fingerprint
-from higgs_tune.errors import ModelLoadError
+from higgs_tune.errors import DataError, ModelLoadError
 from higgs_tune.families.base import FAMILY_MARKER, GeneratedCodes, GenerationError, HealthSpec, ModelFamily, Processor
 from higgs_tune.families.v3.checkpoint import (
     MODEL_TYPE,
@@ -245,8 +245,16 @@ class V3Family(ModelFamily):
 
     def first_batch_report(self, batches: list, tokens) -> tuple[dict, str]:
         stats = v3_batch_statistics(batches, tokens.num_codebooks)
-        check_v3_trainable(stats)
         return stats, render_v3_batch_statistics(stats)
+
+    def render_sample(self, dataset, sample_id: str, tokenizer, tokens) -> str:
+        raise DataError(
+            "inspect --show renders the Higgs Audio v2 chat layout; for a v3 model use --batches "
+            "(docs/V3.md describes the v3 sample layout)."
+        )
+
+    def check_first_batches(self, stats: dict) -> None:
+        check_v3_trainable(stats)
 
     # ------------------------------------------------------------------ loss and health
     def health_spec(self, model_config, tokenizer=None) -> HealthSpec:
