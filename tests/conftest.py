@@ -36,4 +36,4 @@ def demo_heldout() -> Path:
 
 
 # Prepared code caches of the demo data (tests/fixtures_data.py): demo_cache, demo_heldout_cache.
-from fixtures_data import demo_cache, demo_heldout_cache  # noqa: E402,F401
+from fixtures_data import demo_cache, demo_heldout_cache, tiny_v3_stack, v3_demo_cache  # noqa: E402,F401

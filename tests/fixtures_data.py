@@ -30,3 +30,20 @@ def demo_cache(tiny_dir, demo_manifest, tmp_path_factory) -> Path:
 def demo_heldout_cache(tiny_dir, demo_heldout, tmp_path_factory) -> Path:
     """Code cache of examples/data/demo/heldout.jsonl: 6 clips, 2 per speaker."""
     return prepare_demo_cache(demo_heldout, tiny_dir, tmp_path_factory.mktemp("demo_heldout_cache") / "cache")
+
+
+@pytest.fixture(scope="session")
+def tiny_v3_stack(tmp_path_factory) -> Path:
+    """The tiny Higgs Audio v3 checkpoint (released layout, seed 0); read-only."""
+    from higgs_tune.tiny.v3 import make_tiny_v3
+
+    return make_tiny_v3(tmp_path_factory.mktemp("tiny_v3") / "ckpt", seed=0)
+
+
+@pytest.fixture(scope="session")
+def v3_demo_cache(tiny_v3_stack, demo_manifest, tmp_path_factory) -> Path:
+    """The demo clips encoded with the tiny v3 checkpoint's bundled codec (`prepare --model V3`)."""
+    from higgs_tune.families.select import load_codec_for
+
+    out = tmp_path_factory.mktemp("v3_demo_cache") / "cache"
+    return prepare_demo_cache(demo_manifest, tiny_v3_stack, out, load_codec=load_codec_for)

@@ -113,3 +113,29 @@ def test_the_checker_sees_function_level_and_relative_imports(tmp_path):
     finally:
         PACKAGE = saved
     assert found == [(1, "higgs_tune.train"), (4, "higgs_tune.infer.generate"), (5, "higgs_tune.app.cli")]
+
+
+# Where a specific family may be named. Everywhere else above families/ goes through the
+# interface (families/base.py) and `families.select.family_for`: the recipe, the data pipeline,
+# infer and the app never ask which family a model is.
+FAMILY_IMPORT_ALLOWED = {
+    # v2 stays the default for callers written before the seam (same behaviour, same signatures)
+    "infer/generate.py": {"higgs_tune.families.v2.generate"},
+    "infer/loading.py": {"higgs_tune.families.v2.family", "higgs_tune.families.v2.loading"},
+    "train/health.py": {"higgs_tune.families.v2.family"},
+    # the tiny stacks and the demo build a family's checkpoint by name
+    "tiny/v3.py": {"higgs_tune.families.v3.checkpoint", "higgs_tune.families.v3.model"},
+}
+
+
+def test_only_the_selector_names_a_family():
+    named = []
+    for path in _sources():
+        rel = path.relative_to(PACKAGE).as_posix()
+        if rel.startswith("families/"):
+            continue
+        for line, target in _imports(path):
+            if target.startswith(("higgs_tune.families.v2", "higgs_tune.families.v3")):
+                if target not in FAMILY_IMPORT_ALLOWED.get(rel, set()):
+                    named.append(f"{rel}:{line} -> {target}")
+    assert not named, "use the family interface (families.select.family_for) instead of:\n" + "\n".join(named)

@@ -37,7 +37,7 @@ import pytest
 import torch
 from v3_support import load_tiny_model, random_codes, tiny_tokenizer, tiny_tokens, tiny_v3_dir
 
-from higgs_tune.families.v3.checkpoint import LAYER_SUFFIXES, STANDARD_CODEC_CONFIG, released_key_map
+from higgs_tune.families.v3.checkpoint import CODEC_PREFIX, LAYER_SUFFIXES, STANDARD_CODEC_CONFIG, released_key_map
 from higgs_tune.families.v3.generate import V3Sampling, generate_rows
 from higgs_tune.families.v3.layout import (
     AUDIO_SLOT,
@@ -365,17 +365,9 @@ def test_config_field_names_and_rope_patch_match_engines(sgl, vll):
 def test_key_map_matches_engines(sgl, vll):
     """Every released key maps where SGLang's mapper (and vLLM's prefix table) sends it."""
 
-    def literal(source: str, name: str):
-        for node in ast.walk(ast.parse(source)):
-            if isinstance(node, (ast.Assign, ast.AnnAssign)):
-                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
-                if any(isinstance(t, ast.Name) and t.id == name for t in targets):
-                    return ast.literal_eval(node.value)
-        raise AssertionError(f"{name} not found")
-
-    sgl_text_map = literal((sgl.root / "model.py").read_text(), "_BACKBONE_PREFIX_MAP")
+    sgl_text_map = _literal((sgl.root / "model.py").read_text(), "_BACKBONE_PREFIX_MAP")
     mapper = sgl.weight_loader.DiscreteWeightMapper(text_prefix_map=sgl_text_map, tie_modality=True)
-    vll_map = literal(vll.talker_source, "_BACKBONE_PREFIX_MAP")
+    vll_map = _literal(vll.talker_source, "_BACKBONE_PREFIX_MAP")
     for released, ours in released_key_map(2).items():
         if ours == "audio_table.weight":
             assert mapper.map(released) == "multimodal_embedding.modality_embedding_0.weight"
@@ -424,3 +416,53 @@ def test_bundled_codec_config_is_the_v2_tokenizer_config(sgl):
     assert diff(shipped, ours) == []
     assert diff(shipped, default)  # transformers' bare defaults are NOT the released codec (hop 320)
     assert HiggsAudioV2TokenizerConfig(**shipped).num_quantizers == 8
+
+
+def test_export_keys_are_what_the_engines_load(sgl, vll, tmp_path):
+    """A LoRA fine-tune of the tiny model, merged and exported: every LM key maps through SGLang's
+    weight mapper and vLLM's prefix table to a module of the right shape, the codec keys are the
+    bundled codec's, and our loader reads the export strictly."""
+    import torch
+    from safetensors import safe_open
+
+    from higgs_tune.families.v3.checkpoint import load_v3_checkpoint
+    from higgs_tune.families.v3.family import V3
+    from higgs_tune.families.v3.model import apply_v3_lora
+
+    ckpt = load_v3_checkpoint(tiny_v3_dir())
+    peft_model = apply_v3_lora(ckpt.model, r=4, alpha=8)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    merged = peft_model.merge_and_unload()
+    V3.write_merged(merged, tiny_v3_dir(), tmp_path / "export", types.SimpleNamespace(tokenizer=tiny_tokenizer()))
+    with safe_open(str(tmp_path / "export" / "model.safetensors"), framework="pt") as f:
+        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    ours = dict(merged.named_parameters())
+    inverse = {v: k for k, v in released_key_map(merged.config.text_config.num_hidden_layers).items()}
+    sgl_text_map = _literal((sgl.root / "model.py").read_text(), "_BACKBONE_PREFIX_MAP")
+    mapper = sgl.weight_loader.DiscreteWeightMapper(text_prefix_map=sgl_text_map, tie_modality=True)
+    vll_map = _literal(vll.talker_source, "_BACKBONE_PREFIX_MAP")
+    lm_keys = [k for k in shapes if not k.startswith(CODEC_PREFIX)]
+    assert sorted(lm_keys) == sorted(inverse.values())
+    for key in lm_keys:
+        our_name = released_key_map(2)[key]
+        assert shapes[key] == tuple(ours[our_name].shape)
+        assert mapper.map(key) is not None
+        if our_name != "audio_table.weight":
+            assert any(key.startswith(src) for src in vll_map)
+    codec = {k[len(CODEC_PREFIX) :] for k in shapes if k.startswith(CODEC_PREFIX)}
+    assert codec == set(ckpt.codec_state)
+    reloaded = load_v3_checkpoint(tmp_path / "export").model
+    assert torch.equal(reloaded.audio_table.weight, merged.audio_table.weight)
+
+
+def _literal(source: str, name: str):
+    """The value of the module-level assignment `name = <literal>` in `source`."""
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            if any(isinstance(t, ast.Name) and t.id == name for t in targets):
+                return ast.literal_eval(node.value)
+    raise AssertionError(f"{name} not found")

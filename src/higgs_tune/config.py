@@ -105,6 +105,10 @@ class ModelConfig:
         "is detected and converted).",
         _KEEP_ON_RESUME,
     )
+    family: str | None = _f(
+        None,
+        "Model family: v2 (Higgs Audio v2) or v3 (Higgs Audio v3); null = detected from config.json model_type.",
+    )
     audio_tokenizer: str | None = _f(
         None,
         "Audio tokenizer id or folder; default: `<name_or_path>/audio_tokenizer` if present, else what the "
@@ -125,6 +129,8 @@ class ModelConfig:
 
     def validate(self, was_given: WasGiven) -> list[str]:
         problems = _not_one_of("model.dtype", self.dtype, ("bfloat16", "float16", "float32"))
+        if self.family is not None:
+            problems += _not_one_of("model.family", self.family, ("v2", "v3"))
         problems += _not_one_of(
             "model.attn_implementation",
             self.attn_implementation,

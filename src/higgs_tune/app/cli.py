@@ -21,6 +21,7 @@ _COMMANDS = {
     "prepare": "higgs_tune.app.commands.data:prepare_command",
     "inspect": "higgs_tune.app.commands.data:inspect_command",
     "convert": "higgs_tune.app.commands.model:convert_command",
+    "verify": "higgs_tune.app.commands.model:verify_command",
     "train": "higgs_tune.app.commands.train:train_command",
     "demo": "higgs_tune.app.commands.train:demo_command",
     "generate": "higgs_tune.app.commands.infer:generate_command",
@@ -59,7 +60,7 @@ class _LazyGroup(click.Group):
 @click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="higgs-tune")
 def main():
-    """higgs-tune: fine-tune Higgs Audio v2 (LoRA or full), with the training signal checked."""
+    """higgs-tune: fine-tune Higgs Audio v2 and v3 (LoRA or full), with the training signal checked."""
 
 
 if __name__ == "__main__":

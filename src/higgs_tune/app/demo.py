@@ -1,7 +1,7 @@
 """`higgs-tune demo`: the whole product on the tiny offline stack and the bundled data, on CPU.
 
-    OUT/tiny-model/         make-tiny (random weights, nothing downloaded)
-    OUT/cache/train|heldout prepare (validated, encoded once, incremental on a re-run)
+    OUT/tiny-model/         make-tiny (random weights, nothing downloaded); v3: OUT/tiny-model-v3/
+    OUT/cache/train|heldout prepare (validated, encoded once, incremental on a re-run); v3: OUT/cache-v3/
     OUT/eval-models/        tiny random-weight ASR and speaker models (real code path)
     OUT/run/                train (configs/demo-tiny-cpu.yaml + DEMO_QUALITY: the quality
                             evaluation at a low frequency), then eval/ and report.html
@@ -23,11 +23,13 @@ from higgs_tune.app.report import build_report
 from higgs_tune.config import config_from_dict
 from higgs_tune.data.prepare import prepare_manifest
 from higgs_tune.errors import DataError, OutputDirError
+from higgs_tune.families.select import load_codec_for
 from higgs_tune.infer.evaluate import AsrModel, SpeakerModel, evaluate_manifest
 from higgs_tune.infer.generate import SamplingOptions
 from higgs_tune.infer.loading import load_inference_stack
 from higgs_tune.tiny import make_tiny
 from higgs_tune.tiny.eval_models import make_tiny_eval_models
+from higgs_tune.tiny.v3 import make_tiny_v3
 from higgs_tune.train.recipe import train
 
 log = logging.getLogger("higgs_tune.demo")
@@ -51,13 +53,25 @@ def demo_data_dir() -> Path:
     )
 
 
-def demo_config(out: Path, max_steps: int | None = None):
-    """The embedded preset with its ${...} paths filled in for OUT, and the quality evaluation on."""
+# v3 on the tiny stack: no text head or text loss, no v2 module names; LoRA + the fused audio table
+V3_OVERRIDES = ["finetune.train_modules=[]", "loss.text_weight=0", "model.use_text_head=false"]
+
+
+def _stack_dirs(out: Path, family: str) -> tuple[Path, Path]:
+    """(tiny model folder, cache folder) of `family` under OUT: v2 tiny-model/ cache/, v3 tiny-model-v3/ cache-v3/."""
+    suffix = "" if family == "v2" else f"-{family}"
+    return out / f"tiny-model{suffix}", out / f"cache{suffix}"
+
+
+def demo_config(out: Path, max_steps: int | None = None, family: str = "v2"):
+    """The embedded preset with its ${...} paths filled in for OUT (`family` v3: `V3_OVERRIDES`), and the quality
+    evaluation on."""
     text = files("higgs_tune.resources").joinpath(PRESET).read_text(encoding="utf-8")
+    tiny, cache = _stack_dirs(out, family)
     for key, value in {
-        "TINY_MODEL": out / "tiny-model",
-        "DEMO_CACHE": out / "cache" / "train",
-        "DEMO_HELDOUT_CACHE": out / "cache" / "heldout",
+        "TINY_MODEL": tiny,
+        "DEMO_CACHE": cache / "train",
+        "DEMO_HELDOUT_CACHE": cache / "heldout",
         "OUTPUT_DIR": out / "run",
     }.items():
         text = text.replace("${" + key + "}", str(value))
@@ -68,11 +82,14 @@ def demo_config(out: Path, max_steps: int | None = None):
         f"train.quality_speaker_model={out / 'eval-models' / 'speaker'}",
         f"train.quality_cache_dir={out / 'cache' / 'quality-baselines'}",
     ]
+    if family == "v3":
+        overrides += V3_OVERRIDES
     return config_from_dict(yaml.safe_load(text), overrides, source=PRESET)
 
 
-def run_demo(out: Path, *, max_steps: int | None = None, overwrite: bool = False) -> Path:
-    """Build, prepare, train, evaluate, report; returns the report's path."""
+def run_demo(out: Path, *, max_steps: int | None = None, overwrite: bool = False, family: str = "v2") -> Path:
+    """Build, prepare, train, evaluate, report (the tiny v2 stack, or v3 with family="v3");
+    returns the report's path. v3 uses OUT/tiny-model-v3/ and OUT/cache-v3/ (its bundled codec)."""
     out = out.resolve()
     data = demo_data_dir()
     run_dir = out / "run"
@@ -82,12 +99,15 @@ def run_demo(out: Path, *, max_steps: int | None = None, overwrite: bool = False
             f"{run_dir} is not empty (an earlier demo run): add --overwrite to train the demo again "
             "(the tiny stack and the code caches are reused), or choose another --out."
         )
-    tiny = out / "tiny-model"
+    tiny, cache = _stack_dirs(out, family)
     if not (tiny / "config.json").is_file():
-        log.info("building the tiny Higgs Audio v2 stack in %s", tiny)
-        make_tiny(tiny, seed=0, overwrite=True)
+        log.info("building the tiny Higgs Audio %s stack in %s", family, tiny)
+        if family == "v3":
+            make_tiny_v3(tiny, seed=0, overwrite=True)
+        else:
+            make_tiny(tiny, seed=0, overwrite=True)
     for name, manifest in (("train", data / "manifest.jsonl"), ("heldout", data / "heldout.jsonl")):
-        r = prepare_manifest(manifest, tiny, out / "cache" / name, progress=False)
+        r = prepare_manifest(manifest, tiny, cache / name, progress=False, load_codec=load_codec_for)
         log.info(
             "prepared %s: %d clips (%d encoded, %d reused from the cache) in %s",
             name,
@@ -100,7 +120,7 @@ def run_demo(out: Path, *, max_steps: int | None = None, overwrite: bool = False
     asr_dir, spk_dir = out / "eval-models" / "asr", out / "eval-models" / "speaker"
     if not (asr_dir / "config.json").is_file() or not (spk_dir / "config.json").is_file():
         make_tiny_eval_models(out / "eval-models")  # before training: the quality evaluation uses them
-    cfg = demo_config(out, max_steps)
+    cfg = demo_config(out, max_steps, family)
     run = train(cfg, overwrite=overwrite)
     log.info(
         "trained %d steps; audio loss %.3f (chance ln(1026) = 6.93)",

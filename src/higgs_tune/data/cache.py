@@ -140,6 +140,22 @@ def read_index(cache_dir: Path) -> dict | None:
     return index
 
 
+def check_cache_codec(cache: CodeCache, fingerprint: str | None, model_name: str = "this model") -> None:
+    """Refuse a cache whose codes another codec made: the header records the codec's fingerprint
+    (config + weights, `prepare.codec_fingerprint`); its codes would mean other sounds to the model
+    (the loss falls, nothing useful is learned). `fingerprint` None: not checked."""
+    if fingerprint is None or cache.codec_fingerprint == fingerprint:
+        return
+    source = cache.header.get("codec_source")
+    raise DataError(
+        f"{cache.cache_dir} was encoded by another audio tokenizer (fingerprint {cache.codec_fingerprint[:12]}, "
+        f"from {source!r}) than the one {model_name} loads (fingerprint {fingerprint[:12]}): its codes mean other "
+        "sounds to this model. Fix: prepare the cache again with the model you train "
+        f"(higgs-tune prepare MANIFEST --model MODEL --out {cache.cache_dir} --overwrite), or set "
+        "model.name_or_path / model.audio_tokenizer to the codec that made it."
+    )
+
+
 class CodeCache:
     """Audio codes of a prepared dataset, all in memory as int16 (a 100 h dataset is ~150 MB).
 

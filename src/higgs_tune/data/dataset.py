@@ -29,6 +29,7 @@ import random
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -91,6 +92,57 @@ class SamplePlan:
     length: int = 0
 
 
+class SampleLayout(Protocol):
+    """How a model family lays out one training sample, and its token length without the codes.
+
+    The length of a voice-cloning sample is `tts_lengths[i] + reference_lengths[j]` (the parts
+    are tokenized independently); both raise one DataError naming every bad sample.
+    """
+
+    def tts_lengths(self, entries: Sequence, tokenizer, tokens) -> list[int]: ...
+
+    def reference_lengths(
+        self, ref_texts: Sequence[str], ref_frames: Sequence[int], tokenizer, tokens, sample_ids: Sequence[str]
+    ) -> list[int]: ...
+
+    def build(self, entry, tokenizer, tokens, *, target_codes, ref_codes, ref_text, reference): ...
+
+
+class V2SampleLayout:
+    """Higgs Audio v2's chat layout (`layout.build_sample`): system [+ scene], user/assistant turns."""
+
+    def __init__(self, system_prompt: str = DEFAULT_SYSTEM_PROMPT, use_scene: bool = True):
+        self.system_prompt = system_prompt
+        self.use_scene = use_scene
+
+    def _conversation(self, entry, ref_text: str | None) -> Conversation:
+        scene = entry.scene if self.use_scene else None
+        return Conversation(text=entry.text, system_prompt=self.system_prompt, scene=scene, ref_text=ref_text)
+
+    def tts_lengths(self, entries: Sequence, tokenizer, tokens) -> list[int]:
+        return sample_lengths(
+            [self._conversation(e, None) for e in entries],
+            tokenizer,
+            tokens,
+            [e.num_frames for e in entries],
+            sample_ids=[e.id for e in entries],
+        )
+
+    def reference_lengths(self, ref_texts, ref_frames, tokenizer, tokens, sample_ids) -> list[int]:
+        return reference_lengths(ref_texts, ref_frames, tokenizer, tokens, sample_ids=sample_ids)
+
+    def build(self, entry, tokenizer, tokens, *, target_codes, ref_codes, ref_text, reference) -> Sample:
+        return build_sample(
+            self._conversation(entry, ref_text),
+            tokenizer,
+            tokens,
+            target_codes=target_codes,
+            ref_codes=ref_codes,
+            sample_id=entry.id,
+            reference=reference,
+        )
+
+
 class TTSDataset(torch.utils.data.Dataset):
     """Samples (`layout.Sample`) for the collator; see the module docstring.
 
@@ -101,6 +153,8 @@ class TTSDataset(torch.utils.data.Dataset):
     seed: drives task draws and reference choice (with the epoch and the sample id).
     max_sequence_length: the longest allowed sample in tokens.
     ids: restrict to these entry ids (e.g. from `split_ids`); None = all entries.
+    layout: the model family's sample builder (`SampleLayout`); None = v2's chat layout with
+    `system_prompt` / `use_scene` (the family passes its own, see families/).
     """
 
     def __init__(
@@ -116,6 +170,7 @@ class TTSDataset(torch.utils.data.Dataset):
         seed: int = 0,
         max_sequence_length: int = 2048,
         ids: Sequence[str] | None = None,
+        layout: SampleLayout | None = None,
     ):
         if task not in TASKS:
             raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
@@ -135,6 +190,7 @@ class TTSDataset(torch.utils.data.Dataset):
         self.use_scene = use_scene
         self.seed = seed
         self.max_sequence_length = max_sequence_length
+        self.layout = layout if layout is not None else V2SampleLayout(system_prompt, use_scene)
         self.epoch = 0
 
         by_id = {e.id: e for e in cache.entries}
@@ -159,10 +215,6 @@ class TTSDataset(torch.utils.data.Dataset):
         self._measure()
 
     # ------------------------------------------------------------------ lengths
-    def _conversation(self, entry, ref_text: str | None) -> Conversation:
-        scene = entry.scene if self.use_scene else None
-        return Conversation(text=entry.text, system_prompt=self.system_prompt, scene=scene, ref_text=ref_text)
-
     def _measure(self) -> None:
         """Token lengths of every TTS sample and every possible reference; reject too-long samples.
 
@@ -172,13 +224,7 @@ class TTSDataset(torch.utils.data.Dataset):
         ref_length, so "the references that fit" is a prefix found by bisection.
         """
         entries, limit = self.entries, self.max_sequence_length
-        self._tts_length = sample_lengths(
-            [self._conversation(e, None) for e in entries],
-            self.tokenizer,
-            self.tokens,
-            [e.num_frames for e in entries],
-            sample_ids=[e.id for e in entries],
-        )
+        self._tts_length = self.layout.tts_lengths(entries, self.tokenizer, self.tokens)
         frames_by_key = {e.key: e.num_frames for e in self.cache.entries}
         self._ref_frames: dict[str, int] = {}
         for e in entries:
@@ -188,7 +234,7 @@ class TTSDataset(torch.utils.data.Dataset):
                     frames if frames is not None else int(self.cache.codes(e.ref_key).shape[1])
                 )
         # Candidate references are the dataset's own clips: no held-out audio enters training.
-        self._ref_length = reference_lengths(
+        self._ref_length = self.layout.reference_lengths(
             [e.text for e in entries],
             [e.num_frames for e in entries],
             self.tokenizer,
@@ -196,7 +242,7 @@ class TTSDataset(torch.utils.data.Dataset):
             sample_ids=[e.id for e in entries],
         )
         explicit = [i for i, e in enumerate(entries) if e.ref_key is not None]
-        explicit_extra = reference_lengths(
+        explicit_extra = self.layout.reference_lengths(
             [entries[i].ref_text for i in explicit],
             [self._ref_frames[entries[i].ref_key] for i in explicit],
             self.tokenizer,
@@ -298,13 +344,13 @@ class TTSDataset(torch.utils.data.Dataset):
                 f"Sample {entry.id!r}: the cache lists {entry.num_frames} frames but its codes have "
                 f"{target_codes.shape[1]}. The cache is damaged; re-run `higgs-tune prepare`."
             )
-        sample = build_sample(
-            self._conversation(entry, plan.ref_text),
+        sample = self.layout.build(
+            entry,
             self.tokenizer,
             self.tokens,
             target_codes=target_codes,
             ref_codes=ref_codes,
-            sample_id=entry.id,
+            ref_text=plan.ref_text,
             reference=plan.reference,
         )
         if sample["input_ids"].shape[0] != plan.length:

@@ -7,9 +7,9 @@ Three views, each a function returning plain data plus a text renderer:
   speaker's usual rate: likely transcript mismatches) and the rows `prepare` rejected.
 - `batch_statistics(batches)`: per batch and in total, sequence lengths, padding waste,
   trained vs masked text and audio tokens per segment role and codebook, stream BOS/EOS
-  counts in inputs and labels, the share of positions that carry a loss. The training
-  layer judges them: `train.health.check_trainable(stats)` raises when a batch could not
-  teach the model anything useful (no trained audio token, a codebook without an EOS label).
+  counts in inputs and labels, the share of positions that carry a loss.
+  `check_trainable(stats)` judges them: it raises when a batch could not teach the model
+  anything useful (no trained audio token, a codebook without an EOS label).
 - `render_sample(...)`: one sample token by token, labels under each position, beside the
   prompt generation would build for it (`layout.build_prompt`), checked to agree.
 
@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass
 from higgs_tune.data.bpe_bytes import piece_bytes
 from higgs_tune.data.layout import IGNORE_INDEX as IGNORE
 from higgs_tune.data.layout import ROLE_REFERENCE, ROLE_TARGET
-from higgs_tune.errors import DataError
+from higgs_tune.errors import DataError, TrainingHealthError
 
 ROLE_NAMES = {ROLE_REFERENCE: "reference", ROLE_TARGET: "target"}
 
@@ -659,3 +659,58 @@ def sample_and_prompt(dataset, sample_id: str) -> tuple[dict, dict]:
     ref_codes = dataset.cache.codes(plan.ref_key) if plan.ref_key is not None else None
     prompt = build_prompt(conv, dataset.tokenizer, dataset.tokens, ref_codes=ref_codes, sample_id=sample_id)
     return sample, prompt
+
+
+# ----------------------------------------------------------------------------- before the model loads
+def check_trainable(stats: dict) -> None:
+    """Raise TrainingHealthError when a batch cannot train a TTS model that stops by itself.
+
+    `stats`: `higgs_tune.data.inspect.batch_statistics` of the first batches (the recipe runs it
+    before the model loads; `higgs-tune inspect --batches` too).
+
+    Per batch: at least one trained target audio token; in every codebook at least one stream
+    EOS label (without it the model never learns to stop), and exactly one per target segment;
+    no trained reference audio (the prompt's voice is given, not predicted); stream BOS never a
+    label.
+    """
+    if not stats["batches"]:
+        raise TrainingHealthError(
+            "no training batch was built: the training cache is empty or every sample was dropped. Run `higgs-tune "
+            "inspect CACHE_DIR` to see what the cache holds."
+        )
+    fix = (
+        "Build samples with higgs_tune.data.layout.build_sample (targets trained, references masked); run "
+        "`higgs-tune inspect CACHE_DIR --config CONFIG --batches N` to see the labels."
+    )
+    for b in stats["batches"]:
+        where = f"batch {b['index']} (samples {', '.join(b['sample_ids'])})"
+        target = b["audio"]["target"]
+        if sum(target["trained"]) == 0:
+            raise TrainingHealthError(
+                f"{where} has no trained audio token: every audio label is -100, so the audio loss has no signal. {fix}"
+            )
+        missing = [c for c, n in enumerate(b["stream"]["eos_labels"]) if n == 0]
+        if missing:
+            raise TrainingHealthError(
+                f"{where} has no stream EOS label in codebook(s) {', '.join(map(str, missing))}: the model would "
+                "never learn to stop (minutes of silence at generation). Each target segment needs its first EOS "
+                f"per codebook as a label. {fix}"
+            )
+        wrong = [c for c, n in enumerate(target["eos_labels"]) if n != target["segments"]]
+        if wrong:
+            raise TrainingHealthError(
+                f"{where} has {[target['eos_labels'][c] for c in wrong]} stream EOS labels in codebook(s) "
+                f"{', '.join(map(str, wrong))} for {target['segments']} target segment(s): each target segment "
+                f"must label exactly its first EOS per codebook. {fix}"
+            )
+        ref = b["audio"]["reference"]
+        if sum(ref["trained"]):
+            raise TrainingHealthError(
+                f"{where} trains {sum(ref['trained'])} reference audio label(s): the voice prompt would be learned "
+                f"as a target. Reference segments must be all -100. {fix}"
+            )
+        if sum(b["stream"]["bos_labels"]):
+            raise TrainingHealthError(
+                f"{where} has {sum(b['stream']['bos_labels'])} stream BOS label(s): BOS is an input, never a "
+                f"label. {fix}"
+            )

@@ -9,9 +9,9 @@ import logging
 from dataclasses import dataclass
 
 from higgs_tune.config import Config
-from higgs_tune.data.cache import CodeCache
+from higgs_tune.data.cache import CodeCache, check_cache_codec
 from higgs_tune.data.collate import Collator, TokenBudgetBatchSampler
-from higgs_tune.data.dataset import TTSDataset, split_ids
+from higgs_tune.data.dataset import TTSDataset, V2SampleLayout, split_ids
 from higgs_tune.data.layout import SpecialTokens
 from higgs_tune.data.prepare import codec_fingerprint
 from higgs_tune.errors import DataError
@@ -53,29 +53,15 @@ class TrainData:
             yield self.collator([self.eval_set[i] for i in indices])
 
 
-def check_cache_codec(cache: CodeCache, processor) -> None:
-    """Refuse a cache encoded by another audio tokenizer than the model's: its codes would mean
-    other sounds to the model (the loss falls, nothing useful is learned)."""
+def check_data_codec(data: TrainData, processor, model_name: str = "this model") -> None:
+    """Training: the train (and held-out) caches were encoded by the model's own codec."""
     codec = getattr(processor, "audio_tokenizer", None)
     if codec is None or not hasattr(codec, "state_dict"):
         return
     mine = codec_fingerprint(codec)
-    if mine != cache.codec_fingerprint:
-        source = cache.header.get("codec_source")
-        raise DataError(
-            f"{cache.cache_dir} was encoded by another audio tokenizer (fingerprint {cache.codec_fingerprint[:12]}, "
-            f"from {source!r}) than the one this model loads (fingerprint {mine[:12]}): its codes mean other sounds "
-            "to this model. Fix: prepare the cache again with the model you train "
-            f"(higgs-tune prepare MANIFEST --model MODEL --out {cache.cache_dir} --overwrite), or set "
-            "model.name_or_path / model.audio_tokenizer to the codec that made it."
-        )
-
-
-def check_data_codec(data: TrainData, processor) -> None:
-    """Training: the train (and held-out) caches were encoded by the model's own codec."""
     for dataset in (data.train_set, data.eval_set):
         if dataset is not None:
-            check_cache_codec(dataset.cache, processor)
+            check_cache_codec(dataset.cache, mine, model_name)
 
 
 def speakers_without_reference(dataset: TTSDataset) -> list[str]:
@@ -113,10 +99,30 @@ def check_cloning_references(dataset: TTSDataset, task: str) -> None:
     )
 
 
-def build_train_data(cfg: Config, processor, *, num_replicas: int = 1, rank: int = 0) -> TrainData:
+@dataclass(frozen=True)
+class FamilyData:
+    """The model family's data pieces, passed in by the caller (data/ does not import families/):
+    its special tokens, sample layout (`dataset.SampleLayout`) and collator. (The cache's codec is
+    checked against the model's by `check_data_codec`, for every family.)"""
+
+    tokens: object
+    layout: object
+    collator: object
+
+
+def v2_family_data(cfg: Config, processor) -> FamilyData:
+    """Higgs Audio v2's pieces (the default when no family is given)."""
+    tokens = SpecialTokens.from_tokenizer(processor.tokenizer, processor)
+    return FamilyData(tokens, V2SampleLayout(cfg.data.system_prompt, cfg.data.use_scene), Collator(tokens))
+
+
+def build_train_data(
+    cfg: Config, processor, *, num_replicas: int = 1, rank: int = 0, family_data: FamilyData | None = None
+) -> TrainData:
     """Caches -> datasets (train / held-out) -> sampler -> collator, exactly as training uses them."""
     d, seed = cfg.data, cfg.train.seed
-    tokens = SpecialTokens.from_tokenizer(processor.tokenizer, processor)
+    fam = family_data if family_data is not None else v2_family_data(cfg, processor)
+    tokens = fam.tokens
     train_cache = CodeCache.open(d.train_cache)
     common = dict(
         task=d.task,
@@ -125,6 +131,7 @@ def build_train_data(cfg: Config, processor, *, num_replicas: int = 1, rank: int
         use_scene=d.use_scene,
         seed=seed,
         max_sequence_length=d.max_sequence_length,
+        layout=fam.layout,
     )
     train_ids, eval_ids = None, None
     if d.eval_fraction:
@@ -133,7 +140,8 @@ def build_train_data(cfg: Config, processor, *, num_replicas: int = 1, rank: int
     check_cloning_references(train_set, d.task)
     eval_set = None
     if d.eval_cache:
-        eval_set = TTSDataset(CodeCache.open(d.eval_cache), tokens, processor.tokenizer, **common)
+        eval_cache = CodeCache.open(d.eval_cache)
+        eval_set = TTSDataset(eval_cache, tokens, processor.tokenizer, **common)
     elif eval_ids:
         eval_set = TTSDataset(train_cache, tokens, processor.tokenizer, ids=eval_ids, **common)
     sampler = TokenBudgetBatchSampler(
@@ -146,7 +154,7 @@ def build_train_data(cfg: Config, processor, *, num_replicas: int = 1, rank: int
         num_replicas=num_replicas,
         rank=rank,
     )
-    return TrainData(train_set, eval_set, sampler, Collator(tokens), tokens)
+    return TrainData(train_set, eval_set, sampler, fam.collator, tokens)
 
 
 def first_batches(dataset, sampler, collator, n: int, epoch: int = 0) -> list[dict]:

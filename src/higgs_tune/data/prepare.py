@@ -309,6 +309,7 @@ def prepare_manifest(
     device: str | None = None,
     progress: bool = True,
     log: Callable[[str], None] = lambda msg: None,
+    load_codec: Callable | None = None,
 ) -> PrepareResult:
     """Validate `manifest`, encode its clips with the audio tokenizer of `model_dir`, write `out_dir`.
 
@@ -317,7 +318,9 @@ def prepare_manifest(
     rejects.jsonl. Re-running is incremental (only clips whose content key is new are
     encoded) and resumes an interrupted run. A cache written with another codec is refused
     unless overwrite (which rebuilds from scratch in any case). `log` receives notes
-    (dropped shards, rebuilds) for the user.
+    (dropped shards, rebuilds) for the user. `load_codec(model_dir, device)`: the model family's
+    codec loader (`families.select.load_codec_for`: a v3 checkpoint's bundled codec); default
+    `load_audio_tokenizer`.
     """
     manifest = Path(os.path.abspath(manifest))
     out_dir = Path(os.path.abspath(out_dir))
@@ -334,7 +337,7 @@ def prepare_manifest(
     # 2. the codec
     model_ref = os.path.abspath(model_dir) if Path(model_dir).exists() else str(model_dir)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    codec = load_audio_tokenizer(model_dir, device)
+    codec = (load_codec or load_audio_tokenizer)(model_dir, device)
     config = codec.config
     sample_rate = config.sample_rate
     header = {

@@ -471,7 +471,7 @@ def evaluate_manifest(
                 id=item.id,
             )
         )
-    results = generate_speech(stack.model, stack.processor, stack.tokens, requests, options)
+    results = generate_speech(stack.model, stack.processor, stack.tokens, requests, options, family=stack.family)
     gen_seconds = time.monotonic() - t0
     _claim_run_eval_dir(out)
     # file names from ids: escaped, so that no id (`../x`, `a/b`) names a file outside OUT/wavs

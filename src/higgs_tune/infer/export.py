@@ -111,6 +111,8 @@ def export_merged(
     merged_lora = isinstance(net, PeftModel)
     if merged_lora:
         net = net.merge_and_unload()
+    if hasattr(stack.family, "write_merged"):  # a family with its own released layout (v3)
+        return _export_family_layout(stack, net, out, adapter, dtype, merged_lora)
     # A merged model is a plain checkpoint: nothing in it points back at the adapter.
     net.config.name_or_path = str(out)
     for p in net.parameters():
@@ -182,4 +184,42 @@ def export_merged(
         use_text_head=use_text_head,
         num_parameters=sum(p.numel() for p in net.parameters()),
         notes=notes,
+    )
+
+
+def _export_family_layout(stack, net, out: Path, adapter: Path, dtype: str, merged_lora: bool) -> ExportResult:
+    """The merged model written by its family in the released layout (v3), under a temporary name."""
+    for p in net.parameters():
+        p.requires_grad_(False)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path(out)
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    try:
+        tmp.mkdir()
+        layout = stack.family.write_merged(net, Path(stack.base), tmp, stack.processor)
+        marker = {
+            "format": "higgs-tune-export",
+            "family": stack.family.name,
+            "base_model": stack.base,
+            "adapter": str(adapter),
+            "merged_lora": merged_lora,
+            "dtype": dtype,
+            **layout,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "notes": list(stack.notes),
+        }
+        (tmp / EXPORT_MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
+        fsync_tree(tmp)
+        publish_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return ExportResult(
+        out_dir=out,
+        merged_lora=merged_lora,
+        audio_self_attention=False,
+        use_text_head=False,
+        num_parameters=sum(p.numel() for p in net.parameters()),
+        notes=list(stack.notes),
     )

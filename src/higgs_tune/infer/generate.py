@@ -9,8 +9,9 @@ Python API (also called by the training loop every `train.sample_steps`):
                               SamplingOptions(temperature=0.7, seed=0))
     write_wav("out.wav", results[0].wav, stack.sample_rate)
 
-Each prompt is built by `higgs_tune.data.layout.build_prompt`, the function that builds the
-training samples, so inference sees exactly the layout training used. Requests run one at a
+Each prompt is built by the model family's layout function, the one that builds the training
+samples (v2: `higgs_tune.data.layout.build_prompt`; v3: `families.v3.layout.build_v3_sample`),
+so inference sees exactly the layout training used. Requests run one at a
 time (a batch of one: no padding between prompts of different lengths can change a result),
 each under its own seed (`seed + index`) inside a forked RNG, so a request's output does not
 depend on the others and the caller's RNG streams (training!) are left untouched
@@ -27,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,15 +37,13 @@ import soundfile as sf
 import torch
 
 from higgs_tune.data.audio import AudioReadError, read_audio, to_codec_input
-from higgs_tune.data.layout import DEFAULT_SYSTEM_PROMPT, Conversation, SpecialTokens, build_prompt, generated_codes
+from higgs_tune.data.layout import DEFAULT_SYSTEM_PROMPT, Conversation
 from higgs_tune.data.prepare import encode_batch
-from higgs_tune.errors import DataError, HiggsTuneError
+from higgs_tune.errors import DataError
+from higgs_tune.families.base import GenerationError, ModelFamily
+from higgs_tune.families.v2.generate import generate_v2_codes  # not families.v2: `--help` loads this module
 
-logger = logging.getLogger(__name__)
-
-
-class GenerationError(HiggsTuneError):
-    """A request that cannot be generated (prompt longer than the model's context, bad options)."""
+__all__ = ["GenerationError", "GenerationRequest", "GenerationResult", "SamplingOptions", "generate_speech"]
 
 
 # ----------------------------------------------------------------------------- options and results
@@ -151,21 +149,23 @@ def _device(model) -> torch.device:
 def generate_speech(
     model,
     processor,
-    tokens: SpecialTokens,
+    tokens,
     requests: Sequence[GenerationRequest],
     options: SamplingOptions | None = None,
+    *,
+    family: ModelFamily | None = None,
 ) -> list[GenerationResult]:
     """Generate each request -> GenerationResult(codes (K, T), wav, stopped, num_frames).
 
-    `model`: HiggsAudioV2ForConditionalGeneration or a PeftModel around one (not a DDP
-    wrapper: pass the unwrapped module). Its train/eval mode is restored afterwards.
-    `processor`: HiggsAudioV2Processor (text tokenizer + audio tokenizer for decoding).
-    Raises GenerationError when a prompt does not fit the model's context
-    (`max_position_embeddings`) with room for at least one frame.
+    `model`: the family's model or a PeftModel around one (not a DDP wrapper: pass the
+    unwrapped module). Its train/eval mode is restored afterwards. `processor`: text tokenizer +
+    audio tokenizer (codec) for decoding. `family`: the model family (None: v2); its
+    `generate_codes` builds the prompt and applies its stop rule.
+    Raises GenerationError when a prompt does not fit the model's context with room for at
+    least one frame.
     """
+    generate_codes = family.generate_codes if family is not None else generate_v2_codes
     options = (options or SamplingOptions()).validate()
-    context = model.config.max_position_embeddings  # a PeftModel forwards .config to the wrapped model
-    min_columns = tokens.num_columns(1)  # BOS column + one frame through the delay + EOS column
     device = _device(model)
     codec = processor.audio_tokenizer
     codec_device = next(codec.parameters()).device
@@ -176,30 +176,6 @@ def generate_speech(
     try:
         for i, req in enumerate(requests):
             name = req.id or f"request {i + 1}"
-            prompt = build_prompt(
-                req.conversation(), processor.tokenizer, tokens, ref_codes=req.ref_codes, sample_id=name
-            )
-            prompt_len = prompt["input_ids"].shape[1]
-            room = context - prompt_len
-            if room < min_columns:
-                ref_cols = prompt["audio_input_ids"].shape[1] if "audio_input_ids" in prompt else 0
-                raise GenerationError(
-                    f"{name}: the prompt is {prompt_len} tokens ({ref_cols} of them reference audio, the rest text), "
-                    f"but the model's context (max_position_embeddings) is {context} and one frame of audio needs "
-                    f"{min_columns} more. Shorten the text (split it into sentences) or use a shorter reference clip."
-                )
-            limit = min(options.max_new_tokens, room)
-            if limit < options.max_new_tokens:
-                logger.info(
-                    "%s: max_new_tokens %d capped to %d by the model's context of %d tokens",
-                    name,
-                    options.max_new_tokens,
-                    limit,
-                    context,
-                )
-            gen_config = options.generation_config(model.generation_config, limit)
-            prompt = {k: v.to(device) for k, v in prompt.items()}
-            prompt_columns = prompt["audio_input_ids"].shape[1] if "audio_input_ids" in prompt else 0
             # A seeded request runs in a forked RNG (the caller's streams are untouched); without a
             # seed it draws from the global RNG like any other sampling code.
             seeded = options.seed is not None
@@ -211,25 +187,19 @@ def generate_speech(
             with rng, torch.inference_mode():
                 if seeded:
                     torch.manual_seed(options.seed + i)
-                out = model.generate(**prompt, generation_config=gen_config)
-            audio = out.audio_sequences[0].cpu()  # (N_prompt + N_generated, K)
-            generated = audio[prompt_columns:]
-            stopped = bool(generated.shape[0] > 0 and (generated[-1] == tokens.stream_eos).all())
-            # A stream BOS the model draws after the forced opening has no codec meaning; like
-            # HiggsAudioV2Processor.batch_decode, clip it into the code range.
-            codes = generated_codes(audio, prompt_columns, tokens).clamp(0, tokens.stream_bos - 1)
-            wav = decode_codes(codec, codes, codec_device)
+                gen = generate_codes(model, processor, tokens, req, options, name)
+            wav = decode_codes(codec, gen.codes, codec_device)
             results.append(
                 GenerationResult(
-                    codes=codes,
+                    codes=gen.codes,
                     wav=wav,
-                    stopped=stopped,
-                    num_frames=int(codes.shape[1]),
+                    stopped=gen.stopped,
+                    num_frames=int(gen.codes.shape[1]),
                     sample_rate=sample_rate,
                     id=req.id,
-                    prompt_tokens=prompt_len,
-                    num_columns=int(generated.shape[0]),
-                    max_new_tokens=limit,
+                    prompt_tokens=gen.prompt_tokens,
+                    num_columns=gen.num_columns,
+                    max_new_tokens=gen.max_new_tokens,
                 )
             )
     finally:

@@ -62,7 +62,10 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from higgs_tune.config import QUALITY_METRICS, HealthConfig, LossConfig
+from higgs_tune.data.inspect import check_trainable  # noqa: F401 - lives in data.inspect (v2 family); kept importable here
 from higgs_tune.errors import TrainingHealthError
+from higgs_tune.families.base import HealthSpec
+from higgs_tune.families.v2.family import V2
 from higgs_tune.train.loss import IGNORE, LossOutput
 
 CHANCE_LEVEL = "chance_level"
@@ -77,21 +80,6 @@ CODES = (CHANCE_LEVEL, COPY_TASK, LABEL_MISALIGNED, NO_SIGNAL, NO_EOS, NON_FINIT
 # Copy-task symptom thresholds (before health.copy_check_steps).
 COPY_ACCURACY = 0.98
 COPY_LOSS = 0.05
-
-# Chat markup that carries no signal as a text target. <|audio_out_bos|>, <|audio_eos|> and
-# <|eot_id|> are the documented targets (start audio, stop audio, end turn): NOT in this list.
-STRUCTURAL_TOKENS = (
-    "<|begin_of_text|>",
-    "<|end_of_text|>",
-    "<|start_header_id|>",
-    "<|end_header_id|>",
-    "<|AUDIO_OUT|>",
-    "<|reserved_special_token_6|>",
-    "<|finetune_right_pad_id|>",
-)
-ROLE_HEADERS = tuple(
-    f"<|start_header_id|>{role}<|end_header_id|>\n\n" for role in ("system", "user", "assistant", "scene")
-)
 
 log = logging.getLogger(__name__)
 
@@ -164,30 +152,27 @@ class HealthMonitor:
         tokenizer=None,
         on_warning: Callable[[HealthWarning], None] | None = None,
     ) -> HealthMonitor:
-        """Sizes and special ids from the model config; chat-markup ids from the tokenizer."""
-        structural = {model_config.audio_token_id, model_config.audio_delay_token_id}
-        for name in ("pad_token_id", "bos_token_id"):
-            if getattr(model_config, name, None) is not None:
-                structural.add(getattr(model_config, name))
-        if tokenizer is not None:
-            unk = tokenizer.unk_token_id
-            structural.update(
-                i for i in tokenizer.convert_tokens_to_ids(list(STRUCTURAL_TOKENS)) if i is not None and i != unk
-            )
-            if tokenizer.pad_token_id is not None:
-                structural.add(tokenizer.pad_token_id)
-            # role names and "\n\n" as the tokenizer splits them inside a header
-            for header in ROLE_HEADERS:
-                structural.update(tokenizer(header, add_special_tokens=False)["input_ids"])
+        """Sizes and special ids from a v2 model config; chat-markup ids from the tokenizer."""
+        return cls.from_spec(cfg, loss_cfg, V2.health_spec(model_config, tokenizer), on_warning=on_warning)
+
+    @classmethod
+    def from_spec(
+        cls,
+        cfg: HealthConfig,
+        loss_cfg: LossConfig,
+        spec: HealthSpec,
+        on_warning: Callable[[HealthWarning], None] | None = None,
+    ) -> HealthMonitor:
+        """From a model family's `HealthSpec` (chance levels, EOS id); no text checks without a text loss."""
         return cls(
             cfg,
-            text_vocab_size=model_config.vocab_size,
-            codebook_size=model_config.codebook_size,
-            num_codebooks=model_config.num_codebooks,
-            text_weight=loss_cfg.text_weight,
+            text_vocab_size=spec.text_vocab_size,
+            codebook_size=spec.codebook_size,
+            num_codebooks=spec.num_codebooks,
+            text_weight=loss_cfg.text_weight if spec.has_text_loss else 0.0,
             audio_weight=loss_cfg.audio_weight,
-            stream_eos_id=model_config.audio_stream_eos_id,
-            structural_token_ids=structural,
+            stream_eos_id=spec.stream_eos_id,
+            structural_token_ids=spec.structural_token_ids,
             on_warning=on_warning,
         )
 
@@ -361,8 +346,11 @@ class HealthMonitor:
     def _check_alignment(self, step: int, batch: Mapping, ids: Sequence[str]) -> list[HealthWarning | None]:
         """label_misaligned: a label must equal its input at the same column/position (contract)."""
         out = []
-        labels, audio_labels = batch["labels"], batch["audio_labels"]
-        audio_inputs, mask = batch["audio_input_ids"], batch["audio_input_ids_mask"].bool()
+        audio_labels = batch["audio_labels"]
+        if "audio_input_ids" in batch:  # audio columns beside the text (v2's batch contract)
+            labels, audio_inputs, mask = batch["labels"], batch["audio_input_ids"], batch["audio_input_ids_mask"].bool()
+        else:  # audio slots inside the sequence (v3: audio_codes (B, L, K), no text labels)
+            labels, audio_inputs, mask = None, batch["audio_codes"], batch["attention_mask"].bool()
         set_a = audio_labels != IGNORE  # (B, N, K)
         bad_a = set_a & ((audio_labels != audio_inputs) | ~mask[..., None])
         n_set, n_bad = int(set_a.sum()), int(bad_a.sum())
@@ -392,6 +380,8 @@ class HealthMonitor:
                     fraction_next_column=frac_next,
                 )
             )
+        if labels is None:
+            return out
         set_t = labels != IGNORE
         bad_t = set_t & (labels != batch["input_ids"])
         if int(bad_t.sum()):
@@ -581,58 +571,3 @@ class HealthMonitor:
             ),
             metrics={k: metrics.get(k) for k in ("loss", "text_loss", "audio_loss", "per_codebook_loss")},
         )
-
-
-# ----------------------------------------------------------------------------- before the model loads
-def check_trainable(stats: dict) -> None:
-    """Raise TrainingHealthError when a batch cannot train a TTS model that stops by itself.
-
-    `stats`: `higgs_tune.data.inspect.batch_statistics` of the first batches (the recipe runs it
-    before the model loads; `higgs-tune inspect --batches` too).
-
-    Per batch: at least one trained target audio token; in every codebook at least one stream
-    EOS label (without it the model never learns to stop), and exactly one per target segment;
-    no trained reference audio (the prompt's voice is given, not predicted); stream BOS never a
-    label.
-    """
-    if not stats["batches"]:
-        raise TrainingHealthError(
-            "no training batch was built: the training cache is empty or every sample was dropped. Run `higgs-tune "
-            "inspect CACHE_DIR` to see what the cache holds."
-        )
-    fix = (
-        "Build samples with higgs_tune.data.layout.build_sample (targets trained, references masked); run "
-        "`higgs-tune inspect CACHE_DIR --config CONFIG --batches N` to see the labels."
-    )
-    for b in stats["batches"]:
-        where = f"batch {b['index']} (samples {', '.join(b['sample_ids'])})"
-        target = b["audio"]["target"]
-        if sum(target["trained"]) == 0:
-            raise TrainingHealthError(
-                f"{where} has no trained audio token: every audio label is -100, so the audio loss has no signal. {fix}"
-            )
-        missing = [c for c, n in enumerate(b["stream"]["eos_labels"]) if n == 0]
-        if missing:
-            raise TrainingHealthError(
-                f"{where} has no stream EOS label in codebook(s) {', '.join(map(str, missing))}: the model would "
-                "never learn to stop (minutes of silence at generation). Each target segment needs its first EOS "
-                f"per codebook as a label. {fix}"
-            )
-        wrong = [c for c, n in enumerate(target["eos_labels"]) if n != target["segments"]]
-        if wrong:
-            raise TrainingHealthError(
-                f"{where} has {[target['eos_labels'][c] for c in wrong]} stream EOS labels in codebook(s) "
-                f"{', '.join(map(str, wrong))} for {target['segments']} target segment(s): each target segment "
-                f"must label exactly its first EOS per codebook. {fix}"
-            )
-        ref = b["audio"]["reference"]
-        if sum(ref["trained"]):
-            raise TrainingHealthError(
-                f"{where} trains {sum(ref['trained'])} reference audio label(s): the voice prompt would be learned "
-                f"as a target. Reference segments must be all -100. {fix}"
-            )
-        if sum(b["stream"]["bos_labels"]):
-            raise TrainingHealthError(
-                f"{where} has {sum(b['stream']['bos_labels'])} stream BOS label(s): BOS is an input, never a "
-                f"label. {fix}"
-            )

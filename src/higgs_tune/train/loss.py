@@ -71,7 +71,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import torch
 import torch.nn.functional as F
@@ -620,3 +620,89 @@ class HiggsLossModule(nn.Module):
             ),
             shift=s,
         )
+
+
+class ScoredRowsLossModule(nn.Module):
+    """The loss module of a family whose model gathers its scored rows itself (v3: `HiggsV3Model`
+    returns per-codebook CE sums, counts and argmax at the labelled rows only). Same outputs as
+    `HiggsLossModule` (a `LossOutput`, text parts 0: such a family has no text loss), so the
+    recipe, the metrics and the health checks treat both alike.
+
+    Batch: input_ids / attention_mask (B, L), audio_codes / audio_labels (B, L, K) with labels at
+    the slot that carries them (the model shifts), audio_roles, sample_ids.
+    """
+
+    def __init__(self, model: nn.Module, loss_cfg: LossConfig, *, num_codebooks: int, _debug_unshifted: bool = False):
+        super().__init__()
+        if _debug_unshifted:
+            raise ConfigError(["_debug_unshifted exists for the v2 heads module only."])
+        self.model = model
+        self.num_codebooks = num_codebooks
+        # no text head: the text weight does not apply; the audio loss is the loss
+        self.weights = LossWeights.from_config(replace(loss_cfg, text_weight=0.0), self.num_codebooks)
+        self.shift = 1
+
+    def count_tokens(self, batch: Mapping) -> TokenCounts:
+        labels = batch["audio_labels"][:, 1:]  # a label at position 0 has no predictor
+        return TokenCounts(labels.new_zeros(()), (labels != IGNORE).sum((0, 1)))
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        audio_codes: torch.Tensor,
+        audio_labels: torch.Tensor,
+        audio_roles: torch.Tensor | None = None,
+        sample_ids: Sequence[str] | None = None,
+    ) -> LossOutput:
+        out = self.model(
+            input_ids=input_ids, audio_codes=audio_codes, audio_labels=audio_labels, attention_mask=attention_mask
+        )
+        n_audio = out.n_tokens_per_codebook
+        zero = out.ce_sum_per_codebook.sum() * 0  # differentiable, on the loss's device
+        n_text = torch.zeros((), dtype=torch.long, device=n_audio.device)
+        terms = combine_loss(self.weights, zero, n_text, out.ce_sum_per_codebook, n_audio)
+        empty = n_text.new_zeros(0)
+        # the audio input at each predicting position (label position - 1)
+        context = audio_codes[out.rows, out.positions - 1]
+        context = context.masked_fill((input_ids[out.rows, out.positions - 1] != -100)[:, None], -1)
+        return LossOutput(
+            loss=terms.loss,
+            text_loss=terms.text_loss,
+            audio_loss=terms.audio_loss,
+            audio_loss_sum=terms.per_codebook_loss.sum(),
+            per_codebook_loss=terms.per_codebook_loss,
+            per_codebook_acc=(out.correct_per_codebook / n_audio.clamp(min=1)).detach(),
+            text_acc=torch.zeros((), device=n_audio.device),
+            n_text_tokens=n_text,
+            n_audio_tokens=n_audio,
+            text_ce_sum=zero,
+            audio_ce_sum_per_codebook=out.ce_sum_per_codebook,
+            text_correct=n_text,
+            audio_correct_per_codebook=out.correct_per_codebook,
+            n_tokens=attention_mask.sum(),
+            n_samples=int(input_ids.shape[0]),
+            weights=self.weights,
+            predictions=Predictions(
+                text_rows=empty,
+                text_positions=empty,
+                text_target=empty,
+                text_pred=empty,
+                audio_rows=out.rows,
+                audio_positions=out.positions,
+                audio_target=out.target,
+                audio_pred=out.pred,
+                audio_context=context,
+            ),
+            shift=1,
+        )
+
+
+def make_loss_module(family, model: nn.Module, loss_cfg: LossConfig, *, _debug_unshifted: bool = False) -> nn.Module:
+    """The loss module for `family`'s model: the heads module, or the scored-rows one."""
+    if family.scored_rows_model:
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        return ScoredRowsLossModule(
+            model, loss_cfg, num_codebooks=int(base.num_codebooks), _debug_unshifted=_debug_unshifted
+        )
+    return HiggsLossModule(model, loss_cfg, _debug_unshifted=_debug_unshifted)

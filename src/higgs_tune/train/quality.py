@@ -226,9 +226,11 @@ class QualityEvaluator:
         logger,
         *,
         resume_step: int | None,
+        family=None,
     ):
         t = cfg.train
         self.cfg, self.data, self.processor = cfg, data, processor
+        self.family = family  # the model family's generation loop (None: v2)
         self.run_dir, self.accelerator, self.logger = Path(run_dir), accelerator, logger
         self.every = t.quality_eval_steps
         self.seed = t.quality_eval_seed
@@ -253,8 +255,10 @@ class QualityEvaluator:
         self.history = dist_utils.broadcast_from_main(self.history)
 
     @classmethod
-    def create(cls, cfg: Config, data, processor, run_dir, accelerator, logger, *, resume_step) -> QualityEvaluator:
-        return cls(cfg, data, processor, run_dir, accelerator, logger, resume_step=resume_step)
+    def create(
+        cls, cfg: Config, data, processor, run_dir, accelerator, logger, *, resume_step, family=None
+    ) -> QualityEvaluator:
+        return cls(cfg, data, processor, run_dir, accelerator, logger, resume_step=resume_step, family=family)
 
     # ------------------------------------------------------------------ when
     def due(self, step: int, total_steps: int) -> bool:
@@ -341,7 +345,9 @@ class QualityEvaluator:
             for i, clip in enumerate(self.clips):
                 limit = math.ceil(QUALITY_LENGTH_FACTOR * clip.gt_codes.shape[1]) + tokens.num_codebooks + 1
                 options = dataclasses.replace(self.options, max_new_tokens=limit, seed=self.seed + i)
-                results += generate_speech(unwrapped, self.processor, tokens, [clip.request()], options)
+                results += generate_speech(
+                    unwrapped, self.processor, tokens, [clip.request()], options, family=self.family
+                )
             t1 = time.monotonic()
             transcripts = transcribe_outputs(self.asr, [c.language for c in self.clips], [r.wav for r in results], rate)
             t2 = time.monotonic()

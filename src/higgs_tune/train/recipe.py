@@ -37,12 +37,10 @@ from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import InitProcessGroupKwargs, set_seed
 
 from higgs_tune.config import QUALITY_METRICS, Config, ConfigError
-from higgs_tune.data.inspect import batch_statistics, render_batch_statistics
-from higgs_tune.data.pipeline import TrainData, build_train_data, check_data_codec, first_batches
+from higgs_tune.data.pipeline import FamilyData, TrainData, build_train_data, check_data_codec, first_batches
 from higgs_tune.errors import CheckpointError
+from higgs_tune.families.select import family_for
 from higgs_tune.infer.generate import GenerationRequest, SamplingOptions, generate_speech, write_wav
-from higgs_tune.model.load import load_model, load_processor
-from higgs_tune.model.lora import apply_finetuning, load_trainable, parameter_report, save_trainable, verify_trainable
 from higgs_tune.runfs import BEST_NAME, DATA_REPORT_FILE, PARAM_REPORT_FILE, SAMPLES_DIR, RunLock, claim, safe_file_stem
 from higgs_tune.train.checkpoint import (
     CheckpointManager,
@@ -55,9 +53,9 @@ from higgs_tune.train.checkpoint import (
     require_unsharded,
 )
 from higgs_tune.train.distributed import preserved_rng
-from higgs_tune.train.health import HealthMonitor, check_trainable
+from higgs_tune.train.health import HealthMonitor
 from higgs_tune.train.logging import MetricsLogger, reduce_metrics
-from higgs_tune.train.loss import HiggsLossModule, StepMetrics, TokenCounts
+from higgs_tune.train.loss import StepMetrics, TokenCounts, make_loss_module
 from higgs_tune.train.outdir import estimate_checkpoint_bytes, prepare_output_dir, rough_checkpoint_bytes
 from higgs_tune.train.preview import prediction_preview
 from higgs_tune.train.quality import QualityEvaluator
@@ -82,12 +80,22 @@ class TrainResult:
 
 
 # ----------------------------------------------------------------------------- data
-def inspect_first_batches(data: TrainData, n: int = INSPECT_BATCHES) -> dict:
-    """Statistics of the first n batches of epoch 0; raises when nothing would be learned."""
+def inspect_first_batches(data: TrainData, family, n: int = INSPECT_BATCHES) -> tuple[dict, str]:
+    """(statistics, text) of the first n batches of epoch 0; raises when nothing would be learned."""
     batches = first_batches(data.train_set, data.sampler, data.collator, n)
-    stats = batch_statistics(batches, data.tokens.stream_bos, data.tokens.stream_eos)
-    check_trainable(stats)
-    return stats
+    stats, text = family.first_batch_report(batches, data.tokens)
+    family.check_first_batches(stats)
+    return stats, text
+
+
+def family_data(family, cfg: Config, processor) -> FamilyData:
+    """The family's tokens, sample layout and collator for the data pipeline."""
+    tokens = family.special_tokens(processor)
+    return FamilyData(
+        tokens,
+        family.sample_layout(cfg.data),
+        family.collator(tokens, processor),
+    )
 
 
 # ----------------------------------------------------------------------------- schedule
@@ -179,14 +187,20 @@ def train(
     say(f"run folder: {run_dir} · {accelerator.num_processes} process(es) on {accelerator.device}")
 
     # --- data: tokenizer + codec, datasets, sampler; look at the first batches -----------------
-    processor = load_processor(cfg.model.name_or_path, cfg.model.audio_tokenizer)
-    data = build_train_data(cfg, processor, num_replicas=accelerator.num_processes, rank=accelerator.process_index)
-    check_data_codec(data, processor)  # codes of another codec mean other sounds to this model
+    family = family_for(cfg.model.name_or_path, cfg.model.family)
+    processor = family.load_processor(cfg.model.name_or_path, cfg.model.audio_tokenizer)
+    data = build_train_data(
+        cfg,
+        processor,
+        num_replicas=accelerator.num_processes,
+        rank=accelerator.process_index,
+        family_data=family_data(family, cfg, processor),
+    )
+    check_data_codec(data, processor, cfg.model.name_or_path)  # codes of another codec mean other sounds
     if resume_from is not None and not resume_weights_only:  # the same data, before the model loads
         check_resume_data(resume_from, data_identity(data.train_set.cache))
-    stats = inspect_first_batches(data)
+    _, text = inspect_first_batches(data, family)
     if accelerator.is_main_process:
-        text = render_batch_statistics(stats)
         (run_dir / DATA_REPORT_FILE).write_text(text + "\n", encoding="utf-8")
         claim(run_dir, DATA_REPORT_FILE)
         total = text[text.find("total:") :] if "total:" in text else text
@@ -196,30 +210,35 @@ def train(
     # fast (train/quality.py; main process only, RNG preserved)
     quality = None
     if t.quality_eval_steps:
-        quality = QualityEvaluator.create(cfg, data, processor, run_dir, accelerator, logger, resume_step=resume_step)
+        quality = QualityEvaluator.create(
+            cfg, data, processor, run_dir, accelerator, logger, resume_step=resume_step, family=family
+        )
 
     # --- model: load, audio self-attention, LoRA / full, report ---------------------------------
-    model = load_model(cfg.model, device=accelerator.device)
+    model = family.load_model(cfg.model, device=accelerator.device)
     if resume_from is not None:
         # the trained weights of the checkpoint (adapter + audio attention, or the full model)
-        model = load_trainable(model, resume_from, is_trainable=True)
+        model = family.load_trainable(model, resume_from, is_trainable=True)
         if cfg.finetune.mode == "full":
-            model = apply_finetuning(model, cfg.finetune)  # re-applies finetune.freeze
+            model = family.apply_finetuning(model, cfg.finetune)  # re-applies finetune.freeze
     else:
-        model = apply_finetuning(model, cfg.finetune)
-    report = parameter_report(model, cfg.finetune)
+        model = family.apply_finetuning(model, cfg.finetune)
+    report = family.parameter_report(model, cfg.finetune)
     if accelerator.is_main_process:
         (run_dir / PARAM_REPORT_FILE).write_text(report.format() + "\n", encoding="utf-8")
         claim(run_dir, PARAM_REPORT_FILE)
         say(report.format())
-    loss_module = HiggsLossModule(model, cfg.loss, _debug_unshifted=_debug_unshifted)
+    loss_module = make_loss_module(family, model, cfg.loss, _debug_unshifted=_debug_unshifted)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=t.learning_rate, betas=tuple(t.adam_betas), weight_decay=t.weight_decay)
     scheduler = make_scheduler(optimizer, t.lr_scheduler, t.warmup_steps, total_steps)
     wrapped, optimizer = accelerator.prepare(loss_module, optimizer)
     trainable = [p for p in model.parameters() if p.requires_grad]  # FSDP replaced them with sharded ones
-    health = HealthMonitor.for_model(
-        cfg.health, cfg.loss, model.config, processor.tokenizer, on_warning=logger.log_warning
+    health = HealthMonitor.from_spec(
+        cfg.health,
+        cfg.loss,
+        family.health_spec(_base_config(model), processor.tokenizer),
+        on_warning=logger.log_warning,
     )
 
     # every save is read back and compared bit for bit with the weights in memory
@@ -227,8 +246,8 @@ def train(
         run_dir,
         accelerator,
         ck,
-        save_weights=lambda d, state_dict=None: save_trainable(model, d, state_dict),
-        verify_weights=lambda d, state_dict=None: verify_trainable(model, d, state_dict),
+        save_weights=lambda d, state_dict=None: family.save_trainable(model, d, state_dict),
+        verify_weights=lambda d, state_dict=None: family.verify_trainable(model, d, state_dict),
         estimate_bytes=estimate_checkpoint_bytes(model, cfg.finetune.mode),
         sharded_root=wrapped if fsdp else None,
         weights_prefix="model.",
@@ -347,7 +366,15 @@ def train(
             wrapped.train()
         if t.sample_steps and step % t.sample_steps == 0 and step < total_steps:  # the last: after final/
             write_samples(
-                model, processor, data, run_dir / SAMPLES_DIR / f"step-{step}", t.num_samples, accelerator, logger, step
+                model,
+                processor,
+                data,
+                run_dir / SAMPLES_DIR / f"step-{step}",
+                t.num_samples,
+                accelerator,
+                logger,
+                step,
+                family=family,
             )
         stop_early = False
         if quality is not None and quality.due(step, total_steps):
@@ -392,7 +419,15 @@ def train(
     # optional work only after final/ is on disk: a failure there can no longer cost the model
     if t.sample_steps and step > first_step:
         write_samples(
-            model, processor, data, run_dir / SAMPLES_DIR / f"step-{step}", t.num_samples, accelerator, logger, step
+            model,
+            processor,
+            data,
+            run_dir / SAMPLES_DIR / f"step-{step}",
+            t.num_samples,
+            accelerator,
+            logger,
+            step,
+            family=family,
         )
     warnings = health.warnings
     if warnings:
@@ -432,6 +467,11 @@ def _epochs_done(data: TrainData, epoch: int) -> float:
     """Epochs of training data consumed so far (1.5 = one epoch and half of the next), as logged."""
     position = data.sampler.state_dict()
     return epoch + position["batches_consumed"] / max(1, data.sampler.batches_per_epoch)
+
+
+def _base_config(model):
+    """The config of the model inside a PEFT wrapper (or of the model itself)."""
+    return (model.get_base_model() if hasattr(model, "get_base_model") else model).config
 
 
 def _to_device(batch: dict, device) -> dict:
@@ -492,20 +532,24 @@ def sample_requests(data: TrainData, n: int) -> list:
     return requests
 
 
-def write_samples(model, processor, data: TrainData, out_dir: Path, n: int, accelerator, logger, step: int) -> None:
+def write_samples(
+    model, processor, data: TrainData, out_dir: Path, n: int, accelerator, logger, step: int, *, family=None
+) -> None:
     """Generate the fixed prompts on the main process and save WAVs (other ranks wait).
 
     Optional work: a failure is logged (and recorded in metrics.jsonl) and the run goes on."""
     if accelerator.is_main_process:
         try:
-            _write_samples_main(model, processor, data, out_dir, n, accelerator, logger, step)
+            _write_samples_main(model, processor, data, out_dir, n, accelerator, logger, step, family)
         except Exception as e:  # noqa: BLE001 - samples must never end a run
             log.warning("samples: step %d failed (%s: %s); training goes on", step, type(e).__name__, e)
             logger.log_event("samples_failed", step, error=f"{type(e).__name__}: {e}")
     accelerator.wait_for_everyone()
 
 
-def _write_samples_main(model, processor, data: TrainData, out_dir: Path, n: int, accelerator, logger, step: int):
+def _write_samples_main(
+    model, processor, data: TrainData, out_dir: Path, n: int, accelerator, logger, step: int, family=None
+):
     if not out_dir.parent.exists():  # samples/: ours once created
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         claim(out_dir.parent.parent, out_dir.parent.name)
@@ -513,7 +557,7 @@ def _write_samples_main(model, processor, data: TrainData, out_dir: Path, n: int
     unwrapped = accelerator.unwrap_model(model)
     options = SamplingOptions(temperature=0.0, ras_win_len=None, max_new_tokens=SAMPLE_MAX_COLUMNS, seed=0)
     with preserved_rng():  # how often samples are made must not change the training run
-        results = generate_speech(unwrapped, processor, data.tokens, sample_requests(data, n), options)
+        results = generate_speech(unwrapped, processor, data.tokens, sample_requests(data, n), options, family=family)
     files = [f"{safe_file_stem(r.id)}.wav" for r in results]  # an id never names a path outside out_dir
     for r, name in zip(results, files, strict=True):
         write_wav(out_dir / name, r.wav, r.sample_rate)

@@ -23,7 +23,6 @@ import click
 from higgs_tune.config import Config, ConfigError, load_config
 from higgs_tune.data.audio import DEFAULT_MAX_SECONDS, DEFAULT_MIN_SECONDS
 from higgs_tune.data.cache import CodeCache
-from higgs_tune.data.layout import SpecialTokens
 from higgs_tune.data.manifest import convert_folder
 from higgs_tune.data.prepare import DEFAULT_BATCH_SECONDS, DEFAULT_PAD_TOLERANCE_S, DEFAULT_SHARD_SIZE, prepare_manifest
 from higgs_tune.errors import TrainingHealthError
@@ -153,11 +152,15 @@ def prepare_command(
             return
         manifest = converted.manifest
 
+    # lazy: the family selector loads transformers, too slow for `higgs-tune --help`
+    from higgs_tune.families.select import load_codec_for
+
     try:
         result = prepare_manifest(
             manifest,
             model,
             out_dir,
+            load_codec=load_codec_for,
             skip_invalid=skip_invalid,
             batch_seconds=batch_seconds,
             pad_tolerance_s=pad_tolerance_s,
@@ -203,11 +206,12 @@ def _processor_and_tokens(cfg):
     # lazy: transformers and the model loader would slow every `higgs-tune` start
     import transformers
 
-    from higgs_tune.model.load import load_processor
+    from higgs_tune.families.select import family_for
 
     transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars would interleave with the report
-    processor = load_processor(cfg.model.name_or_path, cfg.model.audio_tokenizer)
-    return processor, SpecialTokens.from_tokenizer(processor.tokenizer, processor)
+    family = family_for(cfg.model.name_or_path, cfg.model.family)
+    processor = family.load_processor(cfg.model.name_or_path, cfg.model.audio_tokenizer)
+    return family, processor, family.special_tokens(processor)
 
 
 @click.command("inspect")
@@ -243,17 +247,13 @@ def inspect_command(cache_dir, plot_path, config_path, model, num_batches, show_
     sample with its labels, checked against the prompt that generation builds."""
     # lazy: data.inspect, data.pipeline and train.health load transformers, too slow for `higgs-tune --help`
     from higgs_tune.data.inspect import (
-        batch_statistics,
         check_cache_fits_model,
-        render_batch_statistics,
-        render_sample,
         render_summary,
-        sample_and_prompt,
         summarize_cache,
     )
     from higgs_tune.data.pipeline import build_train_data, first_batches
     from higgs_tune.data.plot import write_histogram_png
-    from higgs_tune.train.health import check_trainable
+    from higgs_tune.train.recipe import family_data
 
     cache = CodeCache.open(cache_dir)
     report: dict = {}
@@ -270,22 +270,21 @@ def inspect_command(cache_dir, plot_path, config_path, model, num_batches, show_
         # the recipe's own builder: the samples and batches shown are the ones `train` would use
 
         cfg = _load_config(config_path, model, cache.cache_dir)
-        processor, tokens = _processor_and_tokens(cfg)
+        family, processor, tokens = _processor_and_tokens(cfg)
         check_cache_fits_model(cache, tokens, cfg.model.name_or_path)
-        data = build_train_data(cfg, processor)
+        data = build_train_data(cfg, processor, family_data=family_data(family, cfg, processor))
         if show_id is not None:
             data.train_set.set_epoch(0)
-            sample, prompt = sample_and_prompt(data.train_set, show_id)
-            click.echo(render_sample(sample, prompt, processor.tokenizer, tokens))
+            click.echo(family.render_sample(data.train_set, show_id, processor.tokenizer, tokens))
         if num_batches is not None:
             if show_id is not None:
                 click.echo("")
             batches = first_batches(data.train_set, data.sampler, data.collator, num_batches)
-            stats = batch_statistics(batches, tokens.stream_bos, tokens.stream_eos)
+            stats, text = family.first_batch_report(batches, tokens)
             report["batches"] = stats
-            click.echo(render_batch_statistics(stats))
+            click.echo(text)
             try:
-                check_trainable(stats)
+                family.check_first_batches(stats)
             except TrainingHealthError as e:
                 problem = e  # raised after the JSON is written, so the numbers are kept
             else:

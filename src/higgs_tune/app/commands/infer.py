@@ -234,7 +234,7 @@ def _run_generation(requests, model, adapter, audio_tokenizer, device, dtype, op
                 id=r.id,
             )
         )
-    results = generate_speech(stack.model, stack.processor, stack.tokens, gen_requests, options)
+    results = generate_speech(stack.model, stack.processor, stack.tokens, gen_requests, options, family=stack.family)
     not_stopped = 0
     for r, res in zip(requests, results, strict=True):
         write_wav(r.out, res.wav, res.sample_rate)

@@ -1,5 +1,9 @@
 """`higgs-tune convert SRC DST` (original boson_multimodal checkpoint -> transformers layout) and
-`higgs-tune make-tiny OUT_DIR` (the tiny offline stack used by the demo and the tests)."""
+`higgs-tune make-tiny OUT_DIR [--family v3]` (the tiny offline stacks used by the demo and the tests) and
+`higgs-tune verify MODEL` (a real checkpoint's load, forward and generation, as a pasteable verdict)."""
+
+import json
+from pathlib import Path
 
 import click
 
@@ -45,14 +49,52 @@ def convert_command(src, dst, audio_tokenizer, overwrite):
 @click.command("make-tiny")
 @click.argument("out_dir", type=click.Path(file_okay=False))
 @click.option("--seed", default=0, show_default=True, help="Seed for the random weights and codebooks.")
+@click.option(
+    "--family",
+    type=click.Choice(["v2", "v3"]),
+    default="v2",
+    show_default=True,
+    help="v2: transformers-layout Higgs Audio v2 stack; v3: a Higgs Audio v3 checkpoint in the released layout.",
+)
 @click.option("--overwrite", is_flag=True, help="Replace the contents of a non-empty OUT_DIR.")
-def make_tiny_command(out_dir, seed, overwrite):
-    """Build a tiny random-weight Higgs Audio v2 stack (text tokenizer, audio tokenizer,
-    model with text head, processor) in OUT_DIR, offline, deterministic from SEED."""
-    from higgs_tune.tiny import OutputDirNotEmpty, make_tiny  # lazy: transformers, too slow for `higgs-tune --help`
+def make_tiny_command(out_dir, seed, family, overwrite):
+    """Build a tiny random-weight Higgs Audio stack in OUT_DIR, offline, deterministic from SEED:
+    v2 (text tokenizer, audio tokenizer, model with text head, processor) or v3 (config.json,
+    model.safetensors with tied.*/body.* keys and the bundled codec, tokenizer with the v3 tokens)."""
+    # lazy: transformers, too slow for `higgs-tune --help`
+    from higgs_tune.tiny import OutputDirNotEmpty, make_tiny
+    from higgs_tune.tiny.v3 import make_tiny_v3
 
+    if family == "v3":
+        try:
+            out = make_tiny_v3(out_dir, seed=seed, overwrite=overwrite)
+        except FileExistsError as e:
+            raise OutputDirError(str(e)) from None
+        click.echo(f"tiny Higgs Audio v3 checkpoint written to {out}")
+        return
     try:
         out = make_tiny(out_dir, seed=seed, overwrite=overwrite)
     except OutputDirNotEmpty as e:
         raise OutputDirError(str(e)) from None
     click.echo(f"tiny Higgs Audio v2 stack written to {out}")
+
+
+@click.command("verify")
+@click.argument("model")
+@click.option("--adapter", default=None, help="A run's checkpoint-N/ or final/ folder to load onto MODEL.")
+@click.option(
+    "--family", type=click.Choice(["v2", "v3"]), default=None, help="Model family (default: from config.json)."
+)
+@click.option("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available).")
+@click.option("--max-frames", type=click.IntRange(min=1), default=250, show_default=True, help="Generation limit.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Also write the figures.")
+def verify_command(model, adapter, family, device, max_frames, json_path):
+    """Check a real checkpoint (v2 or v3) before training on it: strict load, a teacher-forced
+    forward on a bundled clip (loss and accuracy per codebook, end-of-audio accuracy), a short
+    generation (did it stop, how long) and peak memory. Prints a block to paste into an issue."""
+    from higgs_tune.app.verify import verify_model  # lazy: the whole stack, too slow for `higgs-tune --help`
+
+    result = verify_model(model, adapter, family=family, device=device, max_frames=max_frames)
+    click.echo(result.render())
+    if json_path is not None:
+        json_path.write_text(json.dumps(result.to_dict(), indent=1) + "\n", encoding="utf-8")

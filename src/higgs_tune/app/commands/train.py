@@ -111,13 +111,20 @@ def interrupted_message(cfg, config: str, overrides) -> str:
     help="Folder for the tiny stack, the code caches and the run.",
 )
 @click.option("--max-steps", type=int, default=None, help="Override the preset's train.max_steps.")
+@click.option(
+    "--family",
+    type=click.Choice(["v2", "v3"]),
+    default="v2",
+    show_default=True,
+    help="Which tiny stack: Higgs Audio v2 or v3.",
+)
 @click.option("--overwrite", is_flag=True, help="Start the demo run afresh if DIR/run exists.")
 @click.option("--verbose", is_flag=True)
-def demo_command(out_dir, max_steps, overwrite, verbose):
-    """Fine-tune the tiny offline Higgs stack on the bundled demo data (CPU, a few minutes),
-    evaluate it and write DIR/run/report.html."""
+def demo_command(out_dir, max_steps, family, overwrite, verbose):
+    """Fine-tune the tiny offline Higgs stack (v2, or v3 with --family v3) on the bundled demo
+    data (CPU, a few minutes), evaluate it and write DIR/run/report.html."""
     from higgs_tune.app.demo import run_demo  # lazy: the whole stack, too slow for `higgs-tune --help`
 
     _setup_logging(verbose)
-    report = run_demo(Path(out_dir), max_steps=max_steps, overwrite=overwrite)
+    report = run_demo(Path(out_dir), max_steps=max_steps, overwrite=overwrite, family=family)
     click.echo(f"demo finished; open {report}")

@@ -111,6 +111,15 @@ class V3Tokens:
         """Delayed rows (= slots) of a T-frame clip: T + K - 1."""
         return num_frames + self.num_codebooks - 1
 
+    # the names the family-neutral code (preview, health) reads: delay head / tail fillers
+    @property
+    def stream_bos(self) -> int:
+        return BOC
+
+    @property
+    def stream_eos(self) -> int:
+        return EOC
+
 
 # ----------------------------------------------------------------------------- delay pattern
 def delay_codes(codes: torch.Tensor) -> torch.Tensor:
