@@ -284,6 +284,8 @@ def _command(manifest: Path, model: str | Path, out_dir: Path, opts: dict) -> st
         for k, d in (("min_seconds", DEFAULT_MIN_SECONDS), ("max_seconds", DEFAULT_MAX_SECONDS))
         if opts[k] != d
     ]
+    if opts.get("language"):
+        flags.append(f"--language {opts['language']}")
     return " ".join(flags)
 
 
@@ -304,6 +306,7 @@ def prepare_manifest(
     device: str | None = None,
     progress: bool = True,
     log: Callable[[str], None] = lambda msg: None,
+    language: str | None = None,
 ) -> PrepareResult:
     """Validate `manifest`, encode its clips with the audio tokenizer of `model_dir`, write `out_dir`.
 
@@ -312,7 +315,8 @@ def prepare_manifest(
     rejects.jsonl. Re-running is incremental (only clips whose content key is new are
     encoded) and resumes an interrupted run. A cache written with another codec is refused
     unless overwrite (which rebuilds from scratch in any case). `log` receives notes
-    (dropped shards, rebuilds) for the user.
+    (dropped shards, rebuilds) for the user. `language` fills rows that name none (else
+    they are recorded as manifest.UNKNOWN_LANGUAGE).
     """
     manifest = Path(os.path.abspath(manifest))
     out_dir = Path(os.path.abspath(out_dir))
@@ -350,6 +354,7 @@ def prepare_manifest(
                 allow_outside_root=allow_outside_root,
                 min_seconds=min_seconds,
                 max_seconds=max_seconds,
+                language=language,
             ),
         ),
         "created": now_iso(),
@@ -374,6 +379,7 @@ def prepare_manifest(
         max_seconds=max_seconds,
         allow_outside_root=allow_outside_root,
         progress=progress,
+        default_language=language,
     )
     validation.raise_if_invalid(cache_dir=out_dir, skip_invalid=skip_invalid)
     rows = validation.rows

@@ -93,7 +93,12 @@ from higgs_tune.errors import TrainingHealthError
     type=click.Path(dir_okay=False),
     help="With --from-folder: where to write the manifest (default: DIR/../<DIR name>.jsonl).",
 )
-@click.option("--language", default=None, help="With --from-folder: language code for rows whose metadata has none.")
+@click.option(
+    "--language",
+    default=None,
+    metavar="CODE",
+    help="Language code (e.g. en) for rows that name none; without it they are recorded as 'und' (unknown).",
+)
 def prepare_command(
     manifest,
     model,
@@ -112,7 +117,7 @@ def prepare_command(
     manifest_out,
     language,
 ):
-    """Validate MANIFEST (JSON Lines: audio, text, speaker, language[, id, scene, ref_audio, ref_text])
+    """Validate MANIFEST (JSON Lines: audio, text, speaker[, language, id, scene, ref_audio, ref_text])
     and encode its clips with the model's audio tokenizer into CACHE_DIR.
 
     \b
@@ -124,8 +129,8 @@ def prepare_command(
         raise click.UsageError("give either MANIFEST or --from-folder DIR, not both.")
     if not from_folder and not manifest:
         raise click.UsageError("give a MANIFEST (or --from-folder DIR to convert a folder first).")
-    if not from_folder and (manifest_out or language):
-        raise click.UsageError("--manifest-out and --language only apply with --from-folder.")
+    if not from_folder and manifest_out:
+        raise click.UsageError("--manifest-out only applies with --from-folder.")
     if (model is None) != (out_dir is None) or (manifest and model is None):
         raise click.UsageError("encoding needs both --model MODEL and --out CACHE_DIR.")
 
@@ -161,6 +166,7 @@ def prepare_command(
             device=device,
             progress=True,
             log=lambda msg: click.echo(msg, err=True),
+            language=language,
         )
     except KeyboardInterrupt:
         click.echo(
