@@ -9,11 +9,13 @@ Nothing here imports torch: the config is checked before any model is loaded.
 from __future__ import annotations
 
 import copy
+import os
 import dataclasses
 import difflib
 import re
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -761,11 +763,48 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
         raise ConfigError([f"config file {path} is a folder: give the YAML file."]) from None
     except UnicodeDecodeError as e:
         raise ConfigError([f"config file {path} is not UTF-8 ({e.reason} at byte {e.start})."]) from None
+    text = fill_placeholders(text, str(path))
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise ConfigError([f"config file {path} is not valid YAML: {e}"]) from None
     return config_from_dict(data, overrides, source=str(path))
+
+
+_PLACEHOLDER = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def fill_placeholders(text: str, source: str | None = None, values: Mapping[str, str] | None = None) -> str:
+    """Replace every `${NAME}` in a config's text by `values[NAME]` (default: the environment).
+
+    A placeholder with no value is an error naming it (never a folder literally called
+    `${OUTPUT_DIR}` or a model path that cannot load). Comments are not filled.
+    """
+    values = os.environ if values is None else values
+    missing: list[str] = []
+    out_lines = []
+    for line in text.splitlines(keepends=True):
+        code, hash_, comment = line.partition(" #") if not line.lstrip().startswith("#") else ("", "", line)
+
+        def fill(m: re.Match) -> str:
+            name = m.group(1)
+            if name not in values:
+                if name not in missing:
+                    missing.append(name)
+                return m.group(0)
+            return str(values[name])
+
+        out_lines.append(_PLACEHOLDER.sub(fill, code) + hash_ + comment)
+    if missing:
+        raise ConfigError(
+            [
+                f"${{{name}}} has no value: set the environment variable {name} "
+                f"(e.g. `{name}=... higgs-tune train ...`) or write the value into the config."
+                for name in missing
+            ],
+            source,
+        )
+    return "".join(out_lines)
 
 
 def config_help() -> str:

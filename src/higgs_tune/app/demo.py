@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 
 from higgs_tune.app.report import build_report
-from higgs_tune.config import config_from_dict
+from higgs_tune.config import config_from_dict, fill_placeholders
 from higgs_tune.data.prepare import prepare_manifest
 from higgs_tune.errors import DataError, OutputDirError
 from higgs_tune.infer.evaluate import AsrModel, SpeakerModel, evaluate_manifest
@@ -49,20 +49,27 @@ def demo_data_dir() -> Path:
 def demo_config(out: Path, max_steps: int | None = None):
     """The embedded preset with its ${...} paths filled in for OUT."""
     text = files("higgs_tune.resources").joinpath(PRESET).read_text(encoding="utf-8")
-    for key, value in {
+    paths = {
         "TINY_MODEL": out / "tiny-model",
         "DEMO_CACHE": out / "cache" / "train",
         "DEMO_HELDOUT_CACHE": out / "cache" / "heldout",
         "OUTPUT_DIR": out / "run",
-    }.items():
-        text = text.replace("${" + key + "}", str(value))
-    overrides = [f"train.max_steps={max_steps}"] if max_steps else []
-    return config_from_dict(yaml.safe_load(text), overrides, source=PRESET)
+    }
+    text = fill_placeholders(text, PRESET, {k: str(v) for k, v in paths.items()})
+    data = yaml.safe_load(text)
+    overrides = []
+    if max_steps:
+        # a short demo run keeps the preset's warm-up share (10 of 120 steps), so warm-up never exceeds the run
+        warmup = data["train"]["warmup_steps"]
+        scaled = min(warmup, max_steps * warmup // data["train"]["max_steps"])
+        overrides = [f"train.max_steps={max_steps}", f"train.warmup_steps={scaled}"]
+    return config_from_dict(data, overrides, source=PRESET)
 
 
 def run_demo(out: Path, *, max_steps: int | None = None, overwrite: bool = False) -> Path:
     """Build, prepare, train, evaluate, report; returns the report's path."""
     out = out.resolve()
+    cfg = demo_config(out, max_steps)  # validated before anything is built
     data = demo_data_dir()
     run_dir = out / "run"
     if not overwrite and run_dir.is_dir() and any(run_dir.iterdir()):
@@ -86,7 +93,6 @@ def run_demo(out: Path, *, max_steps: int | None = None, overwrite: bool = False
             r.cache_dir,
         )
 
-    cfg = demo_config(out, max_steps)
     run = train(cfg, overwrite=overwrite)
     log.info(
         "trained %d steps; audio loss %.3f (chance ln(1026) = 6.93)",

@@ -107,7 +107,12 @@ def interrupted_message(cfg, config: str, overrides) -> str:
     type=click.Path(file_okay=False),
     help="Folder for the tiny stack, the code caches and the run.",
 )
-@click.option("--max-steps", type=int, default=None, help="Override the preset's train.max_steps.")
+@click.option(
+    "--max-steps",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Override the preset's train.max_steps (120); the warm-up is scaled to the same share.",
+)
 @click.option("--overwrite", is_flag=True, help="Start the demo run afresh if DIR/run exists.")
 @click.option("--verbose", is_flag=True)
 def demo_command(out_dir, max_steps, overwrite, verbose):
