@@ -108,6 +108,22 @@ def make_scheduler(optimizer, name: str, warmup_steps: int, total_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def recompute_schedule(optimizer, scheduler, changes: list[str], total_steps: int) -> str:
+    """After a resume with another run length: the restored LR is the old schedule's; set the
+    new schedule's value at the resumed step (a LambdaLR built for the new length). Returns the
+    line to log."""
+    step = scheduler.last_epoch
+    old = [g["lr"] for g in optimizer.param_groups]
+    new = [base * fn(step) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas, strict=True)]
+    for group, lr in zip(optimizer.param_groups, new, strict=True):
+        group["lr"] = lr
+    scheduler._last_lr = list(new)  # what get_last_lr() reports (and the loop logs) for the next step
+    return (
+        f"run length changed ({'; '.join(changes)}): the learning-rate schedule is recomputed for "
+        f"{total_steps} steps; the LR at step {step + 1} is {new[0]:.3g} (the old schedule had {old[0]:.3g})"
+    )
+
+
 def total_optimizer_steps(cfg: Config, batches_per_epoch: int) -> int:
     if cfg.train.max_steps is not None:
         return cfg.train.max_steps
@@ -231,10 +247,12 @@ def train(
         say(
             f"resumed from {resume_from} at step {step} (epoch {epoch}, batch {state.sampler_state['batches_consumed']})"
         )
+        if state.schedule_changes:
+            say(recompute_schedule(optimizer, scheduler, state.schedule_changes, total_steps))
         if step >= total_steps:
             say(
                 f"the run already reached step {step} of {total_steps}: nothing left to train "
-                "(with lr_scheduler: constant, a larger train.max_steps continues it)"
+                "(a larger train.max_steps extends it)"
             )
     elif resume_from is not None:
         say(f"loaded weights only from {resume_from}; optimizer, schedule and data order start afresh")
