@@ -237,7 +237,13 @@ def _processor_and_tokens(cfg):
 def inspect_command(cache_dir, plot_path, config_path, model, num_batches, show_id, json_path):
     """Clips, hours, speakers, languages, durations, text/audio outliers and rejected rows of
     CACHE_DIR; with --batches, the token accounting of real training batches; with --show, one
-    sample with its labels, checked against the prompt that generation builds."""
+    sample with its labels, checked against the prompt that generation builds.
+
+    \b
+    Examples:
+      higgs-tune inspect cache/train --plot durations.png
+      higgs-tune inspect cache/train --config configs/lora-1gpu.yaml --batches 4
+    """
     # lazy: data.inspect, data.pipeline and train.health load transformers, too slow for `higgs-tune --help`
     from higgs_tune.data.inspect import (
         batch_statistics,

@@ -278,7 +278,15 @@ def evaluate_command(
 ):
     """Generate every clip of a held-out MANIFEST and score it: WER/CER (ASR), speaker similarity
     (WavLM x-vector cosine with the voice prompt), duration ratio and stop rate.
-    Writes OUT/results.json, OUT/results.csv and OUT/wavs/."""
+    Writes OUT/results.json, OUT/results.csv and OUT/wavs/.
+
+    \b
+    Examples:
+      higgs-tune evaluate data/heldout.jsonl --adapter runs/my-voice/final \\
+          --asr-model openai/whisper-large-v3 --speaker-model microsoft/wavlm-base-plus-sv
+      higgs-tune evaluate data/heldout.jsonl --adapter demo-run/run/final \\
+          --asr-model demo-run/eval-models/asr --speaker-model demo-run/eval-models/speaker
+    """
     # lazy: transformers, too slow for `higgs-tune --help`
     from higgs_tune.infer.evaluate import (
         DEFAULT_ASR_MODEL,
@@ -350,7 +358,13 @@ def evaluate_command(
 @click.option("--overwrite", is_flag=True, help="Replace an earlier export in OUT_DIR.")
 def export_command(out_dir, adapter, model, audio_tokenizer, dtype, overwrite):
     """Merge the adapter into the base model and save OUT_DIR: a folder that plain transformers
-    loads (model, tokenizer, processor, audio_tokenizer/)."""
+    loads (model, tokenizer, processor, audio_tokenizer/).
+
+    \b
+    Examples:
+      higgs-tune export exports/my-voice --adapter runs/my-voice/final
+      higgs-tune export exports/my-voice --adapter runs/my-voice/final --push-to-hub me/my-voice
+    """
     from higgs_tune.infer.export import export_merged  # lazy: peft and transformers
 
     result = export_merged(model, adapter, out_dir, dtype=dtype, audio_tokenizer=audio_tokenizer, overwrite=overwrite)
@@ -369,7 +383,13 @@ def export_command(out_dir, adapter, model, audio_tokenizer, dtype, overwrite):
 @click.option("--max-audio-mb", type=float, default=100.0, show_default=True, help="Most audio embedded into the page.")
 def report_command(run_dir, out_file, max_audio_mb):
     """Write RUN_DIR/report.html: loss curves, health warnings, parameters, sample players and the
-    evaluation, in one self-contained page."""
+    evaluation, in one self-contained page.
+
+    \b
+    Examples:
+      higgs-tune report runs/my-voice                      (writes runs/my-voice/report.html)
+      higgs-tune report runs/my-voice --out share/my-voice.html --max-audio-mb 20
+    """
     from higgs_tune.app.report import build_report  # lazy: reads train's constants, which load transformers
 
     path = build_report(run_dir, out_file, max_audio_mb=max_audio_mb)

@@ -18,7 +18,14 @@ from higgs_tune.errors import OutputDirError
 @click.option("--overwrite", is_flag=True, help="Replace the contents of a non-empty DST.")
 def convert_command(src, dst, audio_tokenizer, overwrite):
     """Convert an original Higgs Audio checkpoint (model_type higgs_audio, folder or Hub id SRC)
-    into a transformers HiggsAudioV2ForConditionalGeneration folder DST that higgs-tune loads."""
+    into a transformers HiggsAudioV2ForConditionalGeneration folder DST that higgs-tune loads.
+
+    \b
+    Examples:
+      higgs-tune convert bosonai/higgs-audio-v2-generation-3B-base models/higgs \\
+          --audio-tokenizer bosonai/higgs-audio-v2-tokenizer
+      higgs-tune convert /data/boson-ckpt models/higgs --audio-tokenizer models/tokenizer
+    """
     from higgs_tune.model.convert import convert_checkpoint  # lazy: transformers, too slow for `higgs-tune --help`
 
     summary = convert_checkpoint(src, dst, audio_tokenizer=audio_tokenizer, overwrite=overwrite)
@@ -46,7 +53,13 @@ def convert_command(src, dst, audio_tokenizer, overwrite):
 @click.option("--overwrite", is_flag=True, help="Replace the contents of a non-empty OUT_DIR.")
 def make_tiny_command(out_dir, seed, overwrite):
     """Build a tiny random-weight Higgs Audio v2 stack (text tokenizer, audio tokenizer,
-    model with text head, processor) in OUT_DIR, offline, deterministic from SEED."""
+    model with text head, processor) in OUT_DIR, offline, deterministic from SEED.
+
+    \b
+    Examples:
+      higgs-tune make-tiny models/tiny
+      higgs-tune make-tiny models/tiny --seed 1 --overwrite
+    """
     from higgs_tune.tiny import OutputDirNotEmpty, make_tiny  # lazy: transformers, too slow for `higgs-tune --help`
 
     try:

@@ -60,7 +60,14 @@ def _print_config_help(ctx, param, value):
     help="List every config key (section.key) with its type, default and help, and exit.",
 )
 def train_command(config, overrides, resume, resume_weights_only, overwrite, verbose):
-    """Fine-tune Higgs Audio v2 as CONFIG.yaml says; OVERRIDES are section.key=value pairs."""
+    """Fine-tune Higgs Audio v2 as CONFIG.yaml says; OVERRIDES are section.key=value pairs
+    (every key: --help-config).
+
+    \b
+    Examples:
+      higgs-tune train configs/lora-1gpu.yaml checkpoint.output_dir=runs/my-voice
+      higgs-tune train configs/lora-1gpu.yaml checkpoint.output_dir=runs/my-voice --resume auto
+    """
     from higgs_tune.train.recipe import train  # lazy: the recipe loads transformers, too slow for `higgs-tune --help`
 
     _setup_logging(verbose)
@@ -117,7 +124,13 @@ def interrupted_message(cfg, config: str, overrides) -> str:
 @click.option("--verbose", is_flag=True)
 def demo_command(out_dir, max_steps, overwrite, verbose):
     """Fine-tune the tiny offline Higgs stack on the bundled demo data (CPU, a few minutes),
-    evaluate it and write DIR/run/report.html."""
+    evaluate it and write DIR/run/report.html.
+
+    \b
+    Examples:
+      higgs-tune demo --out demo-run
+      higgs-tune demo --out demo-run --max-steps 20 --overwrite
+    """
     from higgs_tune.app.demo import run_demo  # lazy: the whole stack, too slow for `higgs-tune --help`
 
     _setup_logging(verbose)
