@@ -57,6 +57,7 @@ from higgs_tune.train.logging import MetricsLogger, reduce_metrics
 from higgs_tune.train.loss import HiggsLossModule, StepMetrics, TokenCounts
 from higgs_tune.train.outdir import estimate_checkpoint_bytes, prepare_output_dir, rough_checkpoint_bytes
 from higgs_tune.train.preview import prediction_preview
+from higgs_tune.train.signals import StopSignals, TrainingInterrupted
 
 log = logging.getLogger("higgs_tune.train")
 
@@ -131,9 +132,17 @@ def total_optimizer_steps(cfg: Config, batches_per_epoch: int) -> int:
 
 
 # ----------------------------------------------------------------------------- the recipe
-def train(
+def train(cfg: Config, **kwargs) -> TrainResult:
+    """`_train` (below) with SIGTERM / Ctrl-C handled while it runs: during the loop the step in
+    progress finishes, a checkpoint is saved and TrainingInterrupted raised (train.signals)."""
+    with StopSignals() as stop:
+        return _train(cfg, stop=stop, **kwargs)
+
+
+def _train(
     cfg: Config,
     *,
+    stop: StopSignals,
     resume: str | None = None,
     overwrite: bool = False,
     resume_weights_only: bool = False,
@@ -266,6 +275,8 @@ def train(
     last_metrics, eval_loss = (dict(state.metrics), state.eval_loss) if state is not None else ({}, None)
     tokens_seen, tic = 0, time.perf_counter()
     first_batch_checked = False
+    last_saved_step = step if resume_from is not None and not resume_weights_only else None
+    stop.armed = True  # from here on a signal finishes the step, saves, then stops (train.signals)
     wrapped.train()
     while step < total_steps:
         step += 1  # the optimizer step being computed, numbered from 1 as it is logged
@@ -349,6 +360,27 @@ def train(
                 grad_scaler=accelerator.scaler,
             )
             last_ckpt = str(saved) if saved else last_ckpt
+            last_saved_step = step if saved else last_saved_step
+        if stop.agreed(accelerator):
+            _stop_on_signal(
+                stop.signal_name,
+                step,
+                last_saved_step,
+                last_ckpt,
+                checkpoints,
+                say,
+                save_state=dict(
+                    optimizer=optimizer,
+                    scheduler=scheduler,
+                    sampler_state=data.sampler.state_dict(),
+                    epoch=epoch,
+                    metrics=_json_metrics(last_metrics),
+                    config=cfg,
+                    eval_loss=eval_loss,
+                    grad_scaler=accelerator.scaler,
+                ),
+            )
+    stop.armed = False
 
     # --- save: final/ always; the best by eval loss is kept by the checkpoint manager ----------
     final_dir = checkpoints.save(
@@ -374,6 +406,18 @@ def train(
 
 
 # ----------------------------------------------------------------------------- loop helpers
+def _stop_on_signal(signal_name, step, last_saved_step, last_ckpt, checkpoints, say, save_state) -> None:
+    """SIGTERM / Ctrl-C after a finished step: save a verified checkpoint unless the newest one is
+    of this step, then raise TrainingInterrupted (the CLI prints the resume command)."""
+    if last_saved_step != step:
+        say(f"{signal_name} received: saving checkpoint-{step} before stopping")
+        saved = checkpoints.save(step, **save_state)
+        last_ckpt = str(saved) if saved else last_ckpt
+    else:
+        say(f"{signal_name} received: checkpoint-{step} is already saved; stopping")
+    raise TrainingInterrupted(signal_name, step, last_ckpt)
+
+
 def _fresh_accelerate_state() -> None:
     """Accelerate keeps its settings (mixed precision, ...) in process-wide singletons. Outside a
     live process group, clear them so that a second run in the same Python process (a notebook,

@@ -81,11 +81,12 @@ def train_command(config, overrides, resume, resume_weights_only, overwrite, ver
         )
     try:
         result = train(cfg, resume=resume, overwrite=overwrite, resume_weights_only=resume_weights_only)
-    except KeyboardInterrupt:
-        # Ctrl-C: a save in progress removed its temporary folder, so every checkpoint is complete
+    except KeyboardInterrupt as e:
+        # Ctrl-C / SIGTERM: the recipe finished the step and saved it (TrainingInterrupted); a save
+        # in progress removed its temporary folder, so every checkpoint is complete
         if int(os.environ.get("RANK", "0")) == 0:
             click.echo(interrupted_message(cfg, config, overrides), err=True)
-        sys.exit(130)
+        sys.exit(getattr(e, "exit_code", 130))
     if int(os.environ.get("RANK", "0")) == 0:
         click.echo(f"done: {result.steps} steps; final weights in {result.final_dir}")
 
