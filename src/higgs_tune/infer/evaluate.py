@@ -55,6 +55,7 @@ from higgs_tune.infer.generate import (
     write_wav,
 )
 from higgs_tune.infer.loading import InferenceStack
+from higgs_tune.model.hub import check_hub_source, hub_cache_dir
 from higgs_tune.runfs import (
     EVAL_DIR,
     METRICS_FILE,
@@ -122,9 +123,11 @@ class AsrModel:
 
     @classmethod
     def load(cls, name: str | Path, device: str | torch.device = "cpu") -> AsrModel:
+        local = check_hub_source(name, what="ASR model", option="--asr-model")  # offline: fail at once
         try:
-            processor = AutoProcessor.from_pretrained(str(name))
-            model = AutoModelForSpeechSeq2Seq.from_pretrained(str(name)).eval().to(device)
+            kw = {"local_files_only": True, "cache_dir": str(hub_cache_dir())} if local else {}
+            processor = AutoProcessor.from_pretrained(str(name), **kw)
+            model = AutoModelForSpeechSeq2Seq.from_pretrained(str(name), **kw).eval().to(device)
         except (OSError, ValueError) as e:
             raise _load_error("ASR", str(name), "--asr-model", e) from e
         return cls(model, processor, str(name))
@@ -194,9 +197,11 @@ class SpeakerModel:
 
     @classmethod
     def load(cls, name: str | Path, device: str | torch.device = "cpu") -> SpeakerModel:
+        local = check_hub_source(name, what="speaker model", option="--speaker-model")  # offline: fail at once
         try:
-            fe = AutoFeatureExtractor.from_pretrained(str(name))
-            model = AutoModelForAudioXVector.from_pretrained(str(name)).eval().to(device)
+            kw = {"local_files_only": True, "cache_dir": str(hub_cache_dir())} if local else {}
+            fe = AutoFeatureExtractor.from_pretrained(str(name), **kw)
+            model = AutoModelForAudioXVector.from_pretrained(str(name), **kw).eval().to(device)
         except (OSError, ValueError) as e:
             raise _load_error("speaker", str(name), "--speaker-model", e) from e
         return cls(model, fe, str(name))

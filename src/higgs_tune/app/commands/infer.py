@@ -14,6 +14,7 @@ import click
 from higgs_tune.app.requests import FileRequest, default_output_name, pick_speaker_reference, read_batch_file
 from higgs_tune.errors import DataError
 from higgs_tune.infer.generate import GenerationRequest, SamplingOptions, encode_reference, generate_speech, write_wav
+from higgs_tune.model.hub import check_hub_source
 
 
 def _sampling_options(f):
@@ -303,6 +304,12 @@ def evaluate_command(
             raise click.UsageError(
                 "--out is required unless --adapter is a checkpoint folder of a run (then RUN_DIR/eval is used)."
             )
+    # before the slow loads: a Hub id that cannot be fetched (offline) fails now, not after minutes
+    for name, what, option in (
+        (asr_model or DEFAULT_ASR_MODEL, "ASR model", "--asr-model"),
+        (speaker_model or DEFAULT_SPEAKER_MODEL, "speaker model", "--speaker-model"),
+    ):
+        check_hub_source(name, what=what, option=option)
     stack = _load_stack(model, adapter, audio_tokenizer, device, dtype)
     device_obj = next(stack.model.parameters()).device
     asr = AsrModel.load(asr_model or DEFAULT_ASR_MODEL, device_obj)
