@@ -13,6 +13,7 @@ import sys
 
 import click
 
+from higgs_tune.app.noise import quiet_libraries
 from higgs_tune.errors import HiggsTuneError
 
 # name -> "module:attribute" of a click.Command
@@ -49,6 +50,8 @@ class _LazyGroup(click.Group):
         return _load(name) if name in _COMMANDS else None
 
     def invoke(self, ctx):
+        # before the command's module loads torch/transformers (they read the settings at import)
+        quiet_libraries(verbose="--verbose" in [*ctx.protected_args, *ctx.args] or ctx.params.get("verbose", False))
         try:
             return super().invoke(ctx)
         except HiggsTuneError as e:
@@ -58,7 +61,12 @@ class _LazyGroup(click.Group):
 
 @click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="higgs-tune")
-def main():
+@click.option(
+    "--verbose",
+    is_flag=True,
+    help="Show the libraries' own warnings, notes and progress bars (transformers, torch, accelerate, the Hub).",
+)
+def main(verbose):
     """higgs-tune: fine-tune Higgs Audio v2 (LoRA or full), with the training signal checked."""
 
 

@@ -26,8 +26,9 @@ def _setup_logging(verbose: bool) -> None:
         handlers=[RichHandler(show_path=False, show_time=False, markup=False)],
         force=True,
     )
+    # third-party notes only with --verbose (app/noise.py); our own loggers are not touched
     for noisy in ("transformers", "accelerate", "peft", "torch", "urllib3", "filelock", "PIL"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+        logging.getLogger(noisy).setLevel(logging.WARNING if verbose else logging.ERROR)
 
 
 def _print_config_help(ctx, param, value):
@@ -50,7 +51,7 @@ def _print_config_help(ctx, param, value):
     help="Start a new run from the --resume checkpoint's weights (fresh optimizer, schedule and data order).",
 )
 @click.option("--overwrite", is_flag=True, help="Replace higgs-tune's own artefacts in a non-empty output_dir.")
-@click.option("--verbose", is_flag=True, help="Debug logging.")
+@click.option("--verbose", is_flag=True, help="Debug logging, and the libraries' own warnings and progress bars.")
 @click.option(
     "--help-config",
     is_flag=True,
