@@ -49,9 +49,13 @@ class _LazyGroup(click.Group):
     def get_command(self, ctx, name):
         return _load(name) if name in _COMMANDS else None
 
+    def parse_args(self, ctx, args):
+        ctx.meta["verbose"] = "--verbose" in args  # the group's flag or a command's (train, demo)
+        return super().parse_args(ctx, args)
+
     def invoke(self, ctx):
         # before the command's module loads torch/transformers (they read the settings at import)
-        quiet_libraries(verbose="--verbose" in [*ctx.protected_args, *ctx.args] or ctx.params.get("verbose", False))
+        quiet_libraries(verbose=ctx.meta.get("verbose", False))
         try:
             return super().invoke(ctx)
         except HiggsTuneError as e:

@@ -31,10 +31,9 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tqdm import tqdm
-
 from higgs_tune.data.audio import DEFAULT_MAX_SECONDS, DEFAULT_MIN_SECONDS, AudioInfo, inspect_audio
 from higgs_tune.errors import DataError
+from higgs_tune.progress import Progress, as_progress
 from higgs_tune.runfs import atomic_write_bytes
 
 REQUIRED_KEYS = ("audio", "text", "speaker")
@@ -354,7 +353,7 @@ def validate_manifest(
     min_seconds: float = DEFAULT_MIN_SECONDS,
     max_seconds: float = DEFAULT_MAX_SECONDS,
     allow_outside_root: bool = False,
-    progress: bool = False,
+    progress: Progress | bool = False,
     default_language: str | None = None,
 ) -> Validation:
     """Check every row and every audio file; never raises for row problems (see Validation).
@@ -373,11 +372,15 @@ def validate_manifest(
     paths = list(dict.fromkeys(p for d in drafts for p in (d.audio_path, d.ref_audio_path) if p is not None))
     infos: dict[Path, AudioInfo] = {}
     audio_problems: dict[Path, list[tuple[str, str]]] = {}
-    for path in tqdm(paths, desc="checking audio", unit="file", disable=not progress):
+    progress = as_progress(progress)
+    progress.start(len(paths), "checking audio", "files")
+    for n, path in enumerate(paths, start=1):
         info, problems = inspect_audio(path, target_rate=target_rate, min_seconds=min_seconds, max_seconds=max_seconds)
         if info is not None:
             infos[path] = info
         audio_problems[path] = problems
+        progress.update(n)
+    progress.close()
 
     rows: list[ManifestRow] = []
     rejects: list[dict] = []

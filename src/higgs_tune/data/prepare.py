@@ -46,7 +46,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from higgs_tune.data.audio import (
     DEFAULT_MAX_SECONDS,
@@ -59,6 +58,7 @@ from higgs_tune.data.audio import (
 from higgs_tune.data.cache import CacheWriter, now_iso, own_file, read_index
 from higgs_tune.data.manifest import validate_manifest
 from higgs_tune.errors import DataError, ModelLoadError
+from higgs_tune.progress import Progress, as_progress
 
 DEFAULT_BATCH_SECONDS = 60.0
 DEFAULT_PAD_TOLERANCE_S = 0.04
@@ -304,7 +304,7 @@ def prepare_manifest(
     overwrite: bool = False,
     shard_size: int = DEFAULT_SHARD_SIZE,
     device: str | None = None,
-    progress: bool = True,
+    progress: Progress | bool = True,
     log: Callable[[str], None] = lambda msg: None,
     language: str | None = None,
 ) -> PrepareResult:
@@ -318,6 +318,7 @@ def prepare_manifest(
     (dropped shards, rebuilds) for the user. `language` fills rows that name none (else
     they are recorded as manifest.UNKNOWN_LANGUAGE).
     """
+    progress = as_progress(progress)  # True: a bar on a terminal, periodic lines otherwise
     manifest = Path(os.path.abspath(manifest))
     out_dir = Path(os.path.abspath(out_dir))
     if shard_size < 1:
@@ -419,7 +420,9 @@ def prepare_manifest(
     shards_written: list[str] = []
     pending: dict[str, np.ndarray] = {}
     start = time.perf_counter()
-    with tqdm(total=len(todo), desc="encoding", unit="clip", disable=not progress, dynamic_ncols=True) as bar:
+    progress.start(len(todo), "encoding", "clips")
+    done = 0
+    try:
         for batch in batches:
             waves = []
             for i in batch:
@@ -438,12 +441,15 @@ def prepare_manifest(
                 waves.append(wave)
             for i, codes in zip(batch, encode_batch(codec, waves)):
                 pending[todo[i][0]] = codes
-            bar.update(len(batch))
+            done += len(batch)
+            progress.update(done, clips_per_s=done / max(time.perf_counter() - start, 1e-9))
             if len(pending) >= shard_size:
                 shards_written.append(writer.add_shard(pending))
                 pending = {}
         if pending:
             shards_written.append(writer.add_shard(pending))
+    finally:
+        progress.close()
     encode_seconds = time.perf_counter() - start
 
     entries = []

@@ -56,6 +56,7 @@ from higgs_tune.infer.generate import (
 )
 from higgs_tune.infer.loading import InferenceStack
 from higgs_tune.model.hub import check_hub_source, hub_cache_dir
+from higgs_tune.progress import Progress
 from higgs_tune.runfs import (
     EVAL_DIR,
     METRICS_FILE,
@@ -341,8 +342,11 @@ def evaluate_manifest(
     asr_batch_size: int = 8,
     asr_max_new_tokens: int = 128,
     limit: int | None = None,
+    progress: Progress | None = None,
 ) -> dict:
-    """Generate every clip of `manifest`, score it, write results.json / results.csv / wavs; return the results dict."""
+    """Generate every clip of `manifest`, score it, write results.json / results.csv / wavs; return the results dict.
+
+    `progress` (higgs_tune.progress) follows the generation, clip by clip."""
     options = (options or SamplingOptions()).validate()
     out = Path(out_dir)
     rate = stack.sample_rate
@@ -372,7 +376,7 @@ def evaluate_manifest(
                 id=item.id,
             )
         )
-    results = generate_speech(stack.model, stack.processor, stack.tokens, requests, options)
+    results = generate_speech(stack.model, stack.processor, stack.tokens, requests, options, progress=progress)
     gen_seconds = time.monotonic() - t0
     wav_paths = [write_wav(out / WAVS_DIR / f"{item.id}.wav", res.wav, rate) for item, res in zip(items, results)]
 

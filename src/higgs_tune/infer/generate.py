@@ -40,6 +40,7 @@ from higgs_tune.data.audio import AudioReadError, read_audio, to_codec_input
 from higgs_tune.data.layout import DEFAULT_SYSTEM_PROMPT, Conversation, SpecialTokens, build_prompt, generated_codes
 from higgs_tune.data.prepare import encode_batch
 from higgs_tune.errors import DataError, HiggsTuneError
+from higgs_tune.progress import Progress
 
 logger = logging.getLogger(__name__)
 
@@ -153,8 +154,11 @@ def generate_speech(
     tokens: SpecialTokens,
     requests: Sequence[GenerationRequest],
     options: SamplingOptions | None = None,
+    progress: Progress | None = None,
 ) -> list[GenerationResult]:
     """Generate each request -> GenerationResult(codes (K, T), wav, stopped, num_frames).
+
+    `progress` (higgs_tune.progress) is told after each request (the CLI's bar, a UI's callback).
 
     `model`: HiggsAudioV2ForConditionalGeneration or a PeftModel around one (not a DDP
     wrapper: pass the unwrapped module). Its train/eval mode is restored afterwards.
@@ -172,6 +176,8 @@ def generate_speech(
     was_training = model.training
     model.eval()
     results = []
+    progress = progress or Progress()
+    progress.start(len(requests), "generating", "clips")
     try:
         for i, req in enumerate(requests):
             name = req.id or f"request {i + 1}"
@@ -231,7 +237,9 @@ def generate_speech(
                     max_new_tokens=limit,
                 )
             )
+            progress.update(i + 1)
     finally:
+        progress.close()
         model.train(was_training)
     return results
 

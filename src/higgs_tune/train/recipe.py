@@ -42,6 +42,7 @@ from higgs_tune.errors import CheckpointError
 from higgs_tune.infer.generate import GenerationRequest, SamplingOptions, generate_speech, write_wav
 from higgs_tune.model.load import load_model, load_processor
 from higgs_tune.model.lora import apply_finetuning, load_trainable, parameter_report, save_trainable, verify_trainable
+from higgs_tune.progress import Progress, TerminalProgress
 from higgs_tune.runfs import DATA_REPORT_FILE, PARAM_REPORT_FILE, SAMPLES_DIR
 from higgs_tune.train.checkpoint import (
     CheckpointManager,
@@ -135,14 +136,16 @@ def total_optimizer_steps(cfg: Config, batches_per_epoch: int) -> int:
 def train(cfg: Config, **kwargs) -> TrainResult:
     """`_train` (below) with SIGTERM / Ctrl-C handled while it runs: during the loop the step in
     progress finishes, a checkpoint is saved and TrainingInterrupted raised (train.signals)."""
-    with StopSignals() as stop:
-        return _train(cfg, stop=stop, **kwargs)
+    with StopSignals() as stop, contextlib.ExitStack() as cleanup:
+        return _train(cfg, stop=stop, cleanup=cleanup, **kwargs)
 
 
 def _train(
     cfg: Config,
     *,
     stop: StopSignals,
+    cleanup: contextlib.ExitStack,
+    progress: Progress | None = None,
     resume: str | None = None,
     overwrite: bool = False,
     resume_weights_only: bool = False,
@@ -150,6 +153,8 @@ def _train(
     _batch_hook=None,
 ) -> TrainResult:
     """Run one fine-tune as `cfg` says. `resume`: None, "auto" or a checkpoint folder.
+    `progress` (higgs_tune.progress): told after each optimizer step (step, loss, tokens/s);
+    default a bar on a terminal, periodic plain lines otherwise.
 
     Test-only switches: `_debug_unshifted` computes the deliberately wrong unshifted loss (the
     copy task of earlier trainers); `_batch_hook(step, batch, model) -> batch` may alter a batch
@@ -189,6 +194,10 @@ def _train(
         run_dir, cfg.logging.report_to, accelerator.is_main_process, resume_step=resume_step, config=cfg.to_dict()
     )
     say = logger.console.print if accelerator.is_main_process else (lambda *a, **k: None)
+    if progress is None:  # a bar on a terminal (below the log lines), periodic plain lines otherwise
+        main = accelerator.is_main_process
+        progress = TerminalProgress(console=logger.console, tty=logger.console.is_terminal) if main else Progress()
+    cleanup.callback(progress.close)
     say(f"run folder: {run_dir} · {accelerator.num_processes} process(es) on {accelerator.device}")
 
     # --- data: tokenizer + codec, datasets, sampler; look at the first batches -----------------
@@ -277,6 +286,8 @@ def _train(
     first_batch_checked = False
     last_saved_step = step if resume_from is not None and not resume_weights_only else None
     stop.armed = True  # from here on a signal finishes the step, saves, then stops (train.signals)
+    progress.start(total_steps, "train", "steps", done=step)
+    progress_tokens, progress_t0 = 0, time.perf_counter()
     wrapped.train()
     while step < total_steps:
         step += 1  # the optimizer step being computed, numbered from 1 as it is logged
@@ -314,6 +325,12 @@ def _train(
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         epoch = window[-1][0]
+        progress_tokens += sum(int(b["attention_mask"].sum()) for _, b in window)
+        progress.update(
+            step,
+            loss=step_metrics["loss"],
+            tokens_per_s=progress_tokens * accelerator.num_processes / max(time.perf_counter() - progress_t0, 1e-9),
+        )
 
         if step % t.log_steps == 0 or step == 1 or step == total_steps:
             elapsed = time.perf_counter() - tic
@@ -381,6 +398,7 @@ def _train(
                 ),
             )
     stop.armed = False
+    progress.close()
 
     # --- save: final/ always; the best by eval loss is kept by the checkpoint manager ----------
     final_dir = checkpoints.save(

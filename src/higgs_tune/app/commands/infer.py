@@ -15,6 +15,7 @@ from higgs_tune.app.requests import FileRequest, default_output_name, pick_speak
 from higgs_tune.errors import DataError
 from higgs_tune.infer.generate import GenerationRequest, SamplingOptions, encode_reference, generate_speech, write_wav
 from higgs_tune.model.hub import check_hub_source
+from higgs_tune.progress import TerminalProgress
 
 
 def _sampling_options(f):
@@ -216,7 +217,9 @@ def _run_generation(requests, model, adapter, audio_tokenizer, device, dtype, op
                 id=r.id,
             )
         )
-    results = generate_speech(stack.model, stack.processor, stack.tokens, gen_requests, options)
+    results = generate_speech(
+        stack.model, stack.processor, stack.tokens, gen_requests, options, progress=TerminalProgress()
+    )
     not_stopped = 0
     for r, res in zip(requests, results):
         write_wav(r.out, res.wav, res.sample_rate)
@@ -325,6 +328,7 @@ def evaluate_command(
         asr_batch_size=asr_batch_size,
         asr_max_new_tokens=asr_max_new_tokens,
         limit=limit,
+        progress=TerminalProgress(),
     )
     s = doc["summary"]
 
