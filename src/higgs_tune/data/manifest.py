@@ -591,12 +591,27 @@ def convert_folder(
         more = f"\n  ... and {len(problems) - MAX_LISTED_PROBLEMS} more" if len(problems) > MAX_LISTED_PROBLEMS else ""
         raise DataError(f"cannot convert {folder}: {len(problems)} problem(s); nothing was written:\n{listed}{more}")
 
+    return write_manifest_rows(rows, out, overwrite=overwrite, source=str(folder), ignored_keys=ignored)
+
+
+MANIFEST_ROW_KEYS = ("id", "audio", "text", "speaker", "language", "scene", "ref_audio", "ref_text", "text_source")
+
+
+def write_manifest_rows(
+    rows: list[dict], out: Path, *, overwrite: bool, source: str, ignored_keys: list[str] = ()
+) -> ConvertResult:
+    """Write converted rows (audio paths as Path, made relative to the manifest) to `out`.
+
+    An existing identical manifest is reused (`unchanged`); a different one is replaced only with
+    overwrite. The one writer of `convert_folder` and of the other sources (data/sources.py)."""
+    ignored = list(ignored_keys)
+    folder = source
     base = out.parent
     outside = False
     lines = []
     for row in rows:
         record = {}
-        for key in ("id", "audio", "text", "speaker", "language", "scene", "ref_audio", "ref_text"):
+        for key in MANIFEST_ROW_KEYS:
             if row.get(key) is None:  # e.g. no language: the manifest records none (prepare: UNKNOWN_LANGUAGE)
                 continue
             value = row[key]

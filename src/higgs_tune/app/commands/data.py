@@ -24,7 +24,7 @@ from higgs_tune.config import Config, ConfigError, load_config
 from higgs_tune.data.audio import DEFAULT_MAX_SECONDS, DEFAULT_MIN_SECONDS
 from higgs_tune.data.cache import CodeCache
 from higgs_tune.data.layout import SpecialTokens
-from higgs_tune.data.manifest import convert_folder
+from higgs_tune.data.sources import convert_hf_dataset, convert_source
 from higgs_tune.data.prepare import DEFAULT_BATCH_SECONDS, DEFAULT_PAD_TOLERANCE_S, DEFAULT_SHARD_SIZE, prepare_manifest
 from higgs_tune.errors import TrainingHealthError
 
@@ -89,9 +89,24 @@ from higgs_tune.errors import TrainingHealthError
     help="Convert a folder of <name>.wav + <name>.txt pairs (or with a metadata.json) into a manifest first.",
 )
 @click.option(
+    "--hf-dataset",
+    metavar="PATH_OR_NAME",
+    help="Convert a Hugging Face `datasets` dataset (a save_to_disk folder, or an id in the local Hub cache) "
+    "into a manifest first; its audio is written beside the manifest.",
+)
+@click.option("--split", default="train", show_default=True, help="With --hf-dataset: the split.")
+@click.option("--audio-column", default="audio", show_default=True, help="With --hf-dataset: the audio column.")
+@click.option("--text-column", default="text", show_default=True, help="With --hf-dataset: the transcript column.")
+@click.option(
+    "--speaker-column",
+    default=None,
+    help="With --hf-dataset: the speaker column (default: one speaker named after the dataset).",
+)
+@click.option(
     "--manifest-out",
     type=click.Path(dir_okay=False),
-    help="With --from-folder: where to write the manifest (default: DIR/../<DIR name>.jsonl).",
+    help="With --from-folder / --hf-dataset: where to write the manifest (default: DIR/../<DIR name>.jsonl; "
+    "<dataset name>-<split>.jsonl in the current folder).",
 )
 @click.option(
     "--language",
@@ -114,6 +129,11 @@ def prepare_command(
     shard_size,
     device,
     from_folder,
+    hf_dataset,
+    split,
+    audio_column,
+    text_column,
+    speaker_column,
     manifest_out,
     language,
 ):
@@ -123,19 +143,35 @@ def prepare_command(
     \b
       higgs-tune prepare data/manifest.jsonl --model MODEL --out cache/train
       higgs-tune prepare --from-folder data/wavs --language en            (writes data/wavs.jsonl)
-      higgs-tune prepare --from-folder data/wavs --language en --model MODEL --out cache/train
+      higgs-tune prepare --from-folder LJSpeech-1.1 --language en --model MODEL --out cache/train
+      higgs-tune prepare --hf-dataset data/my_ds --split train --speaker-column speaker --model MODEL --out cache/train
+
+    --from-folder reads an LJSpeech folder (metadata.csv + wavs/), a metadata.json, or <name>.wav +
+    <name>.txt pairs.
     """
-    if from_folder and manifest:
-        raise click.UsageError("give either MANIFEST or --from-folder DIR, not both.")
-    if not from_folder and not manifest:
-        raise click.UsageError("give a MANIFEST (or --from-folder DIR to convert a folder first).")
-    if not from_folder and manifest_out:
-        raise click.UsageError("--manifest-out only applies with --from-folder.")
+    if sum(x is not None for x in (manifest, from_folder, hf_dataset)) > 1:
+        raise click.UsageError("give one of MANIFEST, --from-folder DIR or --hf-dataset PATH_OR_NAME.")
+    if not from_folder and not manifest and not hf_dataset:
+        raise click.UsageError("give a MANIFEST (or --from-folder DIR / --hf-dataset PATH_OR_NAME to convert first).")
+    if manifest and manifest_out:
+        raise click.UsageError("--manifest-out only applies with --from-folder or --hf-dataset.")
     if (model is None) != (out_dir is None) or (manifest and model is None):
         raise click.UsageError("encoding needs both --model MODEL and --out CACHE_DIR.")
 
-    if from_folder:
-        converted = convert_folder(from_folder, manifest_out=manifest_out, overwrite=overwrite, language=language)
+    if from_folder or hf_dataset:
+        if from_folder:
+            converted = convert_source(from_folder, manifest_out=manifest_out, overwrite=overwrite, language=language)
+        else:
+            converted = convert_hf_dataset(
+                hf_dataset,
+                manifest_out or f"{Path(hf_dataset.rstrip('/')).name}-{split}.jsonl",
+                split=split,
+                audio_column=audio_column,
+                text_column=text_column,
+                speaker_column=speaker_column,
+                language=language,
+                overwrite=overwrite,
+            )
         click.echo(
             f"{converted.manifest} is up to date ({converted.rows} rows)"
             if converted.unchanged
