@@ -214,7 +214,13 @@ def test_final_save_goes_to_final_and_is_never_rotated(tmp_path, tiny_dir):
     save(mgr, run, cfg, 4)
     save(mgr, run, cfg, 6)
     assert listing(run_dir) == ["checkpoint-6", "checkpoints.json", "final"]
-    assert listing(run_dir / "final") == ["config.yaml", "manifest.json", "trainable.safetensors", "training_state.pt"]
+    assert listing(run_dir / "final") == [
+        "README.md",
+        "config.yaml",
+        "manifest.json",
+        "trainable.safetensors",
+        "training_state.pt",
+    ]
     assert verify_checkpoint(run_dir / "final")["final"] is True
     # auto-resume takes the newest step; final (step 8) wins over checkpoint-6
     assert find_resume_checkpoint(run_dir) == run_dir / "final"
