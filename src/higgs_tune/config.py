@@ -369,6 +369,9 @@ class TrainConfig:
 @dataclass
 class CheckpointConfig:
     output_dir: str = _f("", "Run folder (required): config, metrics, checkpoints, samples, report.")
+    push_to_hub: str | None = _f(
+        None, "Hub repo id: upload final/ there at the end (without its resume state; uses your HF token)."
+    )
     output_dir_fallback: str | None = _f(None, "Used, loudly, only if output_dir cannot be created or written.")
     save_steps: int = _f(500, "Save a checkpoint every N optimizer steps.")
     save_total_limit: int | None = _f(3, "Keep at most N step checkpoints (never the newest complete one or the best).")

@@ -40,6 +40,7 @@ from higgs_tune.data.inspect import batch_statistics, render_batch_statistics
 from higgs_tune.data.pipeline import TrainData, build_train_data, first_batches
 from higgs_tune.errors import CheckpointError
 from higgs_tune.infer.generate import GenerationRequest, SamplingOptions, generate_speech, write_wav
+from higgs_tune.infer.push import push_checkpoint
 from higgs_tune.model.load import load_model, load_processor
 from higgs_tune.model.lora import apply_finetuning, load_trainable, parameter_report, save_trainable, verify_trainable
 from higgs_tune.progress import Progress, TerminalProgress
@@ -414,6 +415,8 @@ def _train(
         final=True,
     )
     say(f"final checkpoint: {final_dir}")
+    if ck.push_to_hub and accelerator.is_main_process:
+        say(f"uploaded {final_dir.name}/ to {push_checkpoint(final_dir, ck.push_to_hub)}")
     warnings = health.warnings
     if warnings:
         say(f"[bold red]{len(warnings)} health warning(s) during this run:[/] " + ", ".join(w.code for w in warnings))

@@ -367,7 +367,15 @@ def evaluate_command(
     help="Dtype of the saved weights.",
 )
 @click.option("--overwrite", is_flag=True, help="Replace an earlier export in OUT_DIR.")
-def export_command(out_dir, adapter, model, audio_tokenizer, dtype, overwrite):
+@click.option(
+    "--push-to-hub",
+    "push_repo",
+    metavar="REPO",
+    default=None,
+    help="Then upload OUT_DIR to this Hub repo (the audio tokenizer to REPO-audio-tokenizer); uses your HF token.",
+)
+@click.option("--private", is_flag=True, help="With --push-to-hub: create private repos.")
+def export_command(out_dir, adapter, model, audio_tokenizer, dtype, overwrite, push_repo, private):
     """Merge the adapter into the base model and save OUT_DIR: a folder that plain transformers
     loads (model, tokenizer, processor, audio_tokenizer/).
 
@@ -385,6 +393,11 @@ def export_command(out_dir, adapter, model, audio_tokenizer, dtype, overwrite):
         click.echo("  includes text_lm_head: pass use_text_head=True to from_pretrained to keep it")
     for note in result.notes:
         click.secho(f"note: {note}", fg="yellow")
+    if push_repo:
+        from higgs_tune.infer.push import push_export, tokenizer_repo
+
+        url = push_export(result.out_dir, push_repo, private=private)
+        click.echo(f"uploaded to {url} (audio tokenizer: {tokenizer_repo(push_repo)})")
 
 
 # ----------------------------------------------------------------------------- report
