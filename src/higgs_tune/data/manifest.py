@@ -37,7 +37,7 @@ from higgs_tune.progress import Progress, as_progress
 from higgs_tune.runfs import atomic_write_bytes
 
 REQUIRED_KEYS = ("audio", "text", "speaker")
-OPTIONAL_KEYS = ("language", "id", "scene", "ref_audio", "ref_text")
+OPTIONAL_KEYS = ("language", "id", "scene", "ref_audio", "ref_text", "text_source")
 # The language recorded for a row that names none (ISO 639-2 "undetermined"); `inspect` lists it as such.
 UNKNOWN_LANGUAGE = "und"
 KNOWN_KEYS = REQUIRED_KEYS + OPTIONAL_KEYS
@@ -128,6 +128,7 @@ class ManifestRow:
     ref_audio: str | None = None
     ref_audio_path: Path | None = None
     ref_text: str | None = None
+    text_source: str | None = None  # "asr:<model>" when `prepare --transcribe` wrote the text
 
 
 @dataclass
@@ -296,6 +297,7 @@ def _parse_rows(manifest: Path, root: Path, allow_outside_root: bool) -> tuple[l
             _check_str(d, key, required=True)
         _check_str(d, "language", required=False)
         _check_str(d, "scene", required=False)
+        _check_str(d, "text_source", required=False)
         if obj.get("id") is not None:
             _check_str(d, "id", required=False)
         elif d.audio_path is not None:
@@ -427,6 +429,7 @@ def validate_manifest(
                 ref_audio=v.get("ref_audio"),
                 ref_audio_path=d.ref_audio_path,
                 ref_text=v.get("ref_text"),
+                text_source=v.get("text_source"),
             )
         )
     problems = [p for d in drafts for p in d.problems]

@@ -471,6 +471,7 @@ def prepare_manifest(
                 "audio": row.audio,
                 "sha256": info.sha256,
                 "ref_audio": row.ref_audio,
+                "text_source": row.text_source,
                 "row": row.row,
             }
         )

@@ -89,6 +89,13 @@ from higgs_tune.errors import TrainingHealthError
     help="Convert a folder of <name>.wav + <name>.txt pairs (or with a metadata.json) into a manifest first.",
 )
 @click.option(
+    "--transcribe",
+    is_flag=True,
+    help="Fill rows without text with --asr-model (written to <manifest>.transcribed.jsonl, marked "
+    "text_source asr:MODEL; `inspect` lists them).",
+)
+@click.option("--asr-model", default=None, metavar="MODEL", help="With --transcribe: ASR model folder or Hub id.")
+@click.option(
     "--hf-dataset",
     metavar="PATH_OR_NAME",
     help="Convert a Hugging Face `datasets` dataset (a save_to_disk folder, or an id in the local Hub cache) "
@@ -129,6 +136,8 @@ def prepare_command(
     shard_size,
     device,
     from_folder,
+    transcribe,
+    asr_model,
     hf_dataset,
     split,
     audio_column,
@@ -153,6 +162,8 @@ def prepare_command(
         raise click.UsageError("give one of MANIFEST, --from-folder DIR or --hf-dataset PATH_OR_NAME.")
     if not from_folder and not manifest and not hf_dataset:
         raise click.UsageError("give a MANIFEST (or --from-folder DIR / --hf-dataset PATH_OR_NAME to convert first).")
+    if transcribe != (asr_model is not None):
+        raise click.UsageError("--transcribe needs --asr-model MODEL (and --asr-model needs --transcribe).")
     if manifest and manifest_out:
         raise click.UsageError("--manifest-out only applies with --from-folder or --hf-dataset.")
     if (model is None) != (out_dir is None) or (manifest and model is None):
@@ -185,6 +196,15 @@ def prepare_command(
             return
         manifest = converted.manifest
 
+    if transcribe:
+        from higgs_tune.infer.evaluate import AsrModel  # lazy: transformers
+        from higgs_tune.infer.transcribe import transcribe_missing
+        from higgs_tune.progress import TerminalProgress
+
+        filled = transcribe_missing(manifest, AsrModel.load(asr_model), language=language, progress=TerminalProgress())
+        if filled.transcribed:
+            click.echo(f"transcribed {len(filled.transcribed)} row(s) with {asr_model} -> {filled.manifest}")
+        manifest = filled.manifest
     try:
         result = prepare_manifest(
             manifest,
