@@ -490,9 +490,11 @@ def evaluate(wrapped, data: TrainData, accelerator) -> dict:
     return reduce_metrics(acc.pop(), accelerator)
 
 
-def sample_requests(data: TrainData, n: int) -> list:
+def sample_requests(data: TrainData, n: int, prompts: list | None = None) -> list:
     """The fixed prompts generated during training: n held-out (else training) clips, one per
-    speaker in turn, each cloned from another clip of its speaker (plain TTS when it has none)."""
+    speaker in turn, each cloned from another clip of its speaker (plain TTS when it has none).
+    `prompts`, when given, receives per request its text and the audio files of the ground truth
+    and the reference (for the report's players)."""
     source = data.eval_set if data.eval_set is not None else data.train_set
     pool = list(data.train_set.entries)
     cache = data.train_set.cache
@@ -505,6 +507,14 @@ def sample_requests(data: TrainData, n: int) -> list:
     requests = []
     for entry in chosen:
         ref = next((e for e in pool if e.speaker == entry.speaker and e.id != entry.id), None)
+        if prompts is not None:
+            prompts.append(
+                {
+                    "text": entry.text,
+                    "ground_truth": _clip_file(source.cache, entry),
+                    "reference": _clip_file(cache, ref) if ref is not None else None,
+                }
+            )
         if ref is None:
             requests.append(GenerationRequest(text=entry.text, id=entry.id))
         else:
@@ -514,14 +524,22 @@ def sample_requests(data: TrainData, n: int) -> list:
     return requests
 
 
+def _clip_file(cache, entry) -> str | None:
+    """The audio file a cache entry was prepared from (manifest-relative path), when it still exists."""
+    manifest = cache.header.get("manifest")
+    path = Path(manifest).parent / entry.audio if manifest else None
+    return str(path) if path is not None and path.is_file() else None
+
+
 def write_samples(model, processor, data: TrainData, out_dir: Path, n: int, accelerator, logger, step: int) -> None:
     """Generate the fixed prompts on the main process and save WAVs (other ranks wait)."""
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
         unwrapped = accelerator.unwrap_model(model)
         options = SamplingOptions(temperature=0.0, ras_win_len=None, max_new_tokens=SAMPLE_MAX_COLUMNS, seed=0)
+        prompts: list = []
         with preserved_rng():  # how often samples are made must not change the training run
-            results = generate_speech(unwrapped, processor, data.tokens, sample_requests(data, n), options)
+            results = generate_speech(unwrapped, processor, data.tokens, sample_requests(data, n, prompts), options)
         for r in results:
             write_wav(out_dir / f"{r.id}.wav", r.wav, r.sample_rate)
             logger.log_audio(step, r.id, r.wav, r.sample_rate)
@@ -532,5 +550,6 @@ def write_samples(model, processor, data: TrainData, out_dir: Path, n: int, acce
             files=[f"{r.id}.wav" for r in results],
             stopped=[r.stopped for r in results],
             frames=[r.num_frames for r in results],
+            prompts=prompts,
         )
     accelerator.wait_for_everyone()
