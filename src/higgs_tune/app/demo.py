@@ -26,6 +26,7 @@ from higgs_tune.infer.generate import SamplingOptions
 from higgs_tune.infer.loading import load_inference_stack
 from higgs_tune.tiny import make_tiny
 from higgs_tune.tiny.eval_models import make_tiny_eval_models
+from higgs_tune.train.logging import log_evaluation
 from higgs_tune.train.recipe import train
 
 log = logging.getLogger("higgs_tune.demo")
@@ -104,7 +105,7 @@ def run_demo(out: Path, *, max_steps: int | None = None, overwrite: bool = False
     if not (asr_dir / "config.json").is_file() or not (spk_dir / "config.json").is_file():
         make_tiny_eval_models(out / "eval-models")
     stack = load_inference_stack(tiny, run.final_dir)
-    evaluate_manifest(
+    doc = evaluate_manifest(
         stack,
         data / "heldout.jsonl",
         run.run_dir / "eval",
@@ -113,4 +114,5 @@ def run_demo(out: Path, *, max_steps: int | None = None, overwrite: bool = False
         ref_manifest=data / "manifest.jsonl",
         options=SamplingOptions(temperature=0.0, ras_win_len=None, max_new_tokens=300, seed=0),
     )
+    log_evaluation(run.run_dir, doc["summary"], run.steps)  # the scores beside the curves in TensorBoard
     return build_report(run.run_dir)

@@ -7,6 +7,7 @@ inside the commands, so `higgs-tune --help` (which loads every command module) s
 from __future__ import annotations
 
 import functools
+import json
 from pathlib import Path
 
 import click
@@ -16,6 +17,7 @@ from higgs_tune.errors import DataError
 from higgs_tune.infer.generate import GenerationRequest, SamplingOptions, encode_reference, generate_speech, write_wav
 from higgs_tune.model.hub import check_hub_source
 from higgs_tune.progress import TerminalProgress
+from higgs_tune.runfs import TENSORBOARD_DIR
 
 
 def _sampling_options(f):
@@ -331,6 +333,7 @@ def evaluate_command(
         progress=TerminalProgress(),
     )
     s = doc["summary"]
+    _evaluation_to_tensorboard(adapter, s)
 
     def fmt(v):
         return "-" if v is None else f"{v:.4f}"
@@ -344,6 +347,19 @@ def evaluate_command(
         click.echo(
             f"  [{lang}] {m['num_clips']} clips: WER {fmt(m['wer'])}  CER {fmt(m['cer'])}  SIM {fmt(m['speaker_similarity'])}"
         )
+
+
+def _evaluation_to_tensorboard(adapter, summary: dict) -> None:
+    """When the adapter is a checkpoint of a run that logs to TensorBoard, add the scores there."""
+    if adapter is None:
+        return
+    ckpt = Path(adapter)
+    run_dir = ckpt.parent
+    if not (run_dir / TENSORBOARD_DIR).is_dir() or not (ckpt / "manifest.json").is_file():
+        return
+    from higgs_tune.train.logging import log_evaluation  # lazy: torch
+
+    log_evaluation(run_dir, summary, int(json.loads((ckpt / "manifest.json").read_text(encoding="utf-8"))["step"]))
 
 
 # ----------------------------------------------------------------------------- export
