@@ -164,7 +164,7 @@ def test_unknown_and_missing_keys(tmp_path, tiny_dir):
         (
             "emotion",
             "unknown key",
-            "remove it (known keys: audio, text, speaker, language, id, scene, ref_audio, ref_text)",
+            "remove it (known keys: audio, text, speaker, language, id, scene, ref_audio, ref_text, text_source)",
         ),
         ("text", "missing required key", 'add "text"'),
     ]
