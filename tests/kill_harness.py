@@ -5,6 +5,9 @@
     python tests/kill_harness.py CONFIG.yaml --resume auto --kill save:6
         killed in the middle of writing checkpoint-6 (after its weights, before its manifest)
 
+    python tests/kill_harness.py CONFIG.yaml --kill term-log:3
+        sent SIGTERM (as a cluster scheduler does) right after the metrics of step 3 were written
+
 SIGKILL cannot be caught: nothing in the process gets to clean up, as with `kill -9`, an
 OOM kill or a lost node.
 """
@@ -26,15 +29,16 @@ def main() -> None:
     if kill:
         where, _, n = kill.partition(":")
         n = int(n)
-        if where == "log":
+        if where in ("log", "term-log"):
             from higgs_tune.train import logging as tl
 
             original = tl.MetricsLogger.log
+            sig = signal.SIGKILL if where == "log" else signal.SIGTERM
 
             def log_then_die(self, step, metrics, split="train"):
                 original(self, step, metrics, split)
                 if split == "train" and step == n:
-                    os.kill(os.getpid(), signal.SIGKILL)
+                    os.kill(os.getpid(), sig)
 
             tl.MetricsLogger.log = log_then_die
         elif where == "save":

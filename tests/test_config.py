@@ -370,8 +370,34 @@ def test_saved_config_loads_back_equal(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["lora-1gpu.yaml", "full-multigpu.yaml", "demo-tiny-cpu.yaml"])
-def test_shipped_presets_validate(name):
+def test_shipped_presets_validate(name, monkeypatch, tmp_path):
+    for var in ("TINY_MODEL", "DEMO_CACHE", "DEMO_HELDOUT_CACHE", "OUTPUT_DIR"):
+        monkeypatch.setenv(var, str(tmp_path / var.lower()))
     load_config(REPO / "configs" / name)
+
+
+def test_placeholders_filled_from_environment(monkeypatch, tmp_path):
+    for var in ("TINY_MODEL", "DEMO_CACHE", "DEMO_HELDOUT_CACHE", "OUTPUT_DIR"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("TINY_MODEL", "/models/tiny")
+    monkeypatch.setenv("DEMO_CACHE", "/c/train")
+    with pytest.raises(ConfigError) as e:
+        load_config(REPO / "configs" / "demo-tiny-cpu.yaml")
+    # the two unset placeholders are named, each once, with the fix; nothing else is reported
+    assert e.value.problems == [
+        f"${{{name}}} has no value: set the environment variable {name} (e.g. `{name}=... higgs-tune train ...`) "
+        "or write the value into the config."
+        for name in ("DEMO_HELDOUT_CACHE", "OUTPUT_DIR")
+    ]
+    monkeypatch.setenv("DEMO_HELDOUT_CACHE", "/c/heldout")
+    monkeypatch.setenv("OUTPUT_DIR", str(tmp_path / "run"))
+    cfg = load_config(REPO / "configs" / "demo-tiny-cpu.yaml")
+    assert (cfg.model.name_or_path, cfg.data.train_cache, cfg.data.eval_cache, cfg.checkpoint.output_dir) == (
+        "/models/tiny",
+        "/c/train",
+        "/c/heldout",
+        str(tmp_path / "run"),
+    )
 
 
 def test_help_lists_every_setting():

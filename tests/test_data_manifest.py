@@ -17,7 +17,8 @@ import soundfile as sf
 import soxr
 
 from higgs_tune.data.audio import content_sha256, inspect_audio, normalize_loudness, to_codec_input
-from higgs_tune.data.manifest import ManifestError, convert_folder, validate_manifest
+from higgs_tune.data.cache import CodeCache
+from higgs_tune.data.manifest import UNKNOWN_LANGUAGE, ManifestError, convert_folder, validate_manifest
 from higgs_tune.data.prepare import prepare_manifest
 from higgs_tune.errors import DataError
 
@@ -163,7 +164,7 @@ def test_unknown_and_missing_keys(tmp_path, tiny_dir):
         (
             "emotion",
             "unknown key",
-            "remove it (known keys: audio, text, speaker, language, id, scene, ref_audio, ref_text)",
+            "remove it (known keys: audio, text, speaker, language, id, scene, ref_audio, ref_text, text_source)",
         ),
         ("text", "missing required key", 'add "text"'),
     ]
@@ -411,12 +412,36 @@ def test_convert_folder_reports_all_problems_and_writes_nothing(tmp_path):
     assert not (tmp_path / "voices.jsonl").exists()
 
 
-def test_convert_folder_needs_language(tmp_path):
+def test_convert_folder_language_is_optional(tmp_path):
     ds = tmp_path / "voices"
     tone(ds / "a.wav")
     (ds / "a.txt").write_text("Hi.", encoding="utf-8")
-    with pytest.raises(DataError, match=r"a.wav: no language. Fix: pass --language CODE"):
-        convert_folder(ds)
+    result = convert_folder(ds)  # no --language: the manifest records none
+    assert [json.loads(x) for x in result.manifest.read_text(encoding="utf-8").splitlines()] == [
+        {"id": "a", "audio": "voices/a.wav", "text": "Hi.", "speaker": "voices"}
+    ]
+    # validation fills the unknown language as such, or with the caller's default
+    assert [r.language for r in validate_manifest(result.manifest).rows] == [UNKNOWN_LANGUAGE] == ["und"]
+    assert [r.language for r in validate_manifest(result.manifest, default_language="ar").rows] == ["ar"]
+
+
+def test_language_optional_in_prepare(tmp_path, tiny_dir):
+    tone(tmp_path / "a.wav")
+    tone(tmp_path / "b.wav", seconds=1.5, freq=330.0)
+    manifest = write_manifest(tmp_path, [row(language=None), row("b.wav", language="fr")])
+    from click.testing import CliRunner
+
+    from higgs_tune.app.cli import main as cli
+
+    res = CliRunner().invoke(
+        cli, ["prepare", str(manifest), "--model", str(tiny_dir), "--out", str(tmp_path / "c"), "--language", "en"]
+    )
+    assert res.exit_code == 0, res.output
+    cache = CodeCache.open(tmp_path / "c")
+    assert {e.id: e.language for e in cache.entries} == {"a": "en", "b": "fr"}  # a row's own language wins
+    res = CliRunner().invoke(cli, ["prepare", str(manifest), "--model", str(tiny_dir), "--out", str(tmp_path / "d")])
+    assert res.exit_code == 0, res.output
+    assert {e.id: e.language for e in CodeCache.open(tmp_path / "d").entries} == {"a": "und", "b": "fr"}
 
 
 @pytest.mark.parametrize("wrapped", [True, False], ids=["samples-dict", "plain-list"])

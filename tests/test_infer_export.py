@@ -44,6 +44,7 @@ def test_export_loads_with_plain_transformers_and_gives_the_same_codes(tiny_dir,
     assert result.exit_code == 0, result.output
     assert f"exported {out} (LoRA merged; " in result.output
     assert sorted(p.name for p in out.iterdir()) == [
+        "README.md",
         "audio_tokenizer",
         "chat_template.jinja",
         "config.json",

@@ -17,6 +17,7 @@ LAYERS = {
     "config": 0,
     "resources": 0,
     "runfs": 0,
+    "progress": 0,
     "model": 1,
     "data": 2,
     "families": 3,

@@ -232,6 +232,10 @@ def test_hub_id_that_cannot_be_fetched(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(
         ModelLoadError,
-        match=r"could not fetch 'someone/not-cached-model' from the Hugging Face Hub \(LocalEntryNotFoundError",
+        # decided before any download attempt (no minutes of retries): not cached, and the Hub is off
+        match=(
+            r"the model 'someone/not-cached-model' is not a local folder and not in the Hub cache "
+            r".*HF_HUB_OFFLINE is set"
+        ),
     ):
         load_model(_cfg("someone/not-cached-model"))

@@ -223,7 +223,13 @@ def test_final_save_goes_to_final_and_is_never_rotated(tmp_path, tiny_dir):
     save(mgr, run, cfg, 4)
     save(mgr, run, cfg, 6)
     assert listing(run_dir) == ["checkpoint-6", "checkpoints.json", "final"]
-    assert listing(run_dir / "final") == ["config.yaml", "manifest.json", "trainable.safetensors", "training_state.pt"]
+    assert listing(run_dir / "final") == [
+        "README.md",
+        "config.yaml",
+        "manifest.json",
+        "trainable.safetensors",
+        "training_state.pt",
+    ]
     assert verify_checkpoint(run_dir / "final")["final"] is True
     # auto-resume takes the newest step; final (step 8) wins over checkpoint-6
     assert find_resume_checkpoint(run_dir) == run_dir / "final"
@@ -330,13 +336,15 @@ def test_resume_refuses_a_changed_config_or_world_size(tmp_path, tiny_dir, caplo
         load_training_state(ckpt, optimizer=other.opt, scheduler=other.sched, world_size=1, rank=0)
 
 
-def test_max_steps_change_breaks_resume_unless_the_schedule_is_constant():
+def test_max_steps_change_is_a_schedule_change_not_a_refusal():
     base = H.make_config(Path("/r"), 10).to_dict()
     longer = H.make_config(Path("/r"), 20)
-    assert ck.resume_config_changes(base, longer) == ["train.max_steps: 10 -> 20"]
-    base["train"]["lr_scheduler"] = "constant"
-    longer.train.lr_scheduler = "constant"
     assert ck.resume_config_changes(base, longer) == []
+    assert ck.schedule_length_changes(base, longer) == ["train.max_steps: 10 -> 20"]
+    longer.train.learning_rate *= 2  # what really breaks resume is still refused
+    assert ck.resume_config_changes(base, longer) == [
+        f"train.learning_rate: {base['train']['learning_rate']!r} -> {longer.train.learning_rate!r}"
+    ]
 
 
 # ---------------------------------------------------------------- failures

@@ -12,9 +12,11 @@ import copy
 import dataclasses
 import difflib
 import math
+import os
 import re
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -436,6 +438,9 @@ class TrainConfig:
 @dataclass
 class CheckpointConfig:
     output_dir: str = _f("", "Run folder (required): config, metrics, checkpoints, samples, report.")
+    push_to_hub: str | None = _f(
+        None, "Hub repo id: upload final/ there at the end (without its resume state; uses your HF token)."
+    )
     output_dir_fallback: str | None = _f(None, "Used, loudly, only if output_dir cannot be created or written.")
     save_steps: int = _f(500, "Save a checkpoint every N optimizer steps.")
     save_total_limit: int | None = _f(3, "Keep at most N step checkpoints (never the newest complete one or the best).")
@@ -889,11 +894,48 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
         raise ConfigError([f"config file {path} is a folder: give the YAML file."]) from None
     except UnicodeDecodeError as e:
         raise ConfigError([f"config file {path} is not UTF-8 ({e.reason} at byte {e.start})."]) from None
+    text = fill_placeholders(text, str(path))
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise ConfigError([f"config file {path} is not valid YAML: {e}"]) from None
     return config_from_dict(data, overrides, source=str(path))
+
+
+_PLACEHOLDER = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def fill_placeholders(text: str, source: str | None = None, values: Mapping[str, str] | None = None) -> str:
+    """Replace every `${NAME}` in a config's text by `values[NAME]` (default: the environment).
+
+    A placeholder with no value is an error naming it (never a folder literally called
+    `${OUTPUT_DIR}` or a model path that cannot load). Comments are not filled.
+    """
+    values = os.environ if values is None else values
+    missing: list[str] = []
+    out_lines = []
+    for line in text.splitlines(keepends=True):
+        code, hash_, comment = line.partition(" #") if not line.lstrip().startswith("#") else ("", "", line)
+
+        def fill(m: re.Match) -> str:
+            name = m.group(1)
+            if name not in values:
+                if name not in missing:
+                    missing.append(name)
+                return m.group(0)
+            return str(values[name])
+
+        out_lines.append(_PLACEHOLDER.sub(fill, code) + hash_ + comment)
+    if missing:
+        raise ConfigError(
+            [
+                f"${{{name}}} has no value: set the environment variable {name} "
+                f"(e.g. `{name}=... higgs-tune train ...`) or write the value into the config."
+                for name in missing
+            ],
+            source,
+        )
+    return "".join(out_lines)
 
 
 def config_help() -> str:

@@ -12,6 +12,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+HOVER_POINTS = 300  # tooltip targets per series (a long run's curve has thousands of points)
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
 
 
@@ -150,6 +151,14 @@ def svg_line_chart(
         )
         if s.markers or len(dots) == 1:
             parts.extend(f'<circle cx="{cx:.1f}" cy="{cy:.1f}" r="2.8" fill="{s.color}"/>' for cx, cy in dots)
+        # values on hover: an invisible target per point (at most HOVER_POINTS per series) with a tooltip
+        valid = [(x, y) for x, y in s.points if y is not None and math.isfinite(y) and not (log_y and y <= 0)]
+        stride = max(1, math.ceil(len(valid) / HOVER_POINTS))
+        for x, y in valid[::stride] + ([valid[-1]] if (len(valid) - 1) % stride else []):
+            parts.append(
+                f'<circle class="hover" cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="5">'
+                f"<title>{html.escape(s.name)} · {x_label} {_fmt(x)}: {_fmt(y)}</title></circle>"
+            )
 
     # legend, right-aligned above the plot
     x = left + pw

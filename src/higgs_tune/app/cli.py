@@ -13,6 +13,7 @@ import sys
 
 import click
 
+from higgs_tune.app.noise import quiet_libraries
 from higgs_tune.errors import HiggsTuneError
 
 # name -> "module:attribute" of a click.Command
@@ -49,7 +50,13 @@ class _LazyGroup(click.Group):
     def get_command(self, ctx, name):
         return _load(name) if name in _COMMANDS else None
 
+    def parse_args(self, ctx, args):
+        ctx.meta["verbose"] = "--verbose" in args  # the group's flag or a command's (train, demo)
+        return super().parse_args(ctx, args)
+
     def invoke(self, ctx):
+        # before the command's module loads torch/transformers (they read the settings at import)
+        quiet_libraries(verbose=ctx.meta.get("verbose", False))
         try:
             return super().invoke(ctx)
         except HiggsTuneError as e:
@@ -59,7 +66,12 @@ class _LazyGroup(click.Group):
 
 @click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="higgs-tune")
-def main():
+@click.option(
+    "--verbose",
+    is_flag=True,
+    help="Show the libraries' own warnings, notes and progress bars (transformers, torch, accelerate, the Hub).",
+)
+def main(verbose):
     """higgs-tune: fine-tune Higgs Audio v2 and v3 (LoRA or full), with the training signal checked."""
 
 

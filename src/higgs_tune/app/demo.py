@@ -20,7 +20,7 @@ from pathlib import Path
 import yaml
 
 from higgs_tune.app.report import build_report
-from higgs_tune.config import config_from_dict
+from higgs_tune.config import config_from_dict, fill_placeholders
 from higgs_tune.data.prepare import prepare_manifest
 from higgs_tune.errors import DataError, OutputDirError
 from higgs_tune.families.select import load_codec_for
@@ -30,6 +30,7 @@ from higgs_tune.infer.loading import load_inference_stack
 from higgs_tune.tiny import make_tiny
 from higgs_tune.tiny.eval_models import make_tiny_eval_models
 from higgs_tune.tiny.v3 import make_tiny_v3
+from higgs_tune.train.logging import log_evaluation
 from higgs_tune.train.recipe import train
 
 log = logging.getLogger("higgs_tune.demo")
@@ -68,14 +69,20 @@ def demo_config(out: Path, max_steps: int | None = None, family: str = "v2"):
     evaluation on."""
     text = files("higgs_tune.resources").joinpath(PRESET).read_text(encoding="utf-8")
     tiny, cache = _stack_dirs(out, family)
-    for key, value in {
+    paths = {
         "TINY_MODEL": tiny,
         "DEMO_CACHE": cache / "train",
         "DEMO_HELDOUT_CACHE": cache / "heldout",
         "OUTPUT_DIR": out / "run",
-    }.items():
-        text = text.replace("${" + key + "}", str(value))
-    overrides = [f"train.max_steps={max_steps}"] if max_steps else []
+    }
+    text = fill_placeholders(text, PRESET, {k: str(v) for k, v in paths.items()})
+    data = yaml.safe_load(text)
+    overrides = []
+    if max_steps:
+        # a short demo run keeps the preset's warm-up share (10 of 120 steps), so warm-up never exceeds the run
+        warmup = data["train"]["warmup_steps"]
+        scaled = min(warmup, max_steps * warmup // data["train"]["max_steps"])
+        overrides = [f"train.max_steps={max_steps}", f"train.warmup_steps={scaled}"]
     overrides += [
         *DEMO_QUALITY,
         f"train.quality_asr_model={out / 'eval-models' / 'asr'}",
@@ -84,13 +91,14 @@ def demo_config(out: Path, max_steps: int | None = None, family: str = "v2"):
     ]
     if family == "v3":
         overrides += V3_OVERRIDES
-    return config_from_dict(yaml.safe_load(text), overrides, source=PRESET)
+    return config_from_dict(data, overrides, source=PRESET)
 
 
 def run_demo(out: Path, *, max_steps: int | None = None, overwrite: bool = False, family: str = "v2") -> Path:
     """Build, prepare, train, evaluate, report (the tiny v2 stack, or v3 with family="v3");
     returns the report's path. v3 uses OUT/tiny-model-v3/ and OUT/cache-v3/ (its bundled codec)."""
     out = out.resolve()
+    cfg = demo_config(out, max_steps, family)  # validated before anything is built
     data = demo_data_dir()
     run_dir = out / "run"
     if not overwrite and run_dir.is_dir() and any(run_dir.iterdir()):
@@ -120,7 +128,6 @@ def run_demo(out: Path, *, max_steps: int | None = None, overwrite: bool = False
     asr_dir, spk_dir = out / "eval-models" / "asr", out / "eval-models" / "speaker"
     if not (asr_dir / "config.json").is_file() or not (spk_dir / "config.json").is_file():
         make_tiny_eval_models(out / "eval-models")  # before training: the quality evaluation uses them
-    cfg = demo_config(out, max_steps, family)
     run = train(cfg, overwrite=overwrite)
     log.info(
         "trained %d steps; audio loss %.3f (chance ln(1026) = 6.93)",
@@ -129,7 +136,7 @@ def run_demo(out: Path, *, max_steps: int | None = None, overwrite: bool = False
     )
 
     stack = load_inference_stack(tiny, run.final_dir)
-    evaluate_manifest(
+    doc = evaluate_manifest(
         stack,
         data / "heldout.jsonl",
         run.run_dir / "eval",
@@ -138,4 +145,5 @@ def run_demo(out: Path, *, max_steps: int | None = None, overwrite: bool = False
         ref_manifest=data / "manifest.jsonl",
         options=SamplingOptions(temperature=0.0, ras_win_len=None, max_new_tokens=300, seed=0),
     )
+    log_evaluation(run.run_dir, doc["summary"], run.steps)  # the scores beside the curves in TensorBoard
     return build_report(run.run_dir)

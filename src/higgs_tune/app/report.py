@@ -75,6 +75,7 @@ class RunData:
     )  # step -> file -> (stopped, frames)
     eval_results: dict | None = None
     quality: QualityData | None = None  # quality/history.json + checkpoints.json (app/quality_report.py)
+    sample_prompts: dict = field(default_factory=dict)  # step -> wav name -> {text, reference, ground_truth}
 
 
 @dataclass
@@ -160,6 +161,7 @@ def collect_run(run_dir: str | Path) -> RunData:
         log.bad_lines,
         log.samples,
     )
+    data.sample_prompts = read_sample_prompts(metrics)
     if (run / PARAM_REPORT_FILE).is_file():
         data.param_report = (run / PARAM_REPORT_FILE).read_text(encoding="utf-8")
     if (run / CONFIG_FILE).is_file():
@@ -191,20 +193,24 @@ body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;
 header{background:#1d2330;color:#fff;padding:18px 28px}header h1{margin:0;font-size:22px}
 header p{margin:4px 0 0;color:#c9d1e0}nav{padding:8px 28px;background:#e9ecf2}nav a{margin-right:16px;color:#1d4ed8}
 main{padding:8px 28px 40px;max-width:1360px}
-section{background:#fff;border:1px solid #dde2ea;border-radius:8px;padding:12px 18px;margin:16px 0}
+section{overflow-x:auto;background:#fff;border:1px solid #dde2ea;border-radius:8px;padding:12px 18px;margin:16px 0}
 h2{font-size:18px;margin:4px 0 10px}h3{font-size:15px;margin:14px 0 6px}
 .charts{display:flex;flex-wrap:wrap;gap:12px}.chart{background:#fff;border:1px solid #e3e7ee;border-radius:6px}
 .chart text{font-size:11px;fill:#4a5568}.chart .chart-title{font-size:13px;font-weight:600;fill:#1d2330}
 .chart .grid line{stroke:#edf0f5}.chart .frame{fill:none;stroke:#aab3c2}
 .chart .hline{stroke:#d62728;stroke-dasharray:3 3}
-.chart .hline-label{fill:#d62728}.chart .legend{font-size:11px;fill:#1d2330}.chart .empty{fill:#999}
+.chart .hline-label{fill:#d62728}.chart .hover{fill:transparent;stroke:none}.chart .hover:hover{fill:#1d2330}
+.charts svg.chart{flex:1 1 560px;width:100%;max-width:760px;height:auto}
+@media (max-width:900px){main{padding:8px 10px 30px}.charts svg.chart{flex-basis:100%;max-width:none}audio{width:240px}}
+.chart .legend{font-size:11px;fill:#1d2330}.chart .empty{fill:#999}
 table{border-collapse:collapse;margin:6px 0}
 td,th{border:1px solid #dde2ea;padding:4px 8px;text-align:left;vertical-align:top}
 td.txt{overflow-wrap:anywhere;min-width:240px;max-width:520px}td.num,td.id{white-space:nowrap}
 th{background:#f0f2f6}td.num{text-align:right;font-variant-numeric:tabular-nums}
 pre{background:#f6f8fa;border:1px solid #e3e7ee;padding:10px;overflow:auto;font-size:12px}
 .warn{background:#fff7e6}.ok{color:#2f855a}.bad{color:#c53030}.muted{color:#718096}
-.players{display:flex;flex-wrap:wrap;gap:10px}.player{border:1px solid #e3e7ee;border-radius:6px;padding:6px 8px}
+.players{display:flex;flex-wrap:wrap;gap:10px}.sample{border-top:1px solid #edf0f5;padding:6px 0;width:100%}
+.sample .target{margin:2px 0 6px;font-style:italic}.player{border:1px solid #e3e7ee;border-radius:6px;padding:6px 8px}
 .player div{font-size:12px;color:#4a5568;margin-bottom:4px}audio{height:34px;width:300px}
 """
 
@@ -243,6 +249,40 @@ def _player(path: Path, label: str, budget: _AudioBudget, run_dir: Path, status:
             f'<span class="muted">not embedded (size limit): {html.escape(str(rel))}</span></div>'
         )
     return f'<div class="player"><div>{head}</div><audio controls preload="metadata" src="{uri}"></audio></div>'
+
+
+def read_sample_prompts(metrics: Path) -> dict[int, dict[str, dict]]:
+    """step -> wav name -> {text, reference, ground_truth} from the "samples" records (older runs: none)."""
+    out: dict[int, dict[str, dict]] = {}
+    for line in metrics.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict) and rec.get("event") == "samples" and isinstance(rec.get("prompts"), list):
+            files = rec.get("files") or []
+            if len(files) == len(rec["prompts"]):
+                out[rec["step"]] = {
+                    str(f): p for f, p in zip(files, rec["prompts"], strict=True) if isinstance(p, dict)
+                }
+    return out
+
+
+def _sample_block(wav: Path, budget, run_dir: Path, status, prompt: dict | None) -> str:
+    """One sample: its target text, then the generated clip beside the reference and the ground truth."""
+    if not prompt:  # a run logged before the prompts were recorded: the generated clip alone
+        return _player(wav, wav.stem, budget, run_dir, status)
+    generated = _player(wav, f"{wav.stem} (generated)", budget, run_dir, status)
+    players = [generated]
+    for key, label in (("reference", "reference (voice prompt)"), ("ground_truth", "ground truth")):
+        path = Path(prompt[key]) if prompt.get(key) else None
+        if path is not None and path.is_file():
+            players.append(_player(path, label, budget, run_dir))
+    text = html.escape(str(prompt.get("text", "")))
+    return (
+        f'<div class="sample"><p class="target"><bdi>{text}</bdi></p>'
+        f'<div class="players">{"".join(players)}</div></div>'
+    )
 
 
 def _num(v, digits: int = 4) -> str:
@@ -295,6 +335,7 @@ def loss_charts(data: RunData) -> list[str]:
                 pts.append((r["step"], float(v) if isinstance(v, (int, float)) else None))
             series.append(Series(f"cb{i}", pts, PALETTE[i % len(PALETTE)], markers=split == "eval"))
         charts.append(svg_line_chart(f"Per-codebook audio loss ({split})", series, width=640))
+    charts += quality_and_speed_charts(data)
     if _has(train, "lr"):
         charts.append(svg_line_chart("Learning rate", [_series_of(train, "lr", "lr", PALETTE[2])], y_label="lr"))
     if _has(train, "grad_norm"):
@@ -306,6 +347,42 @@ def loss_charts(data: RunData) -> list[str]:
                 log_y=True,
             )
         )
+    return charts
+
+
+EVAL_QUALITY_KEYS = (("wer", "WER"), ("cer", "CER"), ("speaker_similarity", "speaker similarity"))
+
+
+def quality_and_speed_charts(data: RunData) -> list[str]:
+    """Per-codebook accuracy, tokens/s, and eval WER/CER/SIM over steps when they were logged."""
+    train, evals = data.train, data.eval
+    charts = []
+    for split, records in (("train", train), ("eval", evals)):
+        if not _has(records, "per_codebook_acc"):
+            continue
+        k = max(len(r.get("per_codebook_acc") or []) for r in records)
+        series = []
+        for i in range(k):
+            pts = []
+            for r in records:
+                vals = r.get("per_codebook_acc") or []
+                v = vals[i] if i < len(vals) else None
+                pts.append((r["step"], float(v) if isinstance(v, (int, float)) else None))
+            series.append(Series(f"cb{i}", pts, PALETTE[i % len(PALETTE)], markers=split == "eval"))
+        charts.append(svg_line_chart(f"Per-codebook top-1 accuracy ({split})", series, y_label="accuracy"))
+    if _has(train, "tokens_per_s"):
+        charts.append(
+            svg_line_chart(
+                "Throughput", [_series_of(train, "tokens_per_s", "tokens/s", PALETTE[4])], y_label="tokens/s"
+            )
+        )
+    quality = [
+        _series_of(evals, key, name, PALETTE[i], markers=True)
+        for i, (key, name) in enumerate(EVAL_QUALITY_KEYS)
+        if _has(evals, key)
+    ]
+    if quality:
+        charts.append(svg_line_chart("Evaluation quality (WER, CER, speaker similarity)", quality, y_label="value"))
     return charts
 
 
@@ -421,13 +498,17 @@ def render_report(data: RunData, *, max_audio_mb: float = 100.0) -> str:
     sections.append(("health", "Health warnings", body))
 
     if data.param_report is not None:
-        sections.append(("params", "Parameters", f"<pre>{html.escape(data.param_report)}</pre>"))
+        body = f"<details><summary>parameter report</summary><pre>{html.escape(data.param_report)}</pre></details>"
+        sections.append(("params", "Parameters", body))
 
     if data.samples:
         parts = []
         for step, wavs in data.samples:
             status = data.sample_status.get(step, {})
-            players = "".join(_player(w, w.stem, budget, data.run_dir, status.get(w.name)) for w in wavs)
+            prompts = data.sample_prompts.get(step, {})
+            players = "".join(
+                _sample_block(w, budget, data.run_dir, status.get(w.name), prompts.get(w.name)) for w in wavs
+            )
             parts.append(f'<h3>step {step}</h3><div class="players">{players}</div>')
         sections.append(("samples", "Samples", "".join(parts)))
     else:

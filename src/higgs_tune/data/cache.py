@@ -93,6 +93,7 @@ class CacheEntry:
     duration_s: float
     num_frames: int
     audio: str  # path as written in the manifest
+    text_source: str | None = None  # "asr:<model>": transcribed by prepare --transcribe (optional in the index)
 
 
 def _fix(cache_dir: Path, header: dict | None = None) -> str:
@@ -232,7 +233,7 @@ class CodeCache:
             if t.numel() and (int(t.min()) < 0 or int(t.max()) >= V):
                 raise DataError(f"{cache_dir / meta['shard']}: codes {key!r} lie outside 0..{V - 1}. {damaged}")
 
-        names = [f.name for f in fields(CacheEntry)]
+        names = [f.name for f in fields(CacheEntry) if f.name != "text_source"]
         entries = []
         for i, e in enumerate(index["entries"]):
             if not isinstance(e, dict) or any(n not in e for n in names):
@@ -246,7 +247,7 @@ class CodeCache:
                         f"{index_path} is damaged (entry {e['id']!r} refers to codes {key!r} that are not in the "
                         f"cache). {damaged}"
                     )
-            entry = CacheEntry(**{n: e[n] for n in names})
+            entry = CacheEntry(**{n: e[n] for n in names}, text_source=e.get("text_source"))
             wrong = [
                 n
                 for n, kind in ENTRY_TYPES.items()

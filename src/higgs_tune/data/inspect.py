@@ -138,6 +138,7 @@ def text_rate_outliers(
 def summarize_cache(cache) -> dict:
     """Plain-data summary of an opened `CodeCache` (JSON-serialisable)."""
     entries = list(cache.entries)
+    asr_rows = [{"id": e.id, "text": e.text, "source": e.text_source} for e in entries if e.text_source]
     durations = [e.duration_s for e in entries]
     speakers: dict[str, dict] = {}
     for e in entries:
@@ -153,6 +154,7 @@ def summarize_cache(cache) -> dict:
     return {
         "cache_dir": str(cache.cache_dir),
         "prepared_with": cache.header.get("command") or "",
+        "asr_transcribed": asr_rows,
         "clips": len(entries),
         "seconds": sum(durations),
         "hours": sum(durations) / 3600.0,
@@ -251,6 +253,10 @@ def render_summary(s: dict) -> str:
             )
     else:
         lines.append("rejected at prepare: none")
+    if s.get("asr_transcribed"):
+        lines.append(f"transcribed by ASR ({len(s['asr_transcribed'])} clips; check these transcripts)")
+        for r in s["asr_transcribed"]:
+            lines.append(f"  {r['id']} ({r['source']}): {r['text']!r}")
     return "\n".join(lines)
 
 

@@ -6,8 +6,9 @@ Row format (paths relative to the manifest's folder, the "dataset root"):
      "id": "a_001", "scene": "A quiet room.",
      "ref_audio": "audio/a_000.flac", "ref_text": "Transcript of the reference."}
 
-Required: audio, text, speaker, language. Optional: id (default: the audio file's stem; must
-be unique), scene, and an explicit voice prompt ref_audio + ref_text (both or neither).
+Required: audio, text, speaker. Optional: language (a row without one gets the caller's
+`default_language`, else UNKNOWN_LANGUAGE, recorded as such), id (default: the audio file's stem;
+must be unique), scene, and an explicit voice prompt ref_audio + ref_text (both or neither).
 Any other key is an error (a misspelt "transcript" must not silently drop the text).
 
 `validate_manifest` collects every problem of every row (file, line, field, fix) in one pass:
@@ -31,14 +32,15 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tqdm import tqdm
-
 from higgs_tune.data.audio import DEFAULT_MAX_SECONDS, DEFAULT_MIN_SECONDS, AudioInfo, inspect_audio
 from higgs_tune.errors import DataError
+from higgs_tune.progress import Progress, as_progress
 from higgs_tune.runfs import atomic_write_bytes
 
-REQUIRED_KEYS = ("audio", "text", "speaker", "language")
-OPTIONAL_KEYS = ("id", "scene", "ref_audio", "ref_text")
+REQUIRED_KEYS = ("audio", "text", "speaker")
+OPTIONAL_KEYS = ("language", "id", "scene", "ref_audio", "ref_text", "text_source")
+# The language recorded for a row that names none (ISO 639-2 "undetermined"); `inspect` lists it as such.
+UNKNOWN_LANGUAGE = "und"
 KNOWN_KEYS = REQUIRED_KEYS + OPTIONAL_KEYS
 # Names other tools use for our keys: an unknown key that is one of these gets a precise fix.
 KEY_ALIASES = {
@@ -134,6 +136,7 @@ class ManifestRow:
     ref_audio: str | None = None
     ref_audio_path: Path | None = None
     ref_text: str | None = None
+    text_source: str | None = None  # "asr:<model>" when `prepare --transcribe` wrote the text
 
 
 @dataclass
@@ -323,9 +326,11 @@ def _parse_rows(manifest: Path, root: Path, allow_outside_root: bool) -> tuple[l
                 )
 
         d.audio_path = _check_path(d, "audio", root, allow_outside_root)
-        for key in ("text", "speaker", "language"):
+        for key in ("text", "speaker"):
             _check_str(d, key, required=True)
+        _check_str(d, "language", required=False)
         _check_str(d, "scene", required=False)
+        _check_str(d, "text_source", required=False)
         if obj.get("id") is not None:
             _check_str(d, "id", required=False)
         elif d.audio_path is not None:
@@ -357,7 +362,7 @@ def _parse_rows(manifest: Path, root: Path, allow_outside_root: bool) -> tuple[l
 
     if not drafts:
         fatal.append(
-            Problem(None, "file", "has no rows", "write one JSON object per line (audio, text, speaker, language)")
+            Problem(None, "file", "has no rows", "write one JSON object per line (audio, text, speaker[, language])")
         )
 
     by_id: dict[str, list[_Draft]] = defaultdict(list)
@@ -383,9 +388,12 @@ def validate_manifest(
     min_seconds: float = DEFAULT_MIN_SECONDS,
     max_seconds: float = DEFAULT_MAX_SECONDS,
     allow_outside_root: bool = False,
-    progress: bool = False,
+    progress: Progress | bool = False,
+    default_language: str | None = None,
 ) -> Validation:
-    """Check every row and every audio file; never raises for row problems (see Validation)."""
+    """Check every row and every audio file; never raises for row problems (see Validation).
+
+    A row without a language gets `default_language`, else UNKNOWN_LANGUAGE."""
     manifest = Path(os.path.abspath(manifest))
     root = manifest.parent
     if not MIN_CODEC_SECONDS <= min_seconds < max_seconds:
@@ -400,11 +408,15 @@ def validate_manifest(
     paths = list(dict.fromkeys(p for d in drafts for p in (d.audio_path, d.ref_audio_path) if p is not None))
     infos: dict[Path, AudioInfo] = {}
     audio_problems: dict[Path, list[tuple[str, str]]] = {}
-    for path in tqdm(paths, desc="checking audio", unit="file", disable=not progress):
+    progress = as_progress(progress)
+    progress.start(len(paths), "checking audio", "files")
+    for n, path in enumerate(paths, start=1):
         info, problems = inspect_audio(path, target_rate=target_rate, min_seconds=min_seconds, max_seconds=max_seconds)
         if info is not None:
             infos[path] = info
         audio_problems[path] = problems
+        progress.update(n)
+    progress.close()
 
     rows: list[ManifestRow] = []
     rejects: list[dict] = []
@@ -446,11 +458,12 @@ def validate_manifest(
                 audio_path=d.audio_path,
                 text=v["text"],
                 speaker=v["speaker"],
-                language=v["language"],
+                language=v.get("language") or default_language or UNKNOWN_LANGUAGE,
                 scene=v.get("scene"),
                 ref_audio=v.get("ref_audio"),
                 ref_audio_path=d.ref_audio_path,
                 ref_text=v.get("ref_text"),
+                text_source=v.get("text_source"),
             )
         )
     problems = [p for d in drafts for p in d.problems]
@@ -630,21 +643,33 @@ def convert_folder(
         rows, ignored = _from_metadata(folder, meta_path, language, problems)
     else:
         rows, ignored = _from_pairs(folder, language, problems), []
-    for row in rows:
-        if not row["language"]:
-            problems.append(f"{row['_where']}: no language. Fix: pass --language CODE (e.g. en) for rows without one.")
     if problems:
         listed = "\n".join(f"  - {p}" for p in problems[:MAX_LISTED_PROBLEMS])
         more = f"\n  ... and {len(problems) - MAX_LISTED_PROBLEMS} more" if len(problems) > MAX_LISTED_PROBLEMS else ""
         raise DataError(f"cannot convert {folder}: {len(problems)} problem(s); nothing was written:\n{listed}{more}")
 
+    return write_manifest_rows(rows, out, overwrite=overwrite, source=str(folder), ignored_keys=ignored)
+
+
+MANIFEST_ROW_KEYS = ("id", "audio", "text", "speaker", "language", "scene", "ref_audio", "ref_text", "text_source")
+
+
+def write_manifest_rows(
+    rows: list[dict], out: Path, *, overwrite: bool, source: str, ignored_keys: list[str] = ()
+) -> ConvertResult:
+    """Write converted rows (audio paths as Path, made relative to the manifest) to `out`.
+
+    An existing identical manifest is reused (`unchanged`); a different one is replaced only with
+    overwrite. The one writer of `convert_folder` and of the other sources (data/sources.py)."""
+    ignored = list(ignored_keys)
+    folder = source
     base = out.parent
     outside = False
     lines = []
     for row in rows:
         record = {}
-        for key in ("id", "audio", "text", "speaker", "language", "scene", "ref_audio", "ref_text"):
-            if key not in row:
+        for key in MANIFEST_ROW_KEYS:
+            if row.get(key) is None:  # e.g. no language: the manifest records none (prepare: UNKNOWN_LANGUAGE)
                 continue
             value = row[key]
             if isinstance(value, Path):

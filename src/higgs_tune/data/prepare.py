@@ -46,7 +46,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from higgs_tune.data.audio import (
     DEFAULT_MAX_SECONDS,
@@ -59,6 +58,7 @@ from higgs_tune.data.audio import (
 from higgs_tune.data.cache import CacheWriter, now_iso, own_file, read_index
 from higgs_tune.data.manifest import validate_manifest
 from higgs_tune.errors import DataError, ModelLoadError
+from higgs_tune.progress import Progress, as_progress
 
 DEFAULT_BATCH_SECONDS = 60.0
 DEFAULT_PAD_TOLERANCE_S = 0.04
@@ -289,6 +289,8 @@ def _command(manifest: Path, model: str | Path, out_dir: Path, opts: dict) -> st
         for k, d in (("min_seconds", DEFAULT_MIN_SECONDS), ("max_seconds", DEFAULT_MAX_SECONDS))
         if opts[k] != d
     ]
+    if opts.get("language"):
+        flags.append(f"--language {opts['language']}")
     return " ".join(flags)
 
 
@@ -307,9 +309,10 @@ def prepare_manifest(
     overwrite: bool = False,
     shard_size: int = DEFAULT_SHARD_SIZE,
     device: str | None = None,
-    progress: bool = True,
+    progress: Progress | bool = True,
     log: Callable[[str], None] = lambda msg: None,
     load_codec: Callable | None = None,
+    language: str | None = None,
 ) -> PrepareResult:
     """Validate `manifest`, encode its clips with the audio tokenizer of `model_dir`, write `out_dir`.
 
@@ -320,8 +323,10 @@ def prepare_manifest(
     unless overwrite (which rebuilds from scratch in any case). `log` receives notes
     (dropped shards, rebuilds) for the user. `load_codec(model_dir, device)`: the model family's
     codec loader (`families.select.load_codec_for`: a v3 checkpoint's bundled codec); default
-    `load_audio_tokenizer`.
+    `load_audio_tokenizer`. `language` fills rows that name none (else they are recorded as
+    manifest.UNKNOWN_LANGUAGE).
     """
+    progress = as_progress(progress)  # True: a bar on a terminal, periodic lines otherwise
     manifest = Path(os.path.abspath(manifest))
     out_dir = Path(os.path.abspath(out_dir))
     if shard_size < 1:
@@ -359,6 +364,7 @@ def prepare_manifest(
                 allow_outside_root=allow_outside_root,
                 min_seconds=min_seconds,
                 max_seconds=max_seconds,
+                language=language,
             ),
         ),
         "created": now_iso(),
@@ -384,6 +390,7 @@ def prepare_manifest(
         max_seconds=max_seconds,
         allow_outside_root=allow_outside_root,
         progress=progress,
+        default_language=language,
     )
     validation.raise_if_invalid(cache_dir=out_dir, skip_invalid=skip_invalid)
     for warning in validation.warnings:  # kept, but the user hears of it
@@ -425,7 +432,9 @@ def prepare_manifest(
     shards_written: list[str] = []
     pending: dict[str, np.ndarray] = {}
     start = time.perf_counter()
-    with tqdm(total=len(todo), desc="encoding", unit="clip", disable=not progress, dynamic_ncols=True) as bar:
+    progress.start(len(todo), "encoding", "clips")
+    done = 0
+    try:
         for batch in batches:
             waves = []
             for i in batch:
@@ -446,12 +455,15 @@ def prepare_manifest(
                 waves.append(wave)
             for i, codes in zip(batch, encode_batch(codec, waves), strict=True):
                 pending[todo[i][0]] = codes
-            bar.update(len(batch))
+            done += len(batch)
+            progress.update(done, clips_per_s=done / max(time.perf_counter() - start, 1e-9))
             if len(pending) >= shard_size:
                 shards_written.append(writer.add_shard(pending))
                 pending = {}
         if pending:
             shards_written.append(writer.add_shard(pending))
+    finally:
+        progress.close()
     encode_seconds = time.perf_counter() - start
 
     entries = []
@@ -473,6 +485,7 @@ def prepare_manifest(
                 "audio": row.audio,
                 "sha256": info.sha256,
                 "ref_audio": row.ref_audio,
+                "text_source": row.text_source,
                 "row": row.row,
             }
         )

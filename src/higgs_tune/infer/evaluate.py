@@ -55,6 +55,8 @@ from higgs_tune.infer.generate import (
     write_wav,
 )
 from higgs_tune.infer.loading import InferenceStack
+from higgs_tune.model.hub import check_hub_source, hub_cache_dir
+from higgs_tune.progress import Progress
 from higgs_tune.runfs import (
     EVAL_DIR,
     METRICS_FILE,
@@ -126,9 +128,11 @@ class AsrModel:
     @classmethod
     def load(cls, name: str | Path, device: str | torch.device = "cpu", *, option: str = "--asr-model") -> AsrModel:
         """`option`: the setting that named the model, for the error message."""
+        local = check_hub_source(name, what="ASR model", option=option)  # offline: fail at once
         try:
-            processor = AutoProcessor.from_pretrained(str(name))
-            model = AutoModelForSpeechSeq2Seq.from_pretrained(str(name)).eval().to(device)
+            kw = {"local_files_only": True, "cache_dir": str(hub_cache_dir())} if local else {}
+            processor = AutoProcessor.from_pretrained(str(name), **kw)
+            model = AutoModelForSpeechSeq2Seq.from_pretrained(str(name), **kw).eval().to(device)
         except (OSError, ValueError) as e:
             raise _load_error("ASR", str(name), option, e) from e
         return cls(model, processor, str(name))
@@ -201,9 +205,11 @@ class SpeakerModel:
         cls, name: str | Path, device: str | torch.device = "cpu", *, option: str = "--speaker-model"
     ) -> SpeakerModel:
         """`option`: the setting that named the model, for the error message."""
+        local = check_hub_source(name, what="speaker model", option=option)  # offline: fail at once
         try:
-            fe = AutoFeatureExtractor.from_pretrained(str(name))
-            model = AutoModelForAudioXVector.from_pretrained(str(name)).eval().to(device)
+            kw = {"local_files_only": True, "cache_dir": str(hub_cache_dir())} if local else {}
+            fe = AutoFeatureExtractor.from_pretrained(str(name), **kw)
+            model = AutoModelForAudioXVector.from_pretrained(str(name), **kw).eval().to(device)
         except (OSError, ValueError) as e:
             raise _load_error("speaker", str(name), option, e) from e
         return cls(model, fe, str(name))
@@ -435,11 +441,13 @@ def evaluate_manifest(
     asr_max_new_tokens: int = 128,
     limit: int | None = None,
     skip_invalid: bool = False,
+    progress: Progress | None = None,
 ) -> dict:
     """Generate every clip of `manifest`, score it, write results.json / results.csv / wavs; return the results dict.
 
     `limit`: the first N valid clips (N >= 1). `skip_invalid`: evaluate the valid rows of a
-    manifest with bad rows (the results' `skipped` lists the others) instead of refusing it."""
+    manifest with bad rows (the results' `skipped` lists the others) instead of refusing it.
+    `progress` (higgs_tune.progress) follows the generation, clip by clip."""
     if limit is not None and limit < 1:
         raise DataError(f"limit must be >= 1 (the number of clips to evaluate), got {limit}. Fix: omit it for all.")
     options = (options or SamplingOptions()).validate()
@@ -471,7 +479,9 @@ def evaluate_manifest(
                 id=item.id,
             )
         )
-    results = generate_speech(stack.model, stack.processor, stack.tokens, requests, options, family=stack.family)
+    results = generate_speech(
+        stack.model, stack.processor, stack.tokens, requests, options, family=stack.family, progress=progress
+    )
     gen_seconds = time.monotonic() - t0
     _claim_run_eval_dir(out)
     # file names from ids: escaped, so that no id (`../x`, `a/b`) names a file outside OUT/wavs

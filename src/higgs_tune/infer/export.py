@@ -36,9 +36,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
 from peft import PeftModel
 
 from higgs_tune.errors import ModelLoadError, OutputDirError
+from higgs_tune.infer.card import README, build_model_card, data_summary, eval_summary_near
 from higgs_tune.infer.loading import adapter_base_from_checkpoint, adapter_needs_text_head, load_inference_stack
 from higgs_tune.model.audio_attention import has_audio_self_attention
 from higgs_tune.model.load import TEXT_HEAD_KEY, checkpoint_keys, resolve_audio_tokenizer, resolve_checkpoint
@@ -71,6 +73,27 @@ def _check_out_dir(out: Path, overwrite: bool) -> None:
                 f"{out} is not empty and was not written by `higgs-tune export` (no {EXPORT_MARKER}); "
                 "--overwrite only replaces earlier exports. Choose another folder."
             )
+
+
+def _export_card(base: str, adapter: Path, use_text_head: bool) -> str:
+    """The model card of an export: the run's config, step and metrics from the adapter checkpoint."""
+    config, step, metrics, eval_loss = {}, None, {}, None
+    if (adapter / "config.yaml").is_file():
+        config = yaml.safe_load((adapter / "config.yaml").read_text(encoding="utf-8")) or {}
+    if (adapter / "manifest.json").is_file():
+        manifest = json.loads((adapter / "manifest.json").read_text(encoding="utf-8"))
+        step, metrics, eval_loss = manifest.get("step"), manifest.get("metrics") or {}, manifest.get("eval_loss")
+    return build_model_card(
+        base=base,
+        config=config,
+        step=step,
+        metrics=metrics,
+        eval_loss=eval_loss,
+        eval_summary=eval_summary_near(adapter),
+        data=data_summary((config.get("data") or {}).get("train_cache")),
+        use_text_head=use_text_head,
+        folder_kind="export",
+    )
 
 
 def export_merged(
@@ -172,6 +195,7 @@ def export_merged(
             "notes": notes,
         }
         (tmp / EXPORT_MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
+        (tmp / README).write_text(_export_card(stack.base, adapter, use_text_head), encoding="utf-8")
         fsync_tree(tmp)
         publish_dir(tmp, out)
     except BaseException:

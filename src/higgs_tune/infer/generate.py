@@ -42,6 +42,7 @@ from higgs_tune.data.prepare import encode_batch
 from higgs_tune.errors import DataError
 from higgs_tune.families.base import GenerationError, ModelFamily
 from higgs_tune.families.v2.generate import generate_v2_codes  # not families.v2: `--help` loads this module
+from higgs_tune.progress import Progress
 
 __all__ = ["GenerationError", "GenerationRequest", "GenerationResult", "SamplingOptions", "generate_speech"]
 
@@ -154,13 +155,15 @@ def generate_speech(
     options: SamplingOptions | None = None,
     *,
     family: ModelFamily | None = None,
+    progress: Progress | None = None,
 ) -> list[GenerationResult]:
     """Generate each request -> GenerationResult(codes (K, T), wav, stopped, num_frames).
 
     `model`: the family's model or a PeftModel around one (not a DDP wrapper: pass the
     unwrapped module). Its train/eval mode is restored afterwards. `processor`: text tokenizer +
     audio tokenizer (codec) for decoding. `family`: the model family (None: v2); its
-    `generate_codes` builds the prompt and applies its stop rule.
+    `generate_codes` builds the prompt and applies its stop rule. `progress` (higgs_tune.progress) is
+    told after each request (the CLI's bar, a UI's callback).
     Raises GenerationError when a prompt does not fit the model's context with room for at
     least one frame.
     """
@@ -173,6 +176,8 @@ def generate_speech(
     was_training = model.training
     model.eval()
     results = []
+    progress = progress or Progress()
+    progress.start(len(requests), "generating", "clips")
     try:
         for i, req in enumerate(requests):
             name = req.id or f"request {i + 1}"
@@ -202,7 +207,9 @@ def generate_speech(
                     max_new_tokens=gen.max_new_tokens,
                 )
             )
+            progress.update(i + 1)
     finally:
+        progress.close()
         model.train(was_training)
     return results
 

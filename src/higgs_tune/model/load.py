@@ -44,6 +44,7 @@ from higgs_tune.model.audio_attention import (
     AUDIO_ATTN_KEY_PARTS,
     enable_audio_self_attention,
 )
+from higgs_tune.model.hub import check_hub_source, hub_cache_dir
 from higgs_tune.resources import chat_template
 
 logger = logging.getLogger(__name__)
@@ -78,8 +79,10 @@ def resolve_checkpoint(name_or_path: str | Path) -> Path:
                 "config.json."
             )
         return path
+    local = check_hub_source(name, what="model", option="--model (or model.name_or_path)")  # offline: fail at once
     try:
-        return Path(snapshot_download(repo_id=name, allow_patterns=_HUB_PATTERNS))
+        kw = {"local_files_only": True, "cache_dir": str(hub_cache_dir())} if local else {}
+        return Path(snapshot_download(repo_id=name, allow_patterns=_HUB_PATTERNS, **kw))
     except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as e:
         raise ModelLoadError(
             f"could not fetch {name!r} from the Hugging Face Hub ({type(e).__name__}: {e}). "

@@ -96,6 +96,43 @@ def _clean(value):
     return value
 
 
+# TensorBoard's CUSTOM SCALARS tab: each codebook's curve in one chart per metric and split
+TB_LAYOUT = {
+    "per-codebook": {
+        f"{what} ({split})": ["Multiline", [f"{split}/per_codebook_{key}/.*"]]
+        for split in ("train", "eval")
+        for key, what in (("loss", "loss"), ("acc", "top-1 accuracy"))
+    },
+    "evaluation": {"quality": ["Multiline", ["evaluation/wer", "evaluation/cer", "evaluation/speaker_similarity"]]},
+}
+HPARAM_RESULTS = ("loss", "text_loss", "audio_loss", "wer", "cer", "speaker_similarity")
+
+
+def hparams_of(config: Mapping) -> dict:
+    """The config flattened to `section.key` -> a number, bool or string (TensorBoard hparams)."""
+    out = {}
+    for section, values in config.items():
+        for key, value in (values or {}).items() if isinstance(values, Mapping) else ():
+            if isinstance(value, (bool, int, float, str)):
+                out[f"{section}.{key}"] = value
+            elif value is not None:
+                out[f"{section}.{key}"] = json.dumps(value)
+    return out
+
+
+def log_evaluation(run_dir: str | Path, summary: Mapping, step: int) -> None:
+    """`evaluate`'s summary (WER, CER, speaker similarity, ...) into the run's TensorBoard, at the
+    step of the evaluated checkpoint."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(log_dir=str(Path(run_dir) / TENSORBOARD_DIR))
+    try:
+        for tag, value in _scalars({k: v for k, v in summary.items() if k != "num_clips"}, "evaluation"):
+            writer.add_scalar(tag, value, step)
+    finally:
+        writer.close()
+
+
 def _scalars(metrics: Mapping, prefix: str):
     """(tag, float) pairs for trackers: lists become tag/0, tag/1, ...; None and strings skipped."""
     for key, value in metrics.items():
@@ -220,6 +257,9 @@ class MetricsLogger:
             # purge_step drops TensorBoard events after the resumed step, like the JSONL truncation
             purge = resume_step + 1 if resume_step is not None else None
             self._tb = SummaryWriter(log_dir=str(self.run_dir / TENSORBOARD_DIR), purge_step=purge)
+            self._tb.add_custom_scalars(TB_LAYOUT)  # per-codebook curves, one chart per metric and split
+        self._config = config
+        self._last: dict[str, dict] = {}  # split -> last logged metrics (the hparams' results at close)
         if "wandb" in self.trackers:
             import wandb
 
@@ -249,6 +289,7 @@ class MetricsLogger:
         self._write({"event": "metrics", "step": step, "split": split, "time": round(time.time(), 3), **metrics})
         self.console.print(format_line(step, metrics, split), markup=False, soft_wrap=True)
         scalars = list(_scalars(metrics, split))
+        self._last[split] = metrics
         if self._tb is not None:
             for tag, value in scalars:
                 self._tb.add_scalar(tag, value, step)
@@ -327,6 +368,15 @@ class MetricsLogger:
             self._file.close()
             self._file = None
         if self._tb is not None:
+            if self._config is not None and self._last:
+                # the hyper-parameters beside the run's last losses (TensorBoard's HPARAMS tab)
+                results = {
+                    f"hparam/{split}/{k}": float(v)
+                    for split, m in self._last.items()
+                    for k, v in m.items()
+                    if k in HPARAM_RESULTS and isinstance(v, (int, float)) and not isinstance(v, bool)
+                }
+                self._tb.add_hparams(hparams_of(self._config), results, run_name=".")
             self._tb.close()
             self._tb = None
         if self._wandb is not None:

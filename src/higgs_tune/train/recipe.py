@@ -41,6 +41,8 @@ from higgs_tune.data.pipeline import FamilyData, TrainData, build_train_data, ch
 from higgs_tune.errors import CheckpointError
 from higgs_tune.families.select import family_for
 from higgs_tune.infer.generate import GenerationRequest, SamplingOptions, generate_speech, write_wav
+from higgs_tune.infer.push import push_checkpoint
+from higgs_tune.progress import Progress, TerminalProgress
 from higgs_tune.runfs import BEST_NAME, DATA_REPORT_FILE, PARAM_REPORT_FILE, SAMPLES_DIR, RunLock, claim, safe_file_stem
 from higgs_tune.train.checkpoint import (
     CheckpointManager,
@@ -59,6 +61,7 @@ from higgs_tune.train.loss import StepMetrics, TokenCounts, make_loss_module
 from higgs_tune.train.outdir import estimate_checkpoint_bytes, prepare_output_dir, rough_checkpoint_bytes
 from higgs_tune.train.preview import prediction_preview
 from higgs_tune.train.quality import QualityEvaluator
+from higgs_tune.train.signals import StopSignals, TrainingInterrupted
 
 log = logging.getLogger("higgs_tune.train")
 
@@ -120,6 +123,22 @@ def make_scheduler(optimizer, name: str, warmup_steps: int, total_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def recompute_schedule(optimizer, scheduler, changes: list[str], total_steps: int) -> str:
+    """After a resume with another run length: the restored LR is the old schedule's; set the
+    new schedule's value at the resumed step (a LambdaLR built for the new length). Returns the
+    line to log."""
+    step = scheduler.last_epoch
+    old = [g["lr"] for g in optimizer.param_groups]
+    new = [base * fn(step) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas, strict=True)]
+    for group, lr in zip(optimizer.param_groups, new, strict=True):
+        group["lr"] = lr
+    scheduler._last_lr = list(new)  # what get_last_lr() reports (and the loop logs) for the next step
+    return (
+        f"run length changed ({'; '.join(changes)}): the learning-rate schedule is recomputed for "
+        f"{total_steps} steps; the LR at step {step + 1} is {new[0]:.3g} (the old schedule had {old[0]:.3g})"
+    )
+
+
 def total_optimizer_steps(cfg: Config, batches_per_epoch: int) -> int:
     if cfg.train.max_steps is not None:
         return cfg.train.max_steps
@@ -127,9 +146,19 @@ def total_optimizer_steps(cfg: Config, batches_per_epoch: int) -> int:
 
 
 # ----------------------------------------------------------------------------- the recipe
-def train(
+def train(cfg: Config, **kwargs) -> TrainResult:
+    """`_train` (below) with SIGTERM / Ctrl-C handled while it runs: during the loop the step in
+    progress finishes, a checkpoint is saved and TrainingInterrupted raised (train.signals)."""
+    with StopSignals() as stop, contextlib.ExitStack() as cleanup:
+        return _train(cfg, stop=stop, cleanup=cleanup, **kwargs)
+
+
+def _train(
     cfg: Config,
     *,
+    stop: StopSignals,
+    cleanup: contextlib.ExitStack,
+    progress: Progress | None = None,
     resume: str | None = None,
     overwrite: bool = False,
     resume_weights_only: bool = False,
@@ -137,6 +166,8 @@ def train(
     _batch_hook=None,
 ) -> TrainResult:
     """Run one fine-tune as `cfg` says. `resume`: None, "auto" or a checkpoint folder.
+    `progress` (higgs_tune.progress): told after each optimizer step (step, loss, tokens/s);
+    default a bar on a terminal, periodic plain lines otherwise.
 
     Test-only switches: `_debug_unshifted` computes the deliberately wrong unshifted loss (the
     copy task of earlier trainers); `_batch_hook(step, batch, model) -> batch` may alter a batch
@@ -184,6 +215,10 @@ def train(
         run_dir, cfg.logging.report_to, accelerator.is_main_process, resume_step=resume_step, config=cfg.to_dict()
     )
     say = logger.console.print if accelerator.is_main_process else (lambda *a, **k: None)
+    if progress is None:  # a bar on a terminal (below the log lines), periodic plain lines otherwise
+        main = accelerator.is_main_process
+        progress = TerminalProgress(console=logger.console, tty=logger.console.is_terminal) if main else Progress()
+    cleanup.callback(progress.close)
     say(f"run folder: {run_dir} · {accelerator.num_processes} process(es) on {accelerator.device}")
 
     # --- data: tokenizer + codec, datasets, sampler; look at the first batches -----------------
@@ -274,10 +309,12 @@ def train(
             f"resumed from {resume_from} at step {step} (epoch {epoch}, batch "
             f"{state.sampler_state['batches_consumed']})"
         )
+        if state.schedule_changes:
+            say(recompute_schedule(optimizer, scheduler, state.schedule_changes, total_steps))
         if step >= total_steps:
             say(
                 f"the run already reached step {step} of {total_steps}: nothing left to train "
-                "(with lr_scheduler: constant, a larger train.max_steps continues it)"
+                "(a larger train.max_steps extends it)"
             )
     elif resume_from is not None:
         say(f"loaded weights only from {resume_from}; optimizer, schedule and data order start afresh")
@@ -296,6 +333,10 @@ def train(
     last_metrics, eval_loss = (dict(state.metrics), state.eval_loss) if state is not None else ({}, None)
     tokens_seen, tic = 0, time.perf_counter()
     first_batch_checked, first_step = False, step
+    last_saved_step = step if resume_from is not None and not resume_weights_only else None
+    stop.armed = True  # from here on a signal finishes the step, saves, then stops (train.signals)
+    progress.start(total_steps, "train", "steps", done=step)
+    progress_tokens, progress_t0 = 0, time.perf_counter()
     wrapped.train()
     while step < total_steps:
         step += 1  # the optimizer step being computed, numbered from 1 as it is logged
@@ -335,6 +376,12 @@ def train(
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         epoch = window[-1][0]
+        progress_tokens += sum(int(b["attention_mask"].sum()) for _, b in window)
+        progress.update(
+            step,
+            loss=step_metrics["loss"],
+            tokens_per_s=progress_tokens * accelerator.num_processes / max(time.perf_counter() - progress_t0, 1e-9),
+        )
 
         if step % t.log_steps == 0 or step == 1 or step == total_steps:
             elapsed = time.perf_counter() - tic
@@ -395,12 +442,34 @@ def train(
                 grad_scaler=accelerator.scaler,
             )
             last_ckpt = str(saved) if saved else last_ckpt
+            last_saved_step = step if saved else last_saved_step
         if stop_early:
             say(
                 f"[bold red]stopping early at step {step}[/]: quality_degraded (health.quality_early_stop); "
                 f"the best checkpoint by {ck.best_metric}: {checkpoints.best}"
             )
             break
+        if stop.agreed(accelerator):
+            _stop_on_signal(
+                stop.signal_name,
+                step,
+                last_saved_step,
+                last_ckpt,
+                checkpoints,
+                say,
+                save_state=dict(
+                    optimizer=optimizer,
+                    scheduler=scheduler,
+                    sampler_state=data.sampler.state_dict(),
+                    epoch=epoch,
+                    metrics=_json_metrics(last_metrics),
+                    config=cfg,
+                    eval_loss=eval_loss,
+                    grad_scaler=accelerator.scaler,
+                ),
+            )
+    stop.armed = False
+    progress.close()
 
     # --- save: final/ always; the best by eval loss is kept by the checkpoint manager ----------
     final_dir = checkpoints.save(
@@ -429,6 +498,8 @@ def train(
             step,
             family=family,
         )
+    if ck.push_to_hub and accelerator.is_main_process:
+        say(f"uploaded {final_dir.name}/ to {push_checkpoint(final_dir, ck.push_to_hub)}")
     warnings = health.warnings
     if warnings:
         say(f"[bold red]{len(warnings)} health warning(s) during this run:[/] " + ", ".join(w.code for w in warnings))
@@ -442,6 +513,18 @@ def train(
 
 
 # ----------------------------------------------------------------------------- loop helpers
+def _stop_on_signal(signal_name, step, last_saved_step, last_ckpt, checkpoints, say, save_state) -> None:
+    """SIGTERM / Ctrl-C after a finished step: save a verified checkpoint unless the newest one is
+    of this step, then raise TrainingInterrupted (the CLI prints the resume command)."""
+    if last_saved_step != step:
+        say(f"{signal_name} received: saving checkpoint-{step} before stopping")
+        saved = checkpoints.save(step, **save_state)
+        last_ckpt = str(saved) if saved else last_ckpt
+    else:
+        say(f"{signal_name} received: checkpoint-{step} is already saved; stopping")
+    raise TrainingInterrupted(signal_name, step, last_ckpt)
+
+
 def _fresh_accelerate_state() -> None:
     """Accelerate keeps its settings (mixed precision, ...) in process-wide singletons. Outside a
     live process group, clear them so that a second run in the same Python process (a notebook,
@@ -508,9 +591,11 @@ def evaluate(wrapped, data: TrainData, accelerator) -> dict:
     return reduce_metrics(acc.pop(), accelerator)
 
 
-def sample_requests(data: TrainData, n: int) -> list:
+def sample_requests(data: TrainData, n: int, prompts: list | None = None) -> list:
     """The fixed prompts generated during training: n held-out (else training) clips, one per
-    speaker in turn, each cloned from another clip of its speaker (plain TTS when it has none)."""
+    speaker in turn, each cloned from another clip of its speaker (plain TTS when it has none).
+    `prompts`, when given, receives per request its text and the audio files of the ground truth
+    and the reference (for the report's players)."""
     source = data.eval_set if data.eval_set is not None else data.train_set
     pool = list(data.train_set.entries)
     cache = data.train_set.cache
@@ -523,6 +608,14 @@ def sample_requests(data: TrainData, n: int) -> list:
     requests = []
     for entry in chosen:
         ref = next((e for e in pool if e.speaker == entry.speaker and e.id != entry.id), None)
+        if prompts is not None:
+            prompts.append(
+                {
+                    "text": entry.text,
+                    "ground_truth": _clip_file(source.cache, entry),
+                    "reference": _clip_file(cache, ref) if ref is not None else None,
+                }
+            )
         if ref is None:
             requests.append(GenerationRequest(text=entry.text, id=entry.id))
         else:
@@ -530,6 +623,13 @@ def sample_requests(data: TrainData, n: int) -> list:
                 GenerationRequest(text=entry.text, ref_text=ref.text, ref_codes=cache.codes(ref.key), id=entry.id)
             )
     return requests
+
+
+def _clip_file(cache, entry) -> str | None:
+    """The audio file a cache entry was prepared from (manifest-relative path), when it still exists."""
+    manifest = cache.header.get("manifest")
+    path = Path(manifest).parent / entry.audio if manifest else None
+    return str(path) if path is not None and path.is_file() else None
 
 
 def write_samples(
@@ -556,8 +656,11 @@ def _write_samples_main(
     out_dir.mkdir(parents=True, exist_ok=True)
     unwrapped = accelerator.unwrap_model(model)
     options = SamplingOptions(temperature=0.0, ras_win_len=None, max_new_tokens=SAMPLE_MAX_COLUMNS, seed=0)
+    prompts: list = []
     with preserved_rng():  # how often samples are made must not change the training run
-        results = generate_speech(unwrapped, processor, data.tokens, sample_requests(data, n), options, family=family)
+        results = generate_speech(
+            unwrapped, processor, data.tokens, sample_requests(data, n, prompts), options, family=family
+        )
     files = [f"{safe_file_stem(r.id)}.wav" for r in results]  # an id never names a path outside out_dir
     for r, name in zip(results, files, strict=True):
         write_wav(out_dir / name, r.wav, r.sample_rate)
@@ -569,4 +672,5 @@ def _write_samples_main(
         files=files,
         stopped=[r.stopped for r in results],
         frames=[r.num_frames for r in results],
+        prompts=prompts,
     )

@@ -23,8 +23,8 @@ import click
 from higgs_tune.config import Config, ConfigError, load_config
 from higgs_tune.data.audio import DEFAULT_MAX_SECONDS, DEFAULT_MIN_SECONDS
 from higgs_tune.data.cache import CodeCache
-from higgs_tune.data.manifest import convert_folder
 from higgs_tune.data.prepare import DEFAULT_BATCH_SECONDS, DEFAULT_PAD_TOLERANCE_S, DEFAULT_SHARD_SIZE, prepare_manifest
+from higgs_tune.data.sources import convert_hf_dataset, convert_source
 from higgs_tune.errors import TrainingHealthError
 
 
@@ -97,11 +97,38 @@ from higgs_tune.errors import TrainingHealthError
     help="Convert a folder of <name>.wav + <name>.txt pairs (or with a metadata.json) into a manifest first.",
 )
 @click.option(
+    "--transcribe",
+    is_flag=True,
+    help="Fill rows without text with --asr-model (written to <manifest>.transcribed.jsonl, marked "
+    "text_source asr:MODEL; `inspect` lists them).",
+)
+@click.option("--asr-model", default=None, metavar="MODEL", help="With --transcribe: ASR model folder or Hub id.")
+@click.option(
+    "--hf-dataset",
+    metavar="PATH_OR_NAME",
+    help="Convert a Hugging Face `datasets` dataset (a save_to_disk folder, or an id in the local Hub cache) "
+    "into a manifest first; its audio is written beside the manifest.",
+)
+@click.option("--split", default="train", show_default=True, help="With --hf-dataset: the split.")
+@click.option("--audio-column", default="audio", show_default=True, help="With --hf-dataset: the audio column.")
+@click.option("--text-column", default="text", show_default=True, help="With --hf-dataset: the transcript column.")
+@click.option(
+    "--speaker-column",
+    default=None,
+    help="With --hf-dataset: the speaker column (default: one speaker named after the dataset).",
+)
+@click.option(
     "--manifest-out",
     type=click.Path(dir_okay=False),
-    help="With --from-folder: where to write the manifest (default: DIR/../<DIR name>.jsonl).",
+    help="With --from-folder / --hf-dataset: where to write the manifest (default: DIR/../<DIR name>.jsonl; "
+    "<dataset name>-<split>.jsonl in the current folder).",
 )
-@click.option("--language", default=None, help="With --from-folder: language code for rows whose metadata has none.")
+@click.option(
+    "--language",
+    default=None,
+    metavar="CODE",
+    help="Language code (e.g. en) for rows that name none; without it they are recorded as 'und' (unknown).",
+)
 def prepare_command(
     manifest,
     model,
@@ -117,28 +144,53 @@ def prepare_command(
     shard_size,
     device,
     from_folder,
+    transcribe,
+    asr_model,
+    hf_dataset,
+    split,
+    audio_column,
+    text_column,
+    speaker_column,
     manifest_out,
     language,
 ):
-    """Validate MANIFEST (JSON Lines: audio, text, speaker, language[, id, scene, ref_audio, ref_text])
+    """Validate MANIFEST (JSON Lines: audio, text, speaker[, language, id, scene, ref_audio, ref_text])
     and encode its clips with the model's audio tokenizer into CACHE_DIR.
 
     \b
       higgs-tune prepare data/manifest.jsonl --model MODEL --out cache/train
       higgs-tune prepare --from-folder data/wavs --language en            (writes data/wavs.jsonl)
-      higgs-tune prepare --from-folder data/wavs --language en --model MODEL --out cache/train
+      higgs-tune prepare --from-folder LJSpeech-1.1 --language en --model MODEL --out cache/train
+      higgs-tune prepare --hf-dataset data/my_ds --split train --speaker-column speaker --model MODEL --out cache/train
+
+    --from-folder reads an LJSpeech folder (metadata.csv + wavs/), a metadata.json, or <name>.wav +
+    <name>.txt pairs.
     """
-    if from_folder and manifest:
-        raise click.UsageError("give either MANIFEST or --from-folder DIR, not both.")
-    if not from_folder and not manifest:
-        raise click.UsageError("give a MANIFEST (or --from-folder DIR to convert a folder first).")
-    if not from_folder and (manifest_out or language):
-        raise click.UsageError("--manifest-out and --language only apply with --from-folder.")
+    if sum(x is not None for x in (manifest, from_folder, hf_dataset)) > 1:
+        raise click.UsageError("give one of MANIFEST, --from-folder DIR or --hf-dataset PATH_OR_NAME.")
+    if not from_folder and not manifest and not hf_dataset:
+        raise click.UsageError("give a MANIFEST (or --from-folder DIR / --hf-dataset PATH_OR_NAME to convert first).")
+    if transcribe != (asr_model is not None):
+        raise click.UsageError("--transcribe needs --asr-model MODEL (and --asr-model needs --transcribe).")
+    if manifest and manifest_out:
+        raise click.UsageError("--manifest-out only applies with --from-folder or --hf-dataset.")
     if (model is None) != (out_dir is None) or (manifest and model is None):
         raise click.UsageError("encoding needs both --model MODEL and --out CACHE_DIR.")
 
-    if from_folder:
-        converted = convert_folder(from_folder, manifest_out=manifest_out, overwrite=overwrite, language=language)
+    if from_folder or hf_dataset:
+        if from_folder:
+            converted = convert_source(from_folder, manifest_out=manifest_out, overwrite=overwrite, language=language)
+        else:
+            converted = convert_hf_dataset(
+                hf_dataset,
+                manifest_out or f"{Path(hf_dataset.rstrip('/')).name}-{split}.jsonl",
+                split=split,
+                audio_column=audio_column,
+                text_column=text_column,
+                speaker_column=speaker_column,
+                language=language,
+                overwrite=overwrite,
+            )
         click.echo(
             f"{converted.manifest} is up to date ({converted.rows} rows)"
             if converted.unchanged
@@ -155,6 +207,15 @@ def prepare_command(
     # lazy: the family selector loads transformers, too slow for `higgs-tune --help`
     from higgs_tune.families.select import load_codec_for
 
+    if transcribe:
+        from higgs_tune.infer.evaluate import AsrModel  # lazy: transformers
+        from higgs_tune.infer.transcribe import transcribe_missing
+        from higgs_tune.progress import TerminalProgress
+
+        filled = transcribe_missing(manifest, AsrModel.load(asr_model), language=language, progress=TerminalProgress())
+        if filled.transcribed:
+            click.echo(f"transcribed {len(filled.transcribed)} row(s) with {asr_model} -> {filled.manifest}")
+        manifest = filled.manifest
     try:
         result = prepare_manifest(
             manifest,
@@ -173,6 +234,7 @@ def prepare_command(
             device=device,
             progress=True,
             log=lambda msg: click.echo(msg, err=True),
+            language=language,
         )
     except KeyboardInterrupt:
         click.echo(
@@ -244,7 +306,13 @@ def _processor_and_tokens(cfg):
 def inspect_command(cache_dir, plot_path, config_path, model, num_batches, show_id, json_path):
     """Clips, hours, speakers, languages, durations, text/audio outliers and rejected rows of
     CACHE_DIR; with --batches, the token accounting of real training batches; with --show, one
-    sample with its labels, checked against the prompt that generation builds."""
+    sample with its labels, checked against the prompt that generation builds.
+
+    \b
+    Examples:
+      higgs-tune inspect cache/train --plot durations.png
+      higgs-tune inspect cache/train --config configs/lora-1gpu.yaml --batches 4
+    """
     # lazy: data.inspect, data.pipeline and train.health load transformers, too slow for `higgs-tune --help`
     from higgs_tune.data.inspect import (
         check_cache_fits_model,

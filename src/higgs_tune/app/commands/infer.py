@@ -7,6 +7,7 @@ inside the commands, so `higgs-tune --help` (which loads every command module) s
 from __future__ import annotations
 
 import functools
+import json
 from pathlib import Path
 
 import click
@@ -21,6 +22,9 @@ from higgs_tune.app.requests import (
 )
 from higgs_tune.errors import DataError
 from higgs_tune.infer.generate import GenerationRequest, SamplingOptions, encode_reference, generate_speech, write_wav
+from higgs_tune.model.hub import check_hub_source
+from higgs_tune.progress import TerminalProgress
+from higgs_tune.runfs import TENSORBOARD_DIR
 
 
 def _sampling_options(f):
@@ -234,7 +238,15 @@ def _run_generation(requests, model, adapter, audio_tokenizer, device, dtype, op
                 id=r.id,
             )
         )
-    results = generate_speech(stack.model, stack.processor, stack.tokens, gen_requests, options, family=stack.family)
+    results = generate_speech(
+        stack.model,
+        stack.processor,
+        stack.tokens,
+        gen_requests,
+        options,
+        family=stack.family,
+        progress=TerminalProgress(),
+    )
     not_stopped = 0
     for r, res in zip(requests, results, strict=True):
         write_wav(r.out, res.wav, res.sample_rate)
@@ -303,7 +315,15 @@ def evaluate_command(
 ):
     """Generate every clip of a held-out MANIFEST and score it: WER/CER (ASR), speaker similarity
     (WavLM x-vector cosine with the voice prompt), duration ratio and stop rate.
-    Writes OUT/results.json, OUT/results.csv and OUT/wavs/."""
+    Writes OUT/results.json, OUT/results.csv and OUT/wavs/.
+
+    \b
+    Examples:
+      higgs-tune evaluate data/heldout.jsonl --adapter runs/my-voice/final \\
+          --asr-model openai/whisper-large-v3 --speaker-model microsoft/wavlm-base-plus-sv
+      higgs-tune evaluate data/heldout.jsonl --adapter demo-run/run/final \\
+          --asr-model demo-run/eval-models/asr --speaker-model demo-run/eval-models/speaker
+    """
     # lazy: transformers, too slow for `higgs-tune --help`
     from higgs_tune.infer.evaluate import (
         DEFAULT_ASR_MODEL,
@@ -320,6 +340,12 @@ def evaluate_command(
             raise click.UsageError(
                 "--out is required unless --adapter is a checkpoint folder of a run (then RUN_DIR/eval is used)."
             )
+    # before the slow loads: a Hub id that cannot be fetched (offline) fails now, not after minutes
+    for name, what, option in (
+        (asr_model or DEFAULT_ASR_MODEL, "ASR model", "--asr-model"),
+        (speaker_model or DEFAULT_SPEAKER_MODEL, "speaker model", "--speaker-model"),
+    ):
+        check_hub_source(name, what=what, option=option)
     stack = _load_stack(model, adapter, audio_tokenizer, device, dtype)
     device_obj = next(stack.model.parameters()).device
     asr = AsrModel.load(asr_model or DEFAULT_ASR_MODEL, device_obj)
@@ -336,10 +362,12 @@ def evaluate_command(
         asr_max_new_tokens=asr_max_new_tokens,
         limit=limit,
         skip_invalid=skip_invalid,
+        progress=TerminalProgress(),
     )
     s = doc["summary"]
     for row in doc["settings"].get("skipped_rows", []):
         click.secho(f"skipped {Path(manifest).name}:{row['row']} (id {row['id']!r}): {row['reason']}", fg="yellow")
+    _evaluation_to_tensorboard(adapter, s)
 
     def fmt(v):
         return "-" if v is None else f"{v:.4f}"
@@ -354,6 +382,19 @@ def evaluate_command(
             f"  [{lang}] {m['num_clips']} clips: WER {fmt(m['wer'])}  CER {fmt(m['cer'])}  SIM "
             f"{fmt(m['speaker_similarity'])}"
         )
+
+
+def _evaluation_to_tensorboard(adapter, summary: dict) -> None:
+    """When the adapter is a checkpoint of a run that logs to TensorBoard, add the scores there."""
+    if adapter is None:
+        return
+    ckpt = Path(adapter)
+    run_dir = ckpt.parent
+    if not (run_dir / TENSORBOARD_DIR).is_dir() or not (ckpt / "manifest.json").is_file():
+        return
+    from higgs_tune.train.logging import log_evaluation  # lazy: torch
+
+    log_evaluation(run_dir, summary, int(json.loads((ckpt / "manifest.json").read_text(encoding="utf-8"))["step"]))
 
 
 # ----------------------------------------------------------------------------- export
@@ -377,9 +418,23 @@ def evaluate_command(
     help="Dtype of the saved weights.",
 )
 @click.option("--overwrite", is_flag=True, help="Replace an earlier export in OUT_DIR.")
-def export_command(out_dir, adapter, model, audio_tokenizer, dtype, overwrite):
+@click.option(
+    "--push-to-hub",
+    "push_repo",
+    metavar="REPO",
+    default=None,
+    help="Then upload OUT_DIR to this Hub repo (the audio tokenizer to REPO-audio-tokenizer); uses your HF token.",
+)
+@click.option("--private", is_flag=True, help="With --push-to-hub: create private repos.")
+def export_command(out_dir, adapter, model, audio_tokenizer, dtype, overwrite, push_repo, private):
     """Merge the adapter into the base model and save OUT_DIR: a folder that plain transformers
-    loads (model, tokenizer, processor, audio_tokenizer/)."""
+    loads (model, tokenizer, processor, audio_tokenizer/).
+
+    \b
+    Examples:
+      higgs-tune export exports/my-voice --adapter runs/my-voice/final
+      higgs-tune export exports/my-voice --adapter runs/my-voice/final --push-to-hub me/my-voice
+    """
     from higgs_tune.infer.export import export_merged  # lazy: peft and transformers
 
     result = export_merged(model, adapter, out_dir, dtype=dtype, audio_tokenizer=audio_tokenizer, overwrite=overwrite)
@@ -389,6 +444,11 @@ def export_command(out_dir, adapter, model, audio_tokenizer, dtype, overwrite):
         click.echo("  includes text_lm_head: pass use_text_head=True to from_pretrained to keep it")
     for note in result.notes:
         click.secho(f"note: {note}", fg="yellow")
+    if push_repo:
+        from higgs_tune.infer.push import push_export, tokenizer_repo
+
+        url = push_export(result.out_dir, push_repo, private=private)
+        click.echo(f"uploaded to {url} (audio tokenizer: {tokenizer_repo(push_repo)})")
 
 
 # ----------------------------------------------------------------------------- report
@@ -398,7 +458,13 @@ def export_command(out_dir, adapter, model, audio_tokenizer, dtype, overwrite):
 @click.option("--max-audio-mb", type=float, default=100.0, show_default=True, help="Most audio embedded into the page.")
 def report_command(run_dir, out_file, max_audio_mb):
     """Write RUN_DIR/report.html: loss curves, health warnings, parameters, sample players and the
-    evaluation, in one self-contained page."""
+    evaluation, in one self-contained page.
+
+    \b
+    Examples:
+      higgs-tune report runs/my-voice                      (writes runs/my-voice/report.html)
+      higgs-tune report runs/my-voice --out share/my-voice.html --max-audio-mb 20
+    """
     from higgs_tune.app.report import build_report  # lazy: reads train's constants, which load transformers
 
     path = build_report(run_dir, out_file, max_audio_mb=max_audio_mb)

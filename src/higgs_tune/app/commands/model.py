@@ -22,7 +22,14 @@ from higgs_tune.errors import OutputDirError
 @click.option("--overwrite", is_flag=True, help="Replace the contents of a non-empty DST.")
 def convert_command(src, dst, audio_tokenizer, overwrite):
     """Convert an original Higgs Audio checkpoint (model_type higgs_audio, folder or Hub id SRC)
-    into a transformers HiggsAudioV2ForConditionalGeneration folder DST that higgs-tune loads."""
+    into a transformers HiggsAudioV2ForConditionalGeneration folder DST that higgs-tune loads.
+
+    \b
+    Examples:
+      higgs-tune convert bosonai/higgs-audio-v2-generation-3B-base models/higgs \\
+          --audio-tokenizer bosonai/higgs-audio-v2-tokenizer
+      higgs-tune convert /data/boson-ckpt models/higgs --audio-tokenizer models/tokenizer
+    """
     from higgs_tune.model.convert import convert_checkpoint  # lazy: transformers, too slow for `higgs-tune --help`
 
     summary = convert_checkpoint(src, dst, audio_tokenizer=audio_tokenizer, overwrite=overwrite)
@@ -47,7 +54,7 @@ def convert_command(src, dst, audio_tokenizer, overwrite):
 
 
 @click.command("make-tiny")
-@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.argument("out_dir", required=False, type=click.Path(file_okay=False))
 @click.option("--seed", default=0, show_default=True, help="Seed for the random weights and codebooks.")
 @click.option(
     "--family",
@@ -57,26 +64,55 @@ def convert_command(src, dst, audio_tokenizer, overwrite):
     help="v2: transformers-layout Higgs Audio v2 stack; v3: a Higgs Audio v3 checkpoint in the released layout.",
 )
 @click.option("--overwrite", is_flag=True, help="Replace the contents of a non-empty OUT_DIR.")
-def make_tiny_command(out_dir, seed, family, overwrite):
+@click.option(
+    "--eval-models",
+    "eval_dir",
+    type=click.Path(file_okay=False),
+    metavar="DIR",
+    help="Also (or only) build the tiny ASR and speaker models for `evaluate` in DIR/asr and DIR/speaker.",
+)
+def make_tiny_command(out_dir, seed, family, overwrite, eval_dir):
     """Build a tiny random-weight Higgs Audio stack in OUT_DIR, offline, deterministic from SEED:
     v2 (text tokenizer, audio tokenizer, model with text head, processor) or v3 (config.json,
-    model.safetensors with tied.*/body.* keys and the bundled codec, tokenizer with the v3 tokens)."""
-    # lazy: transformers, too slow for `higgs-tune --help`
-    from higgs_tune.tiny import OutputDirNotEmpty, make_tiny
-    from higgs_tune.tiny.v3 import make_tiny_v3
+    model.safetensors with tied.*/body.* keys and the bundled codec, tokenizer with the v3 tokens);
+    with --eval-models, the tiny ASR and speaker models `evaluate` can use offline.
 
-    if family == "v3":
+    \b
+    Examples:
+      higgs-tune make-tiny models/tiny
+      higgs-tune make-tiny models/tiny-v3 --family v3
+      higgs-tune make-tiny models/tiny --eval-models models/eval     (then evaluate
+          --asr-model models/eval/asr --speaker-model models/eval/speaker)
+    """
+    if out_dir is None and eval_dir is None:
+        raise click.UsageError("give OUT_DIR (the tiny Higgs stack), --eval-models DIR, or both.")
+    if out_dir is not None and family == "v3":
+        from higgs_tune.tiny.v3 import make_tiny_v3  # lazy: transformers, too slow for `--help`
+
         try:
             out = make_tiny_v3(out_dir, seed=seed, overwrite=overwrite)
         except FileExistsError as e:
             raise OutputDirError(str(e)) from None
         click.echo(f"tiny Higgs Audio v3 checkpoint written to {out}")
-        return
-    try:
-        out = make_tiny(out_dir, seed=seed, overwrite=overwrite)
-    except OutputDirNotEmpty as e:
-        raise OutputDirError(str(e)) from None
-    click.echo(f"tiny Higgs Audio v2 stack written to {out}")
+    elif out_dir is not None:
+        from higgs_tune.tiny import OutputDirNotEmpty, make_tiny  # lazy: transformers, too slow for `--help`
+
+        try:
+            out = make_tiny(out_dir, seed=seed, overwrite=overwrite)
+        except OutputDirNotEmpty as e:
+            raise OutputDirError(str(e)) from None
+        click.echo(f"tiny Higgs Audio v2 stack written to {out}")
+    if eval_dir is not None:
+        from higgs_tune.tiny.eval_models import make_tiny_eval_models  # lazy: transformers
+
+        taken = [d for d in (Path(eval_dir) / "asr", Path(eval_dir) / "speaker") if d.exists() and any(d.iterdir())]
+        if taken and not overwrite:
+            raise OutputDirError(
+                f"{', '.join(map(str, taken))} already exist(s) and are not empty: add --overwrite to rebuild them, "
+                "or choose another --eval-models DIR."
+            )
+        asr, speaker = make_tiny_eval_models(eval_dir, seed=seed)
+        click.echo(f"tiny evaluation models written: --asr-model {asr} --speaker-model {speaker}")
 
 
 @click.command("verify")
@@ -91,7 +127,13 @@ def make_tiny_command(out_dir, seed, family, overwrite):
 def verify_command(model, adapter, family, device, max_frames, json_path):
     """Check a real checkpoint (v2 or v3) before training on it: strict load, a teacher-forced
     forward on a bundled clip (loss and accuracy per codebook, end-of-audio accuracy), a short
-    generation (did it stop, how long) and peak memory. Prints a block to paste into an issue."""
+    generation (did it stop, how long) and peak memory. Prints a block to paste into an issue.
+
+    \b
+    Examples:
+      higgs-tune verify bosonai/higgs-audio-v2-generation-3B-base
+      higgs-tune verify models/higgs-tts-3-4b --adapter runs/my-voice/final --json verify.json
+    """
     from higgs_tune.app.verify import verify_model  # lazy: the whole stack, too slow for `higgs-tune --help`
 
     result = verify_model(model, adapter, family=family, device=device, max_frames=max_frames)

@@ -26,8 +26,9 @@ def _setup_logging(verbose: bool) -> None:
         handlers=[RichHandler(show_path=False, show_time=False, markup=False)],
         force=True,
     )
+    # third-party notes only with --verbose (app/noise.py); our own loggers are not touched
     for noisy in ("transformers", "accelerate", "peft", "torch", "urllib3", "filelock", "PIL"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+        logging.getLogger(noisy).setLevel(logging.WARNING if verbose else logging.ERROR)
 
 
 def _print_config_help(ctx, param, value):
@@ -50,7 +51,7 @@ def _print_config_help(ctx, param, value):
     help="Start a new run from the --resume checkpoint's weights (fresh optimizer, schedule and data order).",
 )
 @click.option("--overwrite", is_flag=True, help="Replace higgs-tune's own artefacts in a non-empty output_dir.")
-@click.option("--verbose", is_flag=True, help="Debug logging.")
+@click.option("--verbose", is_flag=True, help="Debug logging, and the libraries' own warnings and progress bars.")
 @click.option(
     "--help-config",
     is_flag=True,
@@ -60,7 +61,14 @@ def _print_config_help(ctx, param, value):
     help="List every config key (section.key) with its type, default and help, and exit.",
 )
 def train_command(config, overrides, resume, resume_weights_only, overwrite, verbose):
-    """Fine-tune Higgs Audio v2 as CONFIG.yaml says; OVERRIDES are section.key=value pairs."""
+    """Fine-tune Higgs Audio v2 as CONFIG.yaml says; OVERRIDES are section.key=value pairs
+    (every key: --help-config).
+
+    \b
+    Examples:
+      higgs-tune train configs/lora-1gpu.yaml checkpoint.output_dir=runs/my-voice
+      higgs-tune train configs/lora-1gpu.yaml checkpoint.output_dir=runs/my-voice --resume auto
+    """
     from higgs_tune.train.recipe import train  # lazy: the recipe loads transformers, too slow for `higgs-tune --help`
 
     _setup_logging(verbose)
@@ -74,11 +82,12 @@ def train_command(config, overrides, resume, resume_weights_only, overwrite, ver
         )
     try:
         result = train(cfg, resume=resume, overwrite=overwrite, resume_weights_only=resume_weights_only)
-    except KeyboardInterrupt:
-        # Ctrl-C: a save in progress removed its temporary folder, so every checkpoint is complete
+    except KeyboardInterrupt as e:
+        # Ctrl-C / SIGTERM: the recipe finished the step and saved it (TrainingInterrupted); a save
+        # in progress removed its temporary folder, so every checkpoint is complete
         if int(os.environ.get("RANK", "0")) == 0:
             click.echo(interrupted_message(cfg, config, overrides), err=True)
-        sys.exit(130)
+        sys.exit(getattr(e, "exit_code", 130))
     if int(os.environ.get("RANK", "0")) == 0:
         click.echo(f"done: {result.steps} steps; final weights in {result.final_dir}")
 
@@ -110,7 +119,12 @@ def interrupted_message(cfg, config: str, overrides) -> str:
     type=click.Path(file_okay=False),
     help="Folder for the tiny stack, the code caches and the run.",
 )
-@click.option("--max-steps", type=int, default=None, help="Override the preset's train.max_steps.")
+@click.option(
+    "--max-steps",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Override the preset's train.max_steps (120); the warm-up is scaled to the same share.",
+)
 @click.option(
     "--family",
     type=click.Choice(["v2", "v3"]),
@@ -122,7 +136,14 @@ def interrupted_message(cfg, config: str, overrides) -> str:
 @click.option("--verbose", is_flag=True)
 def demo_command(out_dir, max_steps, family, overwrite, verbose):
     """Fine-tune the tiny offline Higgs stack (v2, or v3 with --family v3) on the bundled demo
-    data (CPU, a few minutes), evaluate it and write DIR/run/report.html."""
+    data (CPU, a few minutes), evaluate it and write DIR/run/report.html.
+
+    \b
+    Examples:
+      higgs-tune demo --out demo-run
+      higgs-tune demo --out demo-run --max-steps 20 --overwrite
+      higgs-tune demo --out demo-v3 --family v3
+    """
     from higgs_tune.app.demo import run_demo  # lazy: the whole stack, too slow for `higgs-tune --help`
 
     _setup_logging(verbose)

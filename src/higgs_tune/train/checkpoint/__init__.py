@@ -42,6 +42,7 @@ from higgs_tune.train.checkpoint.resume import (
     load_training_state,
     newest_complete_checkpoint,
     resume_config_changes,
+    schedule_length_changes,
 )
 
 __all__ = [
@@ -73,4 +74,5 @@ __all__ = [
     "load_training_state",
     "newest_complete_checkpoint",
     "resume_config_changes",
+    "schedule_length_changes",
 ]

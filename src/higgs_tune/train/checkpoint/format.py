@@ -31,6 +31,7 @@ import torch
 import yaml
 
 from higgs_tune.errors import CheckpointError
+from higgs_tune.infer.card import README, build_model_card, data_summary
 from higgs_tune.runfs import (
     CONFIG_FILE,
     CONFIG_HEADER,
@@ -66,6 +67,22 @@ def config_yaml_text(config: Any) -> str:
     """The resolved config as YAML, after the header that marks the file as ours."""
     data = dict(config) if isinstance(config, Mapping) else config.to_dict()
     return CONFIG_HEADER + yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+
+
+def write_checkpoint_card(folder: Path, config: Any, step: int, metrics: Mapping[str, Any], eval_loss) -> None:
+    """README.md: the model card (infer/card.py), replacing PEFT's blank template; hashed with the rest."""
+    data = dict(config) if isinstance(config, Mapping) else config.to_dict()
+    model = data.get("model", {})
+    card = build_model_card(
+        base=str(model.get("name_or_path", "?")),
+        config=data,
+        step=step,
+        metrics=metrics,
+        eval_loss=eval_loss,
+        data=data_summary(data.get("data", {}).get("train_cache")),
+        use_text_head=bool(model.get("use_text_head")),
+    )
+    (folder / README).write_text(card, encoding="utf-8")
 
 
 def files_under(folder: Path) -> list[Path]:
@@ -130,6 +147,7 @@ def write_checkpoint_files(
     """
     torch.save(state, folder / TRAINING_STATE_FILE)
     (folder / CONFIG_FILE).write_text(config_yaml_text(config), encoding="utf-8")
+    write_checkpoint_card(folder, config, int(state[KEY_STEP]), metrics, eval_loss)
     # Durable before the manifest vouches for them: file data first, folder entries below.
     for rel in files_under(folder):
         fsync_path(folder / rel)

@@ -5,9 +5,10 @@ config keys whose change breaks that are marked on the config itself
 (`metadata={"resume": "must_match"}` in `higgs_tune.config`) and listed here as RESUME_KEYS;
 everything else (logging, eval/sample cadence, checkpoint policy, attention backend, gradient
 checkpointing, worker count, the eval set) may change. The run length
-(SCHEDULE_LENGTH_KEYS, `"resume": "schedule_length"`) shapes the warm-up/decay curve, so it
-must match too unless the schedule is constant (then extending a finished run with a larger
-max_steps continues exactly).
+(SCHEDULE_LENGTH_KEYS, `"resume": "schedule_length"`) may change too: extending a finished run
+with a larger max_steps (or shortening one) is allowed; the warm-up/decay curve is recomputed
+for the new length from the resumed step on (`schedule_length_changes` lists what changed, the
+recipe logs it). With a constant schedule that continues exactly.
 
 `find_resume_checkpoint` picks the newest checkpoint whose every file verifies;
 `load_training_state` restores optimizer, scheduler, grad scaler and the RNG streams.
@@ -77,11 +78,18 @@ _ABSENT = object()
 
 def resume_config_changes(saved: Mapping, current: Any) -> list[str]:
     """Lines `key: saved -> current` for every change that breaks an exact resume (see RESUME_KEYS)."""
+    return _changes(saved, current, RESUME_KEYS)
+
+
+def schedule_length_changes(saved: Mapping, current: Any) -> list[str]:
+    """Lines `key: saved -> current` for changes of the run length (SCHEDULE_LENGTH_KEYS): allowed
+    on resume, the learning-rate schedule is recomputed for the new length."""
+    return _changes(saved, current, SCHEDULE_LENGTH_KEYS)
+
+
+def _changes(saved: Mapping, current: Any, keys) -> list[str]:
     cur = _flatten(current if isinstance(current, Mapping) else current.to_dict())
     old = _flatten(saved)
-    keys = list(RESUME_KEYS)
-    if cur.get("train.lr_scheduler") != "constant" or old.get("train.lr_scheduler") != "constant":
-        keys += SCHEDULE_LENGTH_KEYS
     changes = []
     for key in keys:
         a, b = old.get(key, _ABSENT), cur.get(key, _ABSENT)
@@ -185,6 +193,7 @@ class TrainingState:
     eval_loss: float | None
     world_size: int
     rng_warnings: list[str]
+    schedule_changes: list[str] = dataclasses.field(default_factory=list)  # run length changed: schedule recomputed
 
 
 def _check_optimizer_shapes(ckpt: Path, saved: dict, optimizer: torch.optim.Optimizer) -> None:
@@ -241,8 +250,11 @@ def load_training_state(
             f"random streams cannot continue exactly. Launch {saved_ws} process(es) to resume, or start a new run "
             f"from its weights with --resume-weights-only {ckpt}."
         )
+    schedule_changes: list[str] = []
     if config is not None:
-        changes = resume_config_changes(read_checkpoint_config(ckpt), config)
+        saved_config = read_checkpoint_config(ckpt)
+        changes = resume_config_changes(saved_config, config)
+        schedule_changes = schedule_length_changes(saved_config, config)
         if changes:
             listing = "\n  ".join(changes)
             raise CheckpointError(
@@ -328,6 +340,7 @@ def load_training_state(
         eval_loss=manifest.get("eval_loss"),
         world_size=saved_ws,
         rng_warnings=rng_warnings,
+        schedule_changes=schedule_changes,
     )
 
 
