@@ -1,8 +1,9 @@
 """Background jobs of the UI: the real `higgs-tune prepare` / `higgs-tune train` commands as subprocesses.
 
 A job writes its stdout and stderr to STATE/logs/<id>.log. One job at a time per output
-folder: the job holds an exclusive `flock` on STATE/locks/<sha of the folder>.lock while its
-process lives, so a second start (from this UI or another `higgs-tune ui` on the same
+folder: an exclusive `flock` on STATE/locks/<sha of the folder>.lock is taken before the
+start and handed to the process (the UI closes its own copy), so the lock lives exactly as
+long as the process and a second start (from this UI or another `higgs-tune ui` on the same
 folders) is refused with the folder named. Stop sends SIGINT: `higgs-tune train` then keeps
 its verified checkpoints and prints the resume command; `prepare` keeps its finished shards.
 """
@@ -46,7 +47,6 @@ class Job:
     argv: list[str]
     log_path: Path
     process: subprocess.Popen
-    lock_file: object
     started: float = field(default_factory=time.time)
     finished: float | None = None
     stop_requested: bool = False
@@ -62,7 +62,8 @@ class Job:
             return "stopping" if self.stop_requested else "running"
         if rc == 0:
             return "finished"
-        return "stopped" if rc == 130 else "failed"
+        # 130: the command handled Ctrl-C; -SIGINT: it was stopped before it could install a handler
+        return "stopped" if rc in (130, -signal.SIGINT) else "failed"
 
     def log_tail(self, max_chars: int = 6000) -> str:
         try:
@@ -103,17 +104,15 @@ class JobRegistry:
         digest = hashlib.sha256(str(folder).encode("utf-8")).hexdigest()[:16]
         return self.state_dir / "locks" / f"{digest}.lock"
 
-    def _release_finished(self) -> None:
+    def _note_finished(self) -> None:
         for job in self.jobs.values():
-            if job.returncode is not None and job.lock_file is not None:
-                job.lock_file.close()  # closing the file releases the flock
-                job.lock_file = None
-                job.finished = job.finished or time.time()
+            if job.returncode is not None and job.finished is None:
+                job.finished = time.time()
 
     def start(self, kind: str, folder: Path, args: list[str]) -> Job:
         """Start `higgs-tune ARGS` owning `folder`; JobConflict when a job already holds it."""
         with self._lock:
-            self._release_finished()
+            self._note_finished()
             lock_path = self._lock_path(folder)
             lock_path.parent.mkdir(parents=True, exist_ok=True)
             lock_file = open(lock_path, "a+")
@@ -130,9 +129,10 @@ class JobRegistry:
             log_path.parent.mkdir(parents=True, exist_ok=True)
             argv = [sys.executable, "-m", "higgs_tune", *args]
             env = dict(os.environ, PYTHONUNBUFFERED="1", COLUMNS="120")
-            with open(log_path, "wb") as log:
+            with lock_file, open(log_path, "wb") as log:
                 # own session: a Ctrl-C in the terminal of `higgs-tune ui` reaches the UI, which
-                # then stops its jobs itself (shutdown), each exactly once
+                # then stops its jobs itself (shutdown), each exactly once. pass_fds: the process
+                # holds the lock; closing the UI's copy here leaves it held until the process ends.
                 process = subprocess.Popen(
                     argv,
                     stdout=log,
@@ -140,14 +140,15 @@ class JobRegistry:
                     stdin=subprocess.DEVNULL,
                     env=env,
                     start_new_session=True,
+                    pass_fds=(lock_file.fileno(),),
                 )
-            job = Job(job_id, kind, folder, argv, log_path, process, lock_file)
+            job = Job(job_id, kind, folder, argv, log_path, process)
             self.jobs[job_id] = job
             return job
 
     def get(self, job_id: str) -> Job:
         with self._lock:
-            self._release_finished()
+            self._note_finished()
             if job_id not in self.jobs:
                 raise JobConflict(f"no job {job_id!r} in this UI session.")
             return self.jobs[job_id]
@@ -155,7 +156,7 @@ class JobRegistry:
     def for_folder(self, folder: Path) -> Job | None:
         """The newest job of `folder` (running or not)."""
         with self._lock:
-            self._release_finished()
+            self._note_finished()
             found = [j for j in self.jobs.values() if j.key == folder]
             return found[-1] if found else None
 
@@ -180,4 +181,4 @@ class JobRegistry:
                 job.process.kill()
                 job.process.wait()
         with self._lock:
-            self._release_finished()
+            self._note_finished()
