@@ -271,7 +271,7 @@ def test_flow_through_the_api(tmp_path, tiny_dir):
         assert r["ok"] and r["job"]["command"].endswith("--resume auto")
         run = _wait(client, "/api/run?dir=run", lambda s: s["job"]["state"] != "running")
         assert run["job"]["state"] == "finished", run["job"]["log"]
-        assert f"resum" in run["job"]["log"].lower() and run["last"]["step"] == 40
+        assert "resum" in run["job"]["log"].lower() and run["last"]["step"] == 40
         names = [c["name"] for c in run["checkpoints"]]
         assert names[0] == "final" and run["checkpoints"][0]["step"] == 40
         assert [s["step"] for s in run["samples"]] == [40]

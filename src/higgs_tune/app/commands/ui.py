@@ -52,9 +52,9 @@ def ui_command(host, port, roots, public):
             fg="yellow",
             err=True,
         )
-    click.echo(f"higgs-tune ui: http://{host}:{server.server_address[1]}/  (Ctrl-C stops it)")
-    click.echo(f"  paths allowed under: {', '.join(allowed.describe())}")
     try:
+        click.echo(f"higgs-tune ui: http://{host}:{server.server_address[1]}/  (Ctrl-C stops it)")
+        click.echo(f"  paths allowed under: {', '.join(allowed.describe())}")
         server.serve_forever()
     except KeyboardInterrupt:
         click.echo("stopping: running jobs get Ctrl-C (training saves a verified checkpoint) ...", err=True)
