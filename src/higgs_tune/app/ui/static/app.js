@@ -136,7 +136,10 @@ function applyPreset() {
     const v = p.values[f];
     const el = $("cfg-" + f);
     if (v === undefined || v === null) continue;
-    if (typeof v === "string" && v.includes("${")) { el.placeholder = v + " (fill in)"; continue; }  // keep what the user typed
+    if (typeof v === "string" && v.includes("${")) {  // a preset placeholder: keep what the user typed
+      el.placeholder = f === "eval_cache" ? "(optional: empty = no held-out cache)" : v + " (fill in)";
+      continue;
+    }
     el.value = v;
   }
   const pw = p.values.pathways || [];
@@ -218,13 +221,18 @@ $("btn-gen-load").addEventListener("click", () => guarded("gen-error", async () 
   fillCheckpoints(r.checkpoints);
   if (!r.checkpoints.length) $("gen-error").textContent = "no complete checkpoint in " + r.run_dir + " yet";
 }));
+let ckptPicked = false;  // the user ticked checkpoints: keep their choice; else the newest is ticked
+$("gen-checkpoints").addEventListener("change", () => { ckptPicked = true; });
 function fillCheckpoints(list) {
   const before = new Set([...document.querySelectorAll("input[name=ckpt]:checked")].map((c) => c.value));
-  $("gen-checkpoints").innerHTML = list.map((c, i) => `<label><input type="checkbox" name="ckpt" value="${esc(c.path)}"${before.has(c.path) || (!before.size && i === 0) ? " checked" : ""}> ${esc(c.name)}</label>`).join("");
+  const tick = (c, i) => (ckptPicked ? before.has(c.path) : i === 0);
+  $("gen-checkpoints").innerHTML = list.map((c, i) => `<label><input type="checkbox" name="ckpt" value="${esc(c.path)}"${tick(c, i) ? " checked" : ""}> ${esc(c.name)}</label>`).join("");
   const sel = $("exp-checkpoint").value;
   $("exp-checkpoint").innerHTML = list.map((c) => `<option value="${esc(c.path)}">${esc(c.name)} (step ${c.step})</option>`).join("");
-  if (sel && list.some((c) => c.path === sel)) $("exp-checkpoint").value = sel;
+  if (expPicked && list.some((c) => c.path === sel)) $("exp-checkpoint").value = sel;
 }
+let expPicked = false;  // likewise for the export: the newest until the user picks one
+$("exp-checkpoint").addEventListener("change", () => { expPicked = true; });
 $("gen-upload").addEventListener("change", () => guarded("gen-error", async () => {
   const file = $("gen-upload").files[0];
   if (!file) return;
