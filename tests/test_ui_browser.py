@@ -6,7 +6,6 @@ Screenshots of each tab are saved in the test's tmp folder (ui-*.png)."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
@@ -91,11 +90,12 @@ def test_demo_path_in_chromium(browser, tmp_path, tiny_dir):
     server, app, url = serve_in_thread(Roots([ws, tiny_dir.parent], read_only=[demo["dir"]]))
     shots = tmp_path / "screenshots"
     shots.mkdir()
-    field = lambda i: d.find_element(By.ID, i)  # noqa: E731
-    # read through JS: polled elements are re-rendered (a held WebElement would go stale)
-    text = lambda i: d.execute_script(
-        "const e = document.getElementById(arguments[0]); return e ? e.textContent : null;", i
-    )  # noqa: E731,E501
+
+    def field(i):
+        return d.find_element(By.ID, i)
+
+    def text(i):  # read through JS: polled elements are re-rendered (a held WebElement would go stale)
+        return d.execute_script("const e = document.getElementById(arguments[0]); return e ? e.textContent : null;", i)
 
     def fill(i, value):
         field(i).clear()
