@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -162,6 +163,43 @@ def test_config_shows_every_problem_at_once(ui):
     assert f"output_dir: {ws / 'run'}" in r["yaml"]
 
 
+def test_run_status_shows_curves_warnings_and_samples(ui):
+    """What the Train tab polls: charts (loss, per-codebook accuracy), health warnings as
+    logged in metrics.jsonl, sample WAVs, complete checkpoints only."""
+    import numpy as np
+    import soundfile as sf
+
+    client, _, ws = ui
+    run = ws / "run"
+    (run / "samples" / "step-4").mkdir(parents=True)
+    sf.write(run / "samples" / "step-4" / "a.wav", np.zeros(2400, dtype=np.float32), 24000)
+    records = [
+        {"event": "metrics", "step": s, "split": "train", "loss": 10.0 - s, "audio_loss": 6.0 - s / 2,
+         "per_codebook_acc": [0.1 * s, 0.05 * s]}
+        for s in (2, 4)
+    ] + [
+        {"event": "warning", "code": "loss_flat", "step": 4, "message": "the audio loss has not moved"},
+        {"event": "samples", "step": 4, "files": ["a.wav"], "stopped": [False], "frames": [4]},
+    ]  # fmt: skip
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    (run / "checkpoint-4").mkdir()  # no manifest.json: being written, not offered
+
+    status, r = client.get("/api/run?dir=run")
+    assert status == 200 and r["job"] is None and r["checkpoints"] == []
+    assert r["last"]["step"] == 4
+    assert [(w["code"], w["step"], w["message"]) for w in r["warnings"]] == [
+        ("loss_flat", 4, "the audio loss has not moved")
+    ]
+    assert r["samples"] == [
+        {
+            "step": 4,
+            "files": [{"name": "a.wav", "path": str(run.resolve() / "samples/step-4/a.wav"), "status": [False, 4]}],
+        }
+    ]
+    charts = "".join(r["charts"])
+    assert "Total loss" in charts and "Per-codebook accuracy (train)" in charts and 'data-series="cb1"' in charts
+
+
 # ----------------------------------------------------------------------------- jobs
 def test_one_job_per_output_folder(tmp_path):
     """The second start for a folder is refused, also from another registry (another UI);
@@ -236,6 +274,25 @@ def test_flow_through_the_api(tmp_path, tiny_dir):
     server, app, url = serve_in_thread(Roots([ws, tiny_dir.parent], read_only=[demo["dir"]]))
     client = Client(url)
     try:
+        # a folder of clips + transcripts, one transcript empty: rejected with its reason
+        voices = ws / "voices" / "spk1"
+        voices.mkdir(parents=True)
+        for i, name in enumerate(("en_a_000", "en_a_001", "en_a_002")):
+            shutil.copy(Path(demo["dir"]) / "audio" / f"{name}.flac", voices / f"{name}.flac")
+            (voices / f"{name}.txt").write_text("" if i == 2 else f"Sentence number {i}.", encoding="utf-8")
+        status, job = client.post(
+            "/api/prepare",
+            {"kind": "folder", "source": "voices", "language": "en", "model": str(tiny_dir), "out": "cache-folder",
+             "skip_invalid": True},
+        )  # fmt: skip
+        assert status == 200, job
+        job = _wait(client, f"/api/job?id={job['id']}", lambda j: j["state"] != "running")
+        assert job["state"] == "finished", job["log"]
+        assert (ws / "voices.jsonl").is_file()
+        status, ins = client.get("/api/inspect?cache=cache-folder")
+        assert ins["summary"]["clips"] == 2 and len(ins["summary"]["rejects"]) == 1
+        assert "text" in ins["summary"]["rejects"][0]["reason"]
+
         status, job = client.post(
             "/api/prepare", {"kind": "manifest", "source": demo["manifest"], "model": str(tiny_dir), "out": "cache"}
         )
@@ -298,9 +355,32 @@ def test_flow_through_the_api(tmp_path, tiny_dir):
         assert status == 200, g
         assert [x["label"] for x in g["results"]] == ["final", "base model"]
         assert g["base_model"] == str(tiny_dir) and g["scored"] is False
+        assert all("cer" not in x and "sim" not in x for x in g["results"])
         for x in g["results"]:
             status, wav = client.get("/api/audio?path=" + urllib.request.quote(x["path"]))
             assert status == 200 and wav[:4] == b"RIFF"
+
+        from higgs_tune.tiny.eval_models import make_tiny_eval_models
+
+        asr, spk = make_tiny_eval_models(ws / "eval-models")
+        status, g = client.post(
+            "/api/generate",
+            {
+                "text": "Please close the window.",
+                "checkpoints": [final],
+                "ref_audio": ref,
+                "ref_text": "The morning train was right on time.",
+                "language": "en",
+                "max_new_tokens": 40,
+                "asr_model": str(asr),
+                "speaker_model": str(spk),
+            },
+        )
+        assert status == 200, g
+        assert g["scored"] is True and [x["label"] for x in g["results"]] == ["final"]
+        (x,) = g["results"]
+        assert isinstance(x["transcript"], str) and x["cer"] >= 0.0
+        assert "sim" in x and (x["sim"] is None or -1.0 <= x["sim"] <= 1.0)  # None: shorter than the model takes
 
         status, e = client.post("/api/export", {"checkpoint": final, "out": "export"})
         assert status == 200, e
