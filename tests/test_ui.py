@@ -106,10 +106,16 @@ def test_api_refuses_paths_outside_the_roots(ui, tmp_path):
     assert not (tmp_path / "evil.wav").exists()
 
 
-def test_api_refuses_cross_origin_posts(ui):
+def test_api_refuses_cross_origin_posts_and_foreign_hosts(ui):
     client, _, _ = ui
     status, body = client.post("/api/make-tiny", {}, {"Origin": "http://evil.example"})
     assert status == 403 and body == {"error": "cross-origin request refused"}
+    # DNS rebinding: a page of evil.example resolving to 127.0.0.1 is same-origin with itself
+    req = urllib.request.Request(client.url + "/api/info", headers={"Host": "evil.example:7860"})
+    status, body = client._open(req)
+    assert status == 403 and "only requests addressed to 127.0.0.1" in body["error"]
+    req = urllib.request.Request(client.url + "/api/info", headers={"Host": "localhost"})
+    assert client._open(req)[0] == 200
 
 
 def test_audio_is_served_as_wav(ui):

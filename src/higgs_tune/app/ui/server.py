@@ -161,7 +161,16 @@ _POST = {
 
 class Handler(BaseHTTPRequestHandler):
     app: UiApp  # set on the subclass made by make_server
+    allowed_hosts: frozenset[str] | None = None  # None: any Host header (a --public bind)
     server_version = "higgs-tune-ui"
+
+    def _host_allowed(self) -> bool:
+        """On a loopback bind, only requests addressed to a loopback name: a web page whose own
+        domain resolves to 127.0.0.1 (DNS rebinding) gets no answer."""
+        if self.allowed_hosts is None:
+            return True
+        host = urlparse("//" + (self.headers.get("Host") or "")).hostname or ""
+        return host in self.allowed_hosts
 
     def log_message(self, fmt, *args):
         log.debug("%s " + fmt, self.address_string(), *args)
@@ -190,7 +199,9 @@ class Handler(BaseHTTPRequestHandler):
     def do_GET(self):
         url = urlparse(self.path)
         q = {k: v[-1] for k, v in parse_qs(url.query).items()}
-        if url.path in _STATIC:
+        if not self._host_allowed():
+            self._json(403, {"error": "this UI answers only requests addressed to 127.0.0.1 / localhost"})
+        elif url.path in _STATIC:
             name, ctype = _STATIC[url.path]
             self._send(200, files("higgs_tune.app.ui").joinpath("static", name).read_bytes(), ctype)
         elif url.path == "/api/audio":
@@ -209,6 +220,9 @@ class Handler(BaseHTTPRequestHandler):
     def do_POST(self):
         url = urlparse(self.path)
         q = {k: v[-1] for k, v in parse_qs(url.query).items()}
+        if not self._host_allowed():
+            self._json(403, {"error": "this UI answers only requests addressed to 127.0.0.1 / localhost"})
+            return
         if not self._same_origin():
             self._json(403, {"error": "cross-origin request refused"})
             return
@@ -240,7 +254,8 @@ class Handler(BaseHTTPRequestHandler):
 
 def make_server(roots: Roots, host: str = "127.0.0.1", port: int = 7860) -> tuple[ThreadingHTTPServer, UiApp]:
     app = UiApp(roots)
-    handler = type("BoundHandler", (Handler,), {"app": app})
+    hosts = frozenset({"127.0.0.1", "localhost", "::1", host}) if is_loopback(host) else None
+    handler = type("BoundHandler", (Handler,), {"app": app, "allowed_hosts": hosts})
     server = ThreadingHTTPServer((host, port), handler)
     server.daemon_threads = True
     return server, app

@@ -167,6 +167,7 @@ $("btn-check").addEventListener("click", () => guarded("train-error", async () =
 }));
 for (const [id, action] of [["btn-start", "start"], ["btn-resume", "resume"], ["btn-restart", "overwrite"]]) {
   $(id).addEventListener("click", () => guarded("train-error", async () => {
+    if (action === "overwrite" && !confirm("Start over: higgs-tune's files in the output folder (checkpoints, metrics, samples) are replaced. Continue?")) return;
     const r = await api("/api/train", trainForm(action));
     showProblems(r.problems);
     if (!r.ok) return;
