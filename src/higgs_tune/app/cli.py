@@ -29,6 +29,7 @@ _COMMANDS = {
     "evaluate": "higgs_tune.app.commands.infer:evaluate_command",
     "export": "higgs_tune.app.commands.infer:export_command",
     "report": "higgs_tune.app.commands.infer:report_command",
+    "ui": "higgs_tune.app.commands.ui:ui_command",
 }
 
 
