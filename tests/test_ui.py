@@ -134,7 +134,7 @@ def test_config_shows_every_problem_at_once(ui):
     assert {"demo-tiny-cpu.yaml", "lora-1gpu.yaml", "full-multigpu.yaml"} <= set(names)
     demo = next(p for p in info["presets"] if p["name"] == "demo-tiny-cpu.yaml")
     assert demo["placeholders"] == ["DEMO_CACHE", "DEMO_HELDOUT_CACHE", "OUTPUT_DIR", "TINY_MODEL"]
-    assert set(info["source_kinds"]) == {"manifest", "folder"}
+    assert set(info["source_kinds"]) == {"manifest", "folder", "hf"}
 
     status, r = client.post(
         "/api/config",
@@ -399,3 +399,41 @@ def test_flow_through_the_api(tmp_path, tiny_dir):
         server.server_close()
         app.jobs.shutdown(timeout=60)
     assert not os.path.exists(ws / "run" / ".tmp-final")
+
+
+def test_a_hugging_face_dataset_source_runs_prepare_with_its_columns(tmp_path):
+    from higgs_tune.app.ui.service import prepare_args
+
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "model").mkdir()
+    roots = Roots([tmp_path])
+    form = {
+        "kind": "hf",
+        "source": "ds",
+        "model": "model",
+        "out": "cache",
+        "split": "train",
+        "text_column": "sentence",
+        "speaker_column": "speaker",
+    }
+    out, args = prepare_args(roots, form)
+    assert out == (tmp_path / "cache").resolve()
+    assert args == [
+        "prepare",
+        "--hf-dataset",
+        str((tmp_path / "ds").resolve()),
+        "--manifest-out",
+        str((tmp_path / "ds.jsonl").resolve()),
+        "--split",
+        "train",
+        "--text-column",
+        "sentence",
+        "--speaker-column",
+        "speaker",
+        "--model",
+        str((tmp_path / "model").resolve()),
+        "--out",
+        str((tmp_path / "cache").resolve()),
+    ]
+    with pytest.raises(PathNotAllowed):
+        prepare_args(roots, {**form, "source": "../elsewhere"})

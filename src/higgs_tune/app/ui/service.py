@@ -41,7 +41,11 @@ class UiInputError(HiggsTuneError):
 # LJSpeech csv, a Hugging Face dataset) is one more entry here; the page lists these kinds.
 SOURCE_KINDS = {
     "manifest": {"label": "manifest (.jsonl)", "is_dir": False},
-    "folder": {"label": "folder of <name>.wav + <name>.txt (or metadata.json)", "is_dir": True},
+    "folder": {
+        "label": "folder: LJSpeech (metadata.csv + wavs/), metadata.json, or <name>.wav + <name>.txt",
+        "is_dir": True,
+    },
+    "hf": {"label": "Hugging Face dataset (save_to_disk folder; split train, columns audio/text)", "is_dir": True},
 }
 
 
@@ -63,6 +67,16 @@ def prepare_args(roots: Roots, form: dict) -> tuple[Path, list[str]]:
         args += ["--from-folder", str(source), "--manifest-out", str(manifest_out)]
         if form.get("language"):
             args += ["--language", str(form["language"])]
+    elif kind == "hf":
+        if not source.is_dir():
+            raise UiInputError(f"data source {source} is not a folder: give a dataset saved with save_to_disk.")
+        manifest_out = roots.resolve(
+            form.get("manifest_out") or source.parent / f"{source.name}.jsonl", write=True, what="manifest to write"
+        )
+        args += ["--hf-dataset", str(source), "--manifest-out", str(manifest_out)]
+        for key in ("split", "audio_column", "text_column", "speaker_column", "language"):
+            if form.get(key):
+                args += [f"--{key.replace('_', '-')}", str(form[key])]
     else:
         if not source.is_file():
             raise UiInputError(f"data source {source} is not a file: give a manifest (.jsonl).")
