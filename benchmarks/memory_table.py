@@ -10,10 +10,11 @@ The table is a prediction (no GPU figure exists yet: benchmarks/gpu_check.py mea
 heads, MLP 8192, 8 x 1026 audio codes; a 2048-token text vocabulary to keep the embedding small;
 1-3 decoder layers), runs real-layout batches of exactly `seq` tokens through the training loss
 module, and measures (a) the bytes autograd saves for the backward (`SavedTensorBytes`), against the
-model's activations + loss-head terms, and (b) the peak of live tensors over forward + backward +
-optimizer step (torch's MemTracker, CPU), against the model's peak. It then fits
-(full mode, where MemTracker can hook every parameter) measured peak above the weights = c0 + c1 x layers x tokens
-+ c2 x tokens and prints the residuals: the activations grow linearly with depth.
+model's activations + loss-head terms, and (b) the peak of live tensors over forward +
+backward (torch's MemTracker on CPU; full mode only: it hooks every parameter's gradient), against
+the model's weights + max(activations + heads, gradients). It then fits
+saved bytes = c0 + c1 x layers x tokens + c2 x tokens per mode and prints c1 beside the model's
+per-layer figure, with the residuals: the activations grow linearly with depth.
 """
 
 from __future__ import annotations
@@ -121,7 +122,7 @@ def validate(layers=(1, 2, 3), seqs=(256, 512, 1024), modes=("lora", "full"), lo
                 est = estimate_memory(plan)
                 r = {"mode": mode, "layers": n_layers, "seq": seq, "tokens": t_tokens,
                      "saved_measured": saved.bytes, "saved_predicted": est.activations + est.loss_heads_saved,
-                     "weights_predicted": est.weights}
+                     "weights_predicted": est.weights, "per_token_layer_predicted": est.activations_per_token_layer}
                 if mode == "full":
                     # MemTracker hooks every parameter's gradient, so it needs all of them trainable: full mode.
                     # Forward + backward only (the optimizer terms are checked byte for byte in the tests).
@@ -153,27 +154,29 @@ def validate(layers=(1, 2, 3), seqs=(256, 512, 1024), modes=("lora", "full"), lo
             del model, loss_module
             gc.collect()
     for mode in modes:
-        fit = fit_linear([r for r in results if r["mode"] == mode and "peak_measured" in r])
+        fit = fit_linear([r for r in results if r["mode"] == mode])
         if fit:
             log(fit)
     return results
 
 
 def fit_linear(results: list[dict]) -> str:
-    """Least squares: peak - weights = c0 + c1 x layers x tokens + c2 x tokens; residuals per point."""
+    """Least squares over the points of one mode: saved bytes = c0 + c1 x layers x tokens + c2 x tokens.
+    c1 is the measured activation bytes per decoder layer and token; it is printed beside the model's
+    figure, with each point's residual (how linear the growth with depth is)."""
     import numpy as np
 
-    if len(results) < 4:
+    if len({r["layers"] for r in results}) < 2 or len(results) < 4:
         return ""
     x = np.array([[1.0, r["layers"] * r["tokens"], r["tokens"]] for r in results])
-    y = np.array([float(r["peak_minus_static_measured"]) for r in results])
+    y = np.array([float(r["saved_measured"]) for r in results])
     coef, *_ = np.linalg.lstsq(x, y, rcond=None)
     pred = x @ coef
-    lines = [f"fit ({results[0]['mode']}): peak - weights = {coef[0] / 2**20:.1f} MiB + {coef[1]:.0f} B x layers x tokens "
-             f"+ {coef[2]:.0f} B x tokens"]
+    lines = [f"fit ({results[0]['mode']}): saved = {coef[0] / 2**20:.2f} MiB + {coef[1]:,.0f} B x layers x tokens "
+             f"+ {coef[2]:,.0f} B x tokens; model: {results[0]['per_token_layer_predicted']:,} B per layer and token"]
     for r, p in zip(results, pred):
-        lines.append(f"  layers {r['layers']} seq {r['seq']:>5}: measured {r['peak_minus_static_measured'] / 2**20:8.1f} MiB, "
-                     f"fit {p / 2**20:8.1f}, residual {100 * (r['peak_minus_static_measured'] - p) / r['peak_minus_static_measured']:+.2f}%")
+        lines.append(f"  layers {r['layers']} seq {r['seq']:>5}: measured {r['saved_measured'] / 2**20:8.1f} MiB, "
+                     f"fit {p / 2**20:8.1f}, residual {100 * (r['saved_measured'] - p) / r['saved_measured']:+.3f}%")
     return "\n".join(lines)
 
 

@@ -307,7 +307,8 @@ def test_rough_estimate_without_local_weights_assumes_the_released_model(tmp_pat
     cfg = make_cfg(tmp_path, "model.name_or_path=someone/not-cached", "model.dtype=bfloat16")
     assert rough_checkpoint_bytes(cfg) == int((1e8 * 2 + 1e8 * 8) * 1.01) + (8 << 20)
     assert "output dir: someone/not-cached is not on this machine yet; the space check assumes the released 3B model" in caplog.messages
-    full = make_cfg(tmp_path, "model.name_or_path=someone/not-cached", "model.dtype=bfloat16", "finetune.mode=full", "finetune.pathways=[]")
+    full = make_cfg(tmp_path, "model.name_or_path=someone/not-cached", "model.dtype=bfloat16", "finetune.mode=full", "finetune.pathways=[]",
+                    "train.optimizer=adamw")
     assert rough_checkpoint_bytes(full) == int((5.8e9 * 2 + 5.8e9 * 8) * 1.01) + (8 << 20)
 
 

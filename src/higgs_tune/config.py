@@ -117,6 +117,7 @@ class TrainConfig:
     eval_steps: int | None = _f(None, "Evaluate on the held-out split every N steps (None: only at the end if there is one).")
     sample_steps: int | None = _f(None, "Generate the fixed sample prompts every N steps and save WAVs.")
     num_samples: int = _f(2, "How many fixed prompts to generate at each sample step.")
+    optimizer: str = _f("adamw", "adamw (torch AdamW, states in the weights' dtype) or adamw_bf16_sr (torchao AdamW with bf16 stochastic rounding, for full fine-tuning of bf16 weights; pip install torchao). See train/optim.py.")
 
 
 @dataclass
@@ -314,6 +315,7 @@ class Config:
         if self.logging.preview_samples < 0:
             p.append(f"logging.preview_samples must be >= 0, got {self.logging.preview_samples}.")
 
+        p.extend(_precision_problems(self, was_given))  # issue 17: bf16 full fine-tuning
         if p:
             raise ConfigError(p, source)
         return self
@@ -323,6 +325,24 @@ class Config:
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True), encoding="utf-8")
+
+
+def _precision_problems(cfg: "Config", was_given) -> list[str]:
+    """train.optimizer, and full fine-tuning of 16-bit weights with a plain AdamW (updates rounded away)."""
+    m, f, t = cfg.model, cfg.finetune, cfg.train
+    if t.optimizer not in ("adamw", "adamw_bf16_sr"):
+        close = difflib.get_close_matches(str(t.optimizer), ["adamw", "adamw_bf16_sr"], n=1)
+        return [f"train.optimizer: {t.optimizer!r} is not one of adamw, adamw_bf16_sr." + (f" Did you mean {close[0]!r}?" if close else "")]
+    if t.optimizer == "adamw_bf16_sr" and m.dtype != "bfloat16":
+        return [f"train.optimizer: adamw_bf16_sr rounds updates into bf16 weights, but model.dtype is {m.dtype}: "
+                "set model.dtype: bfloat16, or use train.optimizer: adamw."]
+    if f.mode == "full" and m.dtype in ("bfloat16", "float16") and t.optimizer == "adamw" and not was_given("train", "optimizer"):
+        return [f"finetune.mode full with model.dtype {m.dtype} and a plain AdamW: most updates round away in 16-bit weights at "
+                "fine-tuning learning rates (benchmarks/bf16_precision.py: at lr 2e-5, 16% of the weights a step reaches change, "
+                "against all of them with float32 weights). Use float32 master weights (model.dtype: float32 with "
+                "train.mixed_precision: bf16; 18 bytes per parameter), or train.optimizer: adamw_bf16_sr (bf16 weights, "
+                "stochastic rounding, torchao; 8 bytes per parameter), or set train.optimizer: adamw explicitly to accept the rounding."]
+    return []
 
 
 # Accepted spellings of a key that lead to its canonical name.

@@ -330,14 +330,23 @@ def layer_activation_terms(plan: MemoryPlan) -> list[tuple[str, float]]:
     return t
 
 
+def _trains(plan: MemoryPlan, module: str) -> bool:
+    if plan.mode == "full":
+        return module not in plan.freeze
+    return module in plan.train_modules
+
+
 def _outside_layers_per_token(plan: MemoryPlan) -> float:
     """Saved outside the decoder layers, per token: the final norm (float32 input + rsqrt, and its
-    normalised output when the norm trains), RoPE cos/sin, the int64 audio codes of audio positions
-    (embedding backward) and a bool mask."""
+    normalised output when the norm trains), RoPE cos/sin; when the embeddings train, their int64
+    ids (embedding backward) and the bool masks that scatter audio embeddings into the sequence."""
     a, w = plan.arch, DTYPE_BYTES[plan.weight_dtype]
-    norms_trained = plan.mode == "full"
-    return (4 * a.hidden_size + 4 + (w * a.hidden_size if norms_trained else 0) + 2 * a.head_dim * w
-            + plan.audio_share * 8 * a.num_codebooks + 1)
+    out = 4 * a.hidden_size + 4 + 2 * a.head_dim * w / plan.batch_size  # cos/sin: one row per position, shared by the batch
+    if plan.mode == "full":
+        out += w * a.hidden_size
+    if _trains(plan, "text_embeddings") or _trains(plan, "audio_embeddings"):
+        out += 8 + 2 + plan.audio_share * (8 * a.num_codebooks + 1)
+    return out
 
 
 def loss_rows(plan: MemoryPlan) -> tuple[int, int]:
@@ -358,7 +367,10 @@ def _loss_head_bytes(plan: MemoryPlan) -> tuple[int, int, int]:
     b = 2 if plan.autocast_bf16 else DTYPE_BYTES[plan.weight_dtype]
     kc = a.num_codebooks * a.codebook_size
     m, pt = loss_rows(plan)
-    saved = m * (a.hidden_size * b + 4 * kc) + pt * (a.hidden_size * b + 4 * a.vocab_size)
+    # the gathered rows are saved only when the head trains (a frozen head saves its weight instead)
+    audio_rows = a.hidden_size * b if _trains(plan, "audio_lm_head") else 0
+    text_rows = a.hidden_size * b if _trains(plan, "text_lm_head") else 0
+    saved = m * (audio_rows + 4 * kc) + pt * (text_rows + 4 * a.vocab_size)
     logits = b + (4 if b != 4 else 0)
     transient = m * kc * logits + pt * a.vocab_size * logits
     all_positions = plan.tokens * a.vocab_size * (4 + logits) if plan.use_text_head else 0
