@@ -156,6 +156,26 @@ def test_activation_terms_equal_the_bytes_autograd_saves_per_layer(tiny_dir, var
     assert two - one == predicted, layer_activation_terms(plan)
 
 
+@pytest.mark.parametrize("variant", ["full-fp32", "lora-fp32", "lora-bf16", "full-bf16"])
+def test_whole_model_saved_bytes_within_one_percent(tiny_dir, variant):
+    """Layers + what is outside them (final norm, RoPE tables, ids, the loss heads' rows and log-softmax)."""
+    from higgs_tune.train.loss import HiggsLossModule
+
+    dtype, mode, ft, plan_kw = VARIANTS[variant]
+    config = _small_config(tiny_dir, layers=2)
+    model = _build(config, dtype, mode, **dict(ft))
+    batch = synthetic_batch(config, rows=UNPADDED)
+    with SavedTensorBytes(model.parameters()) as saved:
+        HiggsLossModule(model, LossConfig())(**batch)
+    tokens = int(batch["attention_mask"].sum())
+    plan = MemoryPlan(arch=Architecture.from_hf_config(config), mode=mode, weight_dtype=str(dtype).replace("torch.", ""),
+                      seq_len=tokens // 2, batch_size=2, audio_share=int(batch["audio_input_ids_mask"].sum()) / tokens,
+                      audio_label_share=int((batch["audio_labels"] != -100).any(-1).sum()) / tokens,
+                      text_labels_per_sample=int((batch["labels"] != -100).sum()) / 2, **plan_kw)
+    est = estimate_memory(plan)
+    assert abs(est.activations + est.loss_heads_saved - saved.bytes) / saved.bytes < 0.01, (est.activations + est.loss_heads_saved, saved.bytes)
+
+
 def test_every_preset_loads_and_validates():
     presets = sorted((REPO / "configs").glob("*.yaml"))
     assert {p.name for p in presets} >= {"lora-1gpu.yaml", "full-multigpu.yaml", "lora-24gb.yaml", "demo-tiny-cpu.yaml"}

@@ -201,7 +201,7 @@ class MemoryPlan:
     batch_size: int = 1
     audio_share: float = 0.8  # positions holding an audio column (TTS: a few dozen text tokens, then frames)
     audio_label_share: float = 0.55  # positions whose next label is audio (voice cloning: 2/3 of the audio is target)
-    text_labels_per_sample: int = 3  # <|audio_out_bos|>, <|audio_eos|>, <|eot_id|>
+    text_labels_per_sample: float = 3  # <|audio_out_bos|>, <|audio_eos|>, <|eot_id|>
     padded: bool = False  # rows of different lengths in the batch: SDPA gets an explicit mask
     device: str = "cuda"  # dropout saves a bool mask on CUDA, a noise tensor of the input dtype on CPU
 
@@ -346,13 +346,17 @@ def _outside_layers_per_token(plan: MemoryPlan) -> float:
         out += w * a.hidden_size
     if _trains(plan, "text_embeddings") or _trains(plan, "audio_embeddings"):
         out += 8 + 2 + plan.audio_share * (8 * a.num_codebooks + 1)
+    elif not plan.gradient_checkpointing:
+        # frozen embeddings: layer 0's input needs no gradient, so its input norm saves nothing
+        # (with checkpointing, peft's enable_input_require_grads makes it require one)
+        out -= 4 * a.hidden_size + 4
     return out
 
 
 def loss_rows(plan: MemoryPlan) -> tuple[int, int]:
     """(M audio rows, P text rows) the loss module scores in one micro-batch."""
     m = int(plan.audio_label_share * plan.tokens)
-    pt = plan.text_labels_per_sample * plan.batch_size if plan.use_text_head else 0
+    pt = round(plan.text_labels_per_sample * plan.batch_size) if plan.use_text_head else 0
     return m, pt
 
 
