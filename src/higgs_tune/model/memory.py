@@ -505,10 +505,29 @@ def estimate_memory(plan: MemoryPlan) -> MemoryEstimate:
                           text_head_all_positions=all_positions)
 
 
-def plan_from_config(cfg, seq_len: int | None = None, arch: Architecture = HIGGS_V2, batch_size: int | None = None) -> MemoryPlan:
+def architecture_of(name_or_path: str) -> Architecture:
+    """The shapes in a local checkpoint's config.json; the released v2 shapes for anything else
+    (a Hub id is not downloaded for this)."""
+    import json
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    path = Path(name_or_path).expanduser() / "config.json"
+    if not path.is_file():
+        return HIGGS_V2
+    data = json.loads(path.read_text(encoding="utf-8"))
+    defaults = {"num_codebooks": 8, "codebook_size": 1026, "head_dim": None}
+    return Architecture.from_hf_config(SimpleNamespace(**{**defaults, **data}), name=str(name_or_path))
+
+
+def plan_from_config(cfg, seq_len: int | None = None, arch: Architecture | None = None, batch_size: int | None = None) -> MemoryPlan:
     """A MemoryPlan from a higgs-tune Config: its model/finetune/train settings, `seq_len`
-    (default data.max_sequence_length) and batch_size (default: max_tokens_per_batch // seq_len)."""
+    (default data.max_sequence_length) and batch_size (default: max_tokens_per_batch // seq_len).
+    `arch`: default the shapes of model.name_or_path when it is a local folder, else the released v2.
+    Approximations: bf16 weights with mixed_precision bf16 count as bf16 without autocast; LoRA on
+    a subset of the DualFFN pathways counts every position as adapted."""
     m, f, t, d = cfg.model, cfg.finetune, cfg.train, cfg.data
+    arch = arch or architecture_of(m.name_or_path)
     seq = seq_len or d.max_sequence_length
     autocast = m.dtype == "float32" and t.mixed_precision == "bf16"
     return MemoryPlan(arch=arch, mode=f.mode, weight_dtype=m.dtype, autocast_bf16=autocast,
