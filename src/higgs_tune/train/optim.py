@@ -3,8 +3,9 @@
 bf16 weights updated by a plain AdamW lose most fine-tuning updates: an AdamW step moves a weight
 by about the learning rate, and a bf16 weight of magnitude |w| can only move in steps of
 |w| x 2^-7, so at lr 2e-5 any weight above ~0.005 rounds back to itself
-(`benchmarks/bf16_precision.py`, measured on a small model: 16% of the weights a step's gradient
-reaches change, against 56% of all weights, every weight with a gradient, in float32). Two fixes:
+(`benchmarks/bf16_precision.py`, a small model, lr 2e-5: 29% of the weights a step's gradient
+reaches change, against all of them with float32 master weights; over 40 steps the loss falls 0.19
+instead of 0.55). Two fixes:
 
 - float32 master weights: `model.dtype: float32` + `train.mixed_precision: bf16` (the forward runs in
   bf16 under autocast, the update lands in float32). Memory: 4 (weights) + 4 (grads) + 8 (AdamW)
