@@ -59,7 +59,7 @@ def snippet(code: str) -> list[str]:
     return [PY, "-c", code]
 
 
-def width(out: Path, smoke: bool, log) -> list[dict]:
+def width(out: Path, smoke: bool, log, text_head: bool = True) -> list[dict]:
     """(b) real width, 2 layers, fp32: prepare, train (LoRA + grad ckpt), resume, export."""
     import yaml
 
@@ -70,7 +70,9 @@ def width(out: Path, smoke: bool, log) -> list[dict]:
     demo = REPO / "examples" / "data" / "demo" / "manifest.jsonl"
     phases.append(run_phase("prepare", [PY, "-m", "higgs_tune", "prepare", str(demo), "--model", str(stack), "--out", str(cache)], log, out))
     preset = yaml.safe_load((REPO / "configs" / "lora-24gb.yaml").read_text(encoding="utf-8"))
-    preset["model"].update({"name_or_path": str(stack), "dtype": "float32"})
+    preset["model"].update({"name_or_path": str(stack), "dtype": "float32", "use_text_head": text_head})
+    if not text_head:  # the checkpoint still holds text_lm_head; the model is built without it
+        preset.setdefault("loss", {})["text_weight"] = 0.0
     preset["data"].update({"train_cache": str(cache), "eval_fraction": 0.0, "num_workers": 0, "max_tokens_per_batch": 1024,
                            "max_sequence_length": 1024, "max_batch_size": 4})
     preset["train"].update({"max_steps": 4, "warmup_steps": 0, "lr_scheduler": "constant", "gradient_accumulation_steps": 1,
@@ -162,6 +164,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--audio-attn", action="store_true", help="depth: also add the audio self-attention (+0.7B) and its LoRA")
+    ap.add_argument("--no-text-head", action="store_true", help="width: train without the 128k text head (1.6 GB less RSS in fp32)")
     args = ap.parse_args(argv)
     sys.path.insert(0, str(REPO / "src"))
     out = Path(args.out).resolve()
@@ -171,7 +174,7 @@ def main(argv=None) -> int:
         print(s, flush=True)
 
     t0 = time.perf_counter()
-    phases = width(out, args.smoke, log) if args.what == "width" else depth(out, args.smoke, args.audio_attn, log)
+    phases = width(out, args.smoke, log, text_head=not args.no_text_head) if args.what == "width" else depth(out, args.smoke, args.audio_attn, log)
     report = {"what": args.what, "smoke": args.smoke, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "wall_s": time.perf_counter() - t0, "phases": phases}
     (out / "real_size.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
