@@ -193,3 +193,11 @@ def test_lora_24gb_preset_fits_24_gb_at_seq_2048_by_the_model():
     no_ckpt = estimate_memory(plan_from_config(cfg, seq_len=2048, batch_size=4).__class__(
         **{**plan_from_config(cfg, seq_len=2048, batch_size=4).__dict__, "gradient_checkpointing": False}))
     assert no_ckpt.peak > 24 * GIB
+
+
+def test_memory_report_of_a_preset():
+    from higgs_tune.model.memory import memory_report
+
+    text = memory_report(load_config(REPO / "configs" / "lora-24gb.yaml"))
+    assert "lora, weights bfloat16, adamw, seq 1024 x 8, grad ckpt on" in text
+    assert "seq 2048 x 4, grad ckpt on" in text and "with gradient checkpointing off instead: peak" in text

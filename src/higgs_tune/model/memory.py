@@ -583,3 +583,20 @@ class SavedTensorBytes:
     @property
     def shapes(self) -> list[tuple[int, tuple, object]]:
         return sorted(self._seen.values(), key=lambda v: -v[0])
+
+
+def memory_report(cfg, seq_lens=None) -> str:
+    """What `higgs-tune inspect --memory CONFIG` prints: the estimate of `cfg` at its longest
+    sequence (and 1024/2048 when shorter), with and without gradient checkpointing."""
+    longest = cfg.data.max_sequence_length
+    seqs = seq_lens or sorted({s for s in (1024, 2048) if s < longest} | {longest})
+    blocks = []
+    for seq in seqs:
+        plan = plan_from_config(cfg, seq_len=seq)
+        blocks.append(estimate_memory(plan).format())
+        other = replace(plan, gradient_checkpointing=not plan.gradient_checkpointing)
+        blocks.append(f"  with gradient checkpointing {'on' if other.gradient_checkpointing else 'off'} instead: "
+                      f"peak {estimate_memory(other).peak / GIB:.2f} GiB")
+    blocks.append("Predicted by higgs_tune.model.memory (checked against real tensors on CPU; no GPU measurement yet). "
+                  "Add ~1 GiB for the CUDA context and allocator slack.")
+    return "\n".join(blocks)
