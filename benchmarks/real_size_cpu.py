@@ -63,12 +63,16 @@ def width(out: Path, smoke: bool, log, text_head: bool = True) -> list[dict]:
     """(b) real width, 2 layers, fp32: prepare, train (LoRA + grad ckpt), resume, export."""
     import yaml
 
-    stack, cache, run = out / "stack", out / "cache", out / "run"
+    stack, cache = out / "stack", out / "cache"
+    run = out / ("run-text-head" if text_head else "run-no-text-head")
+    merged = out / ("merged-text-head" if text_head else "merged-no-text-head")
     phases = []
     shape = "--smoke" if smoke else "--layers 2"
-    phases.append(run_phase("write-stack", [PY, str(REPO / "benchmarks" / "real_size.py"), str(stack), *shape.split(), "--dtype", "float32"], log, out))
+    if not (stack / "config.json").is_file():  # a second run (the other text-head setting) reuses stack and cache
+        phases.append(run_phase("write-stack", [PY, str(REPO / "benchmarks" / "real_size.py"), str(stack), *shape.split(), "--dtype", "float32"], log, out))
     demo = REPO / "examples" / "data" / "demo" / "manifest.jsonl"
-    phases.append(run_phase("prepare", [PY, "-m", "higgs_tune", "prepare", str(demo), "--model", str(stack), "--out", str(cache)], log, out))
+    if not (cache / "index.json").is_file() and not cache.is_dir():
+        phases.append(run_phase("prepare", [PY, "-m", "higgs_tune", "prepare", str(demo), "--model", str(stack), "--out", str(cache)], log, out))
     preset = yaml.safe_load((REPO / "configs" / "lora-24gb.yaml").read_text(encoding="utf-8"))
     preset["model"].update({"name_or_path": str(stack), "dtype": "float32", "use_text_head": text_head})
     if not text_head:  # the checkpoint still holds text_lm_head; the model is built without it
@@ -79,11 +83,11 @@ def width(out: Path, smoke: bool, log, text_head: bool = True) -> list[dict]:
                             "log_steps": 1, "eval_steps": None, "sample_steps": None})
     preset["checkpoint"].update({"output_dir": str(run), "save_steps": 2, "save_total_limit": 2, "keep_best": False, "min_free_gb": 0.1})
     preset["logging"] = {"report_to": ["none"]}
-    cfg = out / "config.yaml"
+    cfg = out / f"config-{run.name}.yaml"
     cfg.write_text(yaml.safe_dump(preset, sort_keys=False), encoding="utf-8")
     phases.append(run_phase("train-4-steps", [PY, "-m", "higgs_tune", "train", str(cfg)], log, out))
     phases.append(run_phase("resume-to-6", [PY, "-m", "higgs_tune", "train", str(cfg), "train.max_steps=6", "--resume", "auto"], log, out))
-    phases.append(run_phase("export", [PY, "-m", "higgs_tune", "export", str(out / "merged"), "--adapter", str(run / "final"),
+    phases.append(run_phase("export", [PY, "-m", "higgs_tune", "export", str(merged), "--adapter", str(run / "final"),
                                        "--overwrite"], log, out))
     phases.append(checkpoint_sizes(cfg, run, out, log))
     return phases
@@ -177,7 +181,7 @@ def main(argv=None) -> int:
     phases = width(out, args.smoke, log, text_head=not args.no_text_head) if args.what == "width" else depth(out, args.smoke, args.audio_attn, log)
     report = {"what": args.what, "smoke": args.smoke, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "wall_s": time.perf_counter() - t0, "phases": phases}
-    (out / "real_size.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
+    (out / f"real_size-{args.what}{'-no-text-head' if args.no_text_head else ''}.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
     print("\n| phase | rc | wall s | peak RSS GB |\n|---|---:|---:|---:|")
     for p in phases:
         if "wall_s" in p:
