@@ -123,21 +123,30 @@ model = apply_finetuning(model, FinetuneConfig(mode="lora", pathways=pathways, l
 t["lora_s"] = time.perf_counter() - t0
 report = parameter_report(model)
 print(report.format())
-t0 = time.perf_counter()
-save_trainable(model, ckpt)
-t["save_s"] = time.perf_counter() - t0
-t0 = time.perf_counter()
-verify_trainable(model, ckpt)
-t["verify_s"] = time.perf_counter() - t0
 cfg = config_from_dict({"model": {"name_or_path": str(stack), "audio_self_attention": attn},
-                        "finetune": {"pathways": pathways}, "data": {"train_cache": "c"}, "train": {"max_steps": 1},
-                        "checkpoint": {"output_dir": "o"}})
+                        "finetune": {"pathways": pathways, "lora_dropout": 0.0}, "data": {"train_cache": "c"},
+                        "train": {"max_steps": 1}, "checkpoint": {"output_dir": str(ckpt)}})
+# AdamW state of the real size (no bf16 step is computed on CPU: zero gradients, one step)
+params = [p for p in model.parameters() if p.requires_grad]
+for p in params:
+    p.grad = torch.zeros_like(p)
+opt = torch.optim.AdamW(params, lr=1e-4)
+opt.step()
+from higgs_tune.train.checkpoint import CheckpointManager
+manager = CheckpointManager(ckpt, None, cfg.checkpoint, save_weights=lambda d, state_dict=None: save_trainable(model, d, state_dict),
+                            verify_weights=lambda d, state_dict=None: verify_trainable(model, d, state_dict),
+                            estimate_bytes=estimate_checkpoint_bytes(model, "lora"))
+t0 = time.perf_counter()
+saved_at = manager.save(1, optimizer=opt, scheduler=None, sampler_state={"epoch": 0, "batches_consumed": 1}, epoch=0,
+                        metrics={}, config=cfg)  # the trainer's save: fsync, sha256, read-back verification, rename
+t["save_verify_s"] = time.perf_counter() - t0
+t["checkpoint"] = str(saved_at)
+t["files"] = {p.name: p.stat().st_size for p in saved_at.iterdir() if p.is_file()}
 t["params"] = report.total
 t["trainable"] = report.trainable
 t["estimate_loaded_bytes"] = estimate_checkpoint_bytes(model, "lora")
 t["estimate_rough_bytes"] = rough_checkpoint_bytes(cfg)
-t["adapter_bytes"] = sum(p.stat().st_size for p in ckpt.rglob("*") if p.is_file())
-t["adamw_state_bytes_if_saved"] = 8 * report.trainable
+t["checkpoint_bytes"] = sum(p.stat().st_size for p in saved_at.rglob("*") if p.is_file())
 print("RESULT " + json.dumps(t))
 '''
 
@@ -145,7 +154,7 @@ print("RESULT " + json.dumps(t))
 def depth(out: Path, smoke: bool, attn: bool, log) -> list[dict]:
     """(a) full depth bf16: write the checkpoint, load it through load_model, LoRA on every pathway,
     save + verify the adapter, merge it with `higgs-tune export`."""
-    stack, ckpt = out / "stack", out / "adapter"
+    stack, ckpt = out / "stack", out / "run"
     phases = []
     shape = ["--smoke", "--dtype", "bfloat16"] if smoke else ["--dtype", "bfloat16"]
     phases.append(run_phase("write-stack", [PY, str(REPO / "benchmarks" / "real_size.py"), str(stack), *shape], log, out))
@@ -155,7 +164,8 @@ def depth(out: Path, smoke: bool, attn: bool, log) -> list[dict]:
         if line.startswith("RESULT "):
             phases[-1]["result"] = json.loads(line[7:])
             log(f"[load-lora-save-verify] {phases[-1]['result']}")
-    phases.append(run_phase("export-merge", [PY, "-m", "higgs_tune", "export", str(out / "merged"), "--adapter", str(ckpt),
+    adapter = Path(phases[-1].get("result", {}).get("checkpoint", ckpt / "checkpoint-1"))
+    phases.append(run_phase("export-merge", [PY, "-m", "higgs_tune", "export", str(out / "merged"), "--adapter", str(adapter),
                                              "--model", str(stack), "--dtype", "bfloat16", "--overwrite"], log, out))
     phases[-1]["merged_bytes"] = tree_bytes(out / "merged")
     phases[0]["stack_bytes"] = tree_bytes(stack)
