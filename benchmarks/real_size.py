@@ -56,24 +56,7 @@ def make_real_size_stack(out: str | Path, *, dtype: str = "bfloat16", shapes: di
     for key, value in shapes.items():
         setattr(config, key, value)
     config.max_position_embeddings = 8192
-    from transformers.initialization import no_init_weights
-
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(getattr(torch, dtype))
-    try:
-        # one random pass instead of torch's init + transformers' re-init (2 passes over 5.8B values on CPU)
-        with no_init_weights():
-            model = HiggsAudioV2ForConditionalGeneration(config, use_text_head=True)
-    finally:
-        torch.set_default_dtype(previous)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if param.dim() >= 2:
-                param.normal_(0.0, config.initializer_range, generator=g)  # as transformers initialises linears/embeddings
-            elif not torch.isfinite(param).all():
-                raise AssertionError(f"{name} was left uninitialised")  # norms are created as ones
-    model.save_pretrained(out, max_shard_size=max_shard_size)
+    write_random_weights(config, out, getattr(torch, dtype), seed=seed, max_shard_bytes=_parse_size(max_shard_size))
     # the processor config records where its audio tokenizer is: point it at this folder's copy
     proc = out / "processor_config.json"
     if proc.is_file():
@@ -81,8 +64,62 @@ def make_real_size_stack(out: str | Path, *, dtype: str = "bfloat16", shapes: di
         if isinstance(data.get("audio_tokenizer"), dict):
             data["audio_tokenizer"]["audio_tokenizer_name_or_path"] = str((out / "audio_tokenizer").resolve())
         proc.write_text(json.dumps(data, indent=2), encoding="utf-8")
-    del model
     return out
+
+
+def _parse_size(text: str) -> int:
+    units = {"GB": 10**9, "MB": 10**6}
+    return int(float(text[:-2]) * units[text[-2:].upper()])
+
+
+def write_random_weights(config, out: Path, dtype: torch.dtype, seed: int = 0, max_shard_bytes: int = 2 * 10**9) -> None:
+    """config.json + sharded safetensors + index for HiggsAudioV2ForConditionalGeneration(config, use_text_head=True),
+    written tensor by tensor: the names and shapes come from the model built on the meta device, each
+    tensor is drawn (N(0, initializer_range) for matrices, ones for norms, as transformers
+    initialises them) and written, so memory stays at one shard (the full 5.8B model in bf16 would
+    otherwise take 12.5 GB of RAM just to be written)."""
+    from safetensors.torch import save_file
+    from transformers import HiggsAudioV2ForConditionalGeneration
+
+    with torch.device("meta"):
+        model = HiggsAudioV2ForConditionalGeneration(config, use_text_head=True)
+    shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    g = torch.Generator().manual_seed(seed)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    names = list(shapes)
+    element = torch.empty((), dtype=dtype).element_size()
+    plan: list[list[str]] = [[]]
+    for name in names:  # shard boundaries first, so the file names can say "of N"
+        n = element * int(torch.Size(shapes[name]).numel())
+        if plan[-1] and size + n > max_shard_bytes:
+            plan.append([])
+            size = 0
+        plan[-1].append(name)
+        size += n
+    weight_map, total = {}, 0
+    for i, group in enumerate(plan):
+        file = "model.safetensors" if len(plan) == 1 else f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors"
+        tensors = {}
+        for name in group:
+            shape = shapes[name]
+            t = torch.empty(shape, dtype=dtype)
+            if len(shape) >= 2:
+                t.normal_(0.0, config.initializer_range, generator=g)
+            else:
+                t.fill_(1.0)  # RMSNorm weights (the only 1-D parameters)
+            tensors[name] = t
+            weight_map[name] = file
+            total += t.numel() * t.element_size()
+        save_file(tensors, str(out / file), metadata={"format": "pt"})
+        del tensors
+    if len(plan) > 1:
+        (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                                                     indent=2), encoding="utf-8")
+    config.architectures = ["HiggsAudioV2ForConditionalGeneration"]
+    config.dtype = str(dtype).replace("torch.", "")
+    config.save_pretrained(out)
+    del shards
 
 
 def main(argv=None) -> int:
