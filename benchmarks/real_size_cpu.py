@@ -157,7 +157,8 @@ def depth(out: Path, smoke: bool, attn: bool, log) -> list[dict]:
     stack, ckpt = out / "stack", out / "run"
     phases = []
     shape = ["--smoke", "--dtype", "bfloat16"] if smoke else ["--dtype", "bfloat16"]
-    phases.append(run_phase("write-stack", [PY, str(REPO / "benchmarks" / "real_size.py"), str(stack), *shape], log, out))
+    if not (stack / "config.json").is_file():  # written earlier (it needs little memory: one shard at a time)
+        phases.append(run_phase("write-stack", [PY, str(REPO / "benchmarks" / "real_size.py"), str(stack), *shape], log, out))
     phases.append(run_phase("load-lora-save-verify", snippet(DEPTH_CODE) + [str(stack), str(ckpt), "1" if attn else "0"], log, out))
     text = Path(phases[-1]["log"]).read_text(encoding="utf-8", errors="replace")
     for line in text.splitlines():
@@ -168,7 +169,7 @@ def depth(out: Path, smoke: bool, attn: bool, log) -> list[dict]:
     phases.append(run_phase("export-merge", [PY, "-m", "higgs_tune", "export", str(out / "merged"), "--adapter", str(adapter),
                                              "--model", str(stack), "--dtype", "bfloat16", "--overwrite"], log, out))
     phases[-1]["merged_bytes"] = tree_bytes(out / "merged")
-    phases[0]["stack_bytes"] = tree_bytes(stack)
+    phases[-1]["stack_bytes"] = tree_bytes(stack)
     return phases
 
 
