@@ -35,7 +35,7 @@ _COPIED = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
 def make_real_size_stack(out: str | Path, *, dtype: str = "bfloat16", shapes: dict | None = None, layers: int | None = None,
                          seed: int = 0, max_shard_size: str = "2GB") -> Path:
     """Write the stack into `out` (must be empty or absent); returns it."""
-    from transformers import HiggsAudioV2Config, HiggsAudioV2ForConditionalGeneration
+    from transformers import HiggsAudioV2Config
 
     from higgs_tune.tiny import make_tiny
 
@@ -85,7 +85,6 @@ def write_random_weights(config, out: Path, dtype: torch.dtype, seed: int = 0, m
         model = HiggsAudioV2ForConditionalGeneration(config, use_text_head=True)
     shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     g = torch.Generator().manual_seed(seed)
-    shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     names = list(shapes)
     element = torch.empty((), dtype=dtype).element_size()
@@ -119,7 +118,6 @@ def write_random_weights(config, out: Path, dtype: torch.dtype, seed: int = 0, m
     config.architectures = ["HiggsAudioV2ForConditionalGeneration"]
     config.dtype = str(dtype).replace("torch.", "")
     config.save_pretrained(out)
-    del shards
 
 
 def main(argv=None) -> int:
