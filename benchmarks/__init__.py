@@ -27,9 +27,20 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
-ROW_KEYS = ("benchmark", "metric", "baseline", "candidate", "base_value", "cand_value", "ratio", "target", "met", "note")
+ROW_KEYS = (
+    "benchmark",
+    "metric",
+    "baseline",
+    "candidate",
+    "base_value",
+    "cand_value",
+    "ratio",
+    "target",
+    "met",
+    "note",
+)
 
 
 def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
@@ -173,7 +184,9 @@ def demo_cache_dir():
     if _DEMO_CACHE is None:
         from higgs_tune.data.prepare import prepare_manifest
 
-        _DEMO_CACHE = prepare_manifest(DEMO_MANIFEST, tiny_stack_dir(), workdir() / "demo-cache", progress=False).cache_dir
+        _DEMO_CACHE = prepare_manifest(
+            DEMO_MANIFEST, tiny_stack_dir(), workdir() / "demo-cache", progress=False
+        ).cache_dir
     return _DEMO_CACHE
 
 
@@ -189,7 +202,14 @@ def demo_dataset(data=None):
 
         tokenizer, tokens = tiny_text_stack()
         _DEMO_DATASETS[key] = TTSDataset(
-            CodeCache.open(demo_cache_dir()), tokens, tokenizer, task=d.task, clone_probability=d.clone_probability,
-            system_prompt=d.system_prompt, use_scene=d.use_scene, seed=TrainConfig().seed, max_sequence_length=d.max_sequence_length,
+            CodeCache.open(demo_cache_dir()),
+            tokens,
+            tokenizer,
+            task=d.task,
+            clone_probability=d.clone_probability,
+            system_prompt=d.system_prompt,
+            use_scene=d.use_scene,
+            seed=TrainConfig().seed,
+            max_sequence_length=d.max_sequence_length,
         )
     return _DEMO_DATASETS[key]

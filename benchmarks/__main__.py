@@ -86,23 +86,27 @@ def format_table(rows: list[dict]) -> str:
         if extra:
             note = (note + "; " if note else "") + ", ".join(f"{k}={_fmt_value(v)}" for k, v in extra.items())
         ratio = r.get("ratio")
-        lines.append([
-            str(r.get("benchmark", "")),
-            str(r.get("metric", "")),
-            str(r.get("baseline", "")),
-            str(r.get("candidate", "")),
-            _fmt_value(r.get("base_value")),
-            _fmt_value(r.get("cand_value")),
-            f"{ratio:.2f}x" if isinstance(ratio, (int, float)) and not isinstance(ratio, bool) else _fmt_value(ratio),
-            str(r.get("target", "") or ""),
-            {True: "yes", False: "NO", None: ""}.get(r.get("met"), str(r.get("met"))),
-            note,
-        ])
-    widths = [max(len(h), *(len(l[i]) for l in lines)) if lines else len(h) for i, h in enumerate(header)]
+        lines.append(
+            [
+                str(r.get("benchmark", "")),
+                str(r.get("metric", "")),
+                str(r.get("baseline", "")),
+                str(r.get("candidate", "")),
+                _fmt_value(r.get("base_value")),
+                _fmt_value(r.get("cand_value")),
+                f"{ratio:.2f}x"
+                if isinstance(ratio, (int, float)) and not isinstance(ratio, bool)
+                else _fmt_value(ratio),
+                str(r.get("target", "") or ""),
+                {True: "yes", False: "NO", None: ""}.get(r.get("met"), str(r.get("met"))),
+                note,
+            ]
+        )
+    widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h) for i, h in enumerate(header)]
     widths[-1] = len(header[-1])  # the note column is not padded
-    out = [" | ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip()]
+    out = [" | ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip()]
     out.append("-+-".join("-" * w for w in widths))
-    out += [" | ".join(c.ljust(w) for c, w in zip(l, widths)).rstrip() for l in lines]
+    out += [" | ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in lines]
     return "\n".join(out)
 
 
@@ -124,7 +128,12 @@ def resolve(only: list[str] | None) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer repeats and smaller sizes (~2 min on 2 CPU cores)")
-    ap.add_argument("--only", action="append", metavar="NAME", help=f"run only these (comma-separated or repeated): {', '.join(BENCHMARKS)}")
+    ap.add_argument(
+        "--only",
+        action="append",
+        metavar="NAME",
+        help=f"run only these (comma-separated or repeated): {', '.join(BENCHMARKS)}",
+    )
     ap.add_argument("--json", metavar="PATH", help="also write the rows and run details as JSON")
     args = ap.parse_args(argv)
     names = resolve(args.only)
@@ -142,7 +151,9 @@ def main(argv: list[str] | None = None) -> int:
         # ratios on a shared CPU are steadier with one thread; every setting runs with the same one
         torch.set_num_threads(1)
     started = datetime.datetime.now().astimezone()
-    command = "python -m benchmarks" + (" --quick" if args.quick else "") + "".join(f" --only {n}" for n in (args.only or []))
+    command = (
+        "python -m benchmarks" + (" --quick" if args.quick else "") + "".join(f" --only {n}" for n in (args.only or []))
+    )
     print(f"# {command}", flush=True)
     print(f"# device: {device_line()}", flush=True)
     print(f"# date: {started.isoformat(timespec='seconds')}", flush=True)
@@ -173,8 +184,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n# FAILED: {name}\n{tb}", file=sys.stderr)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
-            json.dump({"command": command, "device": device_line(), "date": started.isoformat(timespec="seconds"),
-                       "seconds": seconds, "rows": rows, "failed": [n for n, _ in failures]}, f, indent=2, default=str)
+            json.dump(
+                {
+                    "command": command,
+                    "device": device_line(),
+                    "date": started.isoformat(timespec="seconds"),
+                    "seconds": seconds,
+                    "rows": rows,
+                    "failed": [n for n, _ in failures],
+                },
+                f,
+                indent=2,
+                default=str,
+            )
     return 1 if failures else 0
 
 

@@ -45,7 +45,9 @@ def synthetic_clip_batch(config, clips: int, generator: torch.Generator) -> dict
         period = int(torch.randint(3, 7, (1,), generator=generator))
         # motif codes come from a fixed 32-code alphabet per codebook (learnable unigram, ln 32 = 3.47);
         # below that, only copying from the clip's earlier frames helps
-        motif = ALPHABET[torch.arange(k)[:, None], torch.randint(0, ALPHABET.shape[1], (k, period), generator=generator)]
+        motif = ALPHABET[
+            torch.arange(k)[:, None], torch.randint(0, ALPHABET.shape[1], (k, period), generator=generator)
+        ]
         codes = motif.repeat(1, frames // period + 1)[:, :frames]  # (K, T)
         cols = torch.full((k, frames + k + 1), eos)
         labels = torch.full((k, frames + k + 1), -100)
@@ -54,7 +56,9 @@ def synthetic_clip_batch(config, clips: int, generator: torch.Generator) -> dict
             cols[row, row + 1 : row + 1 + frames] = codes[row]
             labels[row, row + 1 : row + 1 + frames] = codes[row]
             labels[row, row + 1 + frames] = eos  # each codebook's first EOS is trained
-        text = torch.randint(0, 1700, (int(torch.randint(4, 12, (1,), generator=generator)),), generator=generator).tolist()
+        text = torch.randint(
+            0, 1700, (int(torch.randint(4, 12, (1,), generator=generator)),), generator=generator
+        ).tolist()
         ids = [config.bos_token_id] + text + [config.audio_bos_token_id] + [config.audio_token_id] * (frames + 2)
         ids += [config.audio_delay_token_id] * (k - 1) + [audio_eos, config.eos_token_id]
         rows.append((ids, cols.T, labels.T))
@@ -80,7 +84,9 @@ def train(stack: Path, audio_attention: bool, steps: int, seed: int = 0) -> dict
     from higgs_tune.model.load import load_model
     from higgs_tune.model.lora import apply_finetuning, parameter_report
 
-    model = load_model(ModelConfig(name_or_path=str(stack), dtype="float32", use_text_head=False, audio_self_attention=audio_attention))
+    model = load_model(
+        ModelConfig(name_or_path=str(stack), dtype="float32", use_text_head=False, audio_self_attention=audio_attention)
+    )
     model = apply_finetuning(model, FinetuneConfig(mode="full", pathways=[]))
     k = model.config.num_codebooks
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, weight_decay=0.0)
@@ -125,14 +131,14 @@ def demo_compare(steps: int) -> tuple[dict, dict]:
     the demo preset in full fine-tuning, with and without the block; final train and held-out
     audio CE per codebook from each run's metrics.jsonl."""
     import json
-
-    import yaml
     from importlib.resources import files
 
+    import yaml
+
+    from higgs_tune.app.demo import demo_data_dir
     from higgs_tune.config import config_from_dict
     from higgs_tune.data.prepare import prepare_manifest
     from higgs_tune.tiny import make_tiny
-    from higgs_tune.train.demo import demo_data_dir
     from higgs_tune.train.recipe import train as run_recipe
 
     results = []
@@ -140,27 +146,47 @@ def demo_compare(steps: int) -> tuple[dict, dict]:
         tmp = Path(tmp)
         stack = make_tiny(tmp / "tiny", seed=0)
         data = demo_data_dir()
-        caches = {name: prepare_manifest(data / f"{name}.jsonl", stack, tmp / name, progress=False).cache_dir
-                  for name in ("manifest", "heldout")}
+        caches = {
+            name: prepare_manifest(data / f"{name}.jsonl", stack, tmp / name, progress=False).cache_dir
+            for name in ("manifest", "heldout")
+        }
         text = files("higgs_tune.resources").joinpath("demo-tiny-cpu.yaml").read_text(encoding="utf-8")
-        for key, value in {"TINY_MODEL": stack, "DEMO_CACHE": caches["manifest"], "DEMO_HELDOUT_CACHE": caches["heldout"],
-                           "OUTPUT_DIR": tmp / "run"}.items():
+        for key, value in {
+            "TINY_MODEL": stack,
+            "DEMO_CACHE": caches["manifest"],
+            "DEMO_HELDOUT_CACHE": caches["heldout"],
+            "OUTPUT_DIR": tmp / "run",
+        }.items():
             text = text.replace("${" + key + "}", str(value))
         base = yaml.safe_load(text)
         base["finetune"] = {"mode": "full"}  # every weight trains; the block's too
         for attn in (False, True):
             out = tmp / f"run-{int(attn)}"
-            overrides = [f"train.max_steps={steps}", f"train.eval_steps={steps}", f"checkpoint.save_steps={steps}",
-                         "train.sample_steps=null", "checkpoint.keep_best=false", "logging.report_to=[]",
-                         f"checkpoint.output_dir={out}", f"model.audio_self_attention={str(attn).lower()}", "train.learning_rate=1e-3", "train.log_steps=1"]
+            overrides = [
+                f"train.max_steps={steps}",
+                f"train.eval_steps={steps}",
+                f"checkpoint.save_steps={steps}",
+                "train.sample_steps=null",
+                "checkpoint.keep_best=false",
+                "logging.report_to=[]",
+                f"checkpoint.output_dir={out}",
+                f"model.audio_self_attention={str(attn).lower()}",
+                "train.learning_rate=1e-3",
+                "train.log_steps=1",
+            ]
             t0 = time.perf_counter()
             run_recipe(config_from_dict(base, overrides))
             rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
             train_rows = [r for r in rows if r.get("event") == "metrics" and r["split"] == "train"]
             eval_rows = [r for r in rows if r.get("event") == "metrics" and r["split"] == "eval"]
-            results.append({"final": statistics.mean(r["audio_loss"] for r in train_rows[-10:]),
-                            "eval": eval_rows[-1]["audio_loss"], "seconds": time.perf_counter() - t0,
-                            "curve": [r["audio_loss"] for r in train_rows]})
+            results.append(
+                {
+                    "final": statistics.mean(r["audio_loss"] for r in train_rows[-10:]),
+                    "eval": eval_rows[-1]["audio_loss"],
+                    "seconds": time.perf_counter() - t0,
+                    "curve": [r["audio_loss"] for r in train_rows],
+                }
+            )
     return results[0], results[1]
 
 
@@ -174,18 +200,36 @@ def run(quick: bool = False) -> list[dict]:
         f"{without['params']:,} vs {with_['params']:,} params; {without['seconds']:.0f} s vs {with_['seconds']:.0f} s"
     )
     return [
-        row("ablation", "train audio CE/codebook (last 10 steps)", "no audio attention", "audio self-attention",
-            without["final"], with_["final"], note=note),
-        row("ablation", "held-out audio CE/codebook", "no audio attention", "audio self-attention",
-            without["eval"], with_["eval"], note="16 held-out clips, same generator for both"),
+        row(
+            "ablation",
+            "train audio CE/codebook (last 10 steps)",
+            "no audio attention",
+            "audio self-attention",
+            without["final"],
+            with_["final"],
+            note=note,
+        ),
+        row(
+            "ablation",
+            "held-out audio CE/codebook",
+            "no audio attention",
+            "audio self-attention",
+            without["eval"],
+            with_["eval"],
+            note="16 held-out clips, same generator for both",
+        ),
     ]
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=STEPS)
-    ap.add_argument("--data", choices=("synthetic", "demo"), default="synthetic",
-                    help="synthetic motif clips (default) or the bundled demo data through the real recipe")
+    ap.add_argument(
+        "--data",
+        choices=("synthetic", "demo"),
+        default="synthetic",
+        help="synthetic motif clips (default) or the bundled demo data through the real recipe",
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     without, with_ = demo_compare(args.steps) if args.data == "demo" else compare(args.steps)

@@ -45,8 +45,15 @@ def build(setting: str, seed: int = 0):
     from higgs_tune.train.loss import HiggsLossModule
 
     tokenizer, tokens = tiny_text_stack()
-    spec = ArchSpec(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                    intermediate_size=128, vocab_size=2048)
+    spec = ArchSpec(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        intermediate_size=128,
+        vocab_size=2048,
+    )
     torch.manual_seed(seed)
     model = build_model(spec, tokens, torch.float32, "cpu")  # same initial values for every setting
     if setting in ("bf16", "bf16-sr"):
@@ -82,17 +89,38 @@ def run_setting(setting: str, steps: int, lr: float, seed: int = 0) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
-        changed_bf16.append(sum(int((b.to(torch.bfloat16) != p.detach().to(torch.bfloat16)).sum()) for b, p in zip(before, params)) / n)
-        changed_fp32.append(sum(int((b != p.detach()).sum()) for b, p in zip(before, params)) / n)
+        changed_bf16.append(
+            sum(
+                int((b.to(torch.bfloat16) != p.detach().to(torch.bfloat16)).sum())
+                for b, p in zip(before, params, strict=True)
+            )
+            / n
+        )
+        changed_fp32.append(sum(int((b != p.detach()).sum()) for b, p in zip(before, params, strict=True)) / n)
         n_graded = sum(int(g.sum()) for g in graded)
-        changed_of_graded.append(sum(int(((b.to(torch.bfloat16) != p.detach().to(torch.bfloat16)) & g).sum())
-                                     for b, p, g in zip(before, params, graded)) / max(1, n_graded))
-    moved = sum(int((s != p.detach().to(torch.bfloat16)).sum()) for s, p in zip(start_bf16, params)) / n
-    return {"setting": setting, "lr": lr, "steps": steps, "trainable": n, "losses": losses,
-            "changed_per_step_bf16": changed_bf16, "changed_per_step_weights": changed_fp32,
-            "changed_of_graded_bf16": changed_of_graded, "median_changed_of_graded_bf16": statistics.median(changed_of_graded),
-            "median_changed_bf16": statistics.median(changed_bf16), "median_changed_weights": statistics.median(changed_fp32),
-            "changed_since_start_bf16": moved, "seconds": time.perf_counter() - t0}
+        changed_of_graded.append(
+            sum(
+                int(((b.to(torch.bfloat16) != p.detach().to(torch.bfloat16)) & g).sum())
+                for b, p, g in zip(before, params, graded, strict=True)
+            )
+            / max(1, n_graded)
+        )
+    moved = sum(int((s != p.detach().to(torch.bfloat16)).sum()) for s, p in zip(start_bf16, params, strict=True)) / n
+    return {
+        "setting": setting,
+        "lr": lr,
+        "steps": steps,
+        "trainable": n,
+        "losses": losses,
+        "changed_per_step_bf16": changed_bf16,
+        "changed_per_step_weights": changed_fp32,
+        "changed_of_graded_bf16": changed_of_graded,
+        "median_changed_of_graded_bf16": statistics.median(changed_of_graded),
+        "median_changed_bf16": statistics.median(changed_bf16),
+        "median_changed_weights": statistics.median(changed_fp32),
+        "changed_since_start_bf16": moved,
+        "seconds": time.perf_counter() - t0,
+    }
 
 
 def format_results(results: list[dict]) -> str:
@@ -100,12 +128,17 @@ def format_results(results: list[dict]) -> str:
     for lr in sorted({r["lr"] for r in results}):
         rs = [r for r in results if r["lr"] == lr]
         lines.append(f"lr {lr:g}, {rs[0]['steps']} steps, {rs[0]['trainable']:,} trainable weights")
-        lines.append(f"  {'setting':<12} {'of weights with a gradient':>27} {'changed/step (bf16 value)':>26} {'changed/step (weights)':>23} "
-                     f"{'changed since start':>20} {'loss first -> last':>22}")
+        lines.append(
+            f"  {'setting':<12} {'of weights with a gradient':>27} {'changed/step (bf16 value)':>26} "
+            f"{'changed/step (weights)':>23} "
+            f"{'changed since start':>20} {'loss first -> last':>22}"
+        )
         for r in rs:
-            lines.append(f"  {r['setting']:<12} {100 * r['median_changed_of_graded_bf16']:>26.2f}% "
-                         f"{100 * r['median_changed_bf16']:>25.2f}% {100 * r['median_changed_weights']:>22.2f}% "
-                         f"{100 * r['changed_since_start_bf16']:>19.2f}% {r['losses'][0]:>10.5f} -> {r['losses'][-1]:.5f}")
+            lines.append(
+                f"  {r['setting']:<12} {100 * r['median_changed_of_graded_bf16']:>26.2f}% "
+                f"{100 * r['median_changed_bf16']:>25.2f}% {100 * r['median_changed_weights']:>22.2f}% "
+                f"{100 * r['changed_since_start_bf16']:>19.2f}% {r['losses'][0]:>10.5f} -> {r['losses'][-1]:.5f}"
+            )
         lines.append("  loss per step: " + "  ".join(r["setting"] for r in rs))
         for i in range(0, rs[0]["steps"], max(1, rs[0]["steps"] // 8)):
             lines.append(f"    step {i + 1:>3}: " + "  ".join(f"{r['losses'][i]:.5f}" for r in rs))

@@ -31,7 +31,9 @@ NAME = "checkpoint"
 
 def _adapter(num_params: int, chunk: int = 1 << 20) -> tuple[list[torch.nn.Parameter], torch.optim.Optimizer, object]:
     g = torch.Generator().manual_seed(0)
-    params = [torch.nn.Parameter(torch.randn(min(chunk, num_params - i), generator=g)) for i in range(0, num_params, chunk)]
+    params = [
+        torch.nn.Parameter(torch.randn(min(chunk, num_params - i), generator=g)) for i in range(0, num_params, chunk)
+    ]
     opt = torch.optim.AdamW(params, lr=1e-4)
     for p in params:
         p.grad = torch.randn(p.shape, generator=g)
@@ -55,8 +57,13 @@ def _measure(num_params: int, repeats: int, root: Path) -> list[dict]:
         if loaded.keys() != tensors.keys():
             raise RuntimeError(f"{folder}: adapter tensors do not match")
 
-    cfg = config_from_dict({"data": {"train_cache": "x"}, "train": {"max_steps": 10},
-                            "checkpoint": {"output_dir": str(root / "run"), "save_total_limit": 1, "min_free_gb": 0.0}})
+    cfg = config_from_dict(
+        {
+            "data": {"train_cache": "x"},
+            "train": {"max_steps": 10},
+            "checkpoint": {"output_dir": str(root / "run"), "save_total_limit": 1, "min_free_gb": 0.0},
+        }
+    )
     mgr = CheckpointManager(root / "run", None, cfg.checkpoint, save_weights, verify_weights)
     step = {"n": 0}
 
@@ -69,8 +76,15 @@ def _measure(num_params: int, repeats: int, root: Path) -> list[dict]:
 
     def managed() -> None:
         step["n"] += 1
-        mgr.save(step["n"], optimizer=opt, scheduler=sched, sampler_state={"epoch": 0, "batches_consumed": step["n"]},
-                 epoch=0, metrics={}, config=cfg)
+        mgr.save(
+            step["n"],
+            optimizer=opt,
+            scheduler=sched,
+            sampler_state={"epoch": 0, "batches_consumed": step["n"]},
+            epoch=0,
+            metrics={},
+            config=cfg,
+        )
 
     saves = interleaved_medians({"plain": plain, "managed": managed}, repeats=repeats)
 
@@ -84,10 +98,26 @@ def _measure(num_params: int, repeats: int, root: Path) -> list[dict]:
     size = sum(f.stat().st_size for f in (root / "plain").iterdir())
     note = f"{num_params / 1e6:g}M fp32 params + AdamW state = {size / 1e6:.0f} MB per checkpoint; median of {repeats}"
     return [
-        row(NAME, "save s", "save_file + torch.save", "CheckpointManager.save (fsync, sha256, verify, rename)",
-            saves["plain"], saves["managed"], note=note),
-        row(NAME, "resume lookup s", "torch.load(training_state)", "find_resume_checkpoint (sha256 of every file)",
-            loads["plain"], loads["find"], target="", met=None, note=note),
+        row(
+            NAME,
+            "save s",
+            "save_file + torch.save",
+            "CheckpointManager.save (fsync, sha256, verify, rename)",
+            saves["plain"],
+            saves["managed"],
+            note=note,
+        ),
+        row(
+            NAME,
+            "resume lookup s",
+            "torch.load(training_state)",
+            "find_resume_checkpoint (sha256 of every file)",
+            loads["plain"],
+            loads["find"],
+            target="",
+            met=None,
+            note=note,
+        ),
     ]
 
 

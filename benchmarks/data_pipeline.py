@@ -41,7 +41,15 @@ def equal_length_manifest(n: int, seconds: float = 3.0) -> Path:
         f0 = 100 + 10 * i
         wave = sum(0.2 / h * np.sin(2 * np.pi * f0 * h * t) for h in (1, 2, 3)) + 0.01 * rng.standard_normal(t.size)
         sf.write(folder / "audio" / f"c{i:03d}.wav", wave.astype(np.float32), 24000, subtype="PCM_16")
-        rows.append({"id": f"c{i:03d}", "audio": f"audio/c{i:03d}.wav", "text": "A synthetic clip of three seconds.", "speaker": "s", "language": "en"})
+        rows.append(
+            {
+                "id": f"c{i:03d}",
+                "audio": f"audio/c{i:03d}.wav",
+                "text": "A synthetic clip of three seconds.",
+                "speaker": "s",
+                "language": "en",
+            }
+        )
     manifest = folder / "manifest.jsonl"
     manifest.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return manifest
@@ -68,12 +76,36 @@ def _prepare_rates(manifest, repeats: int) -> tuple[float, float, int]:
 def prepare_rows(quick: bool) -> list[dict]:
     repeats = 2 if quick else 3
     per_clip, batched, clips = _prepare_rates(DEMO_MANIFEST, repeats)
-    rows = [row("data", "prepare clips/s, demo data", "per-clip encode (--batch-seconds 0)", "batched prepare (default)",
-                per_clip, batched, note=f"{clips} distinct clips of 1.5-2.9 s (few share a frame count), tiny codec, encode phase, median of {repeats} fresh runs")]
+    rows = [
+        row(
+            "data",
+            "prepare clips/s, demo data",
+            "per-clip encode (--batch-seconds 0)",
+            "batched prepare (default)",
+            per_clip,
+            batched,
+            note=(
+                f"{clips} distinct clips of 1.5-2.9 s (few share a frame count), tiny codec, encode phase, median "
+                f"of {repeats} fresh runs"
+            ),
+        )
+    ]
     n = 32 if quick else 64
     per_clip, batched, clips = _prepare_rates(equal_length_manifest(n), repeats)
-    rows.append(row("data", "prepare clips/s, equal-length clips", "per-clip encode (--batch-seconds 0)", "batched prepare (default)",
-                    per_clip, batched, note=f"{clips} synthetic clips of 3.0 s (all batchable), tiny codec, encode phase, median of {repeats} fresh runs"))
+    rows.append(
+        row(
+            "data",
+            "prepare clips/s, equal-length clips",
+            "per-clip encode (--batch-seconds 0)",
+            "batched prepare (default)",
+            per_clip,
+            batched,
+            note=(
+                f"{clips} synthetic clips of 3.0 s (all batchable), tiny codec, encode phase, median of {repeats} "
+                "fresh runs"
+            ),
+        )
+    )
     return rows
 
 
@@ -89,7 +121,9 @@ def collate_rows(quick: bool) -> list[dict]:
     data = DataConfig()
     dataset = demo_dataset(data)
     tokens = dataset.tokens
-    sampler = TokenBudgetBatchSampler(dataset.lengths, data.max_tokens_per_batch, data.max_batch_size, seed=0, bucket_size=data.bucket_size)
+    sampler = TokenBudgetBatchSampler(
+        dataset.lengths, data.max_tokens_per_batch, data.max_batch_size, seed=0, bucket_size=data.bucket_size
+    )
     batches = list(sampler)
     collate = Collator(tokens)
     processor = load_processor(tiny_stack_dir())
@@ -106,7 +140,11 @@ def collate_rows(quick: bool) -> list[dict]:
         for i in b:
             plan, entry = dataset.plan(i), dataset.entries[i]
             conv = Conversation(text=entry.text, system_prompt=data.system_prompt, ref_text=plan.ref_text)
-            convs.append(conv.messages(ref_audio=wave_by_key[plan.ref_key] if plan.ref_key else None, target_audio=wave_by_key[entry.key]))
+            convs.append(
+                conv.messages(
+                    ref_audio=wave_by_key[plan.ref_key] if plan.ref_key else None, target_audio=wave_by_key[entry.key]
+                )
+            )
         conversations.append(convs)
 
     def from_cache():
@@ -115,15 +153,34 @@ def collate_rows(quick: bool) -> list[dict]:
 
     def through_processor():
         for convs in conversations:
-            processor.apply_chat_template(convs, tokenize=True, return_dict=True, return_tensors="pt",
-                                          processor_kwargs={"sampling_rate": rate, "output_labels": True})
+            processor.apply_chat_template(
+                convs,
+                tokenize=True,
+                return_dict=True,
+                return_tensors="pt",
+                processor_kwargs={"sampling_rate": rate, "output_labels": True},
+            )
 
-    times = interleaved_medians({"cache": from_cache, "processor": through_processor}, repeats=3 if quick else 5, warmup=1)
+    times = interleaved_medians(
+        {"cache": from_cache, "processor": through_processor}, repeats=3 if quick else 5, warmup=1
+    )
     n = len(batches)
-    return [row("data", "training batches/s", "processor.apply_chat_template per step", "cache + Collator",
-                n / times["processor"], n / times["cache"], target=f">= {TARGET_COLLATE:g}x",
-                met=times["processor"] / times["cache"] >= TARGET_COLLATE,
-                note=f"one epoch of the demo data = {n} batches ({len(dataset)} samples, task mixed), waveforms preloaded for the processor")]
+    return [
+        row(
+            "data",
+            "training batches/s",
+            "processor.apply_chat_template per step",
+            "cache + Collator",
+            n / times["processor"],
+            n / times["cache"],
+            target=f">= {TARGET_COLLATE:g}x",
+            met=times["processor"] / times["cache"] >= TARGET_COLLATE,
+            note=(
+                f"one epoch of the demo data = {n} batches ({len(dataset)} samples, task mixed), waveforms "
+                "preloaded for the processor"
+            ),
+        )
+    ]
 
 
 def run(quick: bool = False) -> list[dict]:

@@ -55,7 +55,9 @@ def _device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def measure_setting(spec, label, mode, dtype, autocast, ckpt, seqs, steps, warmup, device, peak_flops, log) -> list[dict]:
+def measure_setting(
+    spec, label, mode, dtype, autocast, ckpt, seqs, steps, warmup, device, peak_flops, log
+) -> list[dict]:
     """Build one model for the setting, time `steps` optimizer steps per length; OOM is a result."""
     from benchmarks import tiny_text_stack
     from benchmarks.gpu_real_arch import build_model, flops_per_step, make_batch
@@ -66,14 +68,23 @@ def measure_setting(spec, label, mode, dtype, autocast, ckpt, seqs, steps, warmu
 
     tokenizer, tokens = tiny_text_stack()
     rows = []
-    base = {"setting": label, "mode": mode, "dtype": str(dtype).replace("torch.", ""), "autocast_bf16": autocast,
-            "grad_ckpt": ckpt}
+    base = {
+        "setting": label,
+        "mode": mode,
+        "dtype": str(dtype).replace("torch.", ""),
+        "autocast_bf16": autocast,
+        "grad_ckpt": ckpt,
+    }
     try:
         torch.manual_seed(0)
         model = build_model(spec, tokens, dtype, device)
         if ckpt:
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        ft = FinetuneConfig(mode="lora", lora_dropout=0.0) if mode == "lora" else FinetuneConfig(mode="full", pathways=[])
+        ft = (
+            FinetuneConfig(mode="lora", lora_dropout=0.0)
+            if mode == "lora"
+            else FinetuneConfig(mode="full", pathways=[])
+        )
         model = apply_finetuning(model, ft).train()
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=1e-5, fused=device == "cuda")
@@ -92,15 +103,30 @@ def measure_setting(spec, label, mode, dtype, autocast, ckpt, seqs, steps, warmu
         batch = make_batch(seq, 1, tokens, tokenizer)
         dev = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
         t_tokens = int(batch["attention_mask"].sum())
-        plan = MemoryPlan(arch=arch, mode=mode, weight_dtype=base["dtype"], autocast_bf16=autocast,
-                          foreach_optimizer=False, gradient_checkpointing=ckpt, seq_len=seq,
-                          audio_share=int(batch["audio_input_ids_mask"].sum()) / t_tokens,
-                          audio_label_share=int((batch["audio_labels"] != -100).any(-1).sum()) / t_tokens,
-                          text_labels_per_sample=int((batch["labels"] != -100).sum()), pathways=ft.pathways if mode == "lora" else ())
+        plan = MemoryPlan(
+            arch=arch,
+            mode=mode,
+            weight_dtype=base["dtype"],
+            autocast_bf16=autocast,
+            foreach_optimizer=False,
+            gradient_checkpointing=ckpt,
+            seq_len=seq,
+            audio_share=int(batch["audio_input_ids_mask"].sum()) / t_tokens,
+            audio_label_share=int((batch["audio_labels"] != -100).any(-1).sum()) / t_tokens,
+            text_labels_per_sample=int((batch["labels"] != -100).sum()),
+            pathways=ft.pathways if mode == "lora" else (),
+        )
         est = estimate_memory(plan)
         counted, six_n = flops_per_step(spec, batch, mode, n_train if mode == "lora" else 0)
-        row = {**base, "seq": seq, "tokens": t_tokens, "trainable": n_train, "predicted_peak_gib": est.peak / 2**30,
-               "predicted": {name: b / 2**30 for name, b in est.rows()}, "oom": False}
+        row = {
+            **base,
+            "seq": seq,
+            "tokens": t_tokens,
+            "trainable": n_train,
+            "predicted_peak_gib": est.peak / 2**30,
+            "predicted": {name: b / 2**30 for name, b in est.rows()},
+            "oom": False,
+        }
         try:
             times = []
             for i in range(warmup + steps):
@@ -121,11 +147,17 @@ def measure_setting(spec, label, mode, dtype, autocast, ckpt, seqs, steps, warmu
                     times.append(time.perf_counter() - t0)
             step_s = sorted(times)[len(times) // 2]
             measured = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
-            row.update({"step_s": step_s, "tokens_per_s": t_tokens / step_s, "loss": float(loss.detach()),
-                        "mfu": counted / step_s / peak_flops if peak_flops else None,
-                        "mfu_6n": six_n / step_s / peak_flops if peak_flops else None,
-                        "peak_gib": measured,
-                        "peak_over_predicted": measured / row["predicted_peak_gib"] if measured else None})
+            row.update(
+                {
+                    "step_s": step_s,
+                    "tokens_per_s": t_tokens / step_s,
+                    "loss": float(loss.detach()),
+                    "mfu": counted / step_s / peak_flops if peak_flops else None,
+                    "mfu_6n": six_n / step_s / peak_flops if peak_flops else None,
+                    "peak_gib": measured,
+                    "peak_over_predicted": measured / row["predicted_peak_gib"] if measured else None,
+                }
+            )
         except torch.OutOfMemoryError:
             row.update({"oom": True, "oom_at": "training step"})
             opt.zero_grad(set_to_none=True)
@@ -148,8 +180,10 @@ def format_row(r: dict) -> str:
         return head + f"OOM ({r.get('oom_at')}); predicted peak {r.get('predicted_peak_gib', float('nan')):.1f} GiB"
     mfu = f"MFU {100 * r['mfu']:.1f}%" if r["mfu"] is not None else "MFU n/a"
     mem = f"peak {r['peak_gib']:.1f} GiB" if r["peak_gib"] is not None else "peak n/a (CPU)"
-    return head + (f"{r['tokens_per_s']:,.0f} tokens/s, step {r['step_s']:.3f} s, {mfu}, {mem} "
-                   f"(predicted {r['predicted_peak_gib']:.1f} GiB)")
+    return head + (
+        f"{r['tokens_per_s']:,.0f} tokens/s, step {r['step_s']:.3f} s, {mfu}, {mem} "
+        f"(predicted {r['predicted_peak_gib']:.1f} GiB)"
+    )
 
 
 # ----------------------------------------------------------------------------- part 2
@@ -158,8 +192,8 @@ def train_check(out: Path, cpu_smoke: bool, steps: int, timeout_s: int, log) -> 
     import yaml
 
     from benchmarks.real_size import REAL, SMOKE, make_real_size_stack
+    from higgs_tune.app.demo import demo_data_dir
     from higgs_tune.data.prepare import prepare_manifest
-    from higgs_tune.train.demo import demo_data_dir
 
     result: dict = {"steps": steps}
     t0 = time.perf_counter()
@@ -173,17 +207,37 @@ def train_check(out: Path, cpu_smoke: bool, steps: int, timeout_s: int, log) -> 
     result["prepare_s"] = time.perf_counter() - t1
     preset = yaml.safe_load((REPO / "configs" / "lora-24gb.yaml").read_text(encoding="utf-8"))
     preset["model"].update({"name_or_path": str(stack), "dtype": "float32" if cpu_smoke else "bfloat16"})
-    preset["data"].update({"train_cache": str(out / "cache"), "eval_fraction": 0.0, "num_workers": 0,
-                           "max_tokens_per_batch": 2048, "max_sequence_length": 1024})
-    preset["train"].update({"max_steps": steps, "warmup_steps": 2, "gradient_accumulation_steps": 1, "log_steps": 5,
-                            "eval_steps": None, "sample_steps": None})
-    preset["checkpoint"].update({"output_dir": str(out / "train"), "save_steps": max(1, steps // 2), "keep_best": False,
-                                 "min_free_gb": 0.1})
+    preset["data"].update(
+        {
+            "train_cache": str(out / "cache"),
+            "eval_fraction": 0.0,
+            "num_workers": 0,
+            "max_tokens_per_batch": 2048,
+            "max_sequence_length": 1024,
+        }
+    )
+    preset["train"].update(
+        {
+            "max_steps": steps,
+            "warmup_steps": 2,
+            "gradient_accumulation_steps": 1,
+            "log_steps": 5,
+            "eval_steps": None,
+            "sample_steps": None,
+        }
+    )
+    preset["checkpoint"].update(
+        {"output_dir": str(out / "train"), "save_steps": max(1, steps // 2), "keep_best": False, "min_free_gb": 0.1}
+    )
     preset["logging"] = {"report_to": ["none"]}
     cfg_path = out / "train-config.yaml"
     cfg_path.write_text(yaml.safe_dump(preset, sort_keys=False), encoding="utf-8")
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
     cmd = [sys.executable, "-m", "higgs_tune", "train", str(cfg_path), "--overwrite"]
     log("running: " + " ".join(cmd))
     t2 = time.perf_counter()
@@ -199,33 +253,51 @@ def train_check(out: Path, cpu_smoke: bool, steps: int, timeout_s: int, log) -> 
         steps_logged = [x for x in lines if "loss" in x]
         if steps_logged:
             last = steps_logged[-1]
-            result["last_metrics"] = {k: last.get(k) for k in ("step", "loss", "audio_loss", "text_loss", "tokens_per_s", "grad_norm")}
-    result["checkpoints"] = {p.name: sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
-                             for p in sorted((out / "train").glob("*")) if p.is_dir() and (p / "manifest.json").is_file()}
-    log(f"train: rc {result.get('returncode')}, {result['train_s']:.0f} s, last {result.get('last_metrics')}, "
-        f"checkpoints {result['checkpoints']}")
+            result["last_metrics"] = {
+                k: last.get(k) for k in ("step", "loss", "audio_loss", "text_loss", "tokens_per_s", "grad_norm")
+            }
+    result["checkpoints"] = {
+        p.name: sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+        for p in sorted((out / "train").glob("*"))
+        if p.is_dir() and (p / "manifest.json").is_file()
+    }
+    log(
+        f"train: rc {result.get('returncode')}, {result['train_s']:.0f} s, last {result.get('last_metrics')}, "
+        f"checkpoints {result['checkpoints']}"
+    )
     return result
 
 
 def to_markdown(report: dict) -> str:
-    lines = [f"# GPU check ({report['device']}, {report['date']})", "",
-             "| setting | ckpt | seq | tokens/s | MFU | peak GiB | predicted GiB | measured / predicted |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"# GPU check ({report['device']}, {report['date']})",
+        "",
+        "| setting | ckpt | seq | tokens/s | MFU | peak GiB | predicted GiB | measured / predicted |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in report["steps"]:
         if r["oom"]:
-            lines.append(f"| {r['setting']} | {'on' if r['grad_ckpt'] else 'off'} | {r['seq']} | OOM | | | "
-                         f"{r.get('predicted_peak_gib', float('nan')):.1f} | |")
+            lines.append(
+                f"| {r['setting']} | {'on' if r['grad_ckpt'] else 'off'} | {r['seq']} | OOM | | | "
+                f"{r.get('predicted_peak_gib', float('nan')):.1f} | |"
+            )
             continue
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
         peak = f"{r['peak_gib']:.1f}" if r["peak_gib"] is not None else "n/a"
         ratio = f"{r['peak_over_predicted']:.2f}" if r.get("peak_over_predicted") else "n/a"
-        lines.append(f"| {r['setting']} | {'on' if r['grad_ckpt'] else 'off'} | {r['seq']} | {r['tokens_per_s']:,.0f} | {mfu} | "
-                     f"{peak} | {r['predicted_peak_gib']:.1f} | {ratio} |")
+        lines.append(
+            f"| {r['setting']} | {'on' if r['grad_ckpt'] else 'off'} | {r['seq']} | {r['tokens_per_s']:,.0f} | {mfu} | "
+            f"{peak} | {r['predicted_peak_gib']:.1f} | {ratio} |"
+        )
     t = report.get("train")
     if t:
-        lines += ["", f"`higgs-tune train`, {t['steps']} steps: return code {t.get('returncode')}, {t.get('train_s', 0):.0f} s "
-                  f"(stack written in {t.get('stack_s', 0):.0f} s, {t.get('stack_bytes', 0) / 1e9:.1f} GB; prepare "
-                  f"{t.get('prepare_s', 0):.0f} s); last metrics {t.get('last_metrics')}; checkpoints (bytes) {t.get('checkpoints')}"]
+        lines += [
+            "",
+            f"`higgs-tune train`, {t['steps']} steps: return code {t.get('returncode')}, {t.get('train_s', 0):.0f} s "
+            f"(stack written in {t.get('stack_s', 0):.0f} s, {t.get('stack_bytes', 0) / 1e9:.1f} GB; prepare "
+            f"{t.get('prepare_s', 0):.0f} s); last metrics {t.get('last_metrics')}; "
+            f"checkpoints (bytes) {t.get('checkpoints')}",
+        ]
     lines += ["", f"total wall time {report['wall_s']:.0f} s"]
     return "\n".join(lines) + "\n"
 
@@ -235,12 +307,18 @@ def main(argv=None) -> int:
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="output folder (created)")
-    ap.add_argument("--cpu-smoke", action="store_true", help="hidden 128, 2 layers, seq 128/256, fp32 weights, 3 train steps")
+    ap.add_argument(
+        "--cpu-smoke", action="store_true", help="hidden 128, 2 layers, seq 128/256, fp32 weights, 3 train steps"
+    )
     ap.add_argument("--seq", type=int, nargs="+", help="default 1024 2048 (128 256 with --cpu-smoke)")
     ap.add_argument("--steps", type=int, default=3, help="measured optimizer steps per setting (after warm-up)")
-    ap.add_argument("--train-steps", type=int, help="steps of the higgs-tune train run (default 20; 3 with --cpu-smoke)")
+    ap.add_argument(
+        "--train-steps", type=int, help="steps of the higgs-tune train run (default 20; 3 with --cpu-smoke)"
+    )
     ap.add_argument("--skip-train", action="store_true")
-    ap.add_argument("--budget-s", type=float, default=420, help="skip the remaining step settings after this many seconds")
+    ap.add_argument(
+        "--budget-s", type=float, default=420, help="skip the remaining step settings after this many seconds"
+    )
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     out = Path(args.out).resolve()
@@ -263,22 +341,39 @@ def main(argv=None) -> int:
         log_file.write(s + "\n")
         log_file.flush()
 
-    device_name = torch.cuda.get_device_name(0) if device == "cuda" else f"CPU ({platform.processor() or platform.machine()})"
+    device_name = (
+        torch.cuda.get_device_name(0) if device == "cuda" else f"CPU ({platform.processor() or platform.machine()})"
+    )
     log(f"device: {device_name}; torch {torch.__version__}; shapes {spec}")
     rows = []
     for label, mode, dtype, autocast, ckpt in settings:
         if time.perf_counter() - t0 > args.budget_s:
-            rows += [{"setting": label, "mode": mode, "grad_ckpt": ckpt, "seq": s, "oom": False, "skipped": "time budget"} for s in seqs]
+            rows += [
+                {"setting": label, "mode": mode, "grad_ckpt": ckpt, "seq": s, "oom": False, "skipped": "time budget"}
+                for s in seqs
+            ]
             log(f"{label} ckpt={ckpt}: skipped (time budget {args.budget_s:.0f} s spent)")
             continue
-        rows += measure_setting(spec, label, mode, dtype, autocast, ckpt, seqs, args.steps, 1 if args.cpu_smoke else 2,
-                                device, peak, log)
-    report = {"device": device_name, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "torch": torch.__version__,
-              "cpu_smoke": args.cpu_smoke, "spec": spec.__dict__, "steps": [r for r in rows if "skipped" not in r],
-              "skipped": [r for r in rows if "skipped" in r]}
+        rows += measure_setting(
+            spec, label, mode, dtype, autocast, ckpt, seqs, args.steps, 1 if args.cpu_smoke else 2, device, peak, log
+        )
+    report = {
+        "device": device_name,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "torch": torch.__version__,
+        "cpu_smoke": args.cpu_smoke,
+        "spec": spec.__dict__,
+        "steps": [r for r in rows if "skipped" not in r],
+        "skipped": [r for r in rows if "skipped" in r],
+    }
     if not args.skip_train:
-        report["train"] = train_check(out, args.cpu_smoke, args.train_steps or (3 if args.cpu_smoke else 20),
-                                      timeout_s=240 if not args.cpu_smoke else 600, log=log)
+        report["train"] = train_check(
+            out,
+            args.cpu_smoke,
+            args.train_steps or (3 if args.cpu_smoke else 20),
+            timeout_s=240 if not args.cpu_smoke else 600,
+            log=log,
+        )
     report["wall_s"] = time.perf_counter() - t0
     (out / "gpu_check.json").write_text(json.dumps(report, indent=2, default=str), encoding="utf-8")
     (out / "gpu_check.md").write_text(to_markdown(report), encoding="utf-8")

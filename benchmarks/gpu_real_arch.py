@@ -72,7 +72,14 @@ class ArchSpec:
 
 
 REAL = ArchSpec()
-CPU_SMOKE = ArchSpec(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=32, intermediate_size=344)
+CPU_SMOKE = ArchSpec(
+    hidden_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=32,
+    intermediate_size=344,
+)
 
 
 def build_model(spec: ArchSpec, tokens, dtype: torch.dtype, device: str):
@@ -128,7 +135,9 @@ def make_batch(seq_len: int, batch_size: int, tokens, tokenizer, seed: int = 0, 
         seconds = 0.5
         while True:
             conv = Conversation.voice_clone(synthetic_text(2 * seconds, rng), synthetic_text(seconds, rng))
-            text_len = sample_lengths([conv], tokenizer, tokens, [0], [0])[0] - fixed_cols  # tokens without audio columns
+            text_len = (
+                sample_lengths([conv], tokenizer, tokens, [0], [0])[0] - fixed_cols
+            )  # tokens without audio columns
             if text_len >= text_share * seq_len:
                 break
             seconds *= 1.25
@@ -154,7 +163,9 @@ def flops_per_step(spec: ArchSpec, batch: dict, mode: str, n_lora: int) -> tuple
     d = spec.hidden_size
     heads = 2 * d * (spec.num_codebooks * spec.codebook_size * audio_head_pos + spec.vocab_size * text_head_pos)
     lengths = batch["attention_mask"].sum(1).tolist()
-    attn_fwd = sum(2 * 2 * (s * s / 2) * spec.num_attention_heads * spec.head_dim for s in lengths) * spec.num_hidden_layers
+    attn_fwd = (
+        sum(2 * 2 * (s * s / 2) * spec.num_attention_heads * spec.head_dim for s in lengths) * spec.num_hidden_layers
+    )
     dense = 2 * spec.n_tok() * tokens
     if mode == "full":
         counted = 3 * dense + 3 * heads + 3 * attn_fwd
@@ -180,8 +191,18 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def measure(spec: ArchSpec, mode: str, grad_ckpt: bool, seqs: list[int], batch_size: int, steps: int, warmup: int,
-            device: str, dtype: torch.dtype, peak: float | None) -> list[dict]:
+def measure(
+    spec: ArchSpec,
+    mode: str,
+    grad_ckpt: bool,
+    seqs: list[int],
+    batch_size: int,
+    steps: int,
+    warmup: int,
+    device: str,
+    dtype: torch.dtype,
+    peak: float | None,
+) -> list[dict]:
     """Build one model for (mode, grad_ckpt) and time `steps` optimizer steps at each length."""
     from benchmarks import tiny_text_stack
     from higgs_tune.config import FinetuneConfig, LossConfig
@@ -208,8 +229,17 @@ def measure(spec: ArchSpec, mode: str, grad_ckpt: bool, seqs: list[int], batch_s
         batch = make_batch(seq, batch_size, tokens, tokenizer)
         dev_batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
         counted, six_n = flops_per_step(spec, batch, mode, n_lora)
-        result = {"mode": mode, "grad_ckpt": grad_ckpt, "seq": seq, "batch_size": batch_size, "params": n_all,
-                  "trainable": n_train, "n_tok": spec.n_tok(), "flops_per_step": counted, "oom": False}
+        result = {
+            "mode": mode,
+            "grad_ckpt": grad_ckpt,
+            "seq": seq,
+            "batch_size": batch_size,
+            "params": n_all,
+            "trainable": n_train,
+            "n_tok": spec.n_tok(),
+            "flops_per_step": counted,
+            "oom": False,
+        }
         try:
             if device == "cuda":
                 torch.cuda.empty_cache()
@@ -226,17 +256,21 @@ def measure(spec: ArchSpec, mode: str, grad_ckpt: bool, seqs: list[int], batch_s
                 if i >= warmup:
                     times.append(time.perf_counter() - t0)
             step_s = statistics.median(times)
-            result.update({
-                "step_s": step_s,
-                "tokens_per_s": int(batch["attention_mask"].sum()) / step_s,
-                "mfu": counted / step_s / peak if peak else None,
-                "mfu_6n": six_n / step_s / peak if peak else None,
-                "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None,
-                "loss": float(loss.detach()),
-            })
+            result.update(
+                {
+                    "step_s": step_s,
+                    "tokens_per_s": int(batch["attention_mask"].sum()) / step_s,
+                    "mfu": counted / step_s / peak if peak else None,
+                    "mfu_6n": six_n / step_s / peak if peak else None,
+                    "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None,
+                    "loss": float(loss.detach()),
+                }
+            )
         except torch.OutOfMemoryError:
             # reported as a measurement ("does not fit"), never hidden
-            result.update({"oom": True, "step_s": None, "tokens_per_s": None, "mfu": None, "mfu_6n": None, "peak_mem_gb": None})
+            result.update(
+                {"oom": True, "step_s": None, "tokens_per_s": None, "mfu": None, "mfu_6n": None, "peak_mem_gb": None}
+            )
             opt.zero_grad(set_to_none=True)
         out.append(result)
         del dev_batch
@@ -250,8 +284,14 @@ def measure(spec: ArchSpec, mode: str, grad_ckpt: bool, seqs: list[int], batch_s
     return out
 
 
-def benchmark(cpu_smoke: bool, seqs: list[int] | None = None, steps: int | None = None, batch_size: int = 1,
-              peak_tflops: float | None = None, log=print) -> list[dict]:
+def benchmark(
+    cpu_smoke: bool,
+    seqs: list[int] | None = None,
+    steps: int | None = None,
+    batch_size: int = 1,
+    peak_tflops: float | None = None,
+    log=print,
+) -> list[dict]:
     device = "cpu" if cpu_smoke or not torch.cuda.is_available() else "cuda"
     if device == "cpu" and not cpu_smoke:
         raise SystemExit("no CUDA device: run with --cpu-smoke (reduced size) or on a GPU machine")
@@ -274,10 +314,17 @@ def benchmark(cpu_smoke: bool, seqs: list[int] | None = None, steps: int | None 
 def format_result(r: dict) -> str:
     if r["oom"]:
         return f"{r['mode']:<4} ckpt={str(r['grad_ckpt']):<5} seq {r['seq']:>5} x {r['batch_size']}: out of memory"
-    mfu = f"MFU {100 * r['mfu']:.1f}% (6N: {100 * r['mfu_6n']:.1f}%)" if r["mfu"] is not None else "MFU n/a (no peak for this device)"
+    mfu = (
+        f"MFU {100 * r['mfu']:.1f}% (6N: {100 * r['mfu_6n']:.1f}%)"
+        if r["mfu"] is not None
+        else "MFU n/a (no peak for this device)"
+    )
     mem = f"peak {r['peak_mem_gb']:.1f} GiB" if r["peak_mem_gb"] is not None else "peak memory n/a on CPU"
-    return (f"{r['mode']:<4} ckpt={str(r['grad_ckpt']):<5} seq {r['seq']:>5} x {r['batch_size']}: {r['tokens_per_s']:,.0f} tokens/s, "
-            f"step {r['step_s']:.3f} s, {mfu}, {mem}, trainable {r['trainable']:,} of {r['params']:,}")
+    return (
+        f"{r['mode']:<4} ckpt={str(r['grad_ckpt']):<5} seq {r['seq']:>5} x {r['batch_size']}: "
+        f"{r['tokens_per_s']:,.0f} tokens/s, step {r['step_s']:.3f} s, {mfu}, {mem}, trainable {r['trainable']:,} "
+        f"of {r['params']:,}"
+    )
 
 
 def to_rows(results: list[dict], device_note: str) -> list[dict]:
@@ -302,17 +349,52 @@ def to_rows(results: list[dict], device_note: str) -> list[dict]:
         for mode in ("lora", "full"):
             a, b = get(mode, False, seq), get(mode, True, seq)
             if a["oom"] or b["oom"]:
-                rows.append({"benchmark": "gpu", "metric": f"tokens/s, {mode}, seq {seq}", "baseline": "no grad ckpt",
-                             "candidate": "grad ckpt", "note": f"{device_note}; no ckpt: {detail(a)}; ckpt: {detail(b)}"})
+                rows.append(
+                    {
+                        "benchmark": "gpu",
+                        "metric": f"tokens/s, {mode}, seq {seq}",
+                        "baseline": "no grad ckpt",
+                        "candidate": "grad ckpt",
+                        "note": f"{device_note}; no ckpt: {detail(a)}; ckpt: {detail(b)}",
+                    }
+                )
                 continue
-            rows.append(row("gpu", f"tokens/s, {mode}, seq {seq}", "no grad ckpt", "grad ckpt", a["tokens_per_s"], b["tokens_per_s"],
-                            note=f"{device_note}; no ckpt: {detail(a)}; ckpt: {detail(b)}"))
+            rows.append(
+                row(
+                    "gpu",
+                    f"tokens/s, {mode}, seq {seq}",
+                    "no grad ckpt",
+                    "grad ckpt",
+                    a["tokens_per_s"],
+                    b["tokens_per_s"],
+                    note=f"{device_note}; no ckpt: {detail(a)}; ckpt: {detail(b)}",
+                )
+            )
             if a["peak_mem_gb"] is not None:
-                rows.append(row("gpu", f"peak memory GiB, {mode}, seq {seq}", "no grad ckpt", "grad ckpt", a["peak_mem_gb"], b["peak_mem_gb"], note=device_note))
-        f, l = get("full", False, seq), get("lora", False, seq)
-        if not (f["oom"] or l["oom"]):
-            rows.append(row("gpu", f"tokens/s, seq {seq}, no ckpt", "full", "LoRA", f["tokens_per_s"], l["tokens_per_s"],
-                            note=f"{device_note}; trainable LoRA {l['trainable']:,} / full {f['trainable']:,}"))
+                rows.append(
+                    row(
+                        "gpu",
+                        f"peak memory GiB, {mode}, seq {seq}",
+                        "no grad ckpt",
+                        "grad ckpt",
+                        a["peak_mem_gb"],
+                        b["peak_mem_gb"],
+                        note=device_note,
+                    )
+                )
+        f, lo = get("full", False, seq), get("lora", False, seq)
+        if not (f["oom"] or lo["oom"]):
+            rows.append(
+                row(
+                    "gpu",
+                    f"tokens/s, seq {seq}, no ckpt",
+                    "full",
+                    "LoRA",
+                    f["tokens_per_s"],
+                    lo["tokens_per_s"],
+                    note=f"{device_note}; trainable LoRA {lo['trainable']:,} / full {f['trainable']:,}",
+                )
+            )
     return rows
 
 
@@ -323,7 +405,9 @@ def run(quick: bool = False) -> list[dict]:
         results = benchmark(cpu_smoke=True, log=lambda s: None)
         note = "CPU smoke size (hidden 128, 2 layers, seq 256, fp32): validates the path, not GPU figures"
     else:
-        results = benchmark(cpu_smoke=False, seqs=[1024, 2048] if quick else None, steps=3 if quick else None, log=lambda s: None)
+        results = benchmark(
+            cpu_smoke=False, seqs=[1024, 2048] if quick else None, steps=3 if quick else None, log=lambda s: None
+        )
         note = f"{torch.cuda.get_device_name(0)}, real shapes, bf16"
     return to_rows(results, note)
 
@@ -331,10 +415,14 @@ def run(quick: bool = False) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.gpu_real_arch", description=__doc__.splitlines()[0])
     ap.add_argument("--cpu-smoke", action="store_true", help="reduced size on CPU: hidden 128, 2 layers, seq 256, fp32")
-    ap.add_argument("--seq", type=int, nargs="+", help="sequence lengths (default 1024 2048 4096; 256 with --cpu-smoke)")
+    ap.add_argument(
+        "--seq", type=int, nargs="+", help="sequence lengths (default 1024 2048 4096; 256 with --cpu-smoke)"
+    )
     ap.add_argument("--steps", type=int, help="measured steps per setting (median); default 5 (3 with --cpu-smoke)")
     ap.add_argument("--batch-size", type=int, default=1, help="samples per step, each of --seq tokens")
-    ap.add_argument("--peak-tflops", type=float, help="peak dense TFLOP/s of the device for MFU (default: by name, H100/H200 989)")
+    ap.add_argument(
+        "--peak-tflops", type=float, help="peak dense TFLOP/s of the device for MFU (default: by name, H100/H200 989)"
+    )
     ap.add_argument("--json", metavar="PATH", help="write all results as JSON")
     args = ap.parse_args(argv)
     results = benchmark(args.cpu_smoke, args.seq, args.steps, args.batch_size, args.peak_tflops)

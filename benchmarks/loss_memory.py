@@ -66,8 +66,10 @@ def _full_heads(hidden, labels, audio, text_head, audio_head):
     text_logits = text_head(hidden).float()  # (B, L, V)
     text = F.cross_entropy(text_logits[:, :-1].reshape(-1, VOCAB), labels[:, 1:].reshape(-1), ignore_index=IGNORE)
     audio_logits = audio_head(hidden).float().view(B, L, K, CODEBOOK)  # (B, L, K, C)
-    per_cb = [F.cross_entropy(audio_logits[:, :-1, k].reshape(-1, CODEBOOK), audio[:, 1:, k].reshape(-1), ignore_index=IGNORE)
-              for k in range(K)]
+    per_cb = [
+        F.cross_entropy(audio_logits[:, :-1, k].reshape(-1, CODEBOOK), audio[:, 1:, k].reshape(-1), ignore_index=IGNORE)
+        for k in range(K)
+    ]
     return text + sum(per_cb) / K
 
 
@@ -106,12 +108,14 @@ def worker(seq: int, repeats: int, warmup: int) -> dict:
     text_head = torch.nn.Linear(HIDDEN, VOCAB, bias=False).requires_grad_(False)
     audio_head = torch.nn.Linear(HIDDEN, K * CODEBOOK, bias=False).requires_grad_(False)
     with torch.no_grad():
-        text_head.weight.normal_(0, HIDDEN ** -0.5, generator=g)
-        audio_head.weight.normal_(0, HIDDEN ** -0.5, generator=g)
+        text_head.weight.normal_(0, HIDDEN**-0.5, generator=g)
+        audio_head.weight.normal_(0, HIDDEN**-0.5, generator=g)
     hidden = torch.randn(1, seq, HIDDEN, generator=g).requires_grad_(True)
     labels, audio = _layout(seq, g)
-    fns = {"full": lambda: _full_heads(hidden, labels, audio, text_head, audio_head),
-           "scored": lambda: _scored_rows(hidden, labels, audio, text_head, audio_head)}
+    fns = {
+        "full": lambda: _full_heads(hidden, labels, audio, text_head, audio_head),
+        "scored": lambda: _scored_rows(hidden, labels, audio, text_head, audio_head),
+    }
     results = {name: {"mib": [], "s": [], "loss": None} for name in fns}
     for i in range(warmup + repeats):
         for name, fn in fns.items():  # interleaved: a slow phase of the machine hits both
@@ -129,8 +133,14 @@ def worker(seq: int, repeats: int, warmup: int) -> dict:
 def _run_case(seq: int, repeats: int, warmup: int) -> dict:
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), str(REPO / "src"), env.get("PYTHONPATH")]))
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.loss_memory", "--worker", str(seq), str(repeats), str(warmup)],
-                          capture_output=True, text=True, cwd=REPO, env=env, timeout=1800)
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.loss_memory", "--worker", str(seq), str(repeats), str(warmup)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=1800,
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"loss_memory worker (seq {seq}) failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -152,13 +162,35 @@ def run(quick: bool = False) -> list[dict]:
         if abs(full["loss"] - scored["loss"]) > 1e-4 * abs(full["loss"]):
             raise RuntimeError(f"seq {seq}: full-head loss {full['loss']} != scored-rows loss {scored['loss']}")
         base_mib, cand_mib = statistics.median(full["mib"]), statistics.median(scored["mib"])
-        note = (f"B=1, L={seq}, {r['scored_audio_rows']} scored audio rows + 3 text rows; fwd+bwd wrt hidden, fp32, "
-                f"{r['threads']} threads; median of {repeats}; peak RSS above the pre-call RSS")
+        note = (
+            f"B=1, L={seq}, {r['scored_audio_rows']} scored audio rows + 3 text rows; fwd+bwd wrt hidden, fp32, "
+            f"{r['threads']} threads; median of {repeats}; peak RSS above the pre-call RSS"
+        )
         target = "<= 0.1x (>= 10x less)"
-        rows.append(row("loss", "loss peak MiB", "full heads B x L x V", "scored rows only", base_mib, cand_mib,
-                        target=target, met=cand_mib <= 0.1 * base_mib, note=note))
-        rows.append(row("loss", "loss fwd+bwd s", "full heads B x L x V", "scored rows only",
-                        statistics.median(full["s"]), statistics.median(scored["s"]), note=f"L={seq}, median of {repeats}"))
+        rows.append(
+            row(
+                "loss",
+                "loss peak MiB",
+                "full heads B x L x V",
+                "scored rows only",
+                base_mib,
+                cand_mib,
+                target=target,
+                met=cand_mib <= 0.1 * base_mib,
+                note=note,
+            )
+        )
+        rows.append(
+            row(
+                "loss",
+                "loss fwd+bwd s",
+                "full heads B x L x V",
+                "scored rows only",
+                statistics.median(full["s"]),
+                statistics.median(scored["s"]),
+                note=f"L={seq}, median of {repeats}",
+            )
+        )
     return rows
 
 

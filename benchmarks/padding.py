@@ -17,7 +17,7 @@ from __future__ import annotations
 import random
 import statistics
 
-from benchmarks import row, tiny_text_stack, synthetic_text
+from benchmarks import row, synthetic_text, tiny_text_stack
 from higgs_tune.config import DataConfig
 
 TARGET = 0.10
@@ -38,8 +38,12 @@ def waste(lengths_for_epoch, bucket_size: int, epochs: int, data: DataConfig) ->
     from higgs_tune.data.collate import TokenBudgetBatchSampler, padding_waste
 
     sampler = TokenBudgetBatchSampler(
-        lengths_for_epoch, max_tokens=data.max_tokens_per_batch, max_batch_size=data.max_batch_size,
-        shuffle=True, seed=0, bucket_size=bucket_size,
+        lengths_for_epoch,
+        max_tokens=data.max_tokens_per_batch,
+        max_batch_size=data.max_batch_size,
+        shuffle=True,
+        seed=0,
+        bucket_size=bucket_size,
     )
     out = []
     for epoch in range(epochs):
@@ -63,9 +67,18 @@ def compare(name: str, lengths_for_epoch, epochs: int, note: str, data: DataConf
     without = waste(lengths_for_epoch, 0, epochs, data)
     with_ = waste(lengths_for_epoch, data.bucket_size, epochs, data)
     return row(
-        "padding", f"padding waste, {name}", "no bucketing", f"bucket_size {data.bucket_size}",
-        100 * without, 100 * with_, target="< 10% with bucketing", met=with_ < TARGET,
-        note=f"% of padded positions, median of {epochs} epochs; {data.max_tokens_per_batch} tokens/batch, <= {data.max_batch_size} samples; {note}",
+        "padding",
+        f"padding waste, {name}",
+        "no bucketing",
+        f"bucket_size {data.bucket_size}",
+        100 * without,
+        100 * with_,
+        target="< 10% with bucketing",
+        met=with_ < TARGET,
+        note=(
+            f"% of padded positions, median of {epochs} epochs; {data.max_tokens_per_batch} tokens/batch, <= "
+            f"{data.max_batch_size} samples; {note}"
+        ),
     )
 
 
@@ -76,21 +89,35 @@ def run(quick: bool = False) -> list[dict]:
     rows = []
     demo = demo_data_config()
     dataset = demo_dataset(demo)
-    rows.append(compare(
-        "bundled demo", dataset.lengths, epochs,
-        f"{len(dataset)} clips, task {demo.task}, lengths {min(dataset.lengths(0))}-{max(dataset.lengths(0))} tokens, configs/demo-tiny-cpu.yaml",
-        demo,
-    ))
+    rows.append(
+        compare(
+            "bundled demo",
+            dataset.lengths,
+            epochs,
+            f"{len(dataset)} clips, task {demo.task}, lengths {min(dataset.lengths(0))}-{max(dataset.lengths(0))} "
+            "tokens, configs/demo-tiny-cpu.yaml",
+            demo,
+        )
+    )
     defaults = DataConfig()
-    rows.append(compare(
-        "bundled demo, default data.*", demo_dataset(defaults).lengths, epochs,
-        f"{len(dataset)} clips, task {defaults.task}, lengths bimodal (with/without a reference)",
-        defaults,
-    ))
+    rows.append(
+        compare(
+            "bundled demo, default data.*",
+            demo_dataset(defaults).lengths,
+            epochs,
+            f"{len(dataset)} clips, task {defaults.task}, lengths bimodal (with/without a reference)",
+            defaults,
+        )
+    )
     n = 2000 if quick else 10000
     lengths = synthetic_lengths(n)
-    rows.append(compare(
-        "synthetic 2-20 s", lengths, epochs, f"{n} clips, uniform 2-20 s, TTS, lengths {min(lengths)}-{max(lengths)} tokens, default data.*",
-        DataConfig(),
-    ))
+    rows.append(
+        compare(
+            "synthetic 2-20 s",
+            lengths,
+            epochs,
+            f"{n} clips, uniform 2-20 s, TTS, lengths {min(lengths)}-{max(lengths)} tokens, default data.*",
+            DataConfig(),
+        )
+    )
     return rows

@@ -24,16 +24,43 @@ if __package__ in (None, ""):
 
 import torch  # noqa: E402
 
-REAL = {"hidden_size": 3072, "num_hidden_layers": 28, "num_attention_heads": 24, "num_key_value_heads": 8, "head_dim": 128,
-        "intermediate_size": 8192, "vocab_size": 128256}
-SMOKE = {"hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32,
-         "intermediate_size": 344, "vocab_size": 128256}
-_COPIED = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "processor_config.json",
-           "generation_config.json")
+REAL = {
+    "hidden_size": 3072,
+    "num_hidden_layers": 28,
+    "num_attention_heads": 24,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "intermediate_size": 8192,
+    "vocab_size": 128256,
+}
+SMOKE = {
+    "hidden_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 32,
+    "intermediate_size": 344,
+    "vocab_size": 128256,
+}
+_COPIED = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "processor_config.json",
+    "generation_config.json",
+)
 
 
-def make_real_size_stack(out: str | Path, *, dtype: str = "bfloat16", shapes: dict | None = None, layers: int | None = None,
-                         seed: int = 0, max_shard_size: str = "2GB") -> Path:
+def make_real_size_stack(
+    out: str | Path,
+    *,
+    dtype: str = "bfloat16",
+    shapes: dict | None = None,
+    layers: int | None = None,
+    seed: int = 0,
+    max_shard_size: str = "2GB",
+) -> Path:
     """Write the stack into `out` (must be empty or absent); returns it."""
     from transformers import HiggsAudioV2Config
 
@@ -72,7 +99,9 @@ def _parse_size(text: str) -> int:
     return int(float(text[:-2]) * units[text[-2:].upper()])
 
 
-def write_random_weights(config, out: Path, dtype: torch.dtype, seed: int = 0, max_shard_bytes: int = 2 * 10**9) -> None:
+def write_random_weights(
+    config, out: Path, dtype: torch.dtype, seed: int = 0, max_shard_bytes: int = 2 * 10**9
+) -> None:
     """config.json + sharded safetensors + index for HiggsAudioV2ForConditionalGeneration(config, use_text_head=True),
     written tensor by tensor: the names and shapes come from the model built on the meta device, each
     tensor is drawn (N(0, initializer_range) for matrices, ones for norms, as transformers
@@ -113,8 +142,9 @@ def write_random_weights(config, out: Path, dtype: torch.dtype, seed: int = 0, m
         save_file(tensors, str(out / file), metadata={"format": "pt"})
         del tensors
     if len(plan) > 1:
-        (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
-                                                                     indent=2), encoding="utf-8")
+        (out / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2), encoding="utf-8"
+        )
     config.architectures = ["HiggsAudioV2ForConditionalGeneration"]
     config.dtype = str(dtype).replace("torch.", "")
     config.save_pretrained(out)

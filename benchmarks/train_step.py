@@ -19,8 +19,15 @@ import torch
 from benchmarks import interleaved_medians, row, tiny_text_stack
 from benchmarks.gpu_real_arch import ArchSpec, build_model, make_batch
 
-SMALL = ArchSpec(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
-                 intermediate_size=688, vocab_size=2048)
+SMALL = ArchSpec(
+    hidden_size=256,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=64,
+    intermediate_size=688,
+    vocab_size=2048,
+)
 
 
 def make_step(mode: str, grad_ckpt: bool, batch: dict):
@@ -57,12 +64,21 @@ def run(quick: bool = False) -> list[dict]:
     for mode in ("full", "lora"):
         for ckpt in (False, True):
             settings[(mode, ckpt)], trainable[mode], total[mode] = make_step(mode, ckpt, batch)
-    times = interleaved_medians({f"{m}/{c}": fn for (m, c), fn in settings.items()}, repeats=3 if quick else 7, warmup=1)
+    times = interleaved_medians(
+        {f"{m}/{c}": fn for (m, c), fn in settings.items()}, repeats=3 if quick else 7, warmup=1
+    )
     full, full_ck, lora, lora_ck = (times[k] for k in ("full/False", "full/True", "lora/False", "lora/True"))
     size = f"hidden 256, 4 layers, {total['full']:,} params, batch {batch_size} x {seq} tokens, fp32 CPU"
     return [
         row("train_step", "step s, full fine-tuning", "no grad ckpt", "grad ckpt", full, full_ck, note=size),
         row("train_step", "step s, LoRA r16", "no grad ckpt", "grad ckpt", lora, lora_ck, note=size),
-        row("train_step", "step s, no grad ckpt", "full", "LoRA r16", full, lora,
-            note=f"trainable full {trainable['full']:,} / LoRA {trainable['lora']:,}"),
+        row(
+            "train_step",
+            "step s, no grad ckpt",
+            "full",
+            "LoRA r16",
+            full,
+            lora,
+            note=f"trainable full {trainable['full']:,} / LoRA {trainable['lora']:,}",
+        ),
     ]

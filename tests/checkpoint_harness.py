@@ -52,12 +52,15 @@ def seed_everything(seed: int) -> None:
 
 def make_config(run_dir: Path, steps: int, overrides=(), **checkpoint):
     """A real Config for the run (written into every checkpoint, compared on resume)."""
-    return config_from_dict({
-        "model": {"name_or_path": "tiny", "dtype": "float32"},
-        "data": {"train_cache": "toy"},
-        "train": {"max_steps": steps, "learning_rate": LR, "warmup_steps": WARMUP, "seed": SEED},
-        "checkpoint": {"output_dir": str(run_dir), "save_steps": 2, "min_free_gb": 0.0, **checkpoint},
-    }, list(overrides))
+    return config_from_dict(
+        {
+            "model": {"name_or_path": "tiny", "dtype": "float32"},
+            "data": {"train_cache": "toy"},
+            "train": {"max_steps": steps, "learning_rate": LR, "warmup_steps": WARMUP, "seed": SEED},
+            "checkpoint": {"output_dir": str(run_dir), "save_steps": 2, "min_free_gb": 0.0, **checkpoint},
+        },
+        list(overrides),
+    )
 
 
 def build_model(tiny_dir: Path, mode: str):
@@ -70,8 +73,12 @@ def build_model(tiny_dir: Path, mode: str):
         return model
     from peft import LoraConfig, get_peft_model
 
-    return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=["q_proj", "v_proj"],
-                                            modules_to_save=["audio_lm_head"]))
+    return get_peft_model(
+        model,
+        LoraConfig(
+            r=4, lora_alpha=8, lora_dropout=0.1, target_modules=["q_proj", "v_proj"], modules_to_save=["audio_lm_head"]
+        ),
+    )
 
 
 def trainable(model) -> dict[str, torch.Tensor]:
@@ -89,14 +96,18 @@ def weights_digest(model) -> str:
 def save_weights_fn(model, mode: str):
     def save_weights(folder: Path) -> None:
         if mode == "head":
-            save_file({n: p.detach().contiguous() for n, p in trainable(model).items()}, str(folder / "trainable.safetensors"))
+            save_file(
+                {n: p.detach().contiguous() for n, p in trainable(model).items()}, str(folder / "trainable.safetensors")
+            )
         else:
             model.save_pretrained(folder)
+
     return save_weights
 
 
 def verify_weights_fn(tiny_dir: Path, model, mode: str):
     """Load the saved weights back the way a user would and compare them with the live ones."""
+
     def verify_weights(folder: Path) -> None:
         live = {n: p.detach() for n, p in trainable(model).items()}
         if mode == "head":
@@ -106,10 +117,10 @@ def verify_weights_fn(tiny_dir: Path, model, mode: str):
             from transformers import HiggsAudioV2ForConditionalGeneration
 
             base = HiggsAudioV2ForConditionalGeneration.from_pretrained(tiny_dir, use_text_head=True)
-            loaded = {n: p.detach() for n, p in PeftModel.from_pretrained(base, folder).named_parameters()
-                      if n in live}
+            loaded = {n: p.detach() for n, p in PeftModel.from_pretrained(base, folder).named_parameters() if n in live}
         if loaded.keys() != live.keys() or not all(torch.equal(loaded[n], live[n]) for n in live):
             raise CheckpointError(f"{folder}: the saved weights do not load back equal to the trained ones.")
+
     return verify_weights
 
 
@@ -152,8 +163,10 @@ def make_pool(config) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Fixed clips: (text ids (TEXT_LEN,), codes (MAX_FRAMES, K)), from a seeded generator."""
     g = torch.Generator().manual_seed(0)
     k = config.num_codebooks
-    return [(torch.randint(0, 1792, (TEXT_LEN,), generator=g), torch.randint(0, 1024, (MAX_FRAMES, k), generator=g))
-            for _ in range(POOL)]
+    return [
+        (torch.randint(0, 1792, (TEXT_LEN,), generator=g), torch.randint(0, 1024, (MAX_FRAMES, k), generator=g))
+        for _ in range(POOL)
+    ]
 
 
 def make_batch(pool, indices: list[int], config) -> dict[str, torch.Tensor]:
@@ -226,12 +239,20 @@ def live_rng_digest() -> str:
 def saved_rng_digest(rng: dict) -> str:
     """The same digest from one rank's entry of training_state.pt's RNG list."""
     py, npy = rng["python"], rng["numpy"]
-    return _digest((py["version"], tuple(py["state"].tolist()), py["gauss_next"]), npy["keys"].tolist(), npy["pos"], rng["torch"])
+    return _digest(
+        (py["version"], tuple(py["state"].tolist()), py["gauss_next"]), npy["keys"].tolist(), npy["pos"], rng["torch"]
+    )
 
 
 def _run(args, cfg, run_dir: Path, accelerator, rank: int, world: int, resume: bool) -> dict:
     """One training run in this process: from scratch (saving at --save-at) or resumed from run_dir."""
-    from higgs_tune.train.checkpoint import CHECKPOINT_PREFIX, TMP_PREFIX, CheckpointManager, find_resume_checkpoint, load_training_state
+    from higgs_tune.train.checkpoint import (
+        CHECKPOINT_PREFIX,
+        TMP_PREFIX,
+        CheckpointManager,
+        find_resume_checkpoint,
+        load_training_state,
+    )
 
     save_at = [int(s) for s in args.save_at.split(",")]
     model = build_model(args.tiny_dir, args.mode)
@@ -244,15 +265,18 @@ def _run(args, cfg, run_dir: Path, accelerator, rank: int, world: int, resume: b
     save_weights, verify_weights = save_weights_fn(model, args.mode), verify_weights_fn(args.tiny_dir, model, args.mode)
     last = f"{TMP_PREFIX}{CHECKPOINT_PREFIX}{save_at[-1]}-"
     if args.kill_in == "weights":
+
         def save_weights(folder, _inner=save_weights):  # noqa: F811 - the last save dies right after writing the weights
             _inner(folder)
             if folder.name.startswith(last):
                 os.kill(os.getpid(), signal.SIGKILL)
     elif args.kill_in == "verify":
+
         def verify_weights(folder, _inner=verify_weights):  # noqa: F811 - the last save dies with every file written, before the rename
             _inner(folder)
             if folder.name.startswith(last):
                 os.kill(os.getpid(), signal.SIGKILL)
+
     manager = CheckpointManager(run_dir, accelerator, cfg.checkpoint, save_weights, verify_weights)
 
     start = 0
@@ -269,9 +293,20 @@ def _run(args, cfg, run_dir: Path, accelerator, rank: int, world: int, resume: b
         losses.update(train_steps(ddp, opt, sched, sampler, pool, config, step - 1, step))
         if step in save_at and not resume:
             saved_rng[str(step)] = live_rng_digest()  # this rank's RNG state at the save
-            manager.save(step, optimizer=opt, scheduler=sched, sampler_state=sampler.state_dict(), epoch=sampler.epoch,
-                         metrics={"loss": losses[step]}, config=cfg)
-    return {"losses": {str(k): v for k, v in losses.items()}, "weights": weights_digest(model), "rng_at_save": saved_rng}
+            manager.save(
+                step,
+                optimizer=opt,
+                scheduler=sched,
+                sampler_state=sampler.state_dict(),
+                epoch=sampler.epoch,
+                metrics={"loss": losses[step]},
+                config=cfg,
+            )
+    return {
+        "losses": {str(k): v for k, v in losses.items()},
+        "weights": weights_digest(model),
+        "rng_at_save": saved_rng,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -288,10 +323,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out-prefix", type=Path, required=True)
     ap.add_argument("--mode", default="head", choices=("head", "lora"))
     ap.add_argument("--resume", action="store_true", help="resume from the run folder instead of starting fresh")
-    ap.add_argument("--then-resume", action="store_true",
-                    help="after the run, rebuild everything in this process (other seeds) and resume from the run folder")
-    ap.add_argument("--accelerate", action="store_true", help="set the processes up with accelerate.Accelerator(cpu=True) and pass it to the manager")
-    ap.add_argument("--kill-in", choices=("weights", "verify"), help="SIGKILL this process inside that step of the last save")
+    ap.add_argument(
+        "--then-resume",
+        action="store_true",
+        help="after the run, rebuild everything in this process (other seeds) and resume from the run folder",
+    )
+    ap.add_argument(
+        "--accelerate",
+        action="store_true",
+        help="set the processes up with accelerate.Accelerator(cpu=True) and pass it to the manager",
+    )
+    ap.add_argument(
+        "--kill-in", choices=("weights", "verify"), help="SIGKILL this process inside that step of the last save"
+    )
     args = ap.parse_args(argv)
 
     torch.set_num_threads(1)
@@ -307,8 +351,12 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = make_config(args.run_dir, args.steps)
     run_dir = prepare_output_dir(cfg, resume="auto" if args.resume else None, estimate_bytes=1 << 20)
-    out = {"rank": rank, "world_size": world, "run_dir": str(run_dir),
-           **_run(args, cfg, run_dir, accelerator, rank, world, resume=args.resume)}
+    out = {
+        "rank": rank,
+        "world_size": world,
+        "run_dir": str(run_dir),
+        **_run(args, cfg, run_dir, accelerator, rank, world, resume=args.resume),
+    }
     if args.then_resume:
         seed_everything(999 + rank)  # whatever the rebuilt run draws must come from the checkpoint
         out["resumed"] = _run(args, cfg, run_dir, accelerator, rank, world, resume=True)

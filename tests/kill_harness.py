@@ -47,11 +47,11 @@ def main() -> None:
                 if isinstance(obj, dict) and obj.get(ck.KEY_STEP) == n:
                     os.kill(os.getpid(), signal.SIGKILL)  # training_state.pt written, manifest not yet
 
-            ck.torch.save = save_then_die
+            torch.save = save_then_die  # the module attribute the checkpoint writer calls
         else:
             raise SystemExit(f"unknown kill point {kill!r}")
     torch.set_num_threads(1)
-    from higgs_tune.cli import main as cli
+    from higgs_tune.app.cli import main as cli
 
     sys.argv = ["higgs-tune", "train", *args]
     cli()

@@ -13,8 +13,12 @@ def preset_dict(tiny_dir: Path, train_cache: Path, heldout_cache: Path | None, o
     from importlib.resources import files as res_files
 
     text = res_files("higgs_tune.resources").joinpath("demo-tiny-cpu.yaml").read_text(encoding="utf-8")
-    for key, value in {"TINY_MODEL": tiny_dir, "DEMO_CACHE": train_cache,
-                       "DEMO_HELDOUT_CACHE": heldout_cache or "", "OUTPUT_DIR": output_dir}.items():
+    for key, value in {
+        "TINY_MODEL": tiny_dir,
+        "DEMO_CACHE": train_cache,
+        "DEMO_HELDOUT_CACHE": heldout_cache or "",
+        "OUTPUT_DIR": output_dir,
+    }.items():
         text = text.replace("${" + key + "}", str(value))
     data = yaml.safe_load(text)
     data["logging"]["report_to"] = []  # no TensorBoard files in tests
@@ -24,8 +28,7 @@ def preset_dict(tiny_dir: Path, train_cache: Path, heldout_cache: Path | None, o
 def small_config(tiny_dir, train_cache, heldout_cache, output_dir, overrides=()):
     """The demo preset, small and fast: no eval/samples unless overridden."""
     data = preset_dict(tiny_dir, train_cache, heldout_cache, output_dir)
-    base = ["train.sample_steps=null", "train.eval_steps=null", "checkpoint.keep_best=false",
-            "data.eval_cache=null"]
+    base = ["train.sample_steps=null", "train.eval_steps=null", "checkpoint.keep_best=false", "data.eval_cache=null"]
     return config_from_dict(data, base + list(overrides))
 
 
@@ -43,8 +46,14 @@ def torchrun2(script: str, *args: str, env: dict | None = None):
     import subprocess
     import sys
 
-    full_env = {**os.environ, **(env or {}), "PYTHONPATH": str(HERE) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-                "PYTHONUNBUFFERED": "1", "COLUMNS": "500", "OMP_NUM_THREADS": "1"}
+    full_env = {
+        **os.environ,
+        **(env or {}),
+        "PYTHONPATH": str(HERE) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        "PYTHONUNBUFFERED": "1",
+        "COLUMNS": "500",
+        "OMP_NUM_THREADS": "1",
+    }
     torchrun = Path(sys.executable).with_name("torchrun")
     cmd = [str(torchrun), "--standalone", "--nproc_per_node", "2", str(HERE / script), *args]
     return subprocess.run(cmd, capture_output=True, text=True, env=full_env, timeout=600)
@@ -55,7 +64,9 @@ def train_losses(run_dir: Path) -> dict[int, tuple[float, float]]:
     import json
 
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: (r["loss"], r["grad_norm"]) for r in rows if r.get("event") == "metrics" and r["split"] == "train"}
+    return {
+        r["step"]: (r["loss"], r["grad_norm"]) for r in rows if r.get("event") == "metrics" and r["split"] == "train"
+    }
 
 
 def run_folder_at_checkpoint(run: Path, step: int, dest: Path) -> Path:

@@ -11,14 +11,25 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "PYTHONPATH": f"{REPO / 'src'}{os.pathsep}{REPO}", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-       "TOKENIZERS_PARALLELISM": "false"}
+ENV = {
+    **os.environ,
+    "PYTHONPATH": f"{REPO / 'src'}{os.pathsep}{REPO}",
+    "HF_HUB_OFFLINE": "1",
+    "OMP_NUM_THREADS": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
 
 
 def test_memory_table_prints_every_setting(tmp_path):
     out = tmp_path / "table.json"
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "memory_table.py"), "--markdown", "--json", str(out)],
-                          cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "memory_table.py"), "--markdown", "--json", str(out)],
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     rows = json.loads(out.read_text())
     assert len(rows) == 9 * 2 * 3  # settings x checkpointing x (1024, 2048, 4096)
@@ -37,9 +48,25 @@ def test_memory_plan_reads_a_local_checkpoint(tiny_dir):
 
 @pytest.mark.slow
 def test_gpu_check_cpu_smoke(tmp_path):
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--cpu-smoke", "--out", str(tmp_path),
-                           "--seq", "96", "--steps", "1", "--skip-train"],
-                          cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "gpu_check.py"),
+            "--cpu-smoke",
+            "--out",
+            str(tmp_path),
+            "--seq",
+            "96",
+            "--steps",
+            "1",
+            "--skip-train",
+        ],
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     assert len(report["steps"]) == 5 and not any(r["oom"] for r in report["steps"])

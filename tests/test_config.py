@@ -49,7 +49,9 @@ def test_minimal_config_and_defaults():
 
 
 def test_five_mistakes_give_one_error_with_five_lines(tmp_path):
-    path = write(tmp_path, """\
+    path = write(
+        tmp_path,
+        """\
         model:
           dtype: bf16
           use_text_head: false
@@ -64,7 +66,8 @@ def test_five_mistakes_give_one_error_with_five_lines(tmp_path):
           learning_rat: 3e-4
         checkpoint:
           save_steps: 500
-        """)
+        """,
+    )
     with pytest.raises(ConfigError) as e:
         load_config(path)
     assert e.value.problems == [
@@ -80,11 +83,16 @@ def test_five_mistakes_give_one_error_with_five_lines(tmp_path):
 
 
 def test_unknown_keys_are_errors_with_a_hint():
-    assert problems(with_(train={"learning_rat": 1e-4})) == ["train.learning_rat: unknown key. Did you mean train.learning_rate?"]
-    assert problems(with_(train={"save_steps": 100})) == ["train.save_steps: unknown key. It belongs in another section: checkpoint.save_steps."]
+    assert problems(with_(train={"learning_rat": 1e-4})) == [
+        "train.learning_rat: unknown key. Did you mean train.learning_rate?"
+    ]
+    assert problems(with_(train={"save_steps": 100})) == [
+        "train.save_steps: unknown key. It belongs in another section: checkpoint.save_steps."
+    ]
     assert problems({**MINIMAL, "trian": {}}) == ["trian: unknown key. Did you mean train?"]
     assert problems({**MINIMAL, "extras": 1}) == [
-        "extras: unknown key. Sections: model, finetune, data, loss, health, train, checkpoint, logging."]
+        "extras: unknown key. Sections: model, finetune, data, loss, health, train, checkpoint, logging."
+    ]
     assert problems(with_(model={"zzz": 1})) == ["model.zzz: unknown key."]
 
 
@@ -94,55 +102,147 @@ def test_output_dir_is_required():
     assert problems(data) == ["checkpoint.output_dir is required: the run folder for checkpoints, metrics and samples."]
 
 
-@pytest.mark.parametrize("sections,expected", [
-    ({"checkpoint": {"keep_best": True, "save_steps": 500}, "train": {"eval_steps": 200}, "data": {"eval_fraction": 0.1}},
-     ["checkpoint.save_steps (500) is not a multiple of train.eval_steps (200): with keep_best every save needs a fresh eval loss. Make save_steps a multiple of eval_steps."]),
-    ({"checkpoint": {"keep_best": True}, "train": {"eval_steps": 0}, "data": {"eval_fraction": 0.1}},  # no division by zero
-     ["train.eval_steps must be > 0 (or null), got 0."]),
-    ({"checkpoint": {"keep_best": True}},
-     ["checkpoint.keep_best needs train.eval_steps: the best checkpoint is chosen by eval loss.",
-      "checkpoint.keep_best needs a held-out split: set data.eval_cache or data.eval_fraction."]),
-    ({"finetune": {"mode": "full", "pathways": [], "lora_alpha": 32, "use_dora": True}, "model": {"dtype": "float32"}},
-     ["finetune.lora_alpha, finetune.use_dora set in full mode: LoRA options have no effect there. Remove them or use mode: lora."]),
-    ({"finetune": {"mode": "full"}, "model": {"dtype": "float32"}},
-     []),
-    ({"finetune": {"mode": "full", "pathways": ["text_attn"], "train_modules": ["audio_lm_head"]}, "model": {"dtype": "float32"}},
-     ["finetune.pathways set in full mode: all weights are trained; use finetune.freeze to keep parts frozen (or pathways: []).",
-      "finetune.train_modules set in full mode: every module is trained already. Remove it (use finetune.freeze to keep parts frozen)."]),
-    ({"finetune": {"freeze": ["text_embeddings"]}},
-     ["finetune.freeze is a full-mode option; in lora mode everything outside the adapters is frozen already. Remove it."]),
-    ({"model": {"use_text_head": False}},
-     ["loss.text_weight > 0 but model.use_text_head is false: set use_text_head true or text_weight 0."]),
-    ({"model": {"use_text_head": False}, "loss": {"text_weight": 0.0}, "finetune": {"train_modules": ["text_lm_head"]}},
-     ["finetune.train_modules has text_lm_head but model.use_text_head is false: set use_text_head true or remove text_lm_head."]),
-    ({"finetune": {"pathways": ["text_attn", "audio_attn"]}},
-     ["finetune names audio_attn but model.audio_self_attention is false: set it true or remove audio_attn."]),
-    ({"finetune": {"pathways": ["text_atn"]}},
-     ["finetune.pathways: 'text_atn' is not one of text_attn, text_mlp, audio_mlp, audio_attn. Did you mean 'text_attn'?"]),
-    ({"data": {"eval_cache": "cache/heldout"}, "train": {"max_steps": 10, "warmup_steps": 20}},
-     ["train.warmup_steps (20) exceeds train.max_steps (10): the peak learning rate would never be reached. Lower warmup_steps."]),
-    ({"data": {"eval_cache": "cache/heldout", "eval_fraction": 0.1}},
-     ["data.eval_cache and data.eval_fraction are both set: choose one held-out source."]),
-    ({"data": {"task": "tts", "clone_probability": 0.5}},
-     ["data.clone_probability is used only with data.task: mixed (task is 'tts'). Remove it or set task: mixed."]),
-    ({"train": {"eval_steps": 100}},
-     ["train.eval_steps is set but there is no held-out split: set data.eval_cache or data.eval_fraction."]),
-    ({"train": {"mixed_precision": "fp16"}},
-     ["train.mixed_precision fp16 with model.dtype bfloat16: use bf16, or load float32/float16 weights."]),
-    ({"loss": {"text_weight": 0.0, "audio_weight": 0.0}},
-     ["loss.text_weight and loss.audio_weight are both 0: nothing would be learned. Set one > 0."]),
-    ({"loss": {"codebook_weights": [0.0, 0.0]}},
-     ["loss.codebook_weights must be >= 0 with at least one > 0, got [0.0, 0.0]."]),
-    ({"checkpoint": {"output_dir_fallback": "runs/a"}},
-     ["checkpoint.output_dir_fallback is the same folder as checkpoint.output_dir: give another disk's folder or remove it."]),
-    ({"checkpoint": {"save_steps": 0, "save_total_limit": 0, "on_save_error": "ignore", "min_free_gb": -1.0}},
-     ["checkpoint.save_steps must be > 0, got 0.",
-      "checkpoint.save_total_limit must be >= 1 (or null to keep all), got 0.",
-      "checkpoint.on_save_error: 'ignore' is not one of abort, continue.",
-      "checkpoint.min_free_gb must be >= 0, got -1.0."]),
-    ({"logging": {"report_to": ["none", "tensorboard"]}},
-     ["logging.report_to lists none beside tensorboard: use [none] alone or drop it."]),
-])
+@pytest.mark.parametrize(
+    "sections,expected",
+    [
+        (
+            {
+                "checkpoint": {"keep_best": True, "save_steps": 500},
+                "train": {"eval_steps": 200},
+                "data": {"eval_fraction": 0.1},
+            },
+            [
+                "checkpoint.save_steps (500) is not a multiple of train.eval_steps (200): with keep_best every "
+                "save needs a fresh eval loss. Make save_steps a multiple of eval_steps."
+            ],
+        ),
+        (
+            {
+                "checkpoint": {"keep_best": True},
+                "train": {"eval_steps": 0},
+                "data": {"eval_fraction": 0.1},
+            },  # no division by zero
+            ["train.eval_steps must be > 0 (or null), got 0."],
+        ),
+        (
+            {"checkpoint": {"keep_best": True}},
+            [
+                "checkpoint.keep_best needs train.eval_steps: the best checkpoint is chosen by eval loss.",
+                "checkpoint.keep_best needs a held-out split: set data.eval_cache or data.eval_fraction.",
+            ],
+        ),
+        (
+            {
+                "finetune": {"mode": "full", "pathways": [], "lora_alpha": 32, "use_dora": True},
+                "model": {"dtype": "float32"},
+            },
+            [
+                "finetune.lora_alpha, finetune.use_dora set in full mode: LoRA options have no effect there. "
+                "Remove them or use mode: lora."
+            ],
+        ),
+        ({"finetune": {"mode": "full"}, "model": {"dtype": "float32"}}, []),
+        (
+            {
+                "finetune": {"mode": "full", "pathways": ["text_attn"], "train_modules": ["audio_lm_head"]},
+                "model": {"dtype": "float32"},
+            },
+            [
+                "finetune.pathways set in full mode: all weights are trained; use finetune.freeze to keep parts "
+                "frozen (or pathways: []).",
+                "finetune.train_modules set in full mode: every module is trained already. Remove it (use "
+                "finetune.freeze to keep parts frozen).",
+            ],
+        ),
+        (
+            {"finetune": {"freeze": ["text_embeddings"]}},
+            [
+                "finetune.freeze is a full-mode option; in lora mode everything outside the adapters is frozen "
+                "already. Remove it."
+            ],
+        ),
+        (
+            {"model": {"use_text_head": False}},
+            ["loss.text_weight > 0 but model.use_text_head is false: set use_text_head true or text_weight 0."],
+        ),
+        (
+            {
+                "model": {"use_text_head": False},
+                "loss": {"text_weight": 0.0},
+                "finetune": {"train_modules": ["text_lm_head"]},
+            },
+            [
+                "finetune.train_modules has text_lm_head but model.use_text_head is false: set use_text_head true "
+                "or remove text_lm_head."
+            ],
+        ),
+        (
+            {"finetune": {"pathways": ["text_attn", "audio_attn"]}},
+            ["finetune names audio_attn but model.audio_self_attention is false: set it true or remove audio_attn."],
+        ),
+        (
+            {"finetune": {"pathways": ["text_atn"]}},
+            [
+                "finetune.pathways: 'text_atn' is not one of text_attn, text_mlp, audio_mlp, audio_attn. Did you "
+                "mean 'text_attn'?"
+            ],
+        ),
+        (
+            {"data": {"eval_cache": "cache/heldout"}, "train": {"max_steps": 10, "warmup_steps": 20}},
+            [
+                "train.warmup_steps (20) exceeds train.max_steps (10): the peak learning rate would never be "
+                "reached. Lower warmup_steps."
+            ],
+        ),
+        (
+            {"data": {"eval_cache": "cache/heldout", "eval_fraction": 0.1}},
+            ["data.eval_cache and data.eval_fraction are both set: choose one held-out source."],
+        ),
+        (
+            {"data": {"task": "tts", "clone_probability": 0.5}},
+            [
+                "data.clone_probability is used only with data.task: mixed (task is 'tts'). Remove it or set task: "
+                "mixed."
+            ],
+        ),
+        (
+            {"train": {"eval_steps": 100}},
+            ["train.eval_steps is set but there is no held-out split: set data.eval_cache or data.eval_fraction."],
+        ),
+        (
+            {"train": {"mixed_precision": "fp16"}},
+            ["train.mixed_precision fp16 with model.dtype bfloat16: use bf16, or load float32/float16 weights."],
+        ),
+        (
+            {"loss": {"text_weight": 0.0, "audio_weight": 0.0}},
+            ["loss.text_weight and loss.audio_weight are both 0: nothing would be learned. Set one > 0."],
+        ),
+        (
+            {"loss": {"codebook_weights": [0.0, 0.0]}},
+            ["loss.codebook_weights must be >= 0 with at least one > 0, got [0.0, 0.0]."],
+        ),
+        (
+            {"checkpoint": {"output_dir_fallback": "runs/a"}},
+            [
+                "checkpoint.output_dir_fallback is the same folder as checkpoint.output_dir: give another disk's "
+                "folder or remove it."
+            ],
+        ),
+        (
+            {"checkpoint": {"save_steps": 0, "save_total_limit": 0, "on_save_error": "ignore", "min_free_gb": -1.0}},
+            [
+                "checkpoint.save_steps must be > 0, got 0.",
+                "checkpoint.save_total_limit must be >= 1 (or null to keep all), got 0.",
+                "checkpoint.on_save_error: 'ignore' is not one of abort, continue.",
+                "checkpoint.min_free_gb must be >= 0, got -1.0.",
+            ],
+        ),
+        (
+            {"logging": {"report_to": ["none", "tensorboard"]}},
+            ["logging.report_to lists none beside tensorboard: use [none] alone or drop it."],
+        ),
+    ],
+)
 def test_contradictions_are_rejected(sections, expected):
     if expected:
         assert problems(with_(**sections)) == expected
@@ -153,7 +253,8 @@ def test_contradictions_are_rejected(sections, expected):
 def test_full_mode_options_are_judged_by_what_was_written():
     # lora_r written explicitly (even at its default value) is a contradiction in full mode
     assert problems(with_(finetune={"mode": "full", "pathways": [], "lora_r": 16}, model={"dtype": "float32"})) == [
-        "finetune.lora_r set in full mode: LoRA options have no effect there. Remove them or use mode: lora."]
+        "finetune.lora_r set in full mode: LoRA options have no effect there. Remove them or use mode: lora."
+    ]
     # a Config built in code counts changed values
     cfg = Config()
     cfg.data.train_cache, cfg.train.max_steps, cfg.checkpoint.output_dir = "c", 10, "o"
@@ -165,8 +266,17 @@ def test_full_mode_options_are_judged_by_what_was_written():
 
 
 def test_overrides_are_parsed_as_yaml():
-    cfg = config_from_dict(MINIMAL, ["train.learning_rate=3e-4", "finetune.pathways=[text_attn, audio_mlp]", "checkpoint.save_total_limit=null",
-                                     "train.max_grad_norm=0", "model.gradient_checkpointing=true", "data.system_prompt=Speak: slowly."])
+    cfg = config_from_dict(
+        MINIMAL,
+        [
+            "train.learning_rate=3e-4",
+            "finetune.pathways=[text_attn, audio_mlp]",
+            "checkpoint.save_total_limit=null",
+            "train.max_grad_norm=0",
+            "model.gradient_checkpointing=true",
+            "data.system_prompt=Speak: slowly.",
+        ],
+    )
     assert cfg.train.learning_rate == 3e-4 and isinstance(cfg.train.learning_rate, float)
     assert cfg.finetune.pathways == ["text_attn", "audio_mlp"]
     assert cfg.checkpoint.save_total_limit is None
@@ -190,11 +300,14 @@ def test_bad_overrides_are_listed_with_everything_else():
 
 def test_yaml_1_1_exponent_floats_are_numbers(tmp_path):
     """PyYAML reads `3e-4` (no dot) as a string; a float setting accepts it as the number."""
-    path = write(tmp_path, """\
+    path = write(
+        tmp_path,
+        """\
         data: {train_cache: c}
         train: {max_steps: 10, learning_rate: 3e-4, weight_decay: 1E-2}
         checkpoint: {output_dir: o, min_free_gb: 5e-1}
-        """)
+        """,
+    )
     cfg = load_config(path)
     assert (cfg.train.learning_rate, cfg.train.weight_decay, cfg.checkpoint.min_free_gb) == (3e-4, 1e-2, 0.5)
     assert problems(with_(train={"learning_rate": "fast"})) == ["train.learning_rate: expected a number, got 'fast'."]
@@ -208,18 +321,24 @@ def test_alias_use_audio_out_self_attention():
     cfg = config_from_dict(MINIMAL, ["model.use_audio_out_self_attention=true"])
     assert cfg.model.audio_self_attention is True
     assert problems(with_(model={"use_audio_out_self_attention": True, "audio_self_attention": False})) == [
-        "model.audio_self_attention and model.use_audio_out_self_attention are the same setting: keep only model.audio_self_attention."]
+        "model.audio_self_attention and model.use_audio_out_self_attention are the same setting: keep only "
+        "model.audio_self_attention."
+    ]
 
 
 def test_a_rejected_value_is_not_reported_twice():
     # max_steps rejected -> its default (None) would also trip "max_steps or num_epochs is required"
     assert problems(with_(train={"max_steps": "ten"})) == ["train.max_steps: expected an integer or null, got 'ten'."]
-    assert problems({**MINIMAL, "data": "cache/train"}) == ["data: expected a mapping of settings, got str 'cache/train'."]
+    assert problems({**MINIMAL, "data": "cache/train"}) == [
+        "data: expected a mapping of settings, got str 'cache/train'."
+    ]
     assert problems(with_(model={"use_text_head": "no"})) == ["model.use_text_head: expected true or false, got 'no'."]
 
 
 def test_types_are_checked():
-    assert problems(with_(train={"adam_betas": [0.9, "x"]}, finetune={"lora_r": 4.0}, logging={"report_to": "none"})) == [
+    assert problems(
+        with_(train={"adam_betas": [0.9, "x"]}, finetune={"lora_r": 4.0}, logging={"report_to": "none"})
+    ) == [
         "train.adam_betas: expected a list of numbers, got [0.9, 'x'].",
         "finetune.lora_r: expected an integer, got 4.0.",
         "logging.report_to: expected a list of strings, got 'none'.",
@@ -234,7 +353,13 @@ def test_empty_sections_and_files(tmp_path):
         "train.max_steps or train.num_epochs is required.",
         "checkpoint.output_dir is required: the run folder for checkpoints, metrics and samples.",
     ]
-    with pytest.raises(ConfigError, match=r"^1 problem\(s\) in .*run.yaml:\n  - the config must be a mapping of sections \(model, finetune, data, \.\.\.\), got list\.$"):
+    with pytest.raises(
+        ConfigError,
+        match=(
+            r"^1 problem\(s\) in .*run.yaml:\n  - the config must be a mapping of sections \(model, finetune, "
+            r"data, \.\.\.\), got list\.$"
+        ),
+    ):
         load_config(write(tmp_path, "- a\n- b\n"))
     with pytest.raises(ConfigError, match=r"config file .*missing.yaml does not exist\."):
         load_config(tmp_path / "missing.yaml")

@@ -15,25 +15,45 @@ from higgs_tune.errors import CheckpointError, DataError
 X = -100
 # Toy ids for hand-made samples: pad 0, AUDIO_OUT 7, delay 8, stream EOS 1025.
 TOY = SpecialTokens(
-    begin_of_text=1, start_header=2, end_header=3, eot=4, audio_out_bos=5, audio_eos=6, audio_out=7,
-    audio_delay=8, pad=0, stream_bos=1024, stream_eos=1025, num_codebooks=2,
+    begin_of_text=1,
+    start_header=2,
+    end_header=3,
+    eot=4,
+    audio_out_bos=5,
+    audio_eos=6,
+    audio_out=7,
+    audio_delay=8,
+    pad=0,
+    stream_bos=1024,
+    stream_eos=1025,
+    num_codebooks=2,
 )
 
 
 def _toy(sample_id, input_ids, labels, audio, audio_labels, roles):
     return {
-        "sample_id": sample_id, "task": "tts", "reference": None, "segments": [],
-        "input_ids": torch.tensor(input_ids), "labels": torch.tensor(labels),
-        "audio_input_ids": torch.tensor(audio).reshape(-1, 2), "audio_labels": torch.tensor(audio_labels).reshape(-1, 2),
+        "sample_id": sample_id,
+        "task": "tts",
+        "reference": None,
+        "segments": [],
+        "input_ids": torch.tensor(input_ids),
+        "labels": torch.tensor(labels),
+        "audio_input_ids": torch.tensor(audio).reshape(-1, 2),
+        "audio_labels": torch.tensor(audio_labels).reshape(-1, 2),
         "audio_roles": torch.tensor(roles),
     }
 
 
 def test_collator_right_pads_a_batch_of_two_exactly():
     # K = 2. Sample a: 7 tokens, one target clip of T = 1 frame (codes 11 / 21): 3 AUDIO_OUT + 1 delay.
-    a = _toy("a", [1, 5, 7, 7, 7, 8, 6], [X, 5, X, X, X, X, 6],
-             [[1024, 1024], [11, 1024], [1025, 21], [1025, 1025]],
-             [[X, X], [11, X], [1025, 21], [X, 1025]], [2, 2, 2, 2])
+    a = _toy(
+        "a",
+        [1, 5, 7, 7, 7, 8, 6],
+        [X, 5, X, X, X, X, 6],
+        [[1024, 1024], [11, 1024], [1025, 21], [1025, 1025]],
+        [[X, X], [11, X], [1025, 21], [X, 1025]],
+        [2, 2, 2, 2],
+    )
     # Sample b: 4 tokens, 2 audio columns marked as reference (all -100).
     b = _toy("b", [1, 5, 7, 8], [X, X, X, X], [[1024, 1024], [30, 1024]], [[X, X], [X, X]], [1, 1])
     batch = Collator(TOY)([a, b])
@@ -41,15 +61,27 @@ def test_collator_right_pads_a_batch_of_two_exactly():
     assert torch.equal(batch["input_ids"], torch.tensor([[1, 5, 7, 7, 7, 8, 6], [1, 5, 7, 8, 0, 0, 0]]))
     assert torch.equal(batch["attention_mask"], torch.tensor([[1, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0, 0]]))
     assert torch.equal(batch["labels"], torch.tensor([[X, 5, X, X, X, X, 6], [X, X, X, X, X, X, X]]))
-    assert torch.equal(batch["audio_input_ids"], torch.tensor([
-        [[1024, 1024], [11, 1024], [1025, 21], [1025, 1025]],
-        [[1024, 1024], [30, 1024], [1025, 1025], [1025, 1025]],  # padded with stream EOS
-    ]))
-    assert torch.equal(batch["audio_input_ids_mask"], torch.tensor([[True, True, True, True], [True, True, False, False]]))
-    assert torch.equal(batch["audio_labels"], torch.tensor([
-        [[X, X], [11, X], [1025, 21], [X, 1025]],
-        [[X, X], [X, X], [X, X], [X, X]],
-    ]))
+    assert torch.equal(
+        batch["audio_input_ids"],
+        torch.tensor(
+            [
+                [[1024, 1024], [11, 1024], [1025, 21], [1025, 1025]],
+                [[1024, 1024], [30, 1024], [1025, 1025], [1025, 1025]],  # padded with stream EOS
+            ]
+        ),
+    )
+    assert torch.equal(
+        batch["audio_input_ids_mask"], torch.tensor([[True, True, True, True], [True, True, False, False]])
+    )
+    assert torch.equal(
+        batch["audio_labels"],
+        torch.tensor(
+            [
+                [[X, X], [11, X], [1025, 21], [X, 1025]],
+                [[X, X], [X, X], [X, X], [X, X]],
+            ]
+        ),
+    )
     assert torch.equal(batch["audio_roles"], torch.tensor([[2, 2, 2, 2], [1, 1, 0, 0]]))
     assert batch["input_ids"].dtype == batch["attention_mask"].dtype == batch["audio_roles"].dtype == torch.long
     assert batch["audio_input_ids_mask"].dtype == torch.bool
@@ -67,9 +99,21 @@ def test_padded_batch_gives_each_row_the_same_logits_as_alone(tiny_dir):
     tokens = SpecialTokens.from_tokenizer(tokenizer, HiggsAudioV2Config.from_pretrained(tiny_dir))
     model = HiggsAudioV2ForConditionalGeneration.from_pretrained(tiny_dir, use_text_head=True).eval()
     g = torch.Generator().manual_seed(0)
-    long = build_sample(Conversation.voice_clone("Close the window now.", "The cat sat."), tokenizer, tokens,
-                        target_codes=torch.randint(0, 1024, (8, 5), generator=g), ref_codes=torch.randint(0, 1024, (8, 3), generator=g), sample_id="long")
-    short = build_sample(Conversation.tts("Hi."), tokenizer, tokens, target_codes=torch.randint(0, 1024, (8, 2), generator=g), sample_id="short")
+    long = build_sample(
+        Conversation.voice_clone("Close the window now.", "The cat sat."),
+        tokenizer,
+        tokens,
+        target_codes=torch.randint(0, 1024, (8, 5), generator=g),
+        ref_codes=torch.randint(0, 1024, (8, 3), generator=g),
+        sample_id="long",
+    )
+    short = build_sample(
+        Conversation.tts("Hi."),
+        tokenizer,
+        tokens,
+        target_codes=torch.randint(0, 1024, (8, 2), generator=g),
+        sample_id="short",
+    )
     collate = Collator(tokens)
     keys = ("input_ids", "attention_mask", "audio_input_ids", "audio_input_ids_mask")
     batch = collate([long, short])
@@ -111,8 +155,12 @@ def test_sampler_respects_the_token_budget_and_uses_every_index_once():
 def test_sharded_ranks_get_equal_batch_counts_and_disjoint_indices(replicas, drop_last):
     lengths = _speech_lengths(301, seed=1)
     ranks = [
-        _epoch(TokenBudgetBatchSampler(lengths, 4096, 16, seed=5, bucket_size=4, drop_last=drop_last,
-                                       num_replicas=replicas, rank=r), epoch=2)
+        _epoch(
+            TokenBudgetBatchSampler(
+                lengths, 4096, 16, seed=5, bucket_size=4, drop_last=drop_last, num_replicas=replicas, rank=r
+            ),
+            epoch=2,
+        )
         for r in range(replicas)
     ]
     assert len({len(r) for r in ranks}) == 1  # same number of steps on every rank

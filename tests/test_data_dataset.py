@@ -14,9 +14,14 @@ from higgs_tune.data.layout import ROLE_REFERENCE, ROLE_TARGET, Conversation, Sp
 from higgs_tune.errors import DataError
 
 SENTENCES = [
-    "The morning train was right on time.", "Please close the window before you leave.",
-    "My sister likes green tea with honey.", "We walked along the river after lunch.",
-    "مرحبا بكم في البيت.", "كيف حالك اليوم؟", "The meeting starts at nine tomorrow.", "Hello there.",
+    "The morning train was right on time.",
+    "Please close the window before you leave.",
+    "My sister likes green tea with honey.",
+    "We walked along the river after lunch.",
+    "مرحبا بكم في البيت.",
+    "كيف حالك اليوم؟",
+    "The meeting starts at nine tomorrow.",
+    "Hello there.",
 ]
 
 
@@ -53,13 +58,19 @@ class StandInCache:
 
 def _entries(speakers=("a", "b", "c"), per_speaker=4, scene_every=3):
     out = []
-    for s_i, spk in enumerate(speakers):
+    for spk in speakers:
         for j in range(per_speaker):
             n = len(out)
-            out.append(Entry(
-                id=f"{spk}_{j:03d}", key=f"key-{spk}-{j}", speaker=spk, text=SENTENCES[n % len(SENTENCES)],
-                num_frames=3 + (n * 7) % 11, scene="A quiet room." if n % scene_every == 0 else None,
-            ))
+            out.append(
+                Entry(
+                    id=f"{spk}_{j:03d}",
+                    key=f"key-{spk}-{j}",
+                    speaker=spk,
+                    text=SENTENCES[n % len(SENTENCES)],
+                    num_frames=3 + (n * 7) % 11,
+                    scene="A quiet room." if n % scene_every == 0 else None,
+                )
+            )
     return out
 
 
@@ -82,8 +93,11 @@ def test_tts_task_builds_exactly_the_layout_sample(stack):
     for i in (0, 1):
         entry = cache.entries[i]
         expected = build_sample(
-            Conversation.tts(entry.text, system_prompt="Speak clearly.", scene=entry.scene), tokenizer, tokens,
-            target_codes=cache.codes(entry.key), sample_id=entry.id,
+            Conversation.tts(entry.text, system_prompt="Speak clearly.", scene=entry.scene),
+            tokenizer,
+            tokens,
+            target_codes=cache.codes(entry.key),
+            sample_id=entry.id,
         )
         got = ds[i]
         assert (got["sample_id"], got["task"], got["reference"]) == (entry.id, "tts", None)
@@ -164,7 +178,9 @@ def test_too_long_samples_are_an_error_naming_them(stack):
     entries = _entries(speakers=("a",), per_speaker=3)
     entries.append(Entry(id="long_one", key="key-long", speaker="a", text="A long clip.", num_frames=400))
     cache = StandInCache(entries)
-    with pytest.raises(DataError, match=r"1 sample\(s\) are longer than max_sequence_length=300: long_one \(\d+ tokens\)"):
+    with pytest.raises(
+        DataError, match=r"1 sample\(s\) are longer than max_sequence_length=300: long_one \(\d+ tokens\)"
+    ):
         _dataset(stack, cache, task="tts", max_sequence_length=300)
     # an explicit reference that makes a sample too long counts when cloning is possible ...
     entries = _entries(speakers=("a",), per_speaker=3)
@@ -194,7 +210,9 @@ def test_markup_in_transcripts_fails_at_construction_naming_every_sample(stack):
     entries = _entries(speakers=("a",), per_speaker=3)
     entries[0] = Entry(**{**entries[0].__dict__, "text": "Say <|eot_id|> now."})
     entries[2] = Entry(**{**entries[2].__dict__, "text": "<|AUDIO_OUT|>"})
-    with pytest.raises(DataError, match=r"2 sample\(s\) contain Higgs chat markup.*'a_000': <\|eot_id\|>; 'a_002': <\|AUDIO_OUT\|>"):
+    with pytest.raises(
+        DataError, match=r"2 sample\(s\) contain Higgs chat markup.*'a_000': <\|eot_id\|>; 'a_002': <\|AUDIO_OUT\|>"
+    ):
         _dataset(stack, StandInCache(entries), task="tts")
 
 
@@ -229,7 +247,10 @@ def test_dataloader_with_budget_sampler_and_collator(stack):
         seen = []
         for batch in loader:
             assert batch["input_ids"].numel() <= 600
-            assert (batch["audio_input_ids_mask"].sum(1) == torch.isin(batch["input_ids"], torch.tensor([tokens.audio_out, tokens.audio_delay])).sum(1)).all()
+            assert (
+                batch["audio_input_ids_mask"].sum(1)
+                == torch.isin(batch["input_ids"], torch.tensor([tokens.audio_out, tokens.audio_delay])).sum(1)
+            ).all()
             seen += batch["sample_ids"]
         assert sorted(seen) == sorted(e.id for e in ds.entries)
 
@@ -274,7 +295,7 @@ def test_dataset_from_the_prepared_demo_cache(stack, demo_cache, tiny_dir):
         ds.set_epoch(epoch)
         samples = [ds[i] for i in range(len(ds))]
         assert ds.lengths() == [len(s["input_ids"]) for s in samples]
-        for entry, s in zip(ds.entries, samples):
+        for entry, s in zip(ds.entries, samples, strict=True):
             ref = by_id[s["reference"]]  # every demo speaker has several clips: always cloned
             assert s["task"] == "voice_clone" and ref.speaker == entry.speaker and ref.id != entry.id
             tgt = s["segments"][1]

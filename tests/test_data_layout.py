@@ -54,7 +54,12 @@ def test_special_tokens_from_config_and_processor_agree(stack):
     assert tokens.audio_delay == ids("<|reserved_special_token_6|>") == config.audio_delay_token_id
     assert tokens.audio_out_bos == ids("<|audio_out_bos|>") and tokens.audio_eos == ids("<|audio_eos|>")
     assert tokens.eot == ids("<|eot_id|>") and tokens.begin_of_text == ids("<|begin_of_text|>")
-    assert (tokens.pad, tokens.stream_bos, tokens.stream_eos, tokens.num_codebooks) == (tokenizer.pad_token_id, 1024, 1025, 8)
+    assert (tokens.pad, tokens.stream_bos, tokens.stream_eos, tokens.num_codebooks) == (
+        tokenizer.pad_token_id,
+        1024,
+        1025,
+        8,
+    )
     assert tokens.num_columns(20) == 20 + 2 + 7
 
 
@@ -71,18 +76,25 @@ def test_special_tokens_reject_a_config_that_disagrees_with_the_tokenizer(stack)
 # ----------------------------------------------------------------------------- delay pattern
 def test_delay_pattern_k3_worked_example():
     codes = torch.tensor([[11, 12], [21, 22], [31, 32]])  # (K=3, T=2)
-    expected = torch.tensor([
-        [B, 11, 12, E, E, E],
-        [B, B, 21, 22, E, E],
-        [B, B, B, 31, 32, E],
-    ])
+    expected = torch.tensor(
+        [
+            [B, 11, 12, E, E, E],
+            [B, B, 21, 22, E, E],
+            [B, B, B, 31, 32, E],
+        ]
+    )
     assert torch.equal(delay_pattern(codes, B, E), expected)
     assert torch.equal(revert_delay_pattern(expected), torch.tensor([[B, 11, 12, E], [B, 21, 22, E], [B, 31, 32, E]]))
-    assert torch.equal(target_audio_labels(codes, E), torch.tensor([
-        [X, 11, 12, E, X, X],
-        [X, X, 21, 22, E, X],
-        [X, X, X, 31, 32, E],
-    ]))
+    assert torch.equal(
+        target_audio_labels(codes, E),
+        torch.tensor(
+            [
+                [X, 11, 12, E, X, X],
+                [X, X, 21, 22, E, X],
+                [X, X, X, 31, 32, E],
+            ]
+        ),
+    )
 
 
 def test_delay_pattern_k8_equals_processor_build_delay_pattern(stack):
@@ -102,33 +114,54 @@ def test_delay_pattern_k8_equals_processor_build_delay_pattern(stack):
 def test_k3_sample_matches_the_docstring_example(stack):
     tokenizer, _, _, tokens = stack
     tokens3 = dataclasses.replace(tokens, num_codebooks=3)
-    sample = build_sample(Conversation.tts("Hello."), tokenizer, tokens3, target_codes=torch.tensor([[11, 12], [21, 22], [31, 32]]))
+    sample = build_sample(
+        Conversation.tts("Hello."), tokenizer, tokens3, target_codes=torch.tensor([[11, 12], [21, 22], [31, 32]])
+    )
     ids = sample["input_ids"]
     aob = int((ids == tokens.audio_out_bos).nonzero()[0, 0])
     ao, d = tokens.audio_out, tokens.audio_delay
     assert ids[aob:].tolist() == [tokens.audio_out_bos, ao, ao, ao, ao, d, d, tokens.audio_eos, tokens.eot]
     assert sample["labels"][aob:].tolist() == [tokens.audio_out_bos, X, X, X, X, X, X, tokens.audio_eos, tokens.eot]
     assert (sample["labels"][:aob] == X).all()
-    assert torch.equal(sample["audio_input_ids"].T, torch.tensor([
-        [B, 11, 12, E, E, E],
-        [B, B, 21, 22, E, E],
-        [B, B, B, 31, 32, E],
-    ]))
-    assert torch.equal(sample["audio_labels"].T, torch.tensor([
-        [X, 11, 12, E, X, X],
-        [X, X, 21, 22, E, X],
-        [X, X, X, 31, 32, E],
-    ]))
+    assert torch.equal(
+        sample["audio_input_ids"].T,
+        torch.tensor(
+            [
+                [B, 11, 12, E, E, E],
+                [B, B, 21, 22, E, E],
+                [B, B, B, 31, 32, E],
+            ]
+        ),
+    )
+    assert torch.equal(
+        sample["audio_labels"].T,
+        torch.tensor(
+            [
+                [X, 11, 12, E, X, X],
+                [X, X, 21, 22, E, X],
+                [X, X, X, 31, 32, E],
+            ]
+        ),
+    )
     assert sample["audio_roles"].tolist() == [ROLE_TARGET] * 6
     (seg,) = sample["segments"]
-    assert (seg.role, seg.num_frames, seg.token_start, seg.token_end, seg.audio_start, seg.audio_end) == (ROLE_TARGET, 2, aob + 1, aob + 7, 0, 6)
+    assert (seg.role, seg.num_frames, seg.token_start, seg.token_end, seg.audio_start, seg.audio_end) == (
+        ROLE_TARGET,
+        2,
+        aob + 1,
+        aob + 7,
+        0,
+        6,
+    )
 
 
 def test_k8_voice_clone_sample_inputs_and_labels(stack):
     tokenizer, _, _, tokens = stack
     ref, target = _codes(8, 2, start=100), _codes(8, 3, start=500)  # 2- and 3-frame clips
     conv = Conversation.voice_clone("Close the window.", "The cat sat.", scene="A quiet room.")
-    s = build_sample(conv, tokenizer, tokens, target_codes=target, ref_codes=ref, sample_id="clip-1", reference="clip-0")
+    s = build_sample(
+        conv, tokenizer, tokens, target_codes=target, ref_codes=ref, sample_id="clip-1", reference="clip-0"
+    )
     ids, audio, labels = s["input_ids"], s["audio_input_ids"], s["audio_labels"]
     ref_seg, tgt_seg = s["segments"]
     assert (s["sample_id"], s["task"], s["reference"]) == ("clip-1", "voice_clone", "clip-0")
@@ -229,8 +262,12 @@ def _encode(processor, wav: np.ndarray) -> torch.Tensor:
 
 
 PARITY_CASES = {
-    "clone_arabic_scene": Conversation.voice_clone("مرحبا بكم في البيت، كيف حالك؟", "The cat sat on the mat.", scene="Recorded in a quiet room."),
-    "clone_english": Conversation.voice_clone("Please close the window before you leave.", "The morning train was right on time."),
+    "clone_arabic_scene": Conversation.voice_clone(
+        "مرحبا بكم في البيت، كيف حالك؟", "The cat sat on the mat.", scene="Recorded in a quiet room."
+    ),
+    "clone_english": Conversation.voice_clone(
+        "Please close the window before you leave.", "The morning train was right on time."
+    ),
     "tts_scene": Conversation.tts("My sister likes green tea with honey.", scene="A busy street."),
     "tts_arabic": Conversation.tts("مرحبا بكم في البيت."),
 }
@@ -242,8 +279,12 @@ def test_prompt_parity_with_processor_apply_chat_template(stack, name):
     conv = PARITY_CASES[name]
     ref_wav = _waveform(1.0, seed=1) if conv.ref_text is not None else None
     theirs = processor.apply_chat_template(
-        conv.messages(ref_audio=ref_wav), tokenize=True, return_dict=True, add_generation_prompt=True,
-        sampling_rate=24000, return_tensors="pt",
+        conv.messages(ref_audio=ref_wav),
+        tokenize=True,
+        return_dict=True,
+        add_generation_prompt=True,
+        sampling_rate=24000,
+        return_tensors="pt",
     )
     ref_codes = _encode(processor, ref_wav) if ref_wav is not None else None
     ours = build_prompt(conv, tokenizer, tokens, ref_codes=ref_codes)
@@ -251,7 +292,9 @@ def test_prompt_parity_with_processor_apply_chat_template(stack, name):
     for key in theirs.keys():
         assert ours[key].dtype == theirs[key].dtype, key
         assert torch.equal(ours[key], theirs[key]), key
-    assert processor.apply_chat_template(conv.messages(ref_audio=ref_wav), add_generation_prompt=True) == conv.render(generation_prompt=True)
+    assert processor.apply_chat_template(conv.messages(ref_audio=ref_wav), add_generation_prompt=True) == conv.render(
+        generation_prompt=True
+    )
 
 
 @pytest.mark.parametrize("name", ["clone_arabic_scene", "tts_scene"])
@@ -261,8 +304,13 @@ def test_training_sample_parity_and_documented_label_differences(stack, name):
     ref_wav = _waveform(1.0, seed=1) if conv.ref_text is not None else None
     target_wav = _waveform(0.6, seed=2)
     theirs = processor.apply_chat_template(
-        conv.messages(ref_audio=ref_wav, target_audio=target_wav), tokenize=True, return_dict=True,
-        add_generation_prompt=False, sampling_rate=24000, return_tensors="pt", output_labels=True,
+        conv.messages(ref_audio=ref_wav, target_audio=target_wav),
+        tokenize=True,
+        return_dict=True,
+        add_generation_prompt=False,
+        sampling_rate=24000,
+        return_tensors="pt",
+        output_labels=True,
     )
     ref_codes = _encode(processor, ref_wav) if ref_wav is not None else None
     target_codes = _encode(processor, target_wav)
@@ -281,8 +329,10 @@ def test_training_sample_parity_and_documented_label_differences(stack, name):
     target = ours["segments"][-1]
     aob = target.token_start - 1
     masked_by_us = {
-        p for p in range(len(ids))
-        if (p < aob and int(ids[p]) not in (tokens.audio_out, tokens.audio_out_bos)) or int(ids[p]) == tokens.audio_delay
+        p
+        for p in range(len(ids))
+        if (p < aob and int(ids[p]) not in (tokens.audio_out, tokens.audio_out_bos))
+        or int(ids[p]) == tokens.audio_delay
     }
     diff = set((p_text != o_text).nonzero().flatten().tolist())
     assert diff == masked_by_us | {aob}
@@ -322,7 +372,9 @@ def test_full_finetune_on_one_sample_then_greedy_generation_reproduces_it_and_st
     codes = torch.stack([torch.randperm(1024, generator=g)[:26] for _ in range(8)])
     ref, target = codes[:, :6], codes[:, 6:]  # (8, 6), (8, 20)
     conv = Conversation.voice_clone("Please close the window.", "The cat sat on the mat.")
-    batch = Collator(tokens)([build_sample(conv, tokenizer, tokens, target_codes=target, ref_codes=ref, sample_id="one")])
+    batch = Collator(tokens)(
+        [build_sample(conv, tokenizer, tokens, target_codes=target, ref_codes=ref, sample_id="one")]
+    )
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "audio_input_ids", "audio_input_ids_mask")}
 
     start = time.perf_counter()

@@ -160,12 +160,18 @@ def test_unknown_and_missing_keys(tmp_path, tiny_dir):
     err = strict_error(tmp_path, tiny_dir, [r])
     assert [(p.field, p.message, p.fix) for p in err.problems] == [
         ("transcript", "unknown key", "rename it to 'text'"),
-        ("emotion", "unknown key", "remove it (known keys: audio, text, speaker, language, id, scene, ref_audio, ref_text)"),
+        (
+            "emotion",
+            "unknown key",
+            "remove it (known keys: audio, text, speaker, language, id, scene, ref_audio, ref_text)",
+        ),
         ("text", "missing required key", 'add "text"'),
     ]
     # the alias next to the real key: renaming would duplicate it, so the fix is to remove it
     err = strict_error(tmp_path, tiny_dir, [{**row(), "transcript": "Hello there."}])
-    assert [(p.field, p.message, p.fix) for p in err.problems] == [("transcript", "unknown key", "remove it (the row already has 'text')")]
+    assert [(p.field, p.message, p.fix) for p in err.problems] == [
+        ("transcript", "unknown key", "remove it (the row already has 'text')")
+    ]
 
 
 def test_empty_text(tmp_path, tiny_dir):
@@ -256,11 +262,19 @@ def test_all_problems_reported_at_once(tmp_path, tiny_dir):
     rows = [row(), row("missing.wav"), "{oops", row("short.wav", text=""), row(lang="en")]
     err = strict_error(tmp_path, tiny_dir, rows)
     assert [(p.row, p.field) for p in err.problems] == [
-        (1, "id"), (2, "audio"), (3, "line"), (4, "text"), (4, "audio"), (5, "lang"), (5, "id"),
+        (1, "id"),
+        (2, "audio"),
+        (3, "line"),
+        (4, "text"),
+        (4, "audio"),
+        (5, "lang"),
+        (5, "id"),
     ]
     text = str(err)
     assert text.startswith(f"{tmp_path / 'manifest.jsonl'}: 7 problem(s) in 5 row(s); nothing was written")
-    assert text.rstrip().endswith("pass --skip-invalid to prepare the valid rows and list the rejected ones in rejects.jsonl.")
+    assert text.rstrip().endswith(
+        "pass --skip-invalid to prepare the valid rows and list the rejected ones in rejects.jsonl."
+    )
 
 
 def test_missing_manifest_and_folder_given(tmp_path):
@@ -277,12 +291,16 @@ def test_valid_rows_parsed_with_defaults(tmp_path):
     tone(tmp_path / "audio" / "a.wav")
     tone(tmp_path / "audio" / "b.flac", freq=330)
     tone(tmp_path / "audio" / "c.wav", freq=440)
-    manifest = write_manifest(tmp_path, [
-        "\ufeff" + json.dumps(row("audio/a.wav", scene="A quiet room.")),
-        "",
-        json.dumps(row("audio/b.flac", id="clip-b", ref_audio="audio/a.wav", ref_text="Hello there.")) + "\r",  # CRLF
-        {**row("audio/c.wav"), "id": None, "scene": None, "ref_audio": None, "ref_text": None},
-    ])
+    manifest = write_manifest(
+        tmp_path,
+        [
+            "\ufeff" + json.dumps(row("audio/a.wav", scene="A quiet room.")),
+            "",
+            json.dumps(row("audio/b.flac", id="clip-b", ref_audio="audio/a.wav", ref_text="Hello there."))
+            + "\r",  # CRLF
+            {**row("audio/c.wav"), "id": None, "scene": None, "ref_audio": None, "ref_text": None},
+        ],
+    )
     v = validate_manifest(manifest)
     assert not v.problems and not v.rejects
     a, b, c = v.rows
@@ -367,7 +385,9 @@ def test_convert_folder_of_pairs(tmp_path):
     assert (again.rows, again.unchanged, result.unchanged) == (3, True, False)
     assert result.manifest.read_bytes() == written
     (ds / "solo.txt").write_text("Solo, changed.", encoding="utf-8")
-    with pytest.raises(DataError, match=r"voices.jsonl already exists and differs from what .*voices converts to now. Fix: delete it"):
+    with pytest.raises(
+        DataError, match=r"voices.jsonl already exists and differs from what .*voices converts to now. Fix: delete it"
+    ):
         convert_folder(ds, language="en")
     assert result.manifest.read_bytes() == written
     replaced = convert_folder(ds, language="en", overwrite=True)
@@ -406,8 +426,16 @@ def test_convert_community_metadata_json(tmp_path, wrapped):
     (ds / "huo_000.txt").write_text("From the transcript file.", encoding="utf-8")
     tone(ds / "huo_001.wav", freq=330)
     samples = [
-        {"id": "huo_000", "audio_file": "huo_000.wav", "transcript_file": "huo_000.txt", "duration": 1.0,
-         "speaker_id": "huo_speaker", "scene": "quiet_room", "emotion": "alerting", "language": "zh"},
+        {
+            "id": "huo_000",
+            "audio_file": "huo_000.wav",
+            "transcript_file": "huo_000.txt",
+            "duration": 1.0,
+            "speaker_id": "huo_speaker",
+            "scene": "quiet_room",
+            "emotion": "alerting",
+            "language": "zh",
+        },
         {"audio": "huo_001.wav", "transcript": "Inline transcript.", "speaker": "huo", "gender": "unknown"},
     ]
     meta = {"dataset_info": {"total_samples": 2}, "samples": samples} if wrapped else samples
@@ -416,10 +444,21 @@ def test_convert_community_metadata_json(tmp_path, wrapped):
     result = convert_folder(ds, manifest_out=out, language="en")
     assert result.ignored_keys == ["duration", "emotion", "gender"]
     assert read_jsonl(out) == [
-        {"id": "huo_000", "audio": "../higgs_training_data/huo_000.wav", "text": "From the transcript file.",
-         "speaker": "huo_speaker", "language": "zh", "scene": "quiet_room"},
-        {"id": "huo_001", "audio": "../higgs_training_data/huo_001.wav", "text": "Inline transcript.",
-         "speaker": "huo", "language": "en"},
+        {
+            "id": "huo_000",
+            "audio": "../higgs_training_data/huo_000.wav",
+            "text": "From the transcript file.",
+            "speaker": "huo_speaker",
+            "language": "zh",
+            "scene": "quiet_room",
+        },
+        {
+            "id": "huo_001",
+            "audio": "../higgs_training_data/huo_001.wav",
+            "text": "Inline transcript.",
+            "speaker": "huo",
+            "language": "en",
+        },
     ]
     assert result.outside_root
     assert [r.id for r in validate_manifest(out, allow_outside_root=True).rows] == ["huo_000", "huo_001"]
@@ -431,16 +470,26 @@ def test_convert_metadata_numeric_speaker_and_non_string_text(tmp_path):
     ds = tmp_path / "d"
     tone(ds / "a.wav")
     tone(ds / "b.wav", freq=330)
-    (ds / "metadata.json").write_text(json.dumps([
-        {"audio_file": "a.wav", "text": "Fine.", "speaker_id": 1034},
-        {"audio_file": "b.wav", "text": 7, "speaker_id": 1034},
-    ]), encoding="utf-8")
+    (ds / "metadata.json").write_text(
+        json.dumps(
+            [
+                {"audio_file": "a.wav", "text": "Fine.", "speaker_id": 1034},
+                {"audio_file": "b.wav", "text": 7, "speaker_id": 1034},
+            ]
+        ),
+        encoding="utf-8",
+    )
     with pytest.raises(DataError) as e:
         convert_folder(ds, language="en")
     assert str(e.value) == (
         f"cannot convert {ds}: 1 problem(s); nothing was written:\n"
-        f"  - {ds / 'metadata.json'} sample 2: \"text\"/\"transcript\" is int 7, not a string. Fix: write the transcript as a JSON string."
+        f'  - {ds / "metadata.json"} sample 2: "text"/"transcript" is int 7, not a string. '
+        "Fix: write the transcript as a JSON string."
     )
-    (ds / "metadata.json").write_text(json.dumps([{"audio_file": "a.wav", "text": "Fine.", "speaker_id": 1034}]), encoding="utf-8")
+    (ds / "metadata.json").write_text(
+        json.dumps([{"audio_file": "a.wav", "text": "Fine.", "speaker_id": 1034}]), encoding="utf-8"
+    )
     result = convert_folder(ds, language="en")
-    assert read_jsonl(result.manifest) == [{"id": "a", "audio": "d/a.wav", "text": "Fine.", "speaker": "1034", "language": "en"}]
+    assert read_jsonl(result.manifest) == [
+        {"id": "a", "audio": "d/a.wav", "text": "Fine.", "speaker": "1034", "language": "en"}
+    ]

@@ -13,7 +13,7 @@ import torch
 from click.testing import CliRunner
 from fixtures_data import prepare_demo_cache
 
-from higgs_tune.cli import main as cli
+from higgs_tune.app.cli import main as cli
 from higgs_tune.data.audio import read_audio, to_codec_input
 from higgs_tune.data.cache import CacheWriter, CodeCache
 from higgs_tune.data.manifest import ManifestError
@@ -64,7 +64,15 @@ def small_dataset(folder, demo_manifest, n=3, **extra_rows):
     rows = []
     for r in demo_rows(demo_manifest)[:n]:
         shutil.copy(demo_manifest.parent / r["audio"], folder / f"{r['id']}.flac")
-        rows.append({"id": r["id"], "audio": f"{r['id']}.flac", "text": r["text"], "speaker": r["speaker"], "language": r["language"]})
+        rows.append(
+            {
+                "id": r["id"],
+                "audio": f"{r['id']}.flac",
+                "text": r["text"],
+                "speaker": r["speaker"],
+                "language": r["language"],
+            }
+        )
     manifest = folder / "manifest.jsonl"
     manifest.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     return manifest
@@ -87,7 +95,26 @@ def code_diff(cache: CodeCache, reference: dict) -> tuple[int, int]:
 
 def test_codec_num_frames_matches_the_codec(codec):
     """Frames = the codec's real output length, which is not ceil(samples / 960) everywhere."""
-    lengths = [7200, 8700, 8760, 9000, 9599, 9600, 9601, 9660, 9718, 9719, 9720, 10080, 10081, 10560, 24000, 48017, 50344, 72000]
+    lengths = [
+        7200,
+        8700,
+        8760,
+        9000,
+        9599,
+        9600,
+        9601,
+        9660,
+        9718,
+        9719,
+        9720,
+        10080,
+        10081,
+        10560,
+        24000,
+        48017,
+        50344,
+        72000,
+    ]
     g = torch.Generator().manual_seed(0)
     for n in lengths:
         x = torch.randn(1, 1, n, generator=g) * 0.1
@@ -103,7 +130,7 @@ def test_equal_length_batch_is_exact(codec):
     rng = np.random.default_rng(0)
     waves = [(rng.standard_normal(30000) * 0.1).astype(np.float32) for _ in range(4)]
     batched = encode_batch(codec, waves)
-    for w, b in zip(waves, batched):
+    for w, b in zip(waves, batched, strict=True):
         assert b.dtype == np.int16 and b.shape == (8, codec_num_frames(codec.config, 30000))
         np.testing.assert_array_equal(b, encode_batch(codec, [w])[0])
 
@@ -120,10 +147,16 @@ def test_demo_prepare_codes(demo_prepared, demo_manifest, demo_waves, codec):
     assert cache.codec_fingerprint == codec_fingerprint(codec)
     assert [e.id for e in cache.entries] == [r["id"] for r in rows]
     assert cache.rejects == [] and (out / "rejects.jsonl").read_text() == ""
-    for e, r in zip(cache.entries, rows):
+    for e, r in zip(cache.entries, rows, strict=True):
         n = len(demo_waves[e.id])
         info = sf.info(demo_manifest.parent / r["audio"])
-        assert (e.text, e.speaker, e.language, e.audio, e.scene) == (r["text"], r["speaker"], r["language"], r["audio"], None)
+        assert (e.text, e.speaker, e.language, e.audio, e.scene) == (
+            r["text"],
+            r["speaker"],
+            r["language"],
+            r["audio"],
+            None,
+        )
         assert e.duration_s == round(info.frames / 22050, 6)
         assert e.num_frames == codec_num_frames(codec.config, n)
         # the codec's rule: ceil(n / 960), one less just past a multiple of 960 -> within 1 of 25 fps
@@ -151,7 +184,9 @@ def test_demo_prepare_codes(demo_prepared, demo_manifest, demo_waves, codec):
     assert index["entries"][1]["sha256"] and index["entries"][1]["ref_audio"] == "audio/en_a_000.flac"
 
 
-def test_batched_vs_single_encoding_agreement(demo_prepared, single_codes, codec, demo_waves, tiny_dir, demo_manifest, tmp_path):
+def test_batched_vs_single_encoding_agreement(
+    demo_prepared, single_codes, codec, demo_waves, tiny_dir, demo_manifest, tmp_path
+):
     """The codec has no padding mask: measure what batching changes, and that exact mode changes nothing."""
     out, result = demo_prepared
     diff, total = code_diff(CodeCache.open(out), single_codes)
@@ -160,7 +195,7 @@ def test_batched_vs_single_encoding_agreement(demo_prepared, single_codes, codec
     naive = {}
     for b in range(0, len(order), 8):
         ids = order[b : b + 8]
-        naive.update(zip(ids, encode_batch(codec, [demo_waves[i] for i in ids])))
+        naive.update(zip(ids, encode_batch(codec, [demo_waves[i] for i in ids]), strict=True))
     naive_diff = sum(int((naive[i] != single_codes[i]).sum()) for i in order)
     exact = prepare_manifest(demo_manifest, tiny_dir, tmp_path / "exact", pad_tolerance_s=0.0, progress=False)
     exact_diff, _ = code_diff(CodeCache.open(tmp_path / "exact"), single_codes)
@@ -226,8 +261,13 @@ def test_interrupted_run_resumes(tiny_dir, demo_manifest, single_codes, tmp_path
         prepare_manifest(demo_manifest, tiny_dir, out, shard_size=8, pad_tolerance_s=0.0, progress=False)
     monkeypatch.setattr(CacheWriter, "add_shard", real_add_shard)
     index = json.loads((out / "index.json").read_text())
-    assert index["complete"] is False and sorted(index["shards"]) == ["codes-00000.safetensors", "codes-00001.safetensors"]
-    with pytest.raises(DataError, match=r"prepare did not finish \(interrupted\?\).*again; it resumes from the finished shards"):
+    assert index["complete"] is False and sorted(index["shards"]) == [
+        "codes-00000.safetensors",
+        "codes-00001.safetensors",
+    ]
+    with pytest.raises(
+        DataError, match=r"prepare did not finish \(interrupted\?\).*again; it resumes from the finished shards"
+    ):
         CodeCache.open(out)
     # leftovers of a crash in the middle of a write: a shard the index does not list, a temp file
     (out / "codes-00009.safetensors").write_bytes(b"partial")
@@ -261,7 +301,9 @@ def test_skip_invalid_writes_rejects(tiny_dir, demo_manifest, tmp_path):
     manifest = small_dataset(tmp_path / "ds", demo_manifest, n=2)
     with manifest.open("a", encoding="utf-8") as f:
         f.write(json.dumps({"audio": "gone.flac", "text": "x", "speaker": "s", "language": "en"}) + "\n")
-        f.write(json.dumps({"id": "blank", "audio": "en_a_000.flac", "text": " ", "speaker": "s", "language": "en"}) + "\n")
+        f.write(
+            json.dumps({"id": "blank", "audio": "en_a_000.flac", "text": " ", "speaker": "s", "language": "en"}) + "\n"
+        )
         f.write("{not json\n")
     out = tmp_path / "cache"
     with pytest.raises(ManifestError) as e:
@@ -272,9 +314,19 @@ def test_skip_invalid_writes_rejects(tiny_dir, demo_manifest, tmp_path):
     result = prepare_manifest(manifest, tiny_dir, out, skip_invalid=True, progress=False)
     assert (result.entries, result.rejected, result.encoded) == (2, 3, 2)
     expected = [
-        {"row": 3, "id": "gone", "audio": "gone.flac", "reason": f"audio: 'gone.flac' file not found (looked for {tmp_path / 'ds' / 'gone.flac'})"},
+        {
+            "row": 3,
+            "id": "gone",
+            "audio": "gone.flac",
+            "reason": f"audio: 'gone.flac' file not found (looked for {tmp_path / 'ds' / 'gone.flac'})",
+        },
         {"row": 4, "id": "blank", "audio": "en_a_000.flac", "reason": "text: is empty or whitespace-only"},
-        {"row": 5, "id": None, "audio": None, "reason": "line: is not valid JSON (Expecting property name enclosed in double quotes at column 2)"},
+        {
+            "row": 5,
+            "id": None,
+            "audio": None,
+            "reason": "line: is not valid JSON (Expecting property name enclosed in double quotes at column 2)",
+        },
     ]
     assert [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()] == expected
     cache = CodeCache.open(out)
@@ -300,7 +352,9 @@ def test_stereo_44k_clip_is_prepared(tiny_dir, codec, tmp_path):
     t = np.arange(44100) / 44100
     x = 0.4 * np.sin(2 * np.pi * 180 * t) * np.sin(2 * np.pi * 3 * t)
     sf.write(tmp_path / "st.wav", np.stack([x, 0.5 * x], axis=1), 44100, subtype="FLOAT")
-    (tmp_path / "manifest.jsonl").write_text(json.dumps({"audio": "st.wav", "text": "Stereo.", "speaker": "s", "language": "en"}) + "\n")
+    (tmp_path / "manifest.jsonl").write_text(
+        json.dumps({"audio": "st.wav", "text": "Stereo.", "speaker": "s", "language": "en"}) + "\n"
+    )
     prepare_manifest(tmp_path / "manifest.jsonl", tiny_dir, tmp_path / "cache", progress=False)
     (entry,) = CodeCache.open(tmp_path / "cache").entries
     wave = to_codec_input(*read_audio(tmp_path / "st.wav"), 24000)
@@ -354,7 +408,13 @@ def test_cache_dir_with_foreign_files_is_refused(tiny_dir, demo_manifest, tmp_pa
 
 
 def test_code_cache_open_errors(tiny_dir, demo_manifest, tmp_path):
-    with pytest.raises(DataError, match=r"no code cache at .*nope \(folder not found\). Fix: run `higgs-tune prepare MANIFEST --model MODEL --out"):
+    with pytest.raises(
+        DataError,
+        match=(
+            r"no code cache at .*nope \(folder not found\). Fix: run `higgs-tune prepare MANIFEST --model MODEL "
+            r"--out"
+        ),
+    ):
         CodeCache.open(tmp_path / "nope")
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match=r"empty/index.json not found \(it is not a prepared cache\)"):
@@ -375,7 +435,9 @@ def test_code_cache_open_errors(tiny_dir, demo_manifest, tmp_path):
     (out / "rejects.jsonl").unlink()
     with pytest.raises(DataError) as e:
         CodeCache.open(out)
-    assert str(e.value) == f"{out / 'rejects.jsonl'} is missing. Fix: rebuild the cache: run `{command}` with --overwrite."
+    assert (
+        str(e.value) == f"{out / 'rejects.jsonl'} is missing. Fix: rebuild the cache: run `{command}` with --overwrite."
+    )
     (out / "rejects.jsonl").write_text("")
     (out / "codes-00000.safetensors").unlink()
     with pytest.raises(DataError, match=r"codes-00000.safetensors is missing \(listed in"):
@@ -393,9 +455,25 @@ def test_cli_prepare_strict_failure_and_success(tiny_dir, demo_manifest, tmp_pat
     runner = CliRunner()
     res = runner.invoke(cli, ["prepare", str(manifest), "--model", str(tiny_dir), "--out", str(out)])
     assert res.exit_code == 2, res.output
-    assert "error:" in res.output and "manifest.jsonl:3 (id 'en_a_000') id: duplicate id 'en_a_000' (also on line 1)" in res.output
+    assert (
+        "error:" in res.output
+        and "manifest.jsonl:3 (id 'en_a_000') id: duplicate id 'en_a_000' (also on line 1)" in res.output
+    )
     assert not out.exists()
-    res = runner.invoke(cli, ["prepare", str(manifest), "--model", str(tiny_dir), "--out", str(out), "--skip-invalid", "--batch-seconds", "0"])
+    res = runner.invoke(
+        cli,
+        [
+            "prepare",
+            str(manifest),
+            "--model",
+            str(tiny_dir),
+            "--out",
+            str(out),
+            "--skip-invalid",
+            "--batch-seconds",
+            "0",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert f"prepared 1 clips in {out}, 1 encoded, 0 reused" in res.output
     assert f"2 rejected -> {out / 'rejects.jsonl'}" in res.output
@@ -415,7 +493,17 @@ def test_cli_from_folder(tiny_dir, demo_manifest, tmp_path):
     assert res.output == f"wrote {tmp_path / 'speaker_x.jsonl'} (2 rows)\n"
     # the same folder again, now encoding: the identical manifest is reused, and a second identical
     # run stays incremental (it used to demand --overwrite, which also rebuilt the cache from scratch)
-    encode = ["prepare", "--from-folder", str(ds), "--language", "en", "--model", str(tiny_dir), "--out", str(tmp_path / "c")]
+    encode = [
+        "prepare",
+        "--from-folder",
+        str(ds),
+        "--language",
+        "en",
+        "--model",
+        str(tiny_dir),
+        "--out",
+        str(tmp_path / "c"),
+    ]
     res = runner.invoke(cli, encode)
     assert res.exit_code == 0, res.output
     assert res.stdout.splitlines()[0] == f"{tmp_path / 'speaker_x.jsonl'} is up to date (2 rows)"
@@ -428,9 +516,9 @@ def test_cli_from_folder(tiny_dir, demo_manifest, tmp_path):
     res = runner.invoke(cli, encode)
     assert res.exit_code == 2
     assert res.stderr == (
-        f"error: {tmp_path / 'speaker_x.jsonl'} already exists and differs from what {ds} converts to now. Fix: delete it "
-        "(the code cache stays incremental), pass --overwrite to replace it (with --model/--out this also rebuilds the cache "
-        "from scratch), or pass --manifest-out to write elsewhere.\n"
+        f"error: {tmp_path / 'speaker_x.jsonl'} already exists and differs from what {ds} converts to now. Fix: "
+        "delete it (the code cache stays incremental), pass --overwrite to replace it (with --model/--out this "
+        "also rebuilds the cache from scratch), or pass --manifest-out to write elsewhere.\n"
     )
     (tmp_path / "speaker_x.jsonl").unlink()
     res = runner.invoke(cli, encode)
@@ -438,7 +526,10 @@ def test_cli_from_folder(tiny_dir, demo_manifest, tmp_path):
     assert res.stdout.splitlines()[-1] == f"prepared 2 clips in {tmp_path / 'c'}, 0 encoded, 2 reused"
     entries = CodeCache.open(tmp_path / "c").entries
     assert entries[1].text == "A new transcript."
-    assert [(e.id, e.speaker, e.audio) for e in entries] == [("en_a_000", "speaker_x", "speaker_x/en_a_000.flac"), ("en_a_001", "speaker_x", "speaker_x/en_a_001.flac")]
+    assert [(e.id, e.speaker, e.audio) for e in entries] == [
+        ("en_a_000", "speaker_x", "speaker_x/en_a_000.flac"),
+        ("en_a_001", "speaker_x", "speaker_x/en_a_001.flac"),
+    ]
 
 
 def test_demo_fixture_helper(tiny_dir, demo_heldout, tmp_path):

@@ -8,7 +8,7 @@ import logging
 import pytest
 from click.testing import CliRunner
 
-from higgs_tune.cli import main
+from higgs_tune.app.cli import main
 
 
 @pytest.fixture(autouse=True)
@@ -34,7 +34,13 @@ def test_demo_command_trains_evaluates_and_writes_the_report(tmp_path):
     train = [m for m in metrics if m.get("event") == "metrics" and m["split"] == "train"]
     assert train[-1]["step"] == 12 and train[-1]["audio_loss"] < train[0]["audio_loss"]
     summary = json.loads((run / "eval" / "results.json").read_text())["summary"]
-    assert summary["num_clips"] == 6 and set(summary) >= {"wer", "cer", "speaker_similarity", "duration_ratio", "stop_rate"}
+    assert summary["num_clips"] == 6 and set(summary) >= {
+        "wer",
+        "cer",
+        "speaker_similarity",
+        "duration_ratio",
+        "stop_rate",
+    }
     assert (run / "final" / "adapter_model.safetensors").is_file()
     # the step-12 samples went to TensorBoard as audio, beside their WAVs
     wavs = sorted(p.stem for p in (run / "samples" / "step-12").glob("*.wav"))

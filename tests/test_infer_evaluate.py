@@ -16,7 +16,7 @@ import pytest
 import soundfile as sf
 from click.testing import CliRunner
 
-from higgs_tune.cli import main
+from higgs_tune.app.cli import main
 from higgs_tune.errors import ModelLoadError
 from higgs_tune.infer.evaluate import (
     CSV_COLUMNS,
@@ -27,13 +27,22 @@ from higgs_tune.infer.evaluate import (
     plan_items,
     read_results,
 )
-from higgs_tune.infer.generate import SamplingOptions, load_inference_stack
-from higgs_tune.infer.tiny_eval_models import make_tiny_adapter, make_tiny_eval_models
+from higgs_tune.infer.generate import SamplingOptions
+from higgs_tune.infer.loading import load_inference_stack
+from higgs_tune.tiny.eval_models import make_tiny_adapter, make_tiny_eval_models
 
 DEMO = Path(__file__).resolve().parents[1] / "examples" / "data" / "demo"
 HELDOUT_IDS = ["en_a_008", "en_a_009", "en_b_008", "en_b_009", "ar_a_010", "ar_a_011"]
-SUMMARY_KEYS = ["num_clips", "wer", "cer", "speaker_similarity", "speaker_similarity_clips", "speaker_similarity_gt",
-                "duration_ratio", "stop_rate"]
+SUMMARY_KEYS = [
+    "num_clips",
+    "wer",
+    "cer",
+    "speaker_similarity",
+    "speaker_similarity_clips",
+    "speaker_similarity_gt",
+    "duration_ratio",
+    "stop_rate",
+]
 FLOAT_KEYS = ["wer", "cer", "speaker_similarity", "speaker_similarity_gt", "duration_ratio", "stop_rate"]
 
 
@@ -58,7 +67,12 @@ def test_tiny_whisper_tokenizer_handles_arabic_and_english(eval_models):
         assert tok.decode(tok(text).input_ids, skip_special_tokens=True) == text
     tok.set_prefix_tokens(language="arabic", task="transcribe")
     ids = tok.convert_tokens_to_ids
-    assert tok("x").input_ids[:4] == [ids("<|startoftranscript|>"), ids("<|ar|>"), ids("<|transcribe|>"), ids("<|notimestamps|>")]
+    assert tok("x").input_ids[:4] == [
+        ids("<|startoftranscript|>"),
+        ids("<|ar|>"),
+        ids("<|transcribe|>"),
+        ids("<|notimestamps|>"),
+    ]
     model = WhisperForConditionalGeneration.from_pretrained(str(asr_dir))
     assert model.generation_config.lang_to_id["<|ar|>"] == ids("<|ar|>")
     assert model.generation_config.decoder_start_token_id == ids("<|startoftranscript|>")
@@ -96,13 +110,20 @@ def test_references_are_other_clips_of_the_same_speaker():
     held = validate_manifest(DEMO / "heldout.jsonl")
     items = plan_items(held.rows, held.audio, held.rows, held.audio)
     assert [(i.id, i.ref_id) for i in items] == [
-        ("en_a_008", "en_a_009"), ("en_a_009", "en_a_008"), ("en_b_008", "en_b_009"),
-        ("en_b_009", "en_b_008"), ("ar_a_010", "ar_a_011"), ("ar_a_011", "ar_a_010"),
+        ("en_a_008", "en_a_009"),
+        ("en_a_009", "en_a_008"),
+        ("en_b_008", "en_b_009"),
+        ("en_b_009", "en_b_008"),
+        ("ar_a_010", "ar_a_011"),
+        ("ar_a_011", "ar_a_010"),
     ]
     train = validate_manifest(DEMO / "manifest.jsonl")
     items = plan_items(train.rows, train.audio, train.rows, train.audio)
     by_id = {i.id: i for i in items}
-    assert (by_id["en_a_001"].ref_id, by_id["en_a_001"].ref_text) == ("en_a_000", "The morning train was right on time.")
+    assert (by_id["en_a_001"].ref_id, by_id["en_a_001"].ref_text) == (
+        "en_a_000",
+        "The morning train was right on time.",
+    )
     assert by_id["en_a_003"].ref_id == "en_a_004"  # the next id of the speaker
     assert by_id["en_b_007"].ref_id == "en_b_000"  # cyclic
     # a speaker with a single clip: plain TTS
@@ -125,8 +146,15 @@ def test_evaluate_heldout_writes_every_metric(tiny_dir, adapter_dir, eval_models
     asr_dir, spk_dir = eval_models
     stack = load_inference_stack(tiny_dir, adapter_dir, device="cpu")
     out = tmp_path / "eval"
-    doc = evaluate_manifest(stack, DEMO / "heldout.jsonl", out, asr=AsrModel.load(asr_dir), speaker=SpeakerModel.load(spk_dir),
-                            options=SamplingOptions(seed=0, max_new_tokens=40), asr_max_new_tokens=8)
+    doc = evaluate_manifest(
+        stack,
+        DEMO / "heldout.jsonl",
+        out,
+        asr=AsrModel.load(asr_dir),
+        speaker=SpeakerModel.load(spk_dir),
+        options=SamplingOptions(seed=0, max_new_tokens=40),
+        asr_max_new_tokens=8,
+    )
     assert read_results(out / "results.json") == doc
     assert list(doc) == ["format", "format_version", "summary", "per_language", "settings", "clips"]
     summary = doc["summary"]
@@ -153,7 +181,10 @@ def test_evaluate_heldout_writes_every_metric(tiny_dir, adapter_dir, eval_models
             assert c["notes"] == []
         else:
             assert c["speaker_similarity"] is None and c["speaker_similarity_gt"] is None
-            assert c["notes"] == [f"output of {c['duration_s']:.2f} s is shorter than the speaker model's minimum 0.33 s: no speaker similarity"]
+            assert c["notes"] == [
+                f"output of {c['duration_s']:.2f} s is shorter than the speaker model's minimum 0.33 s: no speaker "
+                "similarity"
+            ]
         gt = sf.info(str(DEMO / "audio" / f"{c['id']}.flac"))
         assert c["gt_duration_s"] == pytest.approx(gt.frames / gt.samplerate)
         assert c["duration_ratio"] == pytest.approx(c["duration_s"] / c["gt_duration_s"])
@@ -177,9 +208,24 @@ def test_evaluate_cli_writes_into_the_run_folder(tiny_dir, adapter_dir, eval_mod
     # a checkpoint's config.yaml names the base model: no --model needed
     (run / "final" / "config.yaml").write_text(f"model:\n  name_or_path: {tiny_dir}\n", encoding="utf-8")
     (run / "metrics.jsonl").write_text("")
-    args = ["evaluate", str(DEMO / "heldout.jsonl"), "--adapter", str(run / "final"),
-            "--asr-model", str(asr_dir), "--speaker-model", str(spk_dir), "--limit", "2",
-            "--max-new-tokens", "20", "--asr-max-new-tokens", "4", "--device", "cpu"]
+    args = [
+        "evaluate",
+        str(DEMO / "heldout.jsonl"),
+        "--adapter",
+        str(run / "final"),
+        "--asr-model",
+        str(asr_dir),
+        "--speaker-model",
+        str(spk_dir),
+        "--limit",
+        "2",
+        "--max-new-tokens",
+        "20",
+        "--asr-max-new-tokens",
+        "4",
+        "--device",
+        "cpu",
+    ]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     assert f"evaluated 2 clips -> {(run / 'eval' / 'results.json').resolve()}, results.csv" in result.output

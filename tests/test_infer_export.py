@@ -10,11 +10,12 @@ import torch
 from click.testing import CliRunner
 from safetensors import safe_open
 
-from higgs_tune.cli import main
+from higgs_tune.app.cli import main
 from higgs_tune.errors import OutputDirError
 from higgs_tune.infer.export import EXPORT_MARKER, export_merged
-from higgs_tune.infer.generate import GenerationRequest, SamplingOptions, encode_reference, generate_speech, load_inference_stack
-from higgs_tune.infer.tiny_eval_models import make_tiny_adapter
+from higgs_tune.infer.generate import GenerationRequest, SamplingOptions, encode_reference, generate_speech
+from higgs_tune.infer.loading import load_inference_stack
+from higgs_tune.tiny.eval_models import make_tiny_adapter
 
 DEMO = Path(__file__).resolve().parents[1] / "examples" / "data" / "demo"
 REF_TEXT = "The morning train was right on time."
@@ -43,24 +44,42 @@ def test_export_loads_with_plain_transformers_and_gives_the_same_codes(tiny_dir,
     assert result.exit_code == 0, result.output
     assert f"exported {out} (LoRA merged; " in result.output
     assert sorted(p.name for p in out.iterdir()) == [
-        "audio_tokenizer", "chat_template.jinja", "config.json", "generation_config.json", EXPORT_MARKER,
-        "model.safetensors", "processor_config.json", "tokenizer.json", "tokenizer_config.json",
+        "audio_tokenizer",
+        "chat_template.jinja",
+        "config.json",
+        "generation_config.json",
+        EXPORT_MARKER,
+        "model.safetensors",
+        "processor_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
     ]
     for name in ("config.json", "model.safetensors"):
         assert (out / "audio_tokenizer" / name).read_bytes() == (tiny_dir / "audio_tokenizer" / name).read_bytes()
-    recorded = json.loads((out / "processor_config.json").read_text())["audio_tokenizer"]["audio_tokenizer_name_or_path"]
+    recorded = json.loads((out / "processor_config.json").read_text())["audio_tokenizer"][
+        "audio_tokenizer_name_or_path"
+    ]
     assert recorded == str((out / "audio_tokenizer").resolve())
     # transformers resolves that path as written: the user is told what to change after moving the export
-    assert (f"note: processor_config.json points at the audio tokenizer by absolute path ({recorded}): if you move or "
-            "upload the export, set audio_tokenizer_name_or_path there to its new place (or a Hub id) for plain "
-            "transformers; higgs-tune finds OUT/audio_tokenizer by itself.") in " ".join(result.output.split())
+    assert (
+        f"note: processor_config.json points at the audio tokenizer by absolute path ({recorded}): if you move or "
+        "upload the export, set audio_tokenizer_name_or_path there to its new place (or a Hub id) for plain "
+        "transformers; higgs-tune finds OUT/audio_tokenizer by itself."
+    ) in " ".join(result.output.split())
     assert json.loads((out / "generation_config.json").read_text())["ras_win_len"] == 7
     marker = json.loads((out / EXPORT_MARKER).read_text())
-    assert (marker["base_model"], marker["adapter"], marker["merged_lora"], marker["use_text_head"], marker["audio_self_attention"]) == (
-        str(tiny_dir), str(adapter), True, True, False)
+    assert (
+        marker["base_model"],
+        marker["adapter"],
+        marker["merged_lora"],
+        marker["use_text_head"],
+        marker["audio_self_attention"],
+    ) == (str(tiny_dir), str(adapter), True, True, False)
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         keys = set(f.keys())
-    assert "text_lm_head.weight" in keys and not any("lora_" in k or "base_layer" in k or "modules_to_save" in k for k in keys)
+    assert "text_lm_head.weight" in keys and not any(
+        "lora_" in k or "base_layer" in k or "modules_to_save" in k for k in keys
+    )
 
     # base + adapter, through higgs-tune
     stack = load_inference_stack(tiny_dir, adapter, device="cpu")
@@ -70,15 +89,17 @@ def test_export_loads_with_plain_transformers_and_gives_the_same_codes(tiny_dir,
     processor = HiggsAudioV2Processor.from_pretrained(str(out))
     got = _codes(model, processor, stack.tokens)
     assert [c.shape for c in got] == [c.shape for c in expected]
-    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+    assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
 
     # and the adapter changed the model: the merged weights are not the base's
     with stack.model.disable_adapter():
         base = _codes(stack.model, stack.processor, stack.tokens)
-    assert any(a.shape != b.shape or not torch.equal(a, b) for a, b in zip(base, expected))
+    assert any(a.shape != b.shape or not torch.equal(a, b) for a, b in zip(base, expected, strict=True))
     base_head = stack.model.base_model.model.audio_lm_head.original_module.weight
     assert not torch.equal(model.audio_lm_head.weight, base_head)
-    assert torch.equal(model.audio_lm_head.weight, stack.model.base_model.model.audio_lm_head.modules_to_save["default"].weight)
+    assert torch.equal(
+        model.audio_lm_head.weight, stack.model.base_model.model.audio_lm_head.modules_to_save["default"].weight
+    )
 
     # a second export into the same folder needs --overwrite
     again = CliRunner().invoke(main, ["export", str(out), "--adapter", str(adapter), "--model", str(tiny_dir)])
@@ -87,8 +108,13 @@ def test_export_loads_with_plain_transformers_and_gives_the_same_codes(tiny_dir,
 
 
 def test_export_with_audio_self_attention_keeps_its_weights(tiny_dir, tmp_path):
-    adapter = make_tiny_adapter(tiny_dir, tmp_path / "adapter", seed=2, pathways=("text_attn", "audio_mlp", "audio_attn"),
-                                audio_self_attention=True)
+    adapter = make_tiny_adapter(
+        tiny_dir,
+        tmp_path / "adapter",
+        seed=2,
+        pathways=("text_attn", "audio_mlp", "audio_attn"),
+        audio_self_attention=True,
+    )
     result = export_merged(tiny_dir, adapter, tmp_path / "merged")
     assert result.audio_self_attention and result.merged_lora
     assert "plain transformers ignores their weights" in result.notes[0]
@@ -100,14 +126,16 @@ def test_export_with_audio_self_attention_keeps_its_weights(tiny_dir, tmp_path):
     merged = load_inference_stack(result.out_dir, device="cpu")
     expected = _codes(stack.model, stack.processor, stack.tokens)
     got = _codes(merged.model, merged.processor, merged.tokens)
-    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+    assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
 
 
 def test_export_refuses_a_foreign_folder(tiny_dir, tmp_path):
     out = tmp_path / "data"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    with pytest.raises(OutputDirError, match=r"is not empty and was not written by `higgs-tune export` \(no higgs_tune_export.json\)"):
+    with pytest.raises(
+        OutputDirError, match=r"is not empty and was not written by `higgs-tune export` \(no higgs_tune_export.json\)"
+    ):
         export_merged(tiny_dir, tmp_path / "adapter", out, overwrite=True)
     assert (out / "notes.txt").read_text() == "mine"
 
@@ -131,9 +159,11 @@ def test_full_fine_tune_weights_generate_and_export(tiny_dir, tmp_path):
     assert stack.model.text_lm_head is not None  # the full checkpoint has it, so it is loaded
     assert torch.equal(stack.model.audio_lm_head.weight, tuned.audio_lm_head.weight)
     expected = _codes(tuned.eval(), stack.processor, stack.tokens)
-    assert all(torch.equal(a, b) for a, b in zip(_codes(stack.model, stack.processor, stack.tokens), expected))
+    assert all(
+        torch.equal(a, b) for a, b in zip(_codes(stack.model, stack.processor, stack.tokens), expected, strict=True)
+    )
 
     result = export_merged(tiny_dir, weights, tmp_path / "export")
     assert not result.merged_lora
     plain = HiggsAudioV2ForConditionalGeneration.from_pretrained(str(result.out_dir)).eval()
-    assert all(torch.equal(a, b) for a, b in zip(_codes(plain, stack.processor, stack.tokens), expected))
+    assert all(torch.equal(a, b) for a, b in zip(_codes(plain, stack.processor, stack.tokens), expected, strict=True))

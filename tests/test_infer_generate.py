@@ -16,22 +16,20 @@ import soundfile as sf
 import torch
 from click.testing import CliRunner
 
-from higgs_tune.cli import main
+from higgs_tune.app.cli import main
+from higgs_tune.app.requests import pick_speaker_reference, read_batch_file
 from higgs_tune.data.layout import Conversation, build_prompt
 from higgs_tune.errors import DataError, ModelLoadError
 from higgs_tune.infer.generate import (
     GenerationError,
     GenerationRequest,
     SamplingOptions,
-    check_adapter_fits,
     encode_reference,
     generate_speech,
-    load_inference_stack,
-    pick_speaker_reference,
-    read_batch_file,
     write_wav,
 )
-from higgs_tune.infer.tiny_eval_models import make_tiny_adapter
+from higgs_tune.infer.loading import check_adapter_fits, load_inference_stack
+from higgs_tune.tiny.eval_models import make_tiny_adapter
 
 DEMO = Path(__file__).resolve().parents[1] / "examples" / "data" / "demo"
 REF_AUDIO = DEMO / "audio" / "en_a_000.flac"
@@ -74,7 +72,9 @@ def test_reference_codes_match_the_processor(stack, ref_codes):
 
 def test_generate_writes_a_valid_wav_of_the_generated_length(stack, ref_codes, tmp_path):
     opts = SamplingOptions(temperature=0.7, seed=0, max_new_tokens=40)
-    [res] = generate_speech(stack.model, stack.processor, stack.tokens, [_clone("Good morning to you all.", ref_codes, id="a")], opts)
+    [res] = generate_speech(
+        stack.model, stack.processor, stack.tokens, [_clone("Good morning to you all.", ref_codes, id="a")], opts
+    )
     assert res.id == "a"
     assert res.sample_rate == 24000
     assert res.num_frames > 0
@@ -84,7 +84,10 @@ def test_generate_writes_a_valid_wav_of_the_generated_length(stack, ref_codes, t
     assert res.duration_s == pytest.approx(res.num_frames / 25)
     # the prompt is build_prompt's, token for token
     conv = Conversation.voice_clone("Good morning to you all.", REF_TEXT)
-    assert res.prompt_tokens == build_prompt(conv, stack.processor.tokenizer, stack.tokens, ref_codes=ref_codes)["input_ids"].shape[1]
+    assert (
+        res.prompt_tokens
+        == build_prompt(conv, stack.processor.tokenizer, stack.tokens, ref_codes=ref_codes)["input_ids"].shape[1]
+    )
 
     path = write_wav(tmp_path / "out" / "a.wav", res.wav, res.sample_rate)
     info = sf.info(str(path))
@@ -131,7 +134,13 @@ def test_caller_state_is_restored(stack):
     stack.model.train()
     torch.manual_seed(123)
     before = torch.get_rng_state()
-    generate_speech(stack.model, stack.processor, stack.tokens, [GenerationRequest(text="Hi.")], SamplingOptions(max_new_tokens=12, seed=0))
+    generate_speech(
+        stack.model,
+        stack.processor,
+        stack.tokens,
+        [GenerationRequest(text="Hi.")],
+        SamplingOptions(max_new_tokens=12, seed=0),
+    )
     assert stack.model.training
     assert torch.equal(torch.get_rng_state(), before)
     stack.model.eval()
@@ -145,7 +154,9 @@ def test_caller_state_is_restored(stack):
 
 def test_sampling_options_go_onto_generation_config(stack):
     base = stack.model.generation_config
-    cfg = SamplingOptions(temperature=0.6, top_p=0.9, top_k=20, ras_win_len=9, ras_win_max_num_repeat=3).generation_config(base, 77)
+    cfg = SamplingOptions(
+        temperature=0.6, top_p=0.9, top_k=20, ras_win_len=9, ras_win_max_num_repeat=3
+    ).generation_config(base, 77)
     assert (cfg.do_sample, cfg.temperature, cfg.top_p, cfg.top_k, cfg.max_new_tokens) == (True, 0.6, 0.9, 20, 77)
     assert (cfg.ras_win_len, cfg.ras_win_max_num_repeat) == (9, 3)
     greedy = SamplingOptions(temperature=0, ras_win_len=0).generation_config(base, 10)
@@ -168,27 +179,40 @@ def test_text_longer_than_the_context_is_an_error_and_near_it_caps_the_length(st
     text = "hello " * words
     prompt_len = _tts_prompt_len(stack, text)
     assert context - 20 - per_word < prompt_len <= context - 20
-    [res] = generate_speech(stack.model, stack.processor, stack.tokens, [GenerationRequest(text=text)],
-                            SamplingOptions(max_new_tokens=100, seed=0))
+    [res] = generate_speech(
+        stack.model,
+        stack.processor,
+        stack.tokens,
+        [GenerationRequest(text=text)],
+        SamplingOptions(max_new_tokens=100, seed=0),
+    )
     assert res.max_new_tokens == context - prompt_len  # capped by the context, not 100
     assert res.num_columns <= context - prompt_len
 
     too_long = "hello " * (words + 100)
-    with pytest.raises(GenerationError, match=r"the prompt is \d+ tokens .*max_position_embeddings\) is 4096.*Shorten the text"):
-        generate_speech(stack.model, stack.processor, stack.tokens, [GenerationRequest(text=too_long, id="long")], SamplingOptions())
+    with pytest.raises(
+        GenerationError, match=r"the prompt is \d+ tokens .*max_position_embeddings\) is 4096.*Shorten the text"
+    ):
+        generate_speech(
+            stack.model, stack.processor, stack.tokens, [GenerationRequest(text=too_long, id="long")], SamplingOptions()
+        )
 
 
 # ----------------------------------------------------------------------------- bad input
 def test_missing_reference_audio(stack, tmp_path):
     with pytest.raises(DataError, match=r"reference audio .*nope\.wav: file not found"):
         encode_reference(stack.processor, tmp_path / "nope.wav")
-    result = CliRunner().invoke(main, ["generate", "Hi.", "--model", "unused", "--ref-audio", str(tmp_path / "nope.wav"), "--ref-text", "x"])
+    result = CliRunner().invoke(
+        main, ["generate", "Hi.", "--model", "unused", "--ref-audio", str(tmp_path / "nope.wav"), "--ref-text", "x"]
+    )
     assert result.exit_code == 2
     assert f"reference audio {tmp_path / 'nope.wav'} not found" in result.output
 
 
 def test_adapter_folder_problems(tiny_dir, tmp_path):
-    with pytest.raises(ModelLoadError, match=r"adapter folder .*missing does not exist\. Pass a run's checkpoint-N/ or final/ folder"):
+    with pytest.raises(
+        ModelLoadError, match=r"adapter folder .*missing does not exist\. Pass a run's checkpoint-N/ or final/ folder"
+    ):
         load_inference_stack(tiny_dir, tmp_path / "missing")
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelLoadError, match=r"holds neither adapter_config.json \(LoRA adapter\) nor config.json"):
@@ -206,13 +230,18 @@ def test_adapter_of_another_base_model_is_refused(tiny_dir, tmp_path):
     spec = TinySpec(hidden_size=32, intermediate_size=64)
     other = build_model(spec, build_text_tokenizer(spec))
     other.name_or_path = "/models/other-base"  # what from_pretrained sets and PEFT records
-    adapter = save_trainable(apply_finetuning(other, FinetuneConfig(pathways=["text_attn"], lora_r=4)), tmp_path / "other")
+    adapter = save_trainable(
+        apply_finetuning(other, FinetuneConfig(pathways=["text_attn"], lora_r=4)), tmp_path / "other"
+    )
     assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == "/models/other-base"
     with pytest.raises(ModelLoadError) as err:
         load_inference_stack(tiny_dir, adapter, device="cpu")
     message = str(err.value)
     assert f"the adapter {adapter} does not fit the base model {tiny_dir}" in message
-    assert "base_model.model.model.layers.0.self_attn.k_proj.lora_A.weight (4, 32) (base model.layers.0.self_attn.k_proj is 32x64)" in message
+    assert (
+        "base_model.model.model.layers.0.self_attn.k_proj.lora_A.weight (4, 32) (base "
+        "model.layers.0.self_attn.k_proj is 32x64)" in message
+    )
     assert "It was trained on '/models/other-base'" in message and "--model" in message
 
 
@@ -223,7 +252,9 @@ def test_adapter_recorded_for_another_path_but_fitting_is_a_note(tiny_dir, adapt
     base = load_model(ModelConfig(name_or_path=str(tiny_dir), dtype="float32", use_text_head=False))
     assert check_adapter_fits(base, adapter_dir, str(tiny_dir)) == []
     [note] = check_adapter_fits(base, adapter_dir, "/elsewhere/tiny-copy")
-    assert note.startswith(f"the adapter records base model '{tiny_dir}', you loaded '/elsewhere/tiny-copy'; the shapes fit")
+    assert note.startswith(
+        f"the adapter records base model '{tiny_dir}', you loaded '/elsewhere/tiny-copy'; the shapes fit"
+    )
 
 
 def test_batch_file_problems_are_listed_together(tmp_path):
@@ -253,8 +284,13 @@ def test_batch_file_problems_are_listed_together(tmp_path):
 
 def test_speaker_reference_is_chosen_deterministically():
     audio, text, ident = pick_speaker_reference(DEMO / "manifest.jsonl", "en_b")
-    assert (ident, audio, text) == ("en_b_000", DEMO / "audio" / "en_b_000.flac", json.loads(
-        next(line for line in (DEMO / "manifest.jsonl").read_text().splitlines() if '"en_b_000"' in line))["text"])
+    assert (ident, audio, text) == (
+        "en_b_000",
+        DEMO / "audio" / "en_b_000.flac",
+        json.loads(next(line for line in (DEMO / "manifest.jsonl").read_text().splitlines() if '"en_b_000"' in line))[
+            "text"
+        ],
+    )
     with pytest.raises(DataError, match=r"speaker 'zz' has no clip in .*speakers there: ar_a, en_a, en_b"):
         pick_speaker_reference(DEMO / "manifest.jsonl", "zz")
 
@@ -263,8 +299,21 @@ def test_speaker_reference_is_chosen_deterministically():
 def test_cli_generate_speaker_and_batch(tiny_dir, adapter_dir, tmp_path):
     runner = CliRunner()
     common = ["--model", str(tiny_dir), "--adapter", str(adapter_dir), "--device", "cpu", "--max-new-tokens", "30"]
-    result = runner.invoke(main, ["generate", "Hello there.", "See you soon.", "--speaker", "en_a",
-                                  "--manifest", str(DEMO / "manifest.jsonl"), "--out-dir", str(tmp_path / "gen"), *common])
+    result = runner.invoke(
+        main,
+        [
+            "generate",
+            "Hello there.",
+            "See you soon.",
+            "--speaker",
+            "en_a",
+            "--manifest",
+            str(DEMO / "manifest.jsonl"),
+            "--out-dir",
+            str(tmp_path / "gen"),
+            *common,
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert f"reference for speaker en_a: en_a_000 ({DEMO / 'audio' / 'en_a_000.flac'})" in result.output
     outs = [tmp_path / "gen" / "out-01-hello-there.wav", tmp_path / "gen" / "out-02-see-you-soon.wav"]
@@ -273,14 +322,19 @@ def test_cli_generate_speaker_and_batch(tiny_dir, adapter_dir, tmp_path):
         assert info.samplerate == 24000 and info.frames % HOP == 0 and info.frames > 0
         # (a progress bar of transformers may precede the line on the same console line)
         line = result.output.split(f"{out}: ", 1)[1].splitlines()[0]
-        assert line.endswith(", ended by the model") or ", DID NOT STOP: hit the limit of 30 audio columns without an end of audio" in line
+        assert (
+            line.endswith(", ended by the model")
+            or ", DID NOT STOP: hit the limit of 30 audio columns without an end of audio" in line
+        )
 
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "ref.flac").write_bytes(REF_AUDIO.read_bytes())
     batch = tmp_path / "b" / "requests.jsonl"
     batch.write_text(
-        json.dumps({"text": "Cloned voice.", "ref_audio": "ref.flac", "ref_text": REF_TEXT, "out": "wav/one.wav"}) + "\n"
-        + json.dumps({"text": "نص عربي قصير.", "out": "wav/two.wav"}, ensure_ascii=False) + "\n",
+        json.dumps({"text": "Cloned voice.", "ref_audio": "ref.flac", "ref_text": REF_TEXT, "out": "wav/one.wav"})
+        + "\n"
+        + json.dumps({"text": "نص عربي قصير.", "out": "wav/two.wav"}, ensure_ascii=False)
+        + "\n",
         encoding="utf-8",
     )
     result = runner.invoke(main, ["generate", "--batch", str(batch), *common])
@@ -298,4 +352,7 @@ def test_cli_generate_usage_errors():
     result = runner.invoke(main, ["generate", "Hi", "--speaker", "en_a"])
     assert result.exit_code == 2 and "--speaker needs --manifest" in result.output
     result = runner.invoke(main, ["generate", "Hi", "--temperature", "-1"])
-    assert result.exit_code == 2 and "bad sampling options: temperature must be >= 0 (0 = greedy), got -1.0." in result.output
+    assert (
+        result.exit_code == 2
+        and "bad sampling options: temperature must be >= 0 (0 = greedy), got -1.0." in result.output
+    )

@@ -103,7 +103,9 @@ def test_arabic_rules_only_for_arabic():
 def test_arabic_wer_ignores_orthographic_variants():
     assert wer("شكرا لك على المساعدة.", "شكراً لك علي المساعده", "ar") == 0.0
     assert wer("أين وضعت مفاتيح السيارة؟", "اين وضعت مفتاح السياره", "ar") == pytest.approx(1 / 4)
-    assert cer("أين وضعت مفاتيح السيارة؟", "اين وضعت مفتاح السياره", "ar") == pytest.approx(2 / 20)  # مفاتيح -> مفتاح: 1 del + 1 sub
+    assert cer("أين وضعت مفاتيح السيارة؟", "اين وضعت مفتاح السياره", "ar") == pytest.approx(
+        2 / 20
+    )  # مفاتيح -> مفتاح: 1 del + 1 sub
 
 
 # ----------------------------------------------------------------------------- vectors and durations

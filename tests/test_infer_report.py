@@ -19,11 +19,12 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from higgs_tune.cli import main
+from higgs_tune.app.charts import Series, nice_ticks, svg_line_chart
+from higgs_tune.app.cli import main
+from higgs_tune.app.report import build_report
 from higgs_tune.errors import DataError
 from higgs_tune.infer.evaluate import CSV_COLUMNS, write_results
 from higgs_tune.infer.generate import write_wav
-from higgs_tune.infer.report import Series, build_report, nice_ticks, svg_line_chart
 from higgs_tune.train.health import HealthWarning
 from higgs_tune.train.logging import MetricsLogger
 
@@ -33,8 +34,13 @@ EVAL_STEPS = [40, 80, 120]
 K = 8
 PARAMS = "parameters (lora fine-tuning; dtype float32: 1,436,224)\n  total 98,304 trainable\n"
 CHART_TITLES = [
-    "Total loss", "Text loss", "Audio loss (mean over codebooks)", "Per-codebook audio loss (train)",
-    "Per-codebook audio loss (eval)", "Learning rate", "Gradient norm (before clipping)",
+    "Total loss",
+    "Text loss",
+    "Audio loss (mean over codebooks)",
+    "Per-codebook audio loss (train)",
+    "Per-codebook audio loss (eval)",
+    "Learning rate",
+    "Gradient norm (before clipping)",
 ]
 # plot area of svg_line_chart's default 640 x 300 chart (margins 64/16/40/44)
 PLOT_X, PLOT_Y = (64.0, 624.0), (40.0, 256.0)
@@ -72,24 +78,61 @@ def run_dir(tmp_path_factory) -> Path:
         log.log_warning(warning)
         log.log_warning(HealthWarning("chance_level", 50, "Audio loss is still at chance level (ln 1026 = 6.93)."))
         # what the recipe logs after writing the samples of a step
-        log.log_event("samples", 60, folder=str(run / "samples" / "step-60"), files=["sample-0.wav", "sample-1.wav"],
-                      stopped=[True, False], frames=[5, 40])
+        log.log_event(
+            "samples",
+            60,
+            folder=str(run / "samples" / "step-60"),
+            files=["sample-0.wav", "sample-1.wav"],
+            stopped=[True, False],
+            frames=[5, 40],
+        )
     (run / "param_report.txt").write_text(PARAMS, encoding="utf-8")
-    (run / "config.yaml").write_text("model:\n  name_or_path: /models/tiny\nfinetune:\n  mode: lora\n", encoding="utf-8")
+    (run / "config.yaml").write_text(
+        "model:\n  name_or_path: /models/tiny\nfinetune:\n  mode: lora\n", encoding="utf-8"
+    )
     for step in (60, 120):
         for i in range(2):
             write_wav(run / "samples" / f"step-{step}" / f"sample-{i}.wav", _sine(0.2, 220 + 110 * i), 24000)
     clips = []
-    for i, (cid, lang, text) in enumerate([("en_a_008", "en", "The library opens early."), ("ar_a_010", "ar", "شكرا لك على المساعدة.")]):
+    for i, (cid, lang, text) in enumerate(
+        [("en_a_008", "en", "The library opens early."), ("ar_a_010", "ar", "شكرا لك على المساعدة.")]
+    ):
         write_wav(run / "eval" / "wavs" / f"{cid}.wav", _sine(0.3, 330), 24000)
-        clips.append({**dict.fromkeys(CSV_COLUMNS), "id": cid, "language": lang, "text": text, "transcript": "x", "wer": 1.0, "cer": 0.9,
-                      "speaker_similarity": 0.5 + i / 10, "duration_ratio": 1.25, "stopped": i == 0, "wav": f"wavs/{cid}.wav"})
-    summary = {"num_clips": 2, "wer": 1.0, "cer": 0.9, "speaker_similarity": 0.55, "speaker_similarity_gt": 0.5,
-               "duration_ratio": 1.25, "stop_rate": 0.5}
-    write_results(run / "eval", {"format": "higgs-tune-eval", "format_version": 1, "summary": summary,
-                                 "per_language": {"en": summary, "ar": summary},
-                                 "settings": {"asr_model": "tiny-asr", "speaker_model": "tiny-spk", "model": "m", "adapter": "a"},
-                                 "clips": clips})
+        clips.append(
+            {
+                **dict.fromkeys(CSV_COLUMNS),
+                "id": cid,
+                "language": lang,
+                "text": text,
+                "transcript": "x",
+                "wer": 1.0,
+                "cer": 0.9,
+                "speaker_similarity": 0.5 + i / 10,
+                "duration_ratio": 1.25,
+                "stopped": i == 0,
+                "wav": f"wavs/{cid}.wav",
+            }
+        )
+    summary = {
+        "num_clips": 2,
+        "wer": 1.0,
+        "cer": 0.9,
+        "speaker_similarity": 0.55,
+        "speaker_similarity_gt": 0.5,
+        "duration_ratio": 1.25,
+        "stop_rate": 0.5,
+    }
+    write_results(
+        run / "eval",
+        {
+            "format": "higgs-tune-eval",
+            "format_version": 1,
+            "summary": summary,
+            "per_language": {"en": summary, "ar": summary},
+            "settings": {"asr_model": "tiny-asr", "speaker_model": "tiny-spk", "model": "m", "adapter": "a"},
+            "clips": clips,
+        },
+    )
     return run
 
 
@@ -117,8 +160,11 @@ class _Page(HTMLParser):
             self._chart = a["aria-label"]
             self.charts[self._chart] = {}
         elif tag == "path" and "series" in (a.get("class") or ""):
-            subpaths = [[(float(x), float(y)) for x, y in re.findall(r"[ML]([\d.]+),([\d.]+)", part)]
-                        for part in re.split(r"(?=M)", a["d"]) if part.strip()]
+            subpaths = [
+                [(float(x), float(y)) for x, y in re.findall(r"[ML]([\d.]+),([\d.]+)", part)]
+                for part in re.split(r"(?=M)", a["d"])
+                if part.strip()
+            ]
             self.charts[self._chart][a["data-series"]] = subpaths
         elif tag == "audio":
             self.audio.append(a["src"])
@@ -166,7 +212,7 @@ def _check_page(page: _Page, run: Path) -> None:
     files = [run / "samples" / f"step-{s}" / f"sample-{i}.wav" for s in (60, 120) for i in range(2)]
     files += [run / "eval" / "wavs" / "en_a_008.wav", run / "eval" / "wavs" / "ar_a_010.wav"]
     assert len(page.audio) == len(files)
-    for src, path in zip(page.audio, files):
+    for src, path in zip(page.audio, files, strict=True):
         assert src.startswith("data:audio/wav;base64,")
         assert base64.b64decode(src.split(",", 1)[1]) == path.read_bytes()
     # self-contained: nothing is loaded from elsewhere, nothing runs
@@ -175,7 +221,13 @@ def _check_page(page: _Page, run: Path) -> None:
 
     cells = [c.strip() for c in page.cells]
     i = cells.index("no_eos")
-    assert cells[i : i + 5] == ["no_eos", "3", "9", "2", "No stream EOS label in the batch: the model never learns to stop."]
+    assert cells[i : i + 5] == [
+        "no_eos",
+        "3",
+        "9",
+        "2",
+        "No stream EOS label in the batch: the model never learns to stop.",
+    ]
     assert cells[cells.index("chance_level") + 1] == "50"
     assert cells[cells.index("WER") + 1] == "1.0000"
     assert cells[cells.index("stop rate (ended by itself)") + 1] == "0.5000"
@@ -241,20 +293,32 @@ def test_chart_edge_cases():
 
 # ----------------------------------------------------------------------------- in a browser
 def _chromium(*args: str, tmp: Path, timeout: int = 120) -> subprocess.CompletedProcess:
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-             "--disable-sync", "--no-first-run", f"--user-data-dir={tmp / 'chromium-profile'}"]
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        f"--user-data-dir={tmp / 'chromium-profile'}",
+    ]
     return subprocess.run([str(CHROMIUM), *flags, *args], capture_output=True, text=True, timeout=timeout, check=True)
 
 
 @pytest.mark.browser
-@pytest.mark.skipif(not CHROMIUM.exists(), reason="headless Chromium not installed at /usr/bin/chromium (apt-get install -y chromium)")
+@pytest.mark.skipif(
+    not CHROMIUM.exists(), reason="headless Chromium not installed at /usr/bin/chromium (apt-get install -y chromium)"
+)
 def test_report_renders_in_chromium(run_dir, tmp_path):
     path = build_report(run_dir)
     dom = _chromium("--dump-dom", path.resolve().as_uri(), tmp=tmp_path).stdout
     _check_page(_parse(dom), run_dir)
 
     shot = tmp_path / "report.png"
-    _chromium("--window-size=1400,2400", "--hide-scrollbars", f"--screenshot={shot}", path.resolve().as_uri(), tmp=tmp_path)
+    _chromium(
+        "--window-size=1400,2400", "--hide-scrollbars", f"--screenshot={shot}", path.resolve().as_uri(), tmp=tmp_path
+    )
     png = shot.read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     assert struct.unpack(">II", png[16:24]) == (1400, 2400)

@@ -47,7 +47,13 @@ def test_enable_adds_named_blocks_and_logs_count(tiny_dir, caplog):
     assert added == sorted(
         f"model.layers.{i}.{name}.weight"
         for i in range(2)
-        for name in ("audio_attn.q_proj", "audio_attn.k_proj", "audio_attn.v_proj", "audio_attn.o_proj", "audio_post_audio_attn_layer_norm")
+        for name in (
+            "audio_attn.q_proj",
+            "audio_attn.k_proj",
+            "audio_attn.v_proj",
+            "audio_attn.o_proj",
+            "audio_post_audio_attn_layer_norm",
+        )
     )
     assert audio_attention_param_count(model) == 2 * PER_LAYER == 24704
     assert "audio self-attention added to 2 decoder layers: 24,704 new parameters (12,352 per layer)" in caplog.text
@@ -154,7 +160,11 @@ def _left_padded_prompts(config, seed=0, reference=True):
     for n_text, frames in ((5, 6), (2, 3)):
         ids = [config.bos_token_id] + torch.randint(0, 1700, (n_text,), generator=g).tolist()
         if reference:
-            ids += [config.audio_bos_token_id] + [config.audio_token_id] * (frames + 2) + [config.audio_delay_token_id] * (k - 1)
+            ids += (
+                [config.audio_bos_token_id]
+                + [config.audio_token_id] * (frames + 2)
+                + [config.audio_delay_token_id] * (k - 1)
+            )
             ids += [config.audio_bos_token_id - 1, config.eos_token_id]  # <|audio_eos|>, <|eot_id|>
         # >= K text tokens before the new <|audio_out_bos|>, so the delay-pattern processor's
         # look-back window does not see the reference turn's <|audio_eos|>
@@ -218,7 +228,8 @@ def test_cached_generation_equals_full_recompute(tiny_dir, reference):
         assert torch.allclose(logits, _full_recompute_logits(model, prompts, cached, step), atol=1e-5), step
     # the block matters: without it the logits differ
     plain = base.generate(**prompts, **kw)
-    assert max((a - b).abs().max().item() for a, b in zip(cached.logits, plain.logits)) > 0.1
+    # strict=True: the plain model may emit EOS before max_new_tokens; compare the steps both made
+    assert max((a - b).abs().max().item() for a, b in zip(cached.logits, plain.logits, strict=False)) > 0.1
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(tiny_dir):
@@ -230,7 +241,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_dir):
     grads, calls = [], []
     for m in (model, ckpt):
         counter = []
-        hook = m.model.layers[0].audio_attn.register_forward_hook(lambda *_: counter.append(1))
+        hook = m.model.layers[0].audio_attn.register_forward_hook(lambda *_, counter=counter: counter.append(1))
         m.train()
         m(**batch).loss.backward()
         hook.remove()
@@ -254,5 +265,7 @@ def test_checkpoint_with_block_loads_its_weights(tiny_dir, tmp_path):
     for name, tensor in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], tensor), name
 
-    with pytest.raises(ModelLoadError, match=r"has audio self-attention weights \(10 tensors.*model.audio_self_attention: true"):
+    with pytest.raises(
+        ModelLoadError, match=r"has audio self-attention weights \(10 tensors.*model.audio_self_attention: true"
+    ):
         _load(folder)

@@ -12,14 +12,19 @@ from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 from test_model_support import model_inputs, synthetic_batch
 
-from higgs_tune.cli import main
+from higgs_tune.app.cli import main
 from higgs_tune.config import ModelConfig
 from higgs_tune.errors import ModelLoadError
 from higgs_tune.model.convert import convert_checkpoint, convert_key
 from higgs_tune.model.load import load_model, load_processor
 
 BPE_VOCAB = 1792  # the tiny tokenizer's regular tokens; PartiallyFrozenEmbedding froze rows below the specials
-DROPPED = ["audio_codebook_weights", "audio_encoder_proj.linear.weight", "audio_tower.conv1.weight", "layers.0.self_attn.rotary_emb.inv_freq"]
+DROPPED = [
+    "audio_codebook_weights",
+    "audio_encoder_proj.linear.weight",
+    "audio_tower.conv1.weight",
+    "layers.0.self_attn.rotary_emb.inv_freq",
+]
 
 
 def _to_original_key(key: str) -> str:
@@ -58,9 +63,25 @@ def make_original(tiny_dir, out, extra: dict | None = None, **config_changes):
         "architectures": ["HiggsAudioModel"],
         "text_config": {
             "model_type": "llama",
-            **{k: hf_cfg[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                                      "num_key_value_heads", "head_dim", "hidden_act", "max_position_embeddings", "rms_norm_eps",
-                                      "attention_bias", "attention_dropout", "mlp_bias", "bos_token_id")},
+            **{
+                k: hf_cfg[k]
+                for k in (
+                    "vocab_size",
+                    "hidden_size",
+                    "intermediate_size",
+                    "num_hidden_layers",
+                    "num_attention_heads",
+                    "num_key_value_heads",
+                    "head_dim",
+                    "hidden_act",
+                    "max_position_embeddings",
+                    "rms_norm_eps",
+                    "attention_bias",
+                    "attention_dropout",
+                    "mlp_bias",
+                    "bos_token_id",
+                )
+            },
             "rope_theta": rope.pop("rope_theta"),
             "rope_scaling": rope,
         },
@@ -100,9 +121,21 @@ def test_convert_round_trip_gives_identical_model(tiny_dir, tmp_path):
 
     converted_cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
     tiny_cfg = json.loads((tiny_dir / "config.json").read_text())
-    for key in ("num_codebooks", "codebook_size", "audio_token_id", "audio_bos_token_id", "audio_delay_token_id",
-                "audio_stream_bos_id", "audio_stream_eos_id", "eos_token_id", "bos_token_id", "pad_token_id",
-                "rope_parameters", "head_dim", "vocab_size"):
+    for key in (
+        "num_codebooks",
+        "codebook_size",
+        "audio_token_id",
+        "audio_bos_token_id",
+        "audio_delay_token_id",
+        "audio_stream_bos_id",
+        "audio_stream_eos_id",
+        "eos_token_id",
+        "bos_token_id",
+        "pad_token_id",
+        "rope_parameters",
+        "head_dim",
+        "vocab_size",
+    ):
         assert converted_cfg[key] == tiny_cfg[key], key
     generation = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
     assert generation["ras_win_len"] == 7 and generation["ras_win_max_num_repeat"] == 2
@@ -112,7 +145,7 @@ def test_convert_round_trip_gives_identical_model(tiny_dir, tmp_path):
     for name, tensor in original.state_dict().items():
         assert torch.equal(converted.state_dict()[name], tensor), name
     batch = synthetic_batch(original.config)
-    for a, b in zip(_logits(original, batch), _logits(converted, batch)):
+    for a, b in zip(_logits(original, batch), _logits(converted, batch), strict=True):
         assert torch.equal(a, b)
     processor = load_processor(tmp_path / "hf")
     assert processor.tokenizer.chat_template == load_processor(tiny_dir).tokenizer.chat_template
@@ -130,8 +163,14 @@ def test_convert_keeps_audio_self_attention(tiny_dir, tmp_path):
     summary = convert_checkpoint(src, tmp_path / "hf")  # no audio tokenizer: model + text tokenizer only
     assert summary["audio_self_attention"] is True and summary["audio_tokenizer"] is None
     assert not (tmp_path / "hf" / "audio_tokenizer").exists()
-    model = load_model(ModelConfig(name_or_path=str(tmp_path / "hf"), dtype="float32", audio_self_attention=True,
-                                   audio_tokenizer=str(tiny_dir / "audio_tokenizer")))
+    model = load_model(
+        ModelConfig(
+            name_or_path=str(tmp_path / "hf"),
+            dtype="float32",
+            audio_self_attention=True,
+            audio_tokenizer=str(tiny_dir / "audio_tokenizer"),
+        )
+    )
     state = model.state_dict()
     for name, tensor in block.items():
         assert torch.equal(state[name], tensor), name
@@ -140,8 +179,12 @@ def test_convert_keeps_audio_self_attention(tiny_dir, tmp_path):
 def test_convert_refuses_what_it_cannot_express(tiny_dir, tmp_path):
     with pytest.raises(ModelLoadError, match=r"already in the transformers layout"):
         convert_checkpoint(tiny_dir, tmp_path / "x")
-    src = make_original(tiny_dir, tmp_path / "stack_adapter", audio_adapter_type="stack", use_audio_out_embed_projector=True)
-    with pytest.raises(ModelLoadError, match=r"cannot express: audio_adapter_type 'stack' .*; use_audio_out_embed_projector: true"):
+    src = make_original(
+        tiny_dir, tmp_path / "stack_adapter", audio_adapter_type="stack", use_audio_out_embed_projector=True
+    )
+    with pytest.raises(
+        ModelLoadError, match=r"cannot express: audio_adapter_type 'stack' .*; use_audio_out_embed_projector: true"
+    ):
         convert_checkpoint(src, tmp_path / "y")
     src = make_original(tiny_dir, tmp_path / "partial", audio_dual_ffn_layers=[1])
     with pytest.raises(ModelLoadError, match=r"audio_dual_ffn_layers \[1\] \(the port has DualFFN in all 2 layers\)"):
@@ -164,7 +207,9 @@ def test_convert_key():
 def test_convert_cli(tiny_dir, tmp_path):
     src = make_original(tiny_dir, tmp_path / "orig")
     runner = CliRunner()
-    result = runner.invoke(main, ["convert", str(src), str(tmp_path / "hf"), "--audio-tokenizer", str(tiny_dir / "audio_tokenizer")])
+    result = runner.invoke(
+        main, ["convert", str(src), str(tmp_path / "hf"), "--audio-tokenizer", str(tiny_dir / "audio_tokenizer")]
+    )
     assert result.exit_code == 0, result.output
     assert f"converted {src} -> {tmp_path / 'hf'}: 33 tensors (float32)" in result.output
     assert "dropped 4 tensor(s)" in result.output

@@ -47,7 +47,9 @@ def test_load_model_defaults_and_text_head(tiny_dir):
 
 
 def test_load_model_dtype_attention_checkpointing_no_text_head(tiny_dir):
-    model = load_model(_cfg(tiny_dir, dtype="bfloat16", attn_implementation="eager", gradient_checkpointing=True, use_text_head=False))
+    model = load_model(
+        _cfg(tiny_dir, dtype="bfloat16", attn_implementation="eager", gradient_checkpointing=True, use_text_head=False)
+    )
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     assert model.config._attn_implementation == "eager"
     assert model.is_activation_checkpointing
@@ -59,7 +61,9 @@ def test_flash_attention_missing_is_a_clear_error(tiny_dir):
 
     if is_flash_attn_2_available():
         pytest.skip("flash-attn is installed here")
-    with pytest.raises(ModelLoadError, match=r"flash_attention_2 but flash-attn is not usable here.*attn_implementation: sdpa"):
+    with pytest.raises(
+        ModelLoadError, match=r"flash_attention_2 but flash-attn is not usable here.*attn_implementation: sdpa"
+    ):
         load_model(_cfg(tiny_dir, dtype="bfloat16", attn_implementation="flash_attention_2"))
 
 
@@ -79,7 +83,9 @@ def test_missing_weights_are_an_error(stack):
     weights = load_file(str(stack / "model.safetensors"))
     del weights["model.layers.1.audio_mlp.up_proj.weight"]
     save_file(weights, str(stack / "model.safetensors"), metadata={"format": "pt"})
-    with pytest.raises(ModelLoadError, match=r"lacks 1 weight\(s\) of the model \(model.layers.1.audio_mlp.up_proj.weight\)"):
+    with pytest.raises(
+        ModelLoadError, match=r"lacks 1 weight\(s\) of the model \(model.layers.1.audio_mlp.up_proj.weight\)"
+    ):
         load_model(_cfg(stack))
 
 
@@ -91,7 +97,13 @@ def test_config_that_does_not_fit_the_weights(stack):
 
 def test_non_higgs_folder_names_what_it_found(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
-    with pytest.raises(ModelLoadError, match=r"not a Higgs Audio v2 checkpoint: config.json has model_type 'llama' \(architectures \['LlamaForCausalLM'\]\)"):
+    with pytest.raises(
+        ModelLoadError,
+        match=(
+            r"not a Higgs Audio v2 checkpoint: config.json has model_type 'llama' \(architectures "
+            r"\['LlamaForCausalLM'\]\)"
+        ),
+    ):
         load_model(_cfg(tmp_path))
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -103,7 +115,13 @@ def test_non_higgs_folder_names_what_it_found(tmp_path):
 
 def test_original_layout_points_to_convert(stack):
     _edit_json(stack / "config.json", model_type="higgs_audio", architectures=["HiggsAudioModel"])
-    with pytest.raises(ModelLoadError, match=r"(?s)original boson_multimodal .*Convert it once with:\n    higgs-tune convert \S+/stack \S+/stack-hf --audio-tokenizer"):
+    with pytest.raises(
+        ModelLoadError,
+        match=(
+            r"(?s)original boson_multimodal .*Convert it once with:\n    higgs-tune convert \S+/stack "
+            r"\S+/stack-hf --audio-tokenizer"
+        ),
+    ):
         load_model(_cfg(stack))
 
 
@@ -129,7 +147,10 @@ def test_codebook_mismatch(stack):
 def test_missing_tokenizer(stack):
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (stack / name).unlink()
-    with pytest.raises(ModelLoadError, match=r"has no text tokenizer \(looked for tokenizer.json, tokenizer_config.json, tokenizer.model\)"):
+    with pytest.raises(
+        ModelLoadError,
+        match=r"has no text tokenizer \(looked for tokenizer.json, tokenizer_config.json, tokenizer.model\)",
+    ):
         load_processor(stack)
     with pytest.raises(ModelLoadError, match=r"has no text tokenizer"):
         load_text_tokenizer(stack)
@@ -139,13 +160,24 @@ def test_missing_audio_tokenizer_names_the_places_looked(stack, tmp_path):
     shutil.rmtree(stack / "audio_tokenizer")
     # processor_config.json still records the codec of the original (session) folder: it is used
     assert load_audio_tokenizer(stack).config.num_quantizers == 8
-    _edit_json(stack / "processor_config.json", audio_tokenizer={"audio_tokenizer_class": "HiggsAudioV2TokenizerModel", "audio_tokenizer_name_or_path": str(tmp_path / "gone")})
-    with pytest.raises(ModelLoadError, match=r"records the audio tokenizer at .*/gone, which does not exist.*Set model.audio_tokenizer"):
+    _edit_json(
+        stack / "processor_config.json",
+        audio_tokenizer={
+            "audio_tokenizer_class": "HiggsAudioV2TokenizerModel",
+            "audio_tokenizer_name_or_path": str(tmp_path / "gone"),
+        },
+    )
+    with pytest.raises(
+        ModelLoadError, match=r"records the audio tokenizer at .*/gone, which does not exist.*Set model.audio_tokenizer"
+    ):
         load_processor(stack)
     with pytest.raises(ModelLoadError, match=r"records the audio tokenizer at .*/gone"):
         load_model(_cfg(stack))
     (stack / "processor_config.json").unlink()
-    with pytest.raises(ModelLoadError, match=r"no audio tokenizer for .*audio_tokenizer is absent and processor_config.json records none"):
+    with pytest.raises(
+        ModelLoadError,
+        match=r"no audio tokenizer for .*audio_tokenizer is absent and processor_config.json records none",
+    ):
         load_processor(stack)
 
 
@@ -157,7 +189,13 @@ def test_audio_tokenizer_that_is_something_else(stack, tiny_dir):
 def test_processor_from_a_moved_folder_equals_the_saved_one(tiny_dir, tmp_path):
     moved = shutil.copytree(tiny_dir, tmp_path / "moved")
     # the recorded absolute path points to a folder that no longer exists; ours looks in moved/audio_tokenizer
-    _edit_json(moved / "processor_config.json", audio_tokenizer={"audio_tokenizer_class": "HiggsAudioV2TokenizerModel", "audio_tokenizer_name_or_path": str(tmp_path / "gone")})
+    _edit_json(
+        moved / "processor_config.json",
+        audio_tokenizer={
+            "audio_tokenizer_class": "HiggsAudioV2TokenizerModel",
+            "audio_tokenizer_name_or_path": str(tmp_path / "gone"),
+        },
+    )
     ours = load_processor(moved)
     reference = HiggsAudioV2Processor.from_pretrained(tiny_dir)
     wav = np.random.RandomState(0).randn(24000).astype(np.float32) * 0.1
@@ -192,5 +230,8 @@ def test_token_ids_must_match_the_tokenizer(stack):
 
 def test_hub_id_that_cannot_be_fetched(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ModelLoadError, match=r"could not fetch 'someone/not-cached-model' from the Hugging Face Hub \(LocalEntryNotFoundError"):
+    with pytest.raises(
+        ModelLoadError,
+        match=r"could not fetch 'someone/not-cached-model' from the Hugging Face Hub \(LocalEntryNotFoundError",
+    ):
         load_model(_cfg("someone/not-cached-model"))

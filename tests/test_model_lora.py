@@ -12,6 +12,7 @@ from test_model_support import model_inputs, synthetic_batch, train_steps
 
 from higgs_tune.config import FinetuneConfig, ModelConfig
 from higgs_tune.errors import ModelLoadError
+from higgs_tune.model.load import load_model
 from higgs_tune.model.lora import (
     apply_finetuning,
     collapse_names,
@@ -21,7 +22,6 @@ from higgs_tune.model.lora import (
     resolve_train_modules,
     save_trainable,
 )
-from higgs_tune.model.load import load_model
 
 ALL_PATHWAYS = ["text_attn", "text_mlp", "audio_mlp", "audio_attn"]
 
@@ -45,7 +45,9 @@ def _names(part: str, leaves: str) -> list[str]:
 def _lora_layers(peft_model) -> list[str]:
     from peft.tuners.lora import LoraLayer
 
-    return sorted(n.removeprefix("base_model.model.") for n, m in peft_model.named_modules() if isinstance(m, LoraLayer))
+    return sorted(
+        n.removeprefix("base_model.model.") for n, m in peft_model.named_modules() if isinstance(m, LoraLayer)
+    )
 
 
 def test_resolve_targets_exact_names(tiny_dir):
@@ -56,22 +58,35 @@ def test_resolve_targets_exact_names(tiny_dir):
         "audio_mlp": _names("audio_mlp", "gate_proj up_proj down_proj"),
         "audio_attn": _names("audio_attn", "q_proj k_proj v_proj o_proj"),
     }
-    assert resolve_train_modules(model, ["audio_lm_head", "audio_embeddings", "text_lm_head", "text_embeddings", "audio_attn"]) == {
+    assert resolve_train_modules(
+        model, ["audio_lm_head", "audio_embeddings", "text_lm_head", "text_embeddings", "audio_attn"]
+    ) == {
         "audio_lm_head": ["audio_lm_head"],
         "audio_embeddings": ["model.embed_audio_tokens.embed_audio_tokens"],
         "text_lm_head": ["text_lm_head"],
         "text_embeddings": ["model.embed_tokens"],
-        "audio_attn": [f"model.layers.{i}.{m}" for i in range(2) for m in ("audio_attn", "audio_post_audio_attn_layer_norm")],
+        "audio_attn": [
+            f"model.layers.{i}.{m}" for i in range(2) for m in ("audio_attn", "audio_post_audio_attn_layer_norm")
+        ],
     }
 
 
 def test_unknown_or_empty_pathway_is_an_error(tiny_dir):
     model = _load(tiny_dir, audio_self_attention=False, use_text_head=False)
-    with pytest.raises(ModelLoadError, match=r"unknown LoRA pathway\(s\) \['audio_ffn'\]; known: text_attn, text_mlp, audio_mlp, audio_attn"):
+    with pytest.raises(
+        ModelLoadError,
+        match=r"unknown LoRA pathway\(s\) \['audio_ffn'\]; known: text_attn, text_mlp, audio_mlp, audio_attn",
+    ):
         resolve_targets(model, ["text_attn", "audio_ffn"])
-    with pytest.raises(ModelLoadError, match=r"LoRA pathway 'audio_attn' .* matches no module of this model. Set model.audio_self_attention: true"):
+    with pytest.raises(
+        ModelLoadError,
+        match=r"LoRA pathway 'audio_attn' .* matches no module of this model. Set model.audio_self_attention: true",
+    ):
         resolve_targets(model, ["audio_attn"])
-    with pytest.raises(ModelLoadError, match=r"module 'text_lm_head' .* is not in this model. Load the model with model.use_text_head: true"):
+    with pytest.raises(
+        ModelLoadError,
+        match=r"module 'text_lm_head' .* is not in this model. Load the model with model.use_text_head: true",
+    ):
         resolve_train_modules(model, ["text_lm_head"])
     with pytest.raises(ModelLoadError, match=r"unknown trainable module\(s\) \['lm_head'\]"):
         apply_finetuning(model, _lora(pathways=["text_attn"], train_modules=["lm_head"]))
@@ -95,7 +110,9 @@ def test_lora_trains_adapters_only_and_round_trips_through_plain_peft(tiny_dir, 
     assert isinstance(peft_model, PeftModel)
     adapters_before = {n: p.detach().clone() for n, p in peft_model.named_parameters() if p.requires_grad}
     assert len([n for n in adapters_before if "lora_A" in n]) == 2 * (4 + 3 + 3 + 4)
-    assert [n for n in adapters_before if "lora_" not in n] == ["base_model.model.audio_lm_head.modules_to_save.default.weight"]
+    assert [n for n in adapters_before if "lora_" not in n] == [
+        "base_model.model.audio_lm_head.modules_to_save.default.weight"
+    ]
 
     batch = synthetic_batch(model.config)
     losses = train_steps(peft_model, batch, steps=4, lr=1e-2)
@@ -105,7 +122,11 @@ def test_lora_trains_adapters_only_and_round_trips_through_plain_peft(tiny_dir, 
     named = dict(peft_model.named_parameters())
     for name, before in base_before.items():
         stem, leaf = name.rsplit(".", 1)
-        candidates = [f"base_model.model.{stem}.base_layer.{leaf}", f"base_model.model.{stem}.{leaf}", f"base_model.model.{stem}.original_module.{leaf}"]
+        candidates = [
+            f"base_model.model.{stem}.base_layer.{leaf}",
+            f"base_model.model.{stem}.{leaf}",
+            f"base_model.model.{stem}.original_module.{leaf}",
+        ]
         current = next(named[c] for c in candidates if c in named)
         assert torch.equal(current, before), name
     # every adapter weight (and the fully trained head) moved
@@ -115,12 +136,21 @@ def test_lora_trains_adapters_only_and_round_trips_through_plain_peft(tiny_dir, 
     out = tmp_path / "adapter"
     save_trainable(peft_model, out)
     assert sorted(p.name for p in out.iterdir() if p.suffix in (".json", ".safetensors")) == [
-        "adapter_config.json", "adapter_model.safetensors", "extra_weights.safetensors",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "extra_weights.safetensors",
     ]
     extras = load_file(str(out / "extra_weights.safetensors"))
     assert sorted(extras) == sorted(
-        f"model.layers.{i}.{m}.weight" for i in range(2)
-        for m in ("audio_attn.q_proj", "audio_attn.k_proj", "audio_attn.v_proj", "audio_attn.o_proj", "audio_post_audio_attn_layer_norm")
+        f"model.layers.{i}.{m}.weight"
+        for i in range(2)
+        for m in (
+            "audio_attn.q_proj",
+            "audio_attn.k_proj",
+            "audio_attn.v_proj",
+            "audio_attn.o_proj",
+            "audio_post_audio_attn_layer_norm",
+        )
     )
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["r"] == 4 and config["modules_to_save"] == ["audio_lm_head"]
@@ -131,14 +161,20 @@ def test_lora_trains_adapters_only_and_round_trips_through_plain_peft(tiny_dir, 
         # plain PEFT on a fresh base model (audio self-attention enabled, as at training time)
         plain = PeftModel.from_pretrained(_load(tiny_dir), str(out)).eval()
         assert torch.equal(plain(**model_inputs(batch)).logits, want)
-        assert _lora_layers(plain) == _lora_layers(peft_model) == sorted(n for v in resolve_targets(model, ALL_PATHWAYS).values() for n in v)
+        assert (
+            _lora_layers(plain)
+            == _lora_layers(peft_model)
+            == sorted(n for v in resolve_targets(model, ALL_PATHWAYS).values() for n in v)
+        )
         # our loader: enables the block itself and loads extra_weights.safetensors
         ours = load_trainable(_load(tiny_dir, audio_self_attention=False), out).eval()
         assert torch.equal(ours(**model_inputs(batch)).logits, want)
 
 
 def test_trained_audio_attention_block_is_saved_in_the_adapter(tiny_dir, tmp_path):
-    peft_model = apply_finetuning(_load(tiny_dir), _lora(pathways=["audio_mlp"], train_modules=["audio_attn", "audio_lm_head"]))
+    peft_model = apply_finetuning(
+        _load(tiny_dir), _lora(pathways=["audio_mlp"], train_modules=["audio_attn", "audio_lm_head"])
+    )
     batch = synthetic_batch(peft_model.config)
     train_steps(peft_model, batch, steps=3, lr=1e-2)
     save_trainable(peft_model, tmp_path / "a")
@@ -153,7 +189,9 @@ def test_trained_audio_attention_block_is_saved_in_the_adapter(tiny_dir, tmp_pat
 
 def test_every_fully_trained_module_trains_and_reloads(tiny_dir, tmp_path):
     modules = ["audio_lm_head", "audio_embeddings", "text_lm_head", "text_embeddings"]
-    peft_model = apply_finetuning(_load(tiny_dir, audio_self_attention=False), _lora(pathways=["text_attn"], train_modules=modules))
+    peft_model = apply_finetuning(
+        _load(tiny_dir, audio_self_attention=False), _lora(pathways=["text_attn"], train_modules=modules)
+    )
     wrapped = ["audio_lm_head", "model.embed_audio_tokens.embed_audio_tokens", "text_lm_head", "model.embed_tokens"]
     copies = {m: f"base_model.model.{m}.modules_to_save.default.weight" for m in wrapped}
     originals = {m: f"base_model.model.{m}.original_module.weight" for m in wrapped}
@@ -175,7 +213,9 @@ def test_lora_with_gradient_checkpointing_matches_plain_gradients(tiny_dir):
     grads = []
     for checkpointing in (False, True):
         torch.manual_seed(0)  # same LoRA A init in both
-        peft_model = apply_finetuning(_load(tiny_dir, gradient_checkpointing=checkpointing), _lora(pathways=["text_attn", "audio_attn"]))
+        peft_model = apply_finetuning(
+            _load(tiny_dir, gradient_checkpointing=checkpointing), _lora(pathways=["text_attn", "audio_attn"])
+        )
         peft_model.train()
         peft_model(**synthetic_batch(peft_model.config)).loss.backward()
         grads.append({n: p.grad.clone() for n, p in peft_model.named_parameters() if p.requires_grad})
@@ -230,7 +270,10 @@ def test_parameter_report_adds_up_and_names_targets(tiny_dir):
     report = parameter_report(peft_model)
     assert report.total == sum(p.numel() for p in peft_model.parameters())
     assert report.trainable == sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
-    assert sum(r.trainable for r in report.rows) == report.trainable and sum(r.frozen for r in report.rows) == report.frozen
+    assert (
+        sum(r.trainable for r in report.rows) == report.trainable
+        and sum(r.frozen for r in report.rows) == report.frozen
+    )
     # LoRA r=4 on Linear(in, out) adds 4 * (in + out); q/o are 64->64, k/v 64->32, MLPs 64<->128
     attn_lora = 2 * 4 * ((64 + 64) * 2 + (64 + 32) * 2)
     mlp_lora = 2 * 4 * (64 + 128) * 3
@@ -263,11 +306,17 @@ def test_parameter_report_adds_up_and_names_targets(tiny_dir):
 def test_collapse_names():
     names = [f"model.layers.{i}.self_attn.{p}_proj" for i in range(28) for p in "qkvo"]
     assert collapse_names(names) == ["model.layers.{0..27}.self_attn.{q,k,v,o}_proj"]
-    assert collapse_names(["model.layers.0.mlp.up_proj", "model.layers.2.mlp.up_proj", "model.layers.5.mlp.up_proj", "audio_lm_head"]) == [
-        "model.layers.{0,2,5}.mlp.up_proj", "audio_lm_head",
+    assert collapse_names(
+        ["model.layers.0.mlp.up_proj", "model.layers.2.mlp.up_proj", "model.layers.5.mlp.up_proj", "audio_lm_head"]
+    ) == [
+        "model.layers.{0,2,5}.mlp.up_proj",
+        "audio_lm_head",
     ]
-    assert collapse_names([f"model.layers.{i}.{m}" for i in range(4) for m in ("audio_attn", "audio_post_audio_attn_layer_norm")]) == [
-        "model.layers.{0..3}.audio_attn", "model.layers.{0..3}.audio_post_audio_attn_layer_norm",
+    assert collapse_names(
+        [f"model.layers.{i}.{m}" for i in range(4) for m in ("audio_attn", "audio_post_audio_attn_layer_norm")]
+    ) == [
+        "model.layers.{0..3}.audio_attn",
+        "model.layers.{0..3}.audio_post_audio_attn_layer_norm",
     ]
 
 
@@ -280,8 +329,14 @@ def test_real_3b_shapes_on_the_meta_device():
     from higgs_tune.model.audio_attention import enable_audio_self_attention
 
     config = HiggsAudioV2Config(codebook_size=1026)  # 1024 codes + stream BOS/EOS rows
-    assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads,
-            config.intermediate_size, config.vocab_size) == (3072, 28, 24, 8, 8192, 128256)
+    assert (
+        config.hidden_size,
+        config.num_hidden_layers,
+        config.num_attention_heads,
+        config.num_key_value_heads,
+        config.intermediate_size,
+        config.vocab_size,
+    ) == (3072, 28, 24, 8, 8192, 128256)
     with torch.device("meta"):
         model = HiggsAudioV2ForConditionalGeneration(config, use_text_head=True)
     targets = resolve_targets(model, ["text_attn", "text_mlp", "audio_mlp"])
@@ -321,4 +376,6 @@ def test_real_3b_shapes_on_the_meta_device():
     assert {k: len(v) for k, v in resolve_targets(model, ["audio_attn"]).items()} == {"audio_attn": 112}
     with_block = {r.group: r.total for r in parameter_report(model).rows}
     assert with_block["audio_attn"] == 28 * (704_643_072 // 28 + 3072) == 704_729_088  # ~0.7B
-    assert {k: v for k, v in with_block.items() if k != "audio_attn"} == {k: v for k, v in rows.items() if k != "audio_attn"}
+    assert {k: v for k, v in with_block.items() if k != "audio_attn"} == {
+        k: v for k, v in rows.items() if k != "audio_attn"
+    }

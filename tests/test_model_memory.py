@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_model_support import synthetic_batch
 
 from higgs_tune.config import FinetuneConfig, LossConfig, load_config
 from higgs_tune.model.memory import (
@@ -23,7 +24,6 @@ from higgs_tune.model.memory import (
     parameter_tensors,
     plan_from_config,
 )
-from test_model_support import synthetic_batch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -55,8 +55,11 @@ def _build(config, dtype, mode, **ft):
         model = HiggsAudioV2ForConditionalGeneration(config, use_text_head=True)
     finally:
         torch.set_default_dtype(previous)
-    cfg = FinetuneConfig(mode=mode, lora_dropout=ft.pop("lora_dropout", 0.0), **ft) if mode == "lora" else \
-        FinetuneConfig(mode="full", pathways=[], **ft)
+    cfg = (
+        FinetuneConfig(mode=mode, lora_dropout=ft.pop("lora_dropout", 0.0), **ft)
+        if mode == "lora"
+        else FinetuneConfig(mode="full", pathways=[], **ft)
+    )
     return apply_finetuning(model, cfg).train()
 
 
@@ -78,12 +81,16 @@ def test_parameter_counts_equal_the_real_v2_on_the_meta_device():
     assert est.trainable == est.params == 5_771_283_456 and est.weights == est.grads == 2 * 5_771_283_456
 
 
-@pytest.mark.parametrize("dtype,mode,ft,optimizer", [
-    (torch.bfloat16, "lora", {"train_modules": ["audio_lm_head"]}, "adamw"),
-    (torch.float32, "lora", {"pathways": ["text_attn", "audio_mlp"], "lora_r": 4}, "adamw"),
-    (torch.bfloat16, "full", {"freeze": ["text_embeddings", "text_mlp"]}, "adamw"),
-    (torch.float32, "full", {}, "adamw"),
-], ids=["lora-bf16-head", "lora-fp32-r4", "full-bf16-freeze", "full-fp32"])
+@pytest.mark.parametrize(
+    "dtype,mode,ft,optimizer",
+    [
+        (torch.bfloat16, "lora", {"train_modules": ["audio_lm_head"]}, "adamw"),
+        (torch.float32, "lora", {"pathways": ["text_attn", "audio_mlp"], "lora_r": 4}, "adamw"),
+        (torch.bfloat16, "full", {"freeze": ["text_embeddings", "text_mlp"]}, "adamw"),
+        (torch.float32, "full", {}, "adamw"),
+    ],
+    ids=["lora-bf16-head", "lora-fp32-r4", "full-bf16-freeze", "full-fp32"],
+)
 def test_weight_grad_and_optimizer_bytes_are_exact(tiny_dir, dtype, mode, ft, optimizer):
     """One real AdamW step on a small model; every byte of weights, gradients and AdamW state counted."""
     config = _small_config(tiny_dir, layers=2)
@@ -98,9 +105,16 @@ def test_weight_grad_and_optimizer_bytes_are_exact(tiny_dir, dtype, mode, ft, op
     states = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values())
     arch = Architecture.from_hf_config(config)
     name = "bfloat16" if dtype == torch.bfloat16 else "float32"
-    plan = MemoryPlan(arch=arch, mode=mode, weight_dtype=name, optimizer=optimizer,
-                      pathways=tuple(ft.get("pathways", ("text_attn", "text_mlp", "audio_mlp"))) if mode == "lora" else (),
-                      train_modules=tuple(ft.get("train_modules", ())), freeze=tuple(ft.get("freeze", ())), lora_r=ft.get("lora_r", 16))
+    plan = MemoryPlan(
+        arch=arch,
+        mode=mode,
+        weight_dtype=name,
+        optimizer=optimizer,
+        pathways=tuple(ft.get("pathways", ("text_attn", "text_mlp", "audio_mlp"))) if mode == "lora" else (),
+        train_modules=tuple(ft.get("train_modules", ())),
+        freeze=tuple(ft.get("freeze", ())),
+        lora_r=ft.get("lora_r", 16),
+    )
     est = estimate_memory(plan)
     assert (est.params, est.trainable) == (sum(p.numel() for p in model.parameters()), sum(p.numel() for p in params))
     assert (est.weights, est.grads, est.optimizer) == (weights, grads, states)
@@ -168,12 +182,22 @@ def test_whole_model_saved_bytes_within_one_percent(tiny_dir, variant):
     with SavedTensorBytes(model.parameters()) as saved:
         HiggsLossModule(model, LossConfig())(**batch)
     tokens = int(batch["attention_mask"].sum())
-    plan = MemoryPlan(arch=Architecture.from_hf_config(config), mode=mode, weight_dtype=str(dtype).replace("torch.", ""),
-                      seq_len=tokens // 2, batch_size=2, audio_share=int(batch["audio_input_ids_mask"].sum()) / tokens,
-                      audio_label_share=int((batch["audio_labels"] != -100).any(-1).sum()) / tokens,
-                      text_labels_per_sample=int((batch["labels"] != -100).sum()) / 2, **plan_kw)
+    plan = MemoryPlan(
+        arch=Architecture.from_hf_config(config),
+        mode=mode,
+        weight_dtype=str(dtype).replace("torch.", ""),
+        seq_len=tokens // 2,
+        batch_size=2,
+        audio_share=int(batch["audio_input_ids_mask"].sum()) / tokens,
+        audio_label_share=int((batch["audio_labels"] != -100).any(-1).sum()) / tokens,
+        text_labels_per_sample=int((batch["labels"] != -100).sum()) / 2,
+        **plan_kw,
+    )
     est = estimate_memory(plan)
-    assert abs(est.activations + est.loss_heads_saved - saved.bytes) / saved.bytes < 0.01, (est.activations + est.loss_heads_saved, saved.bytes)
+    assert abs(est.activations + est.loss_heads_saved - saved.bytes) / saved.bytes < 0.01, (
+        est.activations + est.loss_heads_saved,
+        saved.bytes,
+    )
 
 
 def test_every_preset_loads_and_validates():
@@ -190,8 +214,11 @@ def test_lora_24gb_preset_fits_24_gb_at_seq_2048_by_the_model():
     assert est.plan.batch_size * 2048 <= cfg.data.max_tokens_per_batch
     assert est.peak < 24e9 * 0.9, est.format()  # 10% margin for the allocator and the CUDA context
     # the same LoRA without checkpointing and with 4 sequences per batch would not fit
-    no_ckpt = estimate_memory(plan_from_config(cfg, seq_len=2048, batch_size=4).__class__(
-        **{**plan_from_config(cfg, seq_len=2048, batch_size=4).__dict__, "gradient_checkpointing": False}))
+    no_ckpt = estimate_memory(
+        plan_from_config(cfg, seq_len=2048, batch_size=4).__class__(
+            **{**plan_from_config(cfg, seq_len=2048, batch_size=4).__dict__, "gradient_checkpointing": False}
+        )
+    )
     assert no_ckpt.peak > 24 * GIB
 
 

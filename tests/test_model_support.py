@@ -39,7 +39,12 @@ def synthetic_batch(config, rows=((5, (6,)), (3, (2, 4))), seed: int = 0, codebo
                     lab[row, row + 1 + t] = eos
             cols.append(seg.T)
             col_labels.append(lab.T)
-            turn = [config.audio_bos_token_id] + [config.audio_token_id] * (t + 2) + [config.audio_delay_token_id] * (k - 1) + [audio_eos, eot]
+            turn = (
+                [config.audio_bos_token_id]
+                + [config.audio_token_id] * (t + 2)
+                + [config.audio_delay_token_id] * (k - 1)
+                + [audio_eos, eot]
+            )
             ids += turn
             if target:
                 labels += [config.audio_bos_token_id] + [IGNORE] * (t + k + 1) + [audio_eos, eot]

@@ -15,7 +15,15 @@ from transformers import (
     HiggsAudioV2TokenizerModel,
 )
 
-from higgs_tune.tiny import OutputDirNotEmpty, TinySpec, build_audio_tokenizer, build_model, build_processor, build_text_tokenizer, make_tiny
+from higgs_tune.tiny import (
+    OutputDirNotEmpty,
+    TinySpec,
+    build_audio_tokenizer,
+    build_model,
+    build_processor,
+    build_text_tokenizer,
+    make_tiny,
+)
 
 
 def _conversation(wav):
@@ -44,9 +52,18 @@ def test_text_tokenizer_round_trips_arabic_and_english(tiny_dir):
         ids = tok(text, add_special_tokens=False)["input_ids"]
         assert tok.decode(ids) == text
     # every special token of the Higgs chat layout is one token
-    for name in ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
-                 "<|audio_out_bos|>", "<|audio_eos|>", "<|AUDIO_OUT|>", "<|reserved_special_token_6|>",
-                 "<|scene_desc_start|>", "<|scene_desc_end|>"]:
+    for name in [
+        "<|begin_of_text|>",
+        "<|start_header_id|>",
+        "<|end_header_id|>",
+        "<|eot_id|>",
+        "<|audio_out_bos|>",
+        "<|audio_eos|>",
+        "<|AUDIO_OUT|>",
+        "<|reserved_special_token_6|>",
+        "<|scene_desc_start|>",
+        "<|scene_desc_end|>",
+    ]:
         assert len(tok(name, add_special_tokens=False)["input_ids"]) == 1, name
 
 
@@ -123,7 +140,7 @@ def test_make_tiny_refuses_non_empty_folder(tmp_path):
 def test_make_tiny_cli_refuses_without_overwrite(tmp_path):
     from click.testing import CliRunner
 
-    from higgs_tune.cli import main
+    from higgs_tune.app.cli import main
 
     (tmp_path / "keep.txt").write_text("x")
     result = CliRunner().invoke(main, ["make-tiny", str(tmp_path)])

@@ -18,16 +18,22 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import checkpoint_harness as H
 import numpy as np
 import pytest
 import torch
 import yaml
 
-import checkpoint_harness as H
 from higgs_tune.errors import CheckpointError
+from higgs_tune.runfs import format_bytes
 from higgs_tune.train import checkpoint as ck
 from higgs_tune.train import distributed as dist_utils
-from higgs_tune.train.checkpoint import CheckpointManager, find_resume_checkpoint, load_training_state, verify_checkpoint
+from higgs_tune.train.checkpoint import (
+    CheckpointManager,
+    find_resume_checkpoint,
+    load_training_state,
+    verify_checkpoint,
+)
 
 HARNESS = Path(__file__).with_name("checkpoint_harness.py")
 STEPS = 8
@@ -42,8 +48,14 @@ def new_run(tiny_dir: Path, mode: str = "head", seed: int = H.SEED, steps: int =
     H.seed_everything(seed)
     model = H.build_model(tiny_dir, mode)
     opt, sched = H.build_optimizer(model, steps)
-    return SimpleNamespace(model=model, opt=opt, sched=sched, sampler=H.ToySampler(H.POOL, H.SEED),
-                           pool=H.make_pool(model.config), mode=mode)
+    return SimpleNamespace(
+        model=model,
+        opt=opt,
+        sched=sched,
+        sampler=H.ToySampler(H.POOL, H.SEED),
+        pool=H.make_pool(model.config),
+        mode=mode,
+    )
 
 
 def train(run, start: int, stop: int) -> dict[int, float]:
@@ -52,20 +64,36 @@ def train(run, start: int, stop: int) -> dict[int, float]:
 
 def new_manager(run, run_dir: Path, tiny_dir: Path, save_weights=None, verify_weights=None, overrides=(), **checkpoint):
     cfg = H.make_config(run_dir, STEPS, overrides, **checkpoint)
-    mgr = CheckpointManager(run_dir, None, cfg.checkpoint,
-                            save_weights or H.save_weights_fn(run.model, run.mode),
-                            verify_weights or H.verify_weights_fn(tiny_dir, run.model, run.mode))
+    mgr = CheckpointManager(
+        run_dir,
+        None,
+        cfg.checkpoint,
+        save_weights or H.save_weights_fn(run.model, run.mode),
+        verify_weights or H.verify_weights_fn(tiny_dir, run.model, run.mode),
+    )
     return cfg, mgr
 
 
 def save(mgr, run, cfg, step: int, **kw):
-    return mgr.save(step, optimizer=run.opt, scheduler=run.sched, sampler_state=run.sampler.state_dict(),
-                    epoch=run.sampler.epoch, metrics={"loss": 1.5}, config=cfg, **kw)
+    return mgr.save(
+        step,
+        optimizer=run.opt,
+        scheduler=run.sched,
+        sampler_state=run.sampler.state_dict(),
+        epoch=run.sampler.epoch,
+        metrics={"loss": 1.5},
+        config=cfg,
+        **kw,
+    )
 
 
 def snapshot(folder: Path) -> dict[str, str]:
     """sha256 of every file below `folder`, by relative path."""
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def listing(folder: Path) -> list[str]:
@@ -91,19 +119,53 @@ def test_save_writes_exactly_these_files_and_they_verify(tmp_path, tiny_dir, cap
 
     assert path == run_dir / "checkpoint-2"
     assert listing(run_dir) == ["checkpoint-2", "checkpoints.json"]
-    assert listing(path) == ["README.md", "adapter_config.json", "adapter_model.safetensors",
-                             "config.yaml", "manifest.json", "training_state.pt"]
+    assert listing(path) == [
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "config.yaml",
+        "manifest.json",
+        "training_state.pt",
+    ]
     manifest = verify_checkpoint(path)
-    assert sorted(manifest["files"]) == ["README.md", "adapter_config.json", "adapter_model.safetensors", "config.yaml", "training_state.pt"]
+    assert sorted(manifest["files"]) == [
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "config.yaml",
+        "training_state.pt",
+    ]
     for rel, meta in manifest["files"].items():
-        assert meta == {"bytes": (path / rel).stat().st_size, "sha256": hashlib.sha256((path / rel).read_bytes()).hexdigest()}
-    assert {k: manifest[k] for k in ("format", "format_version", "step", "epoch", "final", "world_size", "eval_loss", "metrics")} == {
-        "format": "higgs-tune-checkpoint", "format_version": 1, "step": 2, "epoch": 0, "final": False,
-        "world_size": 1, "eval_loss": 2.25, "metrics": {"loss": 1.5}}
+        assert meta == {
+            "bytes": (path / rel).stat().st_size,
+            "sha256": hashlib.sha256((path / rel).read_bytes()).hexdigest(),
+        }
+    assert {
+        k: manifest[k]
+        for k in ("format", "format_version", "step", "epoch", "final", "world_size", "eval_loss", "metrics")
+    } == {
+        "format": "higgs-tune-checkpoint",
+        "format_version": 1,
+        "step": 2,
+        "epoch": 0,
+        "final": False,
+        "world_size": 1,
+        "eval_loss": 2.25,
+        "metrics": {"loss": 1.5},
+    }
 
     # the training state reads back with the safe loader only, and holds what resume needs
     state = torch.load(path / "training_state.pt", weights_only=True)
-    assert sorted(state) == ["epoch", "grad_scaler", "optimizer", "rng", "sampler_state", "scheduler", "step", "world_size"]
+    assert sorted(state) == [
+        "epoch",
+        "grad_scaler",
+        "optimizer",
+        "rng",
+        "sampler_state",
+        "scheduler",
+        "step",
+        "world_size",
+    ]
     assert (state["step"], state["epoch"], state["world_size"]) == (2, 0, 1)
     assert state["sampler_state"] == {"epoch": 0, "position": 4}
     assert state["grad_scaler"]["scale"] == 1024.0
@@ -117,13 +179,29 @@ def test_save_writes_exactly_these_files_and_they_verify(tmp_path, tiny_dir, cap
     assert text.startswith(ck.CONFIG_HEADER)
     assert yaml.safe_load(text) == cfg.to_dict()
     assert json.loads((run_dir / "checkpoints.json").read_text()) == {
-        "latest": "checkpoint-2", "best": {"name": "checkpoint-2", "step": 2, "eval_loss": 2.25}, "final": None,
-        "checkpoints": [{"name": "checkpoint-2", "step": 2, "eval_loss": 2.25, "bytes": sum(m["bytes"] for m in manifest["files"].values())}]}
+        "latest": "checkpoint-2",
+        "best": {"name": "checkpoint-2", "step": 2, "eval_loss": 2.25},
+        "final": None,
+        "checkpoints": [
+            {
+                "name": "checkpoint-2",
+                "step": 2,
+                "eval_loss": 2.25,
+                "bytes": sum(m["bytes"] for m in manifest["files"].values()),
+            }
+        ],
+    }
 
     logs = "\n".join(r.getMessage() for r in caplog.records)
     assert f"checkpoint: saving step 2 to {path} (attempt 1)" in logs
-    saved_line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith(f"checkpoint: saved {path} in "))
-    assert "adapter_model.safetensors (" in saved_line and "training_state.pt (" in saved_line and "free on the disk" in saved_line
+    saved_line = next(
+        r.getMessage() for r in caplog.records if r.getMessage().startswith(f"checkpoint: saved {path} in ")
+    )
+    assert (
+        "adapter_model.safetensors (" in saved_line
+        and "training_state.pt (" in saved_line
+        and "free on the disk" in saved_line
+    )
 
 
 def test_final_save_goes_to_final_and_is_never_rotated(tmp_path, tiny_dir):
@@ -168,7 +246,12 @@ def test_resume_equals_uninterrupted_training(tmp_path, tiny_dir, mode):
     state = load_training_state(ckpt, optimizer=resumed.opt, scheduler=resumed.sched, world_size=1, rank=0, config=cfg)
     resumed.sampler.load_state_dict(state.sampler_state)
     assert (state.step, state.epoch, state.sampler_state, state.metrics, state.rng_warnings) == (
-        k, 1, {"epoch": 1, "position": 2}, {"loss": 1.5}, [])
+        k,
+        1,
+        {"epoch": 1, "position": 2},
+        {"loss": 1.5},
+        [],
+    )
 
     got = train(resumed, state.step, STEPS)
 
@@ -212,19 +295,25 @@ def test_resume_refuses_a_changed_config_or_world_size(tmp_path, tiny_dir, caplo
         f"the config changes settings that {ckpt} must keep to resume exactly:\n"
         "  data.max_batch_size: 16 -> 4\n"
         "  train.learning_rate: 0.01 -> 0.02\n"
-        f"Restore them to resume, or start a new run from its weights with --resume-weights-only {ckpt}.")
+        f"Restore them to resume, or start a new run from its weights with --resume-weights-only {ckpt}."
+    )
 
     with pytest.raises(CheckpointError) as e:
         load_training_state(ckpt, optimizer=fresh.opt, scheduler=fresh.sched, world_size=2, rank=0, config=cfg)
     assert str(e.value) == (
         f"{ckpt} was saved by 1 process(es), this run has 2: the data order and the per-rank random streams cannot "
-        f"continue exactly. Launch 1 process(es) to resume, or start a new run from its weights with --resume-weights-only {ckpt}.")
+        "continue exactly. Launch 1 process(es) to resume, or start a new run from its weights with "
+        f"--resume-weights-only {ckpt}."
+    )
 
     # settings that do not affect the trajectory may change
     relaxed = H.make_config(run_dir, STEPS, save_steps=4, save_total_limit=None)
     relaxed.train.log_steps = 1
     relaxed.model.attn_implementation = "eager"
-    assert load_training_state(ckpt, optimizer=fresh.opt, scheduler=fresh.sched, world_size=1, rank=0, config=relaxed).step == 1
+    assert (
+        load_training_state(ckpt, optimizer=fresh.opt, scheduler=fresh.sched, world_size=1, rank=0, config=relaxed).step
+        == 1
+    )
 
     # a different set of trained parameters is caught before torch mixes the states up
     other = new_run(tiny_dir, "lora")
@@ -251,7 +340,9 @@ def _partial_then_enospc(path: Path):
 
 @pytest.mark.parametrize("policy", ["continue", "abort"])
 @pytest.mark.parametrize("stage", ["weights", "training_state", "verify"])
-def test_failed_save_keeps_earlier_checkpoints_and_removes_the_temp_folder(tmp_path, tiny_dir, monkeypatch, caplog, stage, policy):
+def test_failed_save_keeps_earlier_checkpoints_and_removes_the_temp_folder(
+    tmp_path, tiny_dir, monkeypatch, caplog, stage, policy
+):
     run_dir = tmp_path / "run"
     run = new_run(tiny_dir)
     train(run, 0, 1)
@@ -277,22 +368,29 @@ def test_failed_save_keeps_earlier_checkpoints_and_removes_the_temp_folder(tmp_p
     fail["on"] = True
     if stage == "training_state":
         monkeypatch.setattr(torch, "save", lambda obj, f, *a, **kw: _partial_then_enospc(Path(f)))
-    cause = {"weights": "OSError: [Errno 28] No space left on device",
-             "training_state": "OSError: [Errno 28] No space left on device",
-             "verify": f"CheckpointError: {run_dir}/.tmp-checkpoint-4-{os.getpid()}: the adapter does not load"}[stage]
+    cause = {
+        "weights": "OSError: [Errno 28] No space left on device",
+        "training_state": "OSError: [Errno 28] No space left on device",
+        "verify": f"CheckpointError: {run_dir}/.tmp-checkpoint-4-{os.getpid()}: the adapter does not load",
+    }[stage]
     message = f"saving checkpoint-4 to {run_dir} failed: {cause}"
     caplog.set_level(logging.INFO, logger="higgs_tune")
     if policy == "abort":
         with pytest.raises(CheckpointError) as e:
             save(mgr, run, cfg, 4)
-        assert str(e.value) == message + ("\nFree space or fix the disk, then resume with --resume auto from the last complete checkpoint." if stage != "verify"
-                                          else "\nEarlier checkpoints are intact: fix the cause above, then resume with --resume auto.")
+        assert str(e.value) == message + (
+            "\nFree space or fix the disk, then resume with --resume auto from the last complete checkpoint."
+            if stage != "verify"
+            else "\nEarlier checkpoints are intact: fix the cause above, then resume with --resume auto."
+        )
         assert isinstance(e.value.__cause__, OSError if stage != "verify" else CheckpointError)
     else:
         assert save(mgr, run, cfg, 4) is None
         errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
-        assert errors == [message + " -- on_save_error=continue: training goes on and the next save tries again "
-                          "(1 failed save(s) in a row); earlier checkpoints are intact."]
+        assert errors == [
+            message + " -- on_save_error=continue: training goes on and the next save tries again "
+            "(1 failed save(s) in a row); earlier checkpoints are intact."
+        ]
         # a known failure (disk full, failed verification) is one message, never a traceback
         assert [r.exc_info for r in caplog.records if r.levelno == logging.ERROR] == [None]
 
@@ -316,8 +414,14 @@ def test_final_save_failure_raises_even_with_continue(tmp_path, tiny_dir):
         _partial_then_enospc(folder / "model.safetensors")
 
     cfg, mgr = new_manager(run, tmp_path / "run", tiny_dir, save_weights, on_save_error="continue")
-    with pytest.raises(CheckpointError, match=r"^saving the final checkpoint to .* failed: OSError: \[Errno 28\] No space left on device\n"
-                                              r"Free space or fix the disk, then resume with --resume auto to write the final checkpoint again \(the last complete one is still there\)\.$"):
+    with pytest.raises(
+        CheckpointError,
+        match=(
+            r"^saving the final checkpoint to .* failed: OSError: \[Errno 28\] No space left on device\nFree space or "
+            r"fix the disk, then resume with --resume auto to write the final checkpoint again \(the last complete one "
+            r"is still there\)\.$"
+        ),
+    ):
         save(mgr, run, cfg, STEPS, final=True)
     assert listing(tmp_path / "run") == []
 
@@ -334,8 +438,10 @@ def test_free_space_is_checked_before_writing(tmp_path, tiny_dir, monkeypatch):
     with pytest.raises(CheckpointError) as e:
         save(mgr, run, cfg, 4)
     assert str(e.value).startswith(
-        f"saving checkpoint-4 to {run_dir} failed: CheckpointError: {run_dir}: {ck.format_bytes(1000)} free, a checkpoint needs about "
-        f"{ck.format_bytes(size)} plus checkpoint.min_free_gb=0.5 GB kept free. Free space, or lower checkpoint.save_total_limit.")
+        f"saving checkpoint-4 to {run_dir} failed: CheckpointError: {run_dir}: {format_bytes(1000)} free, a "
+        f"checkpoint needs about {format_bytes(size)} plus checkpoint.min_free_gb=0.5 GB kept free. Free space, or "
+        "lower checkpoint.save_total_limit."
+    )
     assert listing(run_dir) == ["checkpoint-2", "checkpoints.json"]
 
 
@@ -382,12 +488,22 @@ def test_unsafe_sampler_state_is_refused_at_save_not_at_resume(tmp_path, tiny_di
     run = new_run(tiny_dir)
     train(run, 0, 1)
     cfg, mgr = new_manager(run, tmp_path / "run", tiny_dir)
-    with pytest.raises(CheckpointError, match=r"/\.tmp-checkpoint-1-\d+/training_state.pt cannot be read back with weights_only=True "
-                                              r"\(WeightsUnpickler error: Unsupported global: GLOBAL numpy\.\S+ was not an allowed global by default\)\. "
-                                              r"sampler_state may hold only tensors, numbers, strings, lists, tuples and dicts\.\n"
-                                              r"Earlier checkpoints are intact: fix the cause above, then resume with --resume auto\.$"):
-        mgr.save(1, optimizer=run.opt, scheduler=run.sched, sampler_state={"order": np.arange(4)}, epoch=0,
-                 metrics={}, config=cfg)
+    with pytest.raises(
+        CheckpointError,
+        match=r"/\.tmp-checkpoint-1-\d+/training_state.pt cannot be read back with weights_only=True "
+        r"\(WeightsUnpickler error: Unsupported global: GLOBAL numpy\.\S+ was not an allowed global by default\)\. "
+        r"sampler_state may hold only tensors, numbers, strings, lists, tuples and dicts\.\n"
+        r"Earlier checkpoints are intact: fix the cause above, then resume with --resume auto\.$",
+    ):
+        mgr.save(
+            1,
+            optimizer=run.opt,
+            scheduler=run.sched,
+            sampler_state={"order": np.arange(4)},
+            epoch=0,
+            metrics={},
+            config=cfg,
+        )
     assert listing(tmp_path / "run") == []
 
 
@@ -404,11 +520,18 @@ def _three_checkpoints(tmp_path, tiny_dir):
     return run_dir
 
 
-@pytest.mark.parametrize("damage,reason", [
-    ("truncate", "has {half} bytes, the manifest says {size}: the file is truncated or was changed."),
-    ("flip", "does not match its sha256 in the manifest: the file is corrupted or was changed."),
-    ("no_manifest", "no manifest.json, so it is not a complete higgs-tune checkpoint (an interrupted save, or another tool's folder)."),
-])
+@pytest.mark.parametrize(
+    "damage,reason",
+    [
+        ("truncate", "has {half} bytes, the manifest says {size}: the file is truncated or was changed."),
+        ("flip", "does not match its sha256 in the manifest: the file is corrupted or was changed."),
+        (
+            "no_manifest",
+            "no manifest.json, so it is not a complete higgs-tune checkpoint (an interrupted save, or another "
+            "tool's folder).",
+        ),
+    ],
+)
 def test_damaged_newest_checkpoint_is_skipped_by_auto_resume(tmp_path, tiny_dir, caplog, damage, reason):
     run_dir = _three_checkpoints(tmp_path, tiny_dir)
     target = run_dir / "checkpoint-6" / "training_state.pt"
@@ -430,9 +553,14 @@ def test_damaged_newest_checkpoint_is_skipped_by_auto_resume(tmp_path, tiny_dir,
     assert find_resume_checkpoint(run_dir, "auto") == run_dir / "checkpoint-4"
 
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert warnings == [f"resume: skipping {run_dir / 'checkpoint-6'}: {where}{':' if damage == 'no_manifest' else ''} "
-                        + reason.format(half=size // 2, size=size)]
-    assert f"resume: using {run_dir / 'checkpoint-4'} (step 4; newest checkpoint whose manifest verifies)" in caplog.messages
+    assert warnings == [
+        f"resume: skipping {run_dir / 'checkpoint-6'}: {where}{':' if damage == 'no_manifest' else ''} "
+        + reason.format(half=size // 2, size=size)
+    ]
+    assert (
+        f"resume: using {run_dir / 'checkpoint-4'} (step 4; newest checkpoint whose manifest verifies)"
+        in caplog.messages
+    )
     # named explicitly, a damaged checkpoint is an error, not silently replaced by another
     with pytest.raises(CheckpointError, match=f"^cannot resume from {run_dir / 'checkpoint-6'}: "):
         find_resume_checkpoint(run_dir, run_dir / "checkpoint-6")
@@ -453,7 +581,9 @@ def test_no_checkpoint_yet_means_start_from_zero(tmp_path):
     (tmp_path / "run").mkdir()
     assert find_resume_checkpoint(tmp_path / "run") is None
     # named explicitly, an empty folder is an error: the user expected a checkpoint there
-    with pytest.raises(CheckpointError, match=f"^cannot resume from {tmp_path / 'run'}: {tmp_path / 'run'}: no manifest.json"):
+    with pytest.raises(
+        CheckpointError, match=f"^cannot resume from {tmp_path / 'run'}: {tmp_path / 'run'}: no manifest.json"
+    ):
         find_resume_checkpoint(tmp_path, tmp_path / "run")
 
 
@@ -484,14 +614,20 @@ def test_leftover_temp_folders_are_ignored_then_removed(tmp_path, tiny_dir, capl
     caplog.set_level(logging.INFO, logger="higgs_tune")
 
     assert find_resume_checkpoint(run_dir) == run_dir / "checkpoint-6"
-    assert f"resume: ignoring {tmp}: an unfinished save or removal (process killed mid-way); it is removed at the next save" in caplog.messages
+    assert (
+        f"resume: ignoring {tmp}: an unfinished save or removal (process killed mid-way); it is removed at the "
+        "next save" in caplog.messages
+    )
     assert tmp.exists()  # resume only reads
 
     run = new_run(tiny_dir)
     new_manager(run, run_dir, tiny_dir)
     assert listing(run_dir) == [live.name, "checkpoint-2", "checkpoint-4", "checkpoint-6", "checkpoints.json"]
     assert f"checkpoint: removing {tmp}, left by an interrupted save or removal" in caplog.messages
-    assert f"checkpoint: leaving {live} alone: process {os.getppid()} is still running (two runs in one folder?)" in caplog.messages
+    assert (
+        f"checkpoint: leaving {live} alone: process {os.getppid()} is still running (two runs in one folder?)"
+        in caplog.messages
+    )
 
 
 def test_saving_over_an_existing_checkpoint_folder_replaces_it_whole(tmp_path, tiny_dir):
@@ -522,7 +658,10 @@ def test_rotation_keeps_the_newest_and_the_best(tmp_path, tiny_dir):
     save(mgr, run, cfg, 10, eval_loss=0.3)  # a new best: the old one may go now
     assert listing(run_dir) == ["checkpoint-10", "checkpoint-8", "checkpoints.json"]
     index = json.loads((run_dir / "checkpoints.json").read_text())
-    assert (index["latest"], index["best"]) == ("checkpoint-10", {"name": "checkpoint-10", "step": 10, "eval_loss": 0.3})
+    assert (index["latest"], index["best"]) == (
+        "checkpoint-10",
+        {"name": "checkpoint-10", "step": 10, "eval_loss": 0.3},
+    )
     assert [c["name"] for c in index["checkpoints"]] == ["checkpoint-8", "checkpoint-10"]
 
     # a new manager on the same folder (a resumed run) finds the best again from the manifests
@@ -553,7 +692,13 @@ def test_rng_states_round_trip_through_the_safe_loader(tmp_path):
     np.random.standard_normal()  # so does NumPy
     state = dist_utils.rng_state()
     torch.save(state, tmp_path / "rng.pt")
-    expected = (random.random(), random.gauss(0, 1), np.random.rand(3).tolist(), np.random.standard_normal(), torch.rand(3))
+    expected = (
+        random.random(),
+        random.gauss(0, 1),
+        np.random.rand(3).tolist(),
+        np.random.standard_normal(),
+        torch.rand(3),
+    )
 
     H.seed_everything(8)
     assert dist_utils.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True)) == []
@@ -574,24 +719,46 @@ def test_sharded_accelerator_is_refused(tmp_path):
 
     cfg = H.make_config(tmp_path, STEPS)
     deepspeed = SimpleNamespace(distributed_type=DistributedType.DEEPSPEED, num_processes=1)
-    with pytest.raises(CheckpointError, match=r"^checkpoints of DEEPSPEED runs \(sharded optimizer state\) are not supported"):
+    with pytest.raises(
+        CheckpointError, match=r"^checkpoints of DEEPSPEED runs \(sharded optimizer state\) are not supported"
+    ):
         CheckpointManager(tmp_path, deepspeed, cfg.checkpoint, lambda d: None, lambda d: None)
     # FSDP is supported (tests/test_train_fsdp.py), but only with the module to gather the shards from
     fsdp = SimpleNamespace(distributed_type=DistributedType.FSDP, num_processes=1)
     with pytest.raises(CheckpointError, match=r"needs CheckpointManager\(sharded_root=\.\.\.\)"):
         CheckpointManager(tmp_path, fsdp, cfg.checkpoint, lambda d: None, lambda d: None)
-    fsdp1 = SimpleNamespace(distributed_type=DistributedType.FSDP, num_processes=1,
-                            state=SimpleNamespace(fsdp_plugin=SimpleNamespace(fsdp_version=1, use_orig_params=False)))
+    fsdp1 = SimpleNamespace(
+        distributed_type=DistributedType.FSDP,
+        num_processes=1,
+        state=SimpleNamespace(fsdp_plugin=SimpleNamespace(fsdp_version=1, use_orig_params=False)),
+    )
     with pytest.raises(CheckpointError, match=r"FSDP1 needs fsdp_use_orig_params: true"):
-        CheckpointManager(tmp_path, fsdp1, cfg.checkpoint, lambda d: None, lambda d: None, sharded_root=torch.nn.Linear(1, 1))
+        CheckpointManager(
+            tmp_path, fsdp1, cfg.checkpoint, lambda d: None, lambda d: None, sharded_root=torch.nn.Linear(1, 1)
+        )
 
 
 # ---------------------------------------------------------------- separate processes
 
 
 def _harness(tiny_dir, run_dir, out, *extra, nproc: int = 1, timeout: int = 180) -> subprocess.CompletedProcess:
-    args = [str(HARNESS), "--tiny-dir", str(tiny_dir), "--run-dir", str(run_dir), "--steps", "6", "--out-prefix", str(out), *extra]
-    cmd = [sys.executable, *(["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else []), *args]
+    args = [
+        str(HARNESS),
+        "--tiny-dir",
+        str(tiny_dir),
+        "--run-dir",
+        str(run_dir),
+        "--steps",
+        "6",
+        "--out-prefix",
+        str(out),
+        *extra,
+    ]
+    cmd = [
+        sys.executable,
+        *(["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else []),
+        *args,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
 
@@ -614,13 +781,30 @@ def test_sigkill_during_a_save_never_leaves_a_partial_checkpoint(tmp_path, tiny_
     assert find_resume_checkpoint(run_dir) == run_dir / "checkpoint-2"
 
     # the next run resumes from checkpoint-2, removes the leftover, and trains as if never killed
-    assert H.main(["--tiny-dir", str(tiny_dir), "--run-dir", str(run_dir), "--steps", "6", "--save-at", "2,4",
-                   "--out-prefix", str(tmp_path / "resumed"), "--resume"]) == 0
+    assert (
+        H.main(
+            [
+                "--tiny-dir",
+                str(tiny_dir),
+                "--run-dir",
+                str(run_dir),
+                "--steps",
+                "6",
+                "--save-at",
+                "2,4",
+                "--out-prefix",
+                str(tmp_path / "resumed"),
+                "--resume",
+            ]
+        )
+        == 0
+    )
     assert listing(run_dir) == ["checkpoint-2", "checkpoints.json", "config.yaml"]
     uninterrupted = train(new_run(tiny_dir, steps=6), 0, 6)
     assert _read_out(tmp_path / "resumed", 0)["losses"] == {str(s): uninterrupted[s] for s in range(3, 7)}
 
 
+@pytest.mark.slow  # torchrun, two processes: 10-40 s on 2 busy cores
 @pytest.mark.multiproc
 def test_two_processes_save_once_with_both_rng_states_and_resume_exactly(tmp_path, tiny_dir):
     """torchrun, 2 CPU processes (gloo, DDP, set up through accelerate as the recipe does): train 6
@@ -646,5 +830,7 @@ def test_two_processes_save_once_with_both_rng_states_and_resume_exactly(tmp_pat
 
     # one process cannot continue a two-process run exactly
     run = new_run(tiny_dir)
-    with pytest.raises(CheckpointError, match=r"was saved by 2 process\(es\), this run has 1: .* --resume-weights-only"):
+    with pytest.raises(
+        CheckpointError, match=r"was saved by 2 process\(es\), this run has 1: .* --resume-weights-only"
+    ):
         load_training_state(run_dir / "checkpoint-3", optimizer=run.opt, scheduler=run.sched, world_size=1, rank=0)

@@ -7,11 +7,11 @@ import json
 
 import pytest
 import torch
+from recipe_support import run_folder_at_checkpoint, small_config, torchrun2, train_losses
 from safetensors.torch import load_file
 
-from recipe_support import run_folder_at_checkpoint, small_config, torchrun2, train_losses
-
-pytestmark = pytest.mark.multiproc
+# torchrun, two processes: 40-65 s on 2 busy cores
+pytestmark = [pytest.mark.slow, pytest.mark.multiproc]
 
 
 def test_two_processes_train_save_once_and_resume_exactly(tiny_dir, demo_cache, tmp_path):
@@ -29,7 +29,10 @@ def test_two_processes_train_save_once_and_resume_exactly(tiny_dir, demo_cache, 
         assert torch.equal(r0[k], r1[k]), k
 
     # one folder per checkpoint, written once, holding both ranks' RNG states
-    assert sorted(x.name for x in run.iterdir() if x.name.startswith(("checkpoint-", "final", ".tmp"))) == ["checkpoint-2", "final"]
+    assert sorted(x.name for x in run.iterdir() if x.name.startswith(("checkpoint-", "final", ".tmp"))) == [
+        "checkpoint-2",
+        "final",
+    ]
     state = torch.load(run / "checkpoint-2" / "training_state.pt", weights_only=True)
     assert state["world_size"] == 2 and len(state["rng"]) == 2
     assert json.loads((run / "checkpoint-2" / "manifest.json").read_text())["world_size"] == 2

@@ -3,14 +3,13 @@
 
 from __future__ import annotations
 
-
 import pytest
 import torch
+from recipe_support import run_folder_at_checkpoint, small_config, torchrun2, train_losses
 from safetensors.torch import load_file
 
-from recipe_support import run_folder_at_checkpoint, small_config, torchrun2, train_losses
-
-pytestmark = pytest.mark.multiproc
+# torchrun, two processes: 20-90 s on 2 busy cores
+pytestmark = [pytest.mark.slow, pytest.mark.multiproc]
 FSDP_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_AUTO_WRAP_POLICY": "NO_WRAP"}
 
 
@@ -32,7 +31,7 @@ def test_fsdp_two_processes_save_full_state_and_resume_exactly(tiny_dir, demo_ca
     assert len(opt_state) == len(adapter) > 0
     assert all(isinstance(name, str) and name.startswith("model.") for name in opt_state)
     # full, not one rank's shard: the optimizer moments and the adapter have the same sizes
-    assert (sorted(s["exp_avg"].numel() for s in opt_state.values()) == sorted(v.numel() for v in adapter.values()))
+    assert sorted(s["exp_avg"].numel() for s in opt_state.values()) == sorted(v.numel() for v in adapter.values())
 
     # resume from checkpoint-2 in two processes: steps 3-4 and the final weights equal the uninterrupted run
     resumed = run_folder_at_checkpoint(run, 2, tmp_path / "resumed")

@@ -34,8 +34,13 @@ def batch(tok, model):
 
 
 def monitor_for(model, tok, health=None, loss=None, sink=None):
-    return HealthMonitor.for_model(health or HealthConfig(), loss or LossConfig(), model.config, tok,
-                                   on_warning=(sink.append if sink is not None else None))
+    return HealthMonitor.for_model(
+        health or HealthConfig(),
+        loss or LossConfig(),
+        model.config,
+        tok,
+        on_warning=(sink.append if sink is not None else None),
+    )
 
 
 def run(model, batch, **kw):
@@ -59,7 +64,13 @@ def test_contract_batch_raises_no_warning(model, tok, batch):
 def test_structural_ids_exclude_the_documented_text_targets(model, tok):
     mon = monitor_for(model, tok)
     ids = tok.convert_tokens_to_ids
-    for name in ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|AUDIO_OUT|>", "<|reserved_special_token_6|>"):
+    for name in (
+        "<|begin_of_text|>",
+        "<|start_header_id|>",
+        "<|end_header_id|>",
+        "<|AUDIO_OUT|>",
+        "<|reserved_special_token_6|>",
+    ):
         assert ids(name) in mon.structural_token_ids, name
     assert tok.pad_token_id in mon.structural_token_ids
     for piece in ("user", "assistant", "system", "\n\n"):
@@ -84,7 +95,11 @@ def test_first_batch_flags_the_unshifted_loss_and_never_the_correct_one(model, t
 def test_first_batch_copy_check_is_safe_on_constant_audio(model, tok):
     """Even a segment whose every code is identical has BOS->code and code->EOS pairs that differ."""
     constant = torch.full((K, 12), 7)
-    sample = build_sample(tok, model.config, [("system", "Generate audio following instruction."), ("user", "Hm."), ("assistant", constant, True)])
+    sample = build_sample(
+        tok,
+        model.config,
+        [("system", "Generate audio following instruction."), ("user", "Hm."), ("assistant", constant, True)],
+    )
     b, _ = collate([sample], tok.pad_token_id)
     out = run(model, b)
     scored = out.predictions.audio_target != -100
@@ -160,7 +175,9 @@ def test_shuffled_labels_stay_at_chance_and_trip_chance_level(tiny_dir, tok, mod
     for h in history:
         assert abs(h["audio_loss"] - LN_C) / LN_C < 0.05
     assert codes(found) == ["chance_level"] and found[0].step == 5
-    assert found[0].message.startswith(f"audio loss {history[5]['audio_loss']:.2f} ≈ ln(1026)=6.93 after 5 steps: the model is not learning")
+    assert found[0].message.startswith(
+        f"audio loss {history[5]['audio_loss']:.2f} ≈ ln(1026)=6.93 after 5 steps: the model is not learning"
+    )
     assert "learning rate" in found[0].message and "gradients" in found[0].message
     assert mon.warnings[0].count == 3 and mon.warnings[0].last_step == 7 and sink == found
 
@@ -168,17 +185,29 @@ def test_shuffled_labels_stay_at_chance_and_trip_chance_level(tiny_dir, tok, mod
 def test_a_learning_run_does_not_trip_chance_level(tiny_dir, tok, batch):
     torch.manual_seed(0)
     m = HiggsAudioV2ForConditionalGeneration.from_pretrained(tiny_dir, use_text_head=True)
-    mon = monitor_for(m, tok, health=HealthConfig(chance_after_steps=5, copy_check_steps=0), loss=LossConfig(text_weight=0.0))
+    mon = monitor_for(
+        m, tok, health=HealthConfig(chance_after_steps=5, copy_check_steps=0), loss=LossConfig(text_weight=0.0)
+    )
     history, found = _train(m, [batch], {}, mon, steps=8, lr=1e-2)
     assert found == [] and history[5]["audio_loss"] < 0.9 * LN_C
 
 
 def test_per_codebook_chance_is_named(model, tok):
     mon = monitor_for(model, tok, health=HealthConfig(chance_after_steps=0, copy_check_steps=0))
-    metrics = {"loss": 4.0, "text_loss": 1.0, "audio_loss": 3.0, "audio_acc": 0.3, "n_text_tokens": 6, "n_audio_tokens": 80,
-               "per_codebook_loss": [1.0] * 6 + [6.9, 7.2], "n_audio_tokens_per_codebook": [10] * 8}
+    metrics = {
+        "loss": 4.0,
+        "text_loss": 1.0,
+        "audio_loss": 3.0,
+        "audio_acc": 0.3,
+        "n_text_tokens": 6,
+        "n_audio_tokens": 80,
+        "per_codebook_loss": [1.0] * 6 + [6.9, 7.2],
+        "n_audio_tokens_per_codebook": [10] * 8,
+    }
     (w,) = mon.check_step(3, metrics)
-    assert w.code == "chance_level" and w.message.startswith("codebook(s) 6 (6.90), 7 (7.20) at ln(1026)=6.93 after 3 steps")
+    assert w.code == "chance_level" and w.message.startswith(
+        "codebook(s) 6 (6.90), 7 (7.20) at ln(1026)=6.93 after 3 steps"
+    )
     mon = monitor_for(model, tok, health=HealthConfig(chance_after_steps=0, copy_check_steps=0))
     (w,) = mon.check_step(4, dict(metrics, text_loss=12.5, per_codebook_loss=[1.0] * 8))
     assert w.message.startswith("text loss 12.50 > ln(2048)=7.62 after 4 steps")
@@ -215,7 +244,11 @@ def test_nan_in_a_batch_raises_naming_step_samples_and_checkpoint(tiny_dir, tok,
     # health.stop_on_nonfinite: false -> a named warning (never a silent skip)
     lenient = monitor_for(m, tok, health=HealthConfig(stop_on_nonfinite=False))
     (w,) = lenient.check_step(9, metrics, sample_ids=b["sample_ids"])
-    assert w.code == "non_finite" and "must not be applied" in w.message and w.details["sample_ids"] == ["clone-0", "tts-1"]
+    assert (
+        w.code == "non_finite"
+        and "must not be applied" in w.message
+        and w.details["sample_ids"] == ["clone-0", "tts-1"]
+    )
 
 
 # ---------------------------------------------------------------------- data-level
@@ -226,7 +259,9 @@ def test_no_eos_in_labels_is_flagged_once_with_a_count(model, tok, batch):
     out = run(model, b)
     mon = monitor_for(model, tok)
     (w,) = mon.check_batch(0, b, out)
-    assert w.code == "no_eos" and "never learns to stop" in w.message and w.details["sample_ids"] == ["clone-0", "tts-1"]
+    assert (
+        w.code == "no_eos" and "never learns to stop" in w.message and w.details["sample_ids"] == ["clone-0", "tts-1"]
+    )
     assert mon.check_batch(1, b, out) == [] and mon.check_batch(2, b, out) == []
     assert mon.warnings[0].count == 3 and mon.warnings[0].last_step == 2
     assert mon.warnings[0].record()["count"] == 3

@@ -19,13 +19,27 @@ from transformers import AutoTokenizer, HiggsAudioV2ForConditionalGeneration
 
 from higgs_tune.config import ConfigError, HealthConfig, LossConfig
 from higgs_tune.errors import OutputDirError
+from higgs_tune.runfs import METRICS_FILE
 from higgs_tune.train.health import HealthMonitor
-from higgs_tune.train.logging import METRICS_FILE, MetricsLogger, format_line, reduce_metrics
+from higgs_tune.train.logging import MetricsLogger, format_line, reduce_metrics
 from higgs_tune.train.loss import HiggsLossModule, LossWeights, Predictions, StepMetrics, finalize_metrics
 from higgs_tune.train.preview import prediction_preview
 
-METRIC_KEYS = {"loss", "text_loss", "audio_loss", "audio_loss_sum", "text_acc", "audio_acc", "per_codebook_loss",
-               "per_codebook_acc", "n_text_tokens", "n_audio_tokens", "n_audio_tokens_per_codebook", "n_tokens", "n_samples"}
+METRIC_KEYS = {
+    "loss",
+    "text_loss",
+    "audio_loss",
+    "audio_loss_sum",
+    "text_acc",
+    "audio_acc",
+    "per_codebook_loss",
+    "per_codebook_acc",
+    "n_text_tokens",
+    "n_audio_tokens",
+    "n_audio_tokens_per_codebook",
+    "n_tokens",
+    "n_samples",
+}
 ARABIC = "مرحبا بكم في البيت، كيف حالك؟"
 
 
@@ -112,11 +126,22 @@ def test_resume_truncates_records_after_the_resume_step(tmp_path):
         MetricsLogger(tmp_path, ["none"], True, console=quiet_console())
     console = quiet_console()
     with MetricsLogger(tmp_path, ["none"], True, resume_step=20, console=console) as logger:
-        assert [(r["event"], r["step"]) for r in records(tmp_path)] == [("metrics", 0), ("metrics", 10), ("metrics", 20), ("checkpoint", 20)]
+        assert [(r["event"], r["step"]) for r in records(tmp_path)] == [
+            ("metrics", 0),
+            ("metrics", 10),
+            ("metrics", 20),
+            ("checkpoint", 20),
+        ]
         logger.log(30, {"loss": 0.25})
     assert "removed 3 record(s)" in console.file.getvalue()
     rec = records(tmp_path)
-    assert [(r["event"], r["step"]) for r in rec] == [("metrics", 0), ("metrics", 10), ("metrics", 20), ("checkpoint", 20), ("metrics", 30)]
+    assert [(r["event"], r["step"]) for r in rec] == [
+        ("metrics", 0),
+        ("metrics", 10),
+        ("metrics", 20),
+        ("checkpoint", 20),
+        ("metrics", 30),
+    ]
     assert rec[-1]["loss"] == 0.25
 
 
@@ -132,25 +157,44 @@ def test_asking_for_a_tracker_that_is_not_installed_is_a_clear_error(tmp_path):
     for name in ("wandb", "trackio"):
         if importlib.util.find_spec(name) is not None:
             continue
-        with pytest.raises(ConfigError, match=rf"names {name} but the `{name}` package is not installed: `pip install {name}`"):
+        with pytest.raises(
+            ConfigError, match=rf"names {name} but the `{name}` package is not installed: `pip install {name}`"
+        ):
             MetricsLogger(tmp_path, ["tensorboard", name], False)
     with pytest.raises(ConfigError, match="'mlflow' is not one of"):
         MetricsLogger(tmp_path, ["mlflow"], True)
 
 
 def test_console_line_format():
-    metrics = {"loss": 3.14159, "text_loss": 0.5, "audio_loss": 2.64159, "per_codebook_acc": [0.2, 0.4],
-               "tokens_per_s": 8200.4, "lr": 3e-4, "grad_norm": 1.23456}
+    metrics = {
+        "loss": 3.14159,
+        "text_loss": 0.5,
+        "audio_loss": 2.64159,
+        "per_codebook_acc": [0.2, 0.4],
+        "tokens_per_s": 8200.4,
+        "lr": 3e-4,
+        "grad_norm": 1.23456,
+    }
     assert format_line(120, metrics) == (
-        "train step    120 | loss 3.1416 | text 0.500 | audio 2.642 | cb acc 0.300 | tok/s 8,200 | lr 3.00e-04 | gnorm 1.235")
+        "train step    120 | loss 3.1416 | text 0.500 | audio 2.642 | cb acc 0.300 | tok/s 8,200 | lr 3.00e-04 | "
+        "gnorm 1.235"
+    )
 
 
 # ---------------------------------------------------------------------- reduction
 def _stats(text_sum, text_ok, n_text, cb_sum, cb_ok, n_cb, n_tokens, n_samples, weights):
     t = lambda x: torch.tensor(x, dtype=torch.float64)  # noqa: E731
-    return {"text_ce_sum": t(text_sum), "text_correct": t(text_ok), "n_text_tokens": t(n_text),
-            "audio_ce_sum_per_codebook": t(cb_sum), "audio_correct_per_codebook": t(cb_ok),
-            "n_audio_tokens_per_codebook": t(n_cb), "n_tokens": t(n_tokens), "n_samples": t(n_samples), "loss_weights": weights}
+    return {
+        "text_ce_sum": t(text_sum),
+        "text_correct": t(text_ok),
+        "n_text_tokens": t(n_text),
+        "audio_ce_sum_per_codebook": t(cb_sum),
+        "audio_correct_per_codebook": t(cb_ok),
+        "n_audio_tokens_per_codebook": t(n_cb),
+        "n_tokens": t(n_tokens),
+        "n_samples": t(n_samples),
+        "loss_weights": weights,
+    }
 
 
 def test_reduce_metrics_single_process_equals_the_local_metrics(out):
@@ -204,8 +248,11 @@ DIST_SCRIPT = textwrap.dedent("""
     full, _ = two_row_batch(tok, model.config)
     # rank r gets row r, cut to its own length (ranks see different token counts)
     n, c = int(full["attention_mask"][r].sum()), int(full["audio_input_ids_mask"][r].sum())
-    batch = {k: (v[r:r + 1, :n] if k in ("input_ids", "attention_mask", "labels") else v[r:r + 1, :c] if k != "sample_ids" else v[r:r + 1])
-             for k, v in full.items()}
+    def cut(k, v):
+        if k == "sample_ids":
+            return v[r:r + 1]
+        return v[r:r + 1, :n] if k in ("input_ids", "attention_mask", "labels") else v[r:r + 1, :c]
+    batch = {k: cut(k, v) for k, v in full.items()}
     counts = module.count_tokens(batch).reduced(acc)
     wrapped = acc.prepare(module)          # DDP wraps the loss module; its forward is the one called
     out = wrapped(**batch)
@@ -222,7 +269,7 @@ DIST_SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.slow  # two processes importing torch + transformers: ~10 s alone, ~25 s on a busy 2-core box
+@pytest.mark.slow  # torchrun, two processes importing torch + transformers: 25-30 s on 2 busy cores
 @pytest.mark.multiproc
 def test_two_ranks_ddp_gradients_and_reduced_metrics_equal_the_whole_batch(tmp_path, tiny_dir, tok):
     """torchrun, 2 CPU ranks (gloo), one row each: DDP-averaged gradients of loss_for_step and the
@@ -231,8 +278,20 @@ def test_two_ranks_ddp_gradients_and_reduced_metrics_equal_the_whole_batch(tmp_p
     script.write_text(DIST_SCRIPT)
     result_file = tmp_path / "result.json"
     torchrun = Path(sys.executable).with_name("torchrun")
-    proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", str(script), str(tiny_dir), str(result_file),
-                           str(Path(__file__).parent)], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            str(torchrun),
+            "--standalone",
+            "--nproc_per_node=2",
+            str(script),
+            str(tiny_dir),
+            str(result_file),
+            str(Path(__file__).parent),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(result_file.read_text())
     assert got["type"] == "DistributedDataParallel"
@@ -249,7 +308,15 @@ def test_two_ranks_ddp_gradients_and_reduced_metrics_equal_the_whole_batch(tmp_p
     expected = out.metrics()
     metrics = got["metrics"]
     assert metrics["rank"] == 0.5  # extras are averaged over ranks
-    for key in ("loss", "text_loss", "audio_loss", "audio_loss_sum", "per_codebook_loss", "per_codebook_acc", "audio_acc"):
+    for key in (
+        "loss",
+        "text_loss",
+        "audio_loss",
+        "audio_loss_sum",
+        "per_codebook_loss",
+        "per_codebook_acc",
+        "audio_acc",
+    ):
         assert metrics[key] == pytest.approx(expected[key], abs=1e-5), key
     for key in ("n_text_tokens", "n_audio_tokens", "n_audio_tokens_per_codebook", "n_samples"):
         assert metrics[key] == expected[key], key
@@ -259,7 +326,11 @@ def test_two_ranks_ddp_gradients_and_reduced_metrics_equal_the_whole_batch(tmp_p
 def test_preview_decodes_arabic_targets_as_text(model, tok):
     """Text labels on an Arabic user turn (not the contract's targets, but a real decode test)."""
     codes = torch.randint(0, 1024, (K, 3), generator=torch.Generator().manual_seed(1))
-    sample = build_sample(tok, model.config, [("system", "Generate audio following instruction."), ("user", ARABIC), ("assistant", codes, True)])
+    sample = build_sample(
+        tok,
+        model.config,
+        [("system", "Generate audio following instruction."), ("user", ARABIC), ("assistant", codes, True)],
+    )
     b, _ = collate([sample], tok.pad_token_id, ["ar-1"])
     arabic_ids = tok(ARABIC, add_special_tokens=False)["input_ids"]
     ids = b["input_ids"][0].tolist()
@@ -280,28 +351,32 @@ def test_preview_table_on_crafted_predictions(tok):
     ids = tok.convert_tokens_to_ids
     t = lambda *x: torch.tensor(x, dtype=torch.long)  # noqa: E731
     pred = Predictions(
-        text_rows=t(0, 0, 0, 1), text_positions=t(40, 12, 41, 5),  # unsorted on purpose
+        text_rows=t(0, 0, 0, 1),
+        text_positions=t(40, 12, 41, 5),  # unsorted on purpose
         text_target=t(ids("<|audio_eos|>"), ids("<|audio_out_bos|>"), ids("<|eot_id|>"), 7),
         text_pred=t(ids("<|audio_eos|>"), ids("<|audio_out_bos|>"), ids("<|audio_eos|>"), 7),
-        audio_rows=t(0, 0, 0, 1), audio_positions=t(14, 13, 15, 3),
+        audio_rows=t(0, 0, 0, 1),
+        audio_positions=t(14, 13, 15, 3),
         # 2 codebooks; rows sorted by position: 13, 14, 15
         audio_target=torch.tensor([[5, -100], [6, 1], [EOS, 2], [9, 9]]),
         audio_pred=torch.tensor([[5, 0], [0, 1], [EOS, 2], [9, 9]]),
         audio_context=torch.zeros(4, 2, dtype=torch.long),
     )
     p = prediction_preview(pred, ["a", "b"], tok, step=20, num_frames=2, stream_eos_id=EOS)
-    assert p.text == "\n".join([
-        "preview · step 20 (train)",
-        "  sample a",
-        "    text @12    target «<|audio_out_bos|>»  pred «<|audio_out_bos|>»",
-        "    text @40    target «<|audio_eos|><|eot_id|>»  pred «<|audio_eos|><|audio_eos|>»",
-        "    text accuracy 2/3",
-        "    audio: first 2 scored frames per codebook (target / pred), accuracy over all",
-        "      cb0  target [   6    5]",
-        "           pred   [   0    5]  acc 0.667 (2/3)",
-        "      cb1  target [   1    2]",
-        "           pred   [   1    2]  acc 1.000 (2/2)",
-    ])
+    assert p.text == "\n".join(
+        [
+            "preview · step 20 (train)",
+            "  sample a",
+            "    text @12    target «<|audio_out_bos|>»  pred «<|audio_out_bos|>»",
+            "    text @40    target «<|audio_eos|><|eot_id|>»  pred «<|audio_eos|><|audio_eos|>»",
+            "    text accuracy 2/3",
+            "    audio: first 2 scored frames per codebook (target / pred), accuracy over all",
+            "      cb0  target [   6    5]",
+            "           pred   [   0    5]  acc 0.667 (2/3)",
+            "      cb1  target [   1    2]",
+            "           pred   [   1    2]  acc 1.000 (2/2)",
+        ]
+    )
     s = p.record["samples"][0]
     assert s["audio"][0] == {"codebook": 0, "target": [6, 5], "pred": [0, 5], "correct": 2, "n": 3, "acc": 2 / 3}
     assert s["text_correct"] == 2 and s["n_text_tokens"] == 3

@@ -88,7 +88,9 @@ def build_sample(tok, config, turns):
         roles.append(torch.full((n,), 2 if trained else 1, dtype=torch.long))
         text("<|audio_eos|>", label=trained)
         text("<|eot_id|>", label=trained)
-    return dict(ids=ids, labels=labels, a_in=torch.cat(a_in), a_lab=torch.cat(a_lab), roles=torch.cat(roles), segments=segs)
+    return dict(
+        ids=ids, labels=labels, a_in=torch.cat(a_in), a_lab=torch.cat(a_lab), roles=torch.cat(roles), segments=segs
+    )
 
 
 def collate(samples, pad_id, sample_ids=None):
@@ -130,14 +132,20 @@ def two_row_batch(tok, config, seed=0, high=1024, sample_ids=("clone-0", "tts-1"
     """Row 0: voice clone (reference segment 5 frames, untrained; target 4 frames). Row 1: TTS, target 7 frames."""
     g = torch.Generator().manual_seed(seed)
     system = ("system", "Generate audio following instruction.")
-    row0 = build_sample(tok, config, [
-        system,
-        ("user", "The cat sat on the mat."),
-        ("assistant", random_codes(5, g, high), False),
-        ("user", "A short target line."),
-        ("assistant", random_codes(4, g, high), True),
-    ])
-    row1 = build_sample(tok, config, [system, ("user", "Hello there, good morning."), ("assistant", random_codes(7, g, high), True)])
+    row0 = build_sample(
+        tok,
+        config,
+        [
+            system,
+            ("user", "The cat sat on the mat."),
+            ("assistant", random_codes(5, g, high), False),
+            ("user", "A short target line."),
+            ("assistant", random_codes(4, g, high), True),
+        ],
+    )
+    row1 = build_sample(
+        tok, config, [system, ("user", "Hello there, good morning."), ("assistant", random_codes(7, g, high), True)]
+    )
     return collate([row0, row1], tok.pad_token_id, sample_ids)
 
 
@@ -195,7 +203,7 @@ def reference(model, batch, segments, text_weight=1.0, audio_weight=1.0, codeboo
                 cb_ok[k] += int(logits.argmax() == lab)
     per_cb = [sum(v) / len(v) for v in cb_ce]
     w = codebook_weights or [1.0] * K
-    audio = sum(wk * lk for wk, lk in zip(w, per_cb)) / sum(w)
+    audio = sum(wk * lk for wk, lk in zip(w, per_cb, strict=True)) / sum(w)
     text = sum(text_ce) / len(text_ce)
     return {
         "loss": text_weight * text + audio_weight * audio,
@@ -203,7 +211,7 @@ def reference(model, batch, segments, text_weight=1.0, audio_weight=1.0, codeboo
         "audio_loss": audio,
         "audio_loss_sum": sum(per_cb),
         "per_codebook_loss": per_cb,
-        "per_codebook_acc": [ok / len(v) for ok, v in zip(cb_ok, cb_ce)],
+        "per_codebook_acc": [ok / len(v) for ok, v in zip(cb_ok, cb_ce, strict=True)],
         "text_acc": text_ok / len(text_ce),
         "n_text_tokens": len(text_ce),
         "n_audio_tokens_per_codebook": [len(v) for v in cb_ce],
@@ -303,7 +311,11 @@ def test_per_codebook_accuracy_exact_on_a_crafted_case(tiny_dir, tok):
     codes = torch.arange(1, 7).repeat(K, 1)  # (K, 6) codes 1..6, never 0
     for k in range(K):
         codes[k, :k] = 0  # k of them 0 (codebook 7 has 6 zeros at most)
-    sample = build_sample(tok, m.config, [("system", "Generate audio following instruction."), ("user", "Hi."), ("assistant", codes, True)])
+    sample = build_sample(
+        tok,
+        m.config,
+        [("system", "Generate audio following instruction."), ("user", "Hi."), ("assistant", codes, True)],
+    )
     batch, _ = collate([sample], tok.pad_token_id)
     with torch.no_grad():
         got = HiggsLossModule(m, LossConfig())(**batch).metrics()
@@ -347,7 +359,9 @@ def test_the_shift_never_crosses_rows_or_segments(model, batch_and_segments):
     for seg in segments:
         if not seg.trained:
             continue
-        sel = (p.audio_rows == seg.row) & (p.audio_positions >= seg.start) & (p.audio_positions < seg.start + seg.columns)
+        sel = (
+            (p.audio_rows == seg.row) & (p.audio_positions >= seg.start) & (p.audio_positions < seg.start + seg.columns)
+        )
         assert int(sel.sum()) == seg.columns - 1  # column 0 is never a target
         cols = p.audio_positions[sel] - seg.start + seg.col
         prev = batch["audio_input_ids"][seg.row, cols - 1]
@@ -370,12 +384,18 @@ def test_count_tokens_and_step_normalisation_across_micro_batches(model, tok, ba
     for b in range(2):
         n = int(batch["attention_mask"][b].sum())
         c = int(batch["audio_input_ids_mask"][b].sum())
-        parts.append({
-            "input_ids": batch["input_ids"][b : b + 1, :n], "attention_mask": batch["attention_mask"][b : b + 1, :n],
-            "labels": batch["labels"][b : b + 1, :n], "audio_input_ids": batch["audio_input_ids"][b : b + 1, :c],
-            "audio_input_ids_mask": batch["audio_input_ids_mask"][b : b + 1, :c], "audio_labels": batch["audio_labels"][b : b + 1, :c],
-            "audio_roles": batch["audio_roles"][b : b + 1, :c], "sample_ids": batch["sample_ids"][b : b + 1],
-        })
+        parts.append(
+            {
+                "input_ids": batch["input_ids"][b : b + 1, :n],
+                "attention_mask": batch["attention_mask"][b : b + 1, :n],
+                "labels": batch["labels"][b : b + 1, :n],
+                "audio_input_ids": batch["audio_input_ids"][b : b + 1, :c],
+                "audio_input_ids_mask": batch["audio_input_ids_mask"][b : b + 1, :c],
+                "audio_labels": batch["audio_labels"][b : b + 1, :c],
+                "audio_roles": batch["audio_roles"][b : b + 1, :c],
+                "sample_ids": batch["sample_ids"][b : b + 1],
+            }
+        )
     total = sum((module.count_tokens(p) for p in parts), TokenCounts.zeros(K))
     assert int(total.text) == 6 and total.audio.tolist() == [13] * K
     acc = StepMetrics()
@@ -458,3 +478,19 @@ def test_debug_unshifted_switch_pairs_logits_at_t_with_label_at_t(model, batch_a
     assert out.shift == 0
     # the copy task: every target equals the input at the predicting position
     assert torch.equal(p.audio_target[scored], p.audio_context[scored])
+
+
+def test_forward_step_and_report_use_one_formula(model, batch_and_segments):
+    """The forward's loss, `loss_for_step` over the batch's own counts and `finalize_metrics`
+    agree, with text, audio and codebook weights all different from 1 (one formula, three users)."""
+    batch, _ = batch_and_segments
+    w = [4.0, 1.0, 1.0, 1.0, 0.5, 0.5, 0.0, 1.0]
+    module = HiggsLossModule(model, LossConfig(text_weight=0.3, audio_weight=1.5, codebook_weights=w))
+    with torch.no_grad():
+        out = module(**batch)
+    report = finalize_metrics(out.stats())
+    step = out.loss_for_step(module.count_tokens(batch)).item()
+    assert step == pytest.approx(out.loss.item(), rel=1e-6)
+    assert report["loss"] == pytest.approx(out.loss.item(), rel=1e-6)
+    assert report["audio_loss"] == pytest.approx(out.audio_loss.item(), rel=1e-6)
+    assert report["text_loss"] == pytest.approx(out.text_loss.item(), rel=1e-6)

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_model_support import synthetic_batch
 
 from higgs_tune.config import ConfigError, FinetuneConfig, LossConfig, TrainConfig, config_from_dict
 from higgs_tune.train.optim import make_optimizer
-from test_model_support import synthetic_batch
 
 LR = 2e-5
 
@@ -44,7 +44,7 @@ def _changed_fraction(tiny_dir, dtype, autocast, steps=3, optimizer="adamw"):
         reached = [p.grad != 0 for p in params]
         opt.step()
         opt.zero_grad(set_to_none=True)
-        changed = sum(int(((b != p.detach()) & r).sum()) for b, p, r in zip(before, params, reached))
+        changed = sum(int(((b != p.detach()) & r).sum()) for b, p, r in zip(before, params, reached, strict=True))
         fractions.append(changed / sum(int(r.sum()) for r in reached))
     return sorted(fractions)[len(fractions) // 2]
 
@@ -65,15 +65,20 @@ def test_bf16_stochastic_rounding_keeps_small_updates_on_average(tiny_dir):
     assert sr > lossy, (sr, lossy)
 
 
-MINIMAL = {"data": {"train_cache": "c"}, "train": {"max_steps": 10}, "checkpoint": {"output_dir": "o"},
-           "finetune": {"mode": "full", "pathways": []}}
+MINIMAL = {
+    "data": {"train_cache": "c"},
+    "train": {"max_steps": 10},
+    "checkpoint": {"output_dir": "o"},
+    "finetune": {"mode": "full", "pathways": []},
+}
 
 
 def test_config_refuses_full_fine_tuning_of_bf16_weights_with_a_plain_adamw_unless_asked():
     with pytest.raises(ConfigError) as e:
         config_from_dict(MINIMAL)  # model.dtype defaults to bfloat16
     assert len(e.value.problems) == 1 and e.value.problems[0].startswith(
-        "finetune.mode full with model.dtype bfloat16 and a plain AdamW: most updates round away")
+        "finetune.mode full with model.dtype bfloat16 and a plain AdamW: most updates round away"
+    )
     assert "model.dtype: float32 with train.mixed_precision: bf16" in e.value.problems[0]
     config_from_dict(MINIMAL, ["model.dtype=float32", "train.mixed_precision=bf16"])  # float32 master weights
     config_from_dict(MINIMAL, ["train.optimizer=adamw_bf16_sr"])  # stochastic rounding
@@ -81,8 +86,10 @@ def test_config_refuses_full_fine_tuning_of_bf16_weights_with_a_plain_adamw_unle
     config_from_dict({**MINIMAL, "finetune": {"mode": "lora"}})  # LoRA: adapters are float32 (peft)
     with pytest.raises(ConfigError) as e:
         config_from_dict(MINIMAL, ["model.dtype=float32", "train.optimizer=adamw_bf16_sr"])
-    assert e.value.problems == ["train.optimizer: adamw_bf16_sr rounds updates into bf16 weights, but model.dtype is "
-                                "float32: set model.dtype: bfloat16, or use train.optimizer: adamw."]
+    assert e.value.problems == [
+        "train.optimizer: adamw_bf16_sr rounds updates into bf16 weights, but model.dtype is "
+        "float32: set model.dtype: bfloat16, or use train.optimizer: adamw."
+    ]
     with pytest.raises(ConfigError) as e:
         config_from_dict(MINIMAL, ["train.optimizer=adamw8"])
     assert e.value.problems == ["train.optimizer: 'adamw8' is not one of adamw, adamw_bf16_sr. Did you mean 'adamw'?"]

@@ -7,10 +7,10 @@ import math
 
 import pytest
 import torch
+from recipe_support import small_config
 
 from higgs_tune.errors import TrainingHealthError
-from higgs_tune.train.recipe import train
-from recipe_support import small_config
+from higgs_tune.train.recipe import make_scheduler, train
 
 LN_AUDIO = math.log(1026)
 
@@ -21,9 +21,21 @@ def _records(run_dir, split="train", event="metrics"):
 
 
 def test_demo_recipe_learns_and_writes_a_complete_run(tiny_dir, demo_cache, demo_heldout_cache, tmp_path):
-    cfg = small_config(tiny_dir, demo_cache, demo_heldout_cache, tmp_path / "run", [
-        "train.max_steps=30", "train.log_steps=5", "train.eval_steps=15", "data.eval_cache=" + str(demo_heldout_cache),
-        "train.sample_steps=30", "train.num_samples=1", "checkpoint.save_steps=15"])
+    cfg = small_config(
+        tiny_dir,
+        demo_cache,
+        demo_heldout_cache,
+        tmp_path / "run",
+        [
+            "train.max_steps=30",
+            "train.log_steps=5",
+            "train.eval_steps=15",
+            "data.eval_cache=" + str(demo_heldout_cache),
+            "train.sample_steps=30",
+            "train.num_samples=1",
+            "checkpoint.save_steps=15",
+        ],
+    )
     result = train(cfg)
     metrics = _records(result.run_dir)
     first, last = metrics[0], metrics[-1]
@@ -57,9 +69,20 @@ def test_random_labels_fire_the_chance_level_warning(tiny_dir, demo_cache, tmp_p
         labels[mask] = torch.randint(0, 1024, (int(mask.sum()),), generator=g)
         return {**batch, "audio_labels": labels}
 
-    cfg = small_config(tiny_dir, demo_cache, None, tmp_path / "run", [
-        "train.max_steps=12", "train.log_steps=4", "health.chance_after_steps=8", "loss.text_weight=0",
-        "train.learning_rate=1e-3", "checkpoint.save_steps=1000"])
+    cfg = small_config(
+        tiny_dir,
+        demo_cache,
+        None,
+        tmp_path / "run",
+        [
+            "train.max_steps=12",
+            "train.log_steps=4",
+            "health.chance_after_steps=8",
+            "loss.text_weight=0",
+            "train.learning_rate=1e-3",
+            "checkpoint.save_steps=1000",
+        ],
+    )
     result = train(cfg, _batch_hook=random_labels)
     codes = {w.code for w in result.warnings}
     assert "chance_level" in codes, codes
@@ -68,10 +91,43 @@ def test_random_labels_fire_the_chance_level_warning(tiny_dir, demo_cache, tmp_p
 
 
 def test_unshifted_loss_fires_the_copy_task_warning(tiny_dir, demo_cache, tmp_path):
-    cfg = small_config(tiny_dir, demo_cache, None, tmp_path / "run", [
-        "train.max_steps=6", "train.log_steps=2", "train.warmup_steps=2", "checkpoint.save_steps=1000"])
+    cfg = small_config(
+        tiny_dir,
+        demo_cache,
+        None,
+        tmp_path / "run",
+        ["train.max_steps=6", "train.log_steps=2", "train.warmup_steps=2", "checkpoint.save_steps=1000"],
+    )
     result = train(cfg, _debug_unshifted=True)
     assert "copy_task" in {w.code for w in result.warnings}
+
+
+def test_batch_checks_run_on_the_first_micro_batch_only(tiny_dir, demo_cache, tmp_path):
+    """HealthMonitor.check_batch (no_eos among others) syncs with the device, so the recipe runs
+    it once, on the run's first micro-batch (health.py says why)."""
+
+    def strip_eos_from(first_step):
+        def hook(step, batch, model):
+            if step < first_step:
+                return batch
+            labels = batch["audio_labels"].clone()
+            labels[labels == 1025] = -100  # no stream EOS label left: a model that never stops
+            return {**batch, "audio_labels": labels}
+
+        return hook
+
+    def no_eos_steps(first_step, name):
+        cfg = small_config(
+            tiny_dir,
+            demo_cache,
+            None,
+            tmp_path / name,
+            ["train.max_steps=3", "train.log_steps=1", "train.warmup_steps=1", "checkpoint.save_steps=1000"],
+        )
+        return [w.step for w in train(cfg, _batch_hook=strip_eos_from(first_step)).warnings if w.code == "no_eos"]
+
+    assert no_eos_steps(1, "first") == [1]
+    assert no_eos_steps(2, "later") == []
 
 
 def test_nan_stops_the_run_naming_step_samples_and_checkpoint(tiny_dir, demo_cache, tmp_path):
@@ -83,8 +139,13 @@ def test_nan_stops_the_run_naming_step_samples_and_checkpoint(tiny_dir, demo_cac
                 emb[int(batch["audio_input_ids"][0, 1, 0])] = float("nan")
         return batch
 
-    cfg = small_config(tiny_dir, demo_cache, None, tmp_path / "run", [
-        "train.max_steps=8", "train.log_steps=1", "train.warmup_steps=2", "checkpoint.save_steps=2"])
+    cfg = small_config(
+        tiny_dir,
+        demo_cache,
+        None,
+        tmp_path / "run",
+        ["train.max_steps=8", "train.log_steps=1", "train.warmup_steps=2", "checkpoint.save_steps=2"],
+    )
     with pytest.raises(TrainingHealthError) as e:
         train(cfg, _batch_hook=poison)
     msg = str(e.value)
@@ -102,8 +163,11 @@ def test_resume_weights_only_starts_a_new_run_from_trained_weights(tiny_dir, dem
     common = ["train.log_steps=1", "train.warmup_steps=1", "checkpoint.save_steps=1000", "loss.text_weight=0"]
     first = train(small_config(tiny_dir, demo_cache, None, tmp_path / "a", ["train.max_steps=6", *common]))
     fresh = _records(first.run_dir)[0]["audio_loss"]
-    second = train(small_config(tiny_dir, demo_cache, None, tmp_path / "b", ["train.max_steps=1", *common]),
-                   resume=str(first.final_dir), resume_weights_only=True)
+    second = train(
+        small_config(tiny_dir, demo_cache, None, tmp_path / "b", ["train.max_steps=1", *common]),
+        resume=str(first.final_dir),
+        resume_weights_only=True,
+    )
     start = _records(second.run_dir)[0]
     assert start["step"] == 1  # a new run: step, schedule and data order start afresh
     assert start["audio_loss"] < fresh - 0.3  # but from the trained weights
@@ -112,24 +176,48 @@ def test_resume_weights_only_starts_a_new_run_from_trained_weights(tiny_dir, dem
 def test_train_cli_reports_every_config_problem_at_once(tmp_path):
     from click.testing import CliRunner
 
-    from higgs_tune.cli import main
+    from higgs_tune.app.cli import main
 
     bad = tmp_path / "bad.yaml"
-    bad.write_text("model:\n  dtype: float8\ntrain:\n  learning_rate: -1\n  max_stepz: 3\nfinetune:\n  mode: lora\n  pathways: [text_attn, nope]\n")
+    bad.write_text(
+        "model:\n  dtype: float8\ntrain:\n  learning_rate: -1\n  max_stepz: 3\nfinetune:\n  mode: lora\n  "
+        "pathways: [text_attn, nope]\n"
+    )
     result = CliRunner().invoke(main, ["train", str(bad), "loss.text_weight=-2"])
     assert result.exit_code == 2
     out = result.output
     assert "Traceback" not in out
-    for needle in ["model.dtype", "train.learning_rate", "train.max_stepz", "finetune.pathways", "nope",
-                   "loss.text_weight", "data.train_cache", "checkpoint.output_dir"]:
+    for needle in [
+        "model.dtype",
+        "train.learning_rate",
+        "train.max_stepz",
+        "finetune.pathways",
+        "nope",
+        "loss.text_weight",
+        "data.train_cache",
+        "checkpoint.output_dir",
+    ]:
         assert needle in out, needle
 
 
-def test_log_records_the_applied_lr_fractional_epochs_and_a_final_eval(tiny_dir, demo_cache, demo_heldout_cache, tmp_path):
+def test_log_records_the_applied_lr_fractional_epochs_and_a_final_eval(
+    tiny_dir, demo_cache, demo_heldout_cache, tmp_path
+):
     # a held-out set without eval_steps: evaluated once, at the end ("None: only at the end")
-    cfg = small_config(tiny_dir, demo_cache, demo_heldout_cache, tmp_path / "run", [
-        "data.eval_cache=" + str(demo_heldout_cache), "train.max_steps=2", "train.log_steps=1", "train.warmup_steps=2",
-        "train.learning_rate=0.004", "checkpoint.save_steps=1000"])
+    cfg = small_config(
+        tiny_dir,
+        demo_cache,
+        demo_heldout_cache,
+        tmp_path / "run",
+        [
+            "data.eval_cache=" + str(demo_heldout_cache),
+            "train.max_steps=2",
+            "train.log_steps=1",
+            "train.warmup_steps=2",
+            "train.learning_rate=0.004",
+            "checkpoint.save_steps=1000",
+        ],
+    )
     result = train(cfg)
     train_rows = _records(result.run_dir)
     # warm-up 2: step 1 runs at half the peak LR, step 2 at the peak (not the LR of the step after)
@@ -142,10 +230,42 @@ def test_log_records_the_applied_lr_fractional_epochs_and_a_final_eval(tiny_dir,
     assert manifest["eval_loss"] == evals[0]["loss"]
 
 
+@pytest.mark.parametrize("name", ["cosine", "linear", "constant"])
+def test_schedule_is_transformers_after_the_warm_up_and_one_step_earlier_during_it(name):
+    """Why make_scheduler is not transformers.get_scheduler: the same curve, except that our
+    warm-up does not spend its first step at LR 0 (step s runs at (s+1)/W, get_scheduler's at s/W)."""
+    from transformers import get_scheduler
+
+    warmup, total = 3, 9
+
+    def lrs(make):
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
+        sched, out = make(opt), []
+        for _ in range(total + 1):
+            out.append(sched.get_last_lr()[0])
+            opt.step()
+            sched.step()
+        return out
+
+    ours = lrs(lambda opt: make_scheduler(opt, name, warmup, total))
+    hf_name = "constant_with_warmup" if name == "constant" else name
+    theirs = lrs(lambda opt: get_scheduler(hf_name, opt, num_warmup_steps=warmup, num_training_steps=total))
+    assert ours[:warmup] == [2.0 * (s + 1) / warmup for s in range(warmup)] == theirs[1 : warmup + 1]
+    assert theirs[0] == 0.0
+    assert ours[warmup:] == pytest.approx(theirs[warmup:], rel=1e-12, abs=1e-15)  # linear: 1 - p vs (T - s) / (T - W)
+
+
 def test_interrupt_mid_run_then_resume_is_exact_with_accumulation_across_epochs(tiny_dir, demo_cache, tmp_path):
     # 2 epochs of 4 batches in windows of 3: step 2 takes batches 3, 4 of epoch 0 and 0 of epoch 1
-    overrides = ["train.max_steps=null", "train.num_epochs=2", "train.gradient_accumulation_steps=3", "train.log_steps=1",
-                 "train.warmup_steps=1", "checkpoint.save_steps=2", "finetune.lora_dropout=0.1"]
+    overrides = [
+        "train.max_steps=null",
+        "train.num_epochs=2",
+        "train.gradient_accumulation_steps=3",
+        "train.log_steps=1",
+        "train.warmup_steps=1",
+        "checkpoint.save_steps=2",
+        "finetune.lora_dropout=0.1",
+    ]
     straight = train(small_config(tiny_dir, demo_cache, None, tmp_path / "straight", overrides))
     assert straight.steps == 3
 
@@ -157,7 +277,9 @@ def test_interrupt_mid_run_then_resume_is_exact_with_accumulation_across_epochs(
     run_dir = tmp_path / "interrupted"
     with pytest.raises(KeyboardInterrupt):
         train(small_config(tiny_dir, demo_cache, None, run_dir, overrides), _batch_hook=ctrl_c)
-    assert sorted(p.name for p in run_dir.iterdir() if p.name.startswith(("checkpoint-", ".tmp-", "final"))) == ["checkpoint-2"]
+    assert sorted(p.name for p in run_dir.iterdir() if p.name.startswith(("checkpoint-", ".tmp-", "final"))) == [
+        "checkpoint-2"
+    ]
     resumed = train(small_config(tiny_dir, demo_cache, None, run_dir, overrides), resume="auto")
 
     def by_step(run):
@@ -165,20 +287,28 @@ def test_interrupt_mid_run_then_resume_is_exact_with_accumulation_across_epochs(
 
     assert by_step(resumed.run_dir) == by_step(straight.run_dir)
     assert [r["epoch"] for r in _records(straight.run_dir)] == [0.75, 1.5, 2.25]
-    assert json.loads((run_dir / "final" / "manifest.json").read_text())["metrics"]["loss"] == _records(straight.run_dir)[-1]["loss"]
+    assert (
+        json.loads((run_dir / "final" / "manifest.json").read_text())["metrics"]["loss"]
+        == _records(straight.run_dir)[-1]["loss"]
+    )
 
 
 def test_ctrl_c_prints_where_to_resume_without_a_traceback(tmp_path, monkeypatch):
     from click.testing import CliRunner
 
-    from higgs_tune.cli import main
+    from higgs_tune.app.cli import main
     from higgs_tune.config import config_from_dict
     from higgs_tune.train import recipe
 
     run = tmp_path / "run"
     config = tmp_path / "cfg.yaml"
-    config_from_dict({"data": {"train_cache": str(tmp_path / "cache")}, "train": {"max_steps": 10},
-                      "checkpoint": {"output_dir": str(run)}}).save(config)
+    config_from_dict(
+        {
+            "data": {"train_cache": str(tmp_path / "cache")},
+            "train": {"max_steps": 10},
+            "checkpoint": {"output_dir": str(run)},
+        }
+    ).save(config)
 
     def interrupted(cfg, **kw):
         raise KeyboardInterrupt
@@ -186,28 +316,35 @@ def test_ctrl_c_prints_where_to_resume_without_a_traceback(tmp_path, monkeypatch
     monkeypatch.setattr(recipe, "train", interrupted)
     result = CliRunner().invoke(main, ["train", str(config), "train.log_steps=5"])
     assert result.exit_code == 130
-    assert result.output == (f"interrupted before the first checkpoint: nothing to resume from; `higgs-tune train {config} "
-                             "train.log_steps=5 --resume auto` starts the run again from step 0.\n")
+    assert result.output == (
+        f"interrupted before the first checkpoint: nothing to resume from; `higgs-tune train {config} "
+        "train.log_steps=5 --resume auto` starts the run again from step 0.\n"
+    )
 
     for step in (2, 4):  # complete checkpoints (a manifest), and a torn save that has none
         (run / f"checkpoint-{step}").mkdir(parents=True)
-        (run / f"checkpoint-{step}" / "manifest.json").write_text(json.dumps(
-            {"format": "higgs-tune-checkpoint", "format_version": 1, "step": step, "files": {}}))
+        (run / f"checkpoint-{step}" / "manifest.json").write_text(
+            json.dumps({"format": "higgs-tune-checkpoint", "format_version": 1, "step": step, "files": {}})
+        )
     (run / "checkpoint-6").mkdir()
     result = CliRunner().invoke(main, ["train", str(config)])
     assert result.exit_code == 130
-    assert result.output == (f"interrupted: the newest complete checkpoint is {run / 'checkpoint-4'} (step 4). Continue with:\n"
-                             f"  higgs-tune train {config} --resume auto\n")
+    assert result.output == (
+        f"interrupted: the newest complete checkpoint is {run / 'checkpoint-4'} (step 4). Continue with:\n"
+        f"  higgs-tune train {config} --resume auto\n"
+    )
 
 
 def test_demo_run_again_says_to_add_overwrite_before_building_anything(tmp_path):
+    from higgs_tune.app.demo import run_demo
     from higgs_tune.errors import OutputDirError
-    from higgs_tune.train.demo import run_demo
 
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "metrics.jsonl").write_text("{}\n")
     with pytest.raises(OutputDirError) as e:
         run_demo(tmp_path)
-    assert str(e.value) == (f"{tmp_path / 'run'} is not empty (an earlier demo run): add --overwrite to train the demo "
-                            "again (the tiny stack and the code caches are reused), or choose another --out.")
+    assert str(e.value) == (
+        f"{tmp_path / 'run'} is not empty (an earlier demo run): add --overwrite to train the demo "
+        "again (the tiny stack and the code caches are reused), or choose another --out."
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # nothing built

@@ -8,14 +8,24 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+from recipe_support import small_config
 from safetensors.torch import load_file
 
 from higgs_tune.train.recipe import train
-from recipe_support import small_config
 
 HERE = Path(__file__).resolve().parent
-KEYS = ("loss", "text_loss", "audio_loss", "per_codebook_loss", "per_codebook_acc", "grad_norm", "lr",
-        "n_audio_tokens", "n_text_tokens")
+KEYS = (
+    "loss",
+    "text_loss",
+    "audio_loss",
+    "per_codebook_loss",
+    "per_codebook_acc",
+    "grad_norm",
+    "lr",
+    "n_audio_tokens",
+    "n_text_tokens",
+)
 
 
 def _train_metrics(run_dir: Path) -> dict[int, dict]:
@@ -30,15 +40,30 @@ def _train_metrics(run_dir: Path) -> dict[int, dict]:
 
 def _launch(config: Path, *extra: str) -> subprocess.CompletedProcess:
     # unbuffered and wide: a SIGKILLed process loses buffered output, and paths must not wrap
-    env = {**os.environ, "PYTHONPATH": str(HERE) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "PYTHONUNBUFFERED": "1", "COLUMNS": "500"}
-    return subprocess.run([sys.executable, str(HERE / "kill_harness.py"), str(config), *extra],
-                          capture_output=True, text=True, env=env, timeout=600)
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(HERE) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        "PYTHONUNBUFFERED": "1",
+        "COLUMNS": "500",
+    }
+    return subprocess.run(
+        [sys.executable, str(HERE / "kill_harness.py"), str(config), *extra],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
 
 
+@pytest.mark.slow  # one straight run, then 4 training subprocesses killed and resumed: ~65 s on 2 busy cores
 def test_sigkill_anywhere_then_resume_equals_uninterrupted(tiny_dir, demo_cache, tmp_path):
-    overrides = ["train.max_steps=8", "train.log_steps=1", "train.warmup_steps=2", "checkpoint.save_steps=2",
-                 "checkpoint.save_total_limit=2"]
+    overrides = [
+        "train.max_steps=8",
+        "train.log_steps=1",
+        "train.warmup_steps=2",
+        "checkpoint.save_steps=2",
+        "checkpoint.save_total_limit=2",
+    ]
     straight = train(small_config(tiny_dir, demo_cache, None, tmp_path / "straight", overrides))
     expected = _train_metrics(straight.run_dir)
     assert sorted(expected) == list(range(1, 9))

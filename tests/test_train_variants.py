@@ -8,19 +8,33 @@ from __future__ import annotations
 import json
 
 import pytest
+from recipe_support import preset_dict
 
 from higgs_tune.config import config_from_dict
 from higgs_tune.model.lora import verify_trainable
 from higgs_tune.train.recipe import train
-from recipe_support import preset_dict
 
-BASE = ["train.max_steps=6", "train.log_steps=1", "train.warmup_steps=1", "checkpoint.save_steps=3",
-        "train.sample_steps=null", "train.eval_steps=null", "checkpoint.keep_best=false", "data.eval_cache=null"]
+BASE = [
+    "train.max_steps=6",
+    "train.log_steps=1",
+    "train.warmup_steps=1",
+    "checkpoint.save_steps=3",
+    "train.sample_steps=null",
+    "train.eval_steps=null",
+    "checkpoint.keep_best=false",
+    "data.eval_cache=null",
+]
 VARIANTS = {
-    "bf16_mixed_precision_grad_checkpointing": ["model.dtype=bfloat16", "train.mixed_precision=bf16",
-                                                "model.gradient_checkpointing=true"],
+    "bf16_mixed_precision_grad_checkpointing": [
+        "model.dtype=bfloat16",
+        "train.mixed_precision=bf16",
+        "model.gradient_checkpointing=true",
+    ],
     "full_with_accumulation": "full",
-    "audio_self_attention_lora": ["model.audio_self_attention=true", "finetune.pathways=[text_attn,audio_mlp,audio_attn]"],
+    "audio_self_attention_lora": [
+        "model.audio_self_attention=true",
+        "finetune.pathways=[text_attn,audio_mlp,audio_attn]",
+    ],
     "eager_rslora_dora": ["model.attn_implementation=eager", "finetune.use_rslora=true", "finetune.use_dora=true"],
     "epochs": ["train.num_epochs=2", "train.max_steps=null", "checkpoint.save_total_limit=null"],
 }

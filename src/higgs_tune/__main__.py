@@ -1,5 +1,5 @@
 """`python -m higgs_tune` = the higgs-tune command."""
 
-from higgs_tune.cli import main
+from higgs_tune.app.cli import main
 
 main()

@@ -145,7 +145,11 @@ def inspect_audio(
     try:
         samples, sr = read_audio(path)
     except AudioReadError as e:
-        fix = "correct the path or remove the row" if str(e) == "file not found" else "re-export the file (WAV or FLAC) or remove the row"
+        fix = (
+            "correct the path or remove the row"
+            if str(e) == "file not found"
+            else "re-export the file (WAV or FLAC) or remove the row"
+        )
         return None, [(str(e), fix)]
     n = samples.shape[0]
     if n == 0:
@@ -157,13 +161,28 @@ def inspect_audio(
     problems: list[tuple[str, str]] = []
     duration = n / sr
     if duration < min_seconds:
-        problems.append((f"is too short: {duration:.3f} s < {min_seconds:g} s", f"use clips of at least {min_seconds:g} s, lower --min-seconds, or remove the row"))
+        problems.append(
+            (
+                f"is too short: {duration:.3f} s < {min_seconds:g} s",
+                f"use clips of at least {min_seconds:g} s, lower --min-seconds, or remove the row",
+            )
+        )
     elif duration > max_seconds:
-        problems.append((f"is too long: {duration:.2f} s > {max_seconds:g} s", f"split it into clips of at most {max_seconds:g} s, raise --max-seconds, or remove the row"))
+        problems.append(
+            (
+                f"is too long: {duration:.2f} s > {max_seconds:g} s",
+                f"split it into clips of at most {max_seconds:g} s, raise --max-seconds, or remove the row",
+            )
+        )
     x = mono(samples)
     peak = dbfs(float(np.max(np.abs(x))))
     if peak < SILENCE_DBFS:
-        problems.append((f"is silence only: peak {peak:.1f} dBFS < {SILENCE_DBFS:g} dBFS", "check the recording (wrong channel, muted input) or remove the row"))
+        problems.append(
+            (
+                f"is silence only: peak {peak:.1f} dBFS < {SILENCE_DBFS:g} dBFS",
+                "check the recording (wrong channel, muted input) or remove the row",
+            )
+        )
     codec_samples = len(to_codec_input(samples, sr, target_rate)) if sr != target_rate else n
     info = AudioInfo(
         path=Path(path),

@@ -21,7 +21,7 @@ A key is the content key of a clip's codes: sha256 over the decoded audio plus t
 preprocessing (mono mix, resampler, rate, loudness), so the same recording is encoded once
 however many rows use it, and a re-run re-encodes only clips whose content changed.
 
-Every file is written to a temporary name, fsynced, then renamed (`atomic_write_bytes`):
+Every file is written to a temporary name, fsynced, then renamed (`runfs.atomic_write_bytes`):
 a crash leaves either the old or the new file, never half of one. `prepare` rewrites the
 index after each shard with `complete: false`, so an interrupted run resumes from its
 finished shards; `CodeCache.open` refuses an incomplete cache.
@@ -29,7 +29,6 @@ finished shards; `CodeCache.open` refuses an incomplete cache.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -42,40 +41,30 @@ import safetensors.torch
 import torch
 
 from higgs_tune.errors import DataError
+from higgs_tune.runfs import atomic_write_bytes, sha256_bytes
 
 FORMAT = "higgs-tune-code-cache"
 FORMAT_VERSION = 1
 INDEX_NAME = "index.json"
 REJECTS_NAME = "rejects.jsonl"
 SHARD_RE = re.compile(r"^codes-(\d{5})\.safetensors$")
-TMP_RE = re.compile(r"^\..+\.tmp-\d+$")
+# a write in progress (runfs.temp_path), or one by an older higgs-tune (.<name>.tmp-<pid>)
+TMP_RE = re.compile(r"^(?:\.tmp-.+-\d+|\..+\.tmp-\d+)$")
 HEADER_KEYS = ("codec_fingerprint", "num_codebooks", "codebook_size", "frame_rate", "sample_rate")
 # Types of an index entry's fields (CacheEntry); a damaged index is refused at open, not mid-training.
 ENTRY_TYPES = {
-    "id": str, "key": str, "speaker": str, "text": str, "language": str, "scene": (str, type(None)),
-    "ref_key": (str, type(None)), "ref_text": (str, type(None)), "duration_s": (int, float), "num_frames": int, "audio": str,
+    "id": str,
+    "key": str,
+    "speaker": str,
+    "text": str,
+    "language": str,
+    "scene": (str, type(None)),
+    "ref_key": (str, type(None)),
+    "ref_text": (str, type(None)),
+    "duration_s": (int, float),
+    "num_frames": int,
+    "audio": str,
 }
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that readers see the old file or the whole new one, never part."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    # fsync the folder so the rename itself survives a power cut.
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def now_iso() -> str:
@@ -119,17 +108,33 @@ def read_index(cache_dir: Path) -> dict | None:
     try:
         index = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DataError(f"{path} is damaged (not valid JSON: {e}). Fix: rebuild the cache: {_fix(cache_dir)} with --overwrite.") from None
+        raise DataError(
+            f"{path} is damaged (not valid JSON: {e}). Fix: rebuild the cache: {_fix(cache_dir)} with --overwrite."
+        ) from None
     if not isinstance(index, dict) or index.get("format") != FORMAT:
-        raise DataError(f"{path} is not a higgs-tune code cache index (format {index.get('format') if isinstance(index, dict) else None!r}). Fix: point at a folder written by `higgs-tune prepare`, or {_fix(cache_dir)}.")
+        raise DataError(
+            f"{path} is not a higgs-tune code cache index (format "
+            f"{index.get('format') if isinstance(index, dict) else None!r}). Fix: point at a folder written by "
+            f"`higgs-tune prepare`, or {_fix(cache_dir)}."
+        )
     version = index.get("format_version")
     if version != FORMAT_VERSION:
         newer = isinstance(version, int) and version > FORMAT_VERSION
-        what = "a newer higgs-tune: upgrade higgs-tune" if newer else f"an older higgs-tune: rebuild it ({_fix(cache_dir, index.get('header'))} with --overwrite)"
-        raise DataError(f"{path} has cache format version {version!r}; this higgs-tune reads version {FORMAT_VERSION}. Fix: it was written by {what}.")
+        what = (
+            "a newer higgs-tune: upgrade higgs-tune"
+            if newer
+            else f"an older higgs-tune: rebuild it ({_fix(cache_dir, index.get('header'))} with --overwrite)"
+        )
+        raise DataError(
+            f"{path} has cache format version {version!r}; this higgs-tune reads version {FORMAT_VERSION}. Fix: it "
+            f"was written by {what}."
+        )
     for key, kind in (("header", dict), ("shards", dict), ("codes", dict), ("entries", list)):
         if not isinstance(index.get(key), kind):
-            raise DataError(f"{path} is damaged (no valid {key!r}). Fix: rebuild the cache: {_fix(cache_dir, index.get('header'))} with --overwrite.")
+            raise DataError(
+                f"{path} is damaged (no valid {key!r}). Fix: rebuild the cache: "
+                f"{_fix(cache_dir, index.get('header'))} with --overwrite."
+            )
     return index
 
 
@@ -140,7 +145,14 @@ class CodeCache:
     so DataLoader workers can share it.
     """
 
-    def __init__(self, cache_dir: Path, header: dict, entries: list[CacheEntry], codes: dict[str, torch.Tensor], rejects: list[dict]):
+    def __init__(
+        self,
+        cache_dir: Path,
+        header: dict,
+        entries: list[CacheEntry],
+        codes: dict[str, torch.Tensor],
+        rejects: list[dict],
+    ):
         self.cache_dir = cache_dir
         self.header = header
         self.entries = entries
@@ -171,7 +183,9 @@ class CodeCache:
         codes: dict[str, torch.Tensor] = {}
         for name, meta in index["shards"].items():
             if not SHARD_RE.match(name):
-                raise DataError(f"{index_path} is damaged (shard name {name!r} is not codes-NNNNN.safetensors). {damaged}")
+                raise DataError(
+                    f"{index_path} is damaged (shard name {name!r} is not codes-NNNNN.safetensors). {damaged}"
+                )
             path = cache_dir / name
             try:
                 data = path.read_bytes()
@@ -189,7 +203,10 @@ class CodeCache:
             if t is None:
                 raise DataError(f"{index_path} is damaged (codes {key!r} are in no shard). {damaged}")
             if t.dtype != torch.int16 or t.shape != (K, meta["num_frames"]):
-                raise DataError(f"{cache_dir / meta['shard']}: codes {key!r} have {t.dtype} {tuple(t.shape)}, expected int16 ({K}, {meta['num_frames']}). {damaged}")
+                raise DataError(
+                    f"{cache_dir / meta['shard']}: codes {key!r} have {t.dtype} {tuple(t.shape)}, expected int16 "
+                    f"({K}, {meta['num_frames']}). {damaged}"
+                )
             if t.numel() and (int(t.min()) < 0 or int(t.max()) >= V):
                 raise DataError(f"{cache_dir / meta['shard']}: codes {key!r} lie outside 0..{V - 1}. {damaged}")
 
@@ -197,14 +214,26 @@ class CodeCache:
         entries = []
         for i, e in enumerate(index["entries"]):
             if not isinstance(e, dict) or any(n not in e for n in names):
-                raise DataError(f"{index_path} is damaged (entry {i + 1} lacks {[n for n in names if n not in e] if isinstance(e, dict) else names}). {damaged}")
+                raise DataError(
+                    f"{index_path} is damaged (entry {i + 1} lacks "
+                    f"{[n for n in names if n not in e] if isinstance(e, dict) else names}). {damaged}"
+                )
             for key in (e["key"], e["ref_key"]):
                 if key is not None and key not in index["codes"]:
-                    raise DataError(f"{index_path} is damaged (entry {e['id']!r} refers to codes {key!r} that are not in the cache). {damaged}")
+                    raise DataError(
+                        f"{index_path} is damaged (entry {e['id']!r} refers to codes {key!r} that are not in the "
+                        f"cache). {damaged}"
+                    )
             entry = CacheEntry(**{n: e[n] for n in names})
-            wrong = [n for n, kind in ENTRY_TYPES.items() if not isinstance(getattr(entry, n), kind) or isinstance(getattr(entry, n), bool)]
+            wrong = [
+                n
+                for n, kind in ENTRY_TYPES.items()
+                if not isinstance(getattr(entry, n), kind) or isinstance(getattr(entry, n), bool)
+            ]
             if wrong:
-                raise DataError(f"{index_path} is damaged (entry {i + 1} has wrong types for {', '.join(wrong)}). {damaged}")
+                raise DataError(
+                    f"{index_path} is damaged (entry {i + 1} has wrong types for {', '.join(wrong)}). {damaged}"
+                )
             if entry.num_frames != index["codes"][entry.key]["num_frames"]:
                 raise DataError(
                     f"{index_path} is damaged (entry {entry.id!r} lists {entry.num_frames} frames, its codes have "
@@ -217,7 +246,7 @@ class CodeCache:
         return codes, entries
 
     @classmethod
-    def open(cls, cache_dir: str | Path) -> "CodeCache":
+    def open(cls, cache_dir: str | Path) -> CodeCache:
         """Load and check a cache folder; DataError naming the file and the fix if it is not usable."""
         cache_dir = Path(os.path.abspath(cache_dir))
         if not cache_dir.is_dir():
@@ -234,21 +263,29 @@ class CodeCache:
         if missing:
             raise DataError(f"{index_path} is damaged (header lacks {', '.join(missing)}). {damaged}")
         if index.get("complete") is not True:
-            raise DataError(f"{index_path}: prepare did not finish (interrupted?); the cache is incomplete. Fix: {_fix(cache_dir, header)} again; it resumes from the finished shards.")
+            raise DataError(
+                f"{index_path}: prepare did not finish (interrupted?); the cache is incomplete. Fix: "
+                f"{_fix(cache_dir, header)} again; it resumes from the finished shards."
+            )
 
         K, V = header["num_codebooks"], header["codebook_size"]
+
         def positive(v, kinds) -> bool:
             return isinstance(v, kinds) and not isinstance(v, bool) and v > 0
 
-        if not (all(positive(header[k], int) for k in ("num_codebooks", "codebook_size"))
-                and all(positive(header[k], (int, float)) for k in ("frame_rate", "sample_rate"))):
+        if not (
+            all(positive(header[k], int) for k in ("num_codebooks", "codebook_size"))
+            and all(positive(header[k], (int, float)) for k in ("frame_rate", "sample_rate"))
+        ):
             shown = ", ".join(f"{k}={header[k]!r}" for k in HEADER_KEYS[1:])
             raise DataError(f"{index_path} is damaged (header {shown}: expected positive numbers). {damaged}")
         try:
             codes, entries = cls._load_parts(cache_dir, index, index_path, damaged, K, V)
         except (KeyError, TypeError, AttributeError, ValueError) as e:
             # hand-edited or partly overwritten: the JSON parses but its parts have the wrong shape
-            raise DataError(f"{index_path} is damaged (malformed shards/codes/entries: {type(e).__name__}: {e}). {damaged}") from None
+            raise DataError(
+                f"{index_path} is damaged (malformed shards/codes/entries: {type(e).__name__}: {e}). {damaged}"
+            ) from None
 
         rejects_path = cache_dir / REJECTS_NAME
         try:
@@ -259,7 +296,9 @@ class CodeCache:
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise DataError(f"{rejects_path} is damaged ({e}). {damaged}") from None
         if len(rejects) != index.get("num_rejects"):
-            raise DataError(f"{rejects_path} lists {len(rejects)} rows, {index_path} says {index.get('num_rejects')}. {damaged}")
+            raise DataError(
+                f"{rejects_path} lists {len(rejects)} rows, {index_path} says {index.get('num_rejects')}. {damaged}"
+            )
         return cls(cache_dir, header, entries, codes, rejects)
 
 
@@ -320,7 +359,9 @@ class CacheWriter:
     def add_shard(self, codes: dict[str, np.ndarray]) -> str:
         """Write one shard of {key: int16 (K, T)} then the index that lists it; returns its name."""
         name = self._next_shard_name()
-        data = safetensors.torch.save({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in codes.items()}, metadata={"format": "pt"})
+        data = safetensors.torch.save(
+            {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in codes.items()}, metadata={"format": "pt"}
+        )
         atomic_write_bytes(self.dir / name, data)
         self.shards[name] = {"keys": sorted(codes), "sha256": sha256_bytes(data), "bytes": len(data)}
         for key, value in codes.items():
@@ -335,7 +376,9 @@ class CacheWriter:
         for name in unused:
             for key in self.shards.pop(name)["keys"]:
                 self.codes.pop(key, None)
-        atomic_write_bytes(self.dir / REJECTS_NAME, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejects).encode("utf-8"))
+        atomic_write_bytes(
+            self.dir / REJECTS_NAME, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejects).encode("utf-8")
+        )
         self._write_index(complete=True, entries=entries, num_rejects=len(rejects))
         for name in unused:
             (self.dir / name).unlink()

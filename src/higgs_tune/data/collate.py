@@ -28,7 +28,7 @@ every index is used exactly once per epoch across ranks.
 from __future__ import annotations
 
 import random
-from typing import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
@@ -214,7 +214,7 @@ class TokenBudgetBatchSampler:
                     best[j], cut[j] = candidate, i
         out, j = [], n
         while j > 0:
-            out.append(indices[cut[j]:j])
+            out.append(indices[cut[j] : j])
             j = cut[j]
         return out[::-1]
 
@@ -283,7 +283,11 @@ class TokenBudgetBatchSampler:
         """{"epoch", "batches_consumed", ...settings}. By default counts batches yielded so far in
         this epoch, which is exact with a DataLoader without workers; a DataLoader with workers
         prefetches ahead, so pass the loop's own count of batches used as `consumed`."""
-        return {"epoch": self.epoch, "batches_consumed": self._consumed if consumed is None else consumed, **self._fingerprint()}
+        return {
+            "epoch": self.epoch,
+            "batches_consumed": self._consumed if consumed is None else consumed,
+            **self._fingerprint(),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         mine = self._fingerprint()
@@ -291,7 +295,8 @@ class TokenBudgetBatchSampler:
         if changed:
             raise CheckpointError(
                 "The data order cannot be resumed exactly because the batching settings changed ("
-                + "; ".join(changed) + "). Resume with the original data and batch settings."
+                + "; ".join(changed)
+                + "). Resume with the original data and batch settings."
             )
         self.epoch = int(state["epoch"])
         self._consumed = int(state["batches_consumed"])

@@ -27,8 +27,8 @@ import bisect
 import hashlib
 import random
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -73,7 +73,7 @@ def split_ids(entries: Sequence, eval_fraction: float, seed: int) -> tuple[list[
             f"eval_fraction {eval_fraction} of {len(ids)} clips leaves nothing to train on. "
             "Lower data.eval_fraction or add clips."
         )
-    rank = sorted(ids, key=lambda i: hashlib.blake2b(f"{seed}/{i}".encode("utf-8"), digest_size=8).digest())
+    rank = sorted(ids, key=lambda i: hashlib.blake2b(f"{seed}/{i}".encode(), digest_size=8).digest())
     held = set(rank[:n_eval])
     return [i for i in ids if i not in held], [i for i in ids if i in held]
 
@@ -143,7 +143,9 @@ class TTSDataset(torch.utils.data.Dataset):
         else:
             unknown = [i for i in ids if i not in by_id]
             if unknown:
-                raise DataError(f"{len(unknown)} id(s) are not in the cache: {unknown[:10]}. Use ids from this cache's entries.")
+                raise DataError(
+                    f"{len(unknown)} id(s) are not in the cache: {unknown[:10]}. Use ids from this cache's entries."
+                )
             wanted = set(ids)
             self.entries = [e for e in cache.entries if e.id in wanted]
         if not self.entries:
@@ -171,29 +173,47 @@ class TTSDataset(torch.utils.data.Dataset):
         """
         entries, limit = self.entries, self.max_sequence_length
         self._tts_length = sample_lengths(
-            [self._conversation(e, None) for e in entries], self.tokenizer, self.tokens,
-            [e.num_frames for e in entries], sample_ids=[e.id for e in entries],
+            [self._conversation(e, None) for e in entries],
+            self.tokenizer,
+            self.tokens,
+            [e.num_frames for e in entries],
+            sample_ids=[e.id for e in entries],
         )
         frames_by_key = {e.key: e.num_frames for e in self.cache.entries}
         self._ref_frames: dict[str, int] = {}
         for e in entries:
             if e.ref_key is not None and e.ref_key not in self._ref_frames:
                 frames = frames_by_key.get(e.ref_key)
-                self._ref_frames[e.ref_key] = frames if frames is not None else int(self.cache.codes(e.ref_key).shape[1])
+                self._ref_frames[e.ref_key] = (
+                    frames if frames is not None else int(self.cache.codes(e.ref_key).shape[1])
+                )
         # Candidate references are the dataset's own clips: no held-out audio enters training.
         self._ref_length = reference_lengths(
-            [e.text for e in entries], [e.num_frames for e in entries], self.tokenizer, self.tokens, sample_ids=[e.id for e in entries]
+            [e.text for e in entries],
+            [e.num_frames for e in entries],
+            self.tokenizer,
+            self.tokens,
+            sample_ids=[e.id for e in entries],
         )
         explicit = [i for i, e in enumerate(entries) if e.ref_key is not None]
         explicit_extra = reference_lengths(
-            [entries[i].ref_text for i in explicit], [self._ref_frames[entries[i].ref_key] for i in explicit],
-            self.tokenizer, self.tokens, sample_ids=[entries[i].id for i in explicit],
+            [entries[i].ref_text for i in explicit],
+            [self._ref_frames[entries[i].ref_key] for i in explicit],
+            self.tokenizer,
+            self.tokens,
+            sample_ids=[entries[i].id for i in explicit],
         )
-        self._explicit_length = {i: self._tts_length[i] + extra for i, extra in zip(explicit, explicit_extra)}
+        self._explicit_length = {
+            i: self._tts_length[i] + extra for i, extra in zip(explicit, explicit_extra, strict=True)
+        }
 
-        too_long = [(e.id, n) for e, n in zip(entries, self._tts_length) if n > limit]
+        too_long = [(e.id, n) for e, n in zip(entries, self._tts_length, strict=True) if n > limit]
         if self.task != "tts":
-            too_long += [(entries[i].id, n) for i, n in self._explicit_length.items() if n > limit and self._tts_length[i] <= limit]
+            too_long += [
+                (entries[i].id, n)
+                for i, n in self._explicit_length.items()
+                if n > limit and self._tts_length[i] <= limit
+            ]
         if too_long:
             shown = ", ".join(f"{i} ({n} tokens)" for i, n in too_long[:20])
             raise DataError(
@@ -230,13 +250,20 @@ class TTSDataset(torch.utils.data.Dataset):
             return tts
         if entry.ref_key is not None:
             return SamplePlan(
-                index, entry.id, "voice_clone", entry.ref_key, entry.ref_text,
-                reference=self._id_by_key.get(entry.ref_key, entry.ref_key), length=self._explicit_length[index],
+                index,
+                entry.id,
+                "voice_clone",
+                entry.ref_key,
+                entry.ref_text,
+                reference=self._id_by_key.get(entry.ref_key, entry.ref_key),
+                length=self._explicit_length[index],
             )
         # Same-speaker clips sorted by reference length: those that fit are a prefix; draw one
         # position in it, stepping over the sample's own clip. O(log n) per sample.
         refs = self._speaker_refs[entry.speaker]
-        fit = bisect.bisect_right(self._speaker_ref_lengths[entry.speaker], self.max_sequence_length - self._tts_length[index])
+        fit = bisect.bisect_right(
+            self._speaker_ref_lengths[entry.speaker], self.max_sequence_length - self._tts_length[index]
+        )
         own = self._ref_position[index]
         choices = fit - 1 if own < fit else fit
         if choices <= 0:
@@ -245,7 +272,12 @@ class TTSDataset(torch.utils.data.Dataset):
         j = refs[pos + 1 if own < fit and pos >= own else pos]
         ref = self.entries[j]
         return SamplePlan(
-            index, entry.id, "voice_clone", ref.key, ref.text, reference=ref.id,
+            index,
+            entry.id,
+            "voice_clone",
+            ref.key,
+            ref.text,
+            reference=ref.id,
             length=self._tts_length[index] + self._ref_length[j],
         )
 
@@ -267,8 +299,13 @@ class TTSDataset(torch.utils.data.Dataset):
                 f"{target_codes.shape[1]}. The cache is damaged; re-run `higgs-tune prepare`."
             )
         sample = build_sample(
-            self._conversation(entry, plan.ref_text), self.tokenizer, self.tokens,
-            target_codes=target_codes, ref_codes=ref_codes, sample_id=entry.id, reference=plan.reference,
+            self._conversation(entry, plan.ref_text),
+            self.tokenizer,
+            self.tokens,
+            target_codes=target_codes,
+            ref_codes=ref_codes,
+            sample_id=entry.id,
+            reference=plan.reference,
         )
         if sample["input_ids"].shape[0] != plan.length:
             raise DataError(

@@ -3,18 +3,18 @@
 Three views, each a function returning plain data plus a text renderer:
 
 - `summarize_cache(cache)`: clips, hours, speakers, languages, a duration histogram
-  (`write_histogram_png` draws it), text-rate outliers (characters per second far from the
+  (`data.plot.write_histogram_png` draws it), text-rate outliers (characters per second far from the
   speaker's usual rate: likely transcript mismatches) and the rows `prepare` rejected.
 - `batch_statistics(batches)`: per batch and in total, sequence lengths, padding waste,
   trained vs masked text and audio tokens per segment role and codebook, stream BOS/EOS
-  counts in inputs and labels, the share of positions that carry a loss.
-  `check_trainable(stats)` raises when a batch could not teach the model anything useful
-  (no trained audio token, a codebook without an EOS label: a model that never stops).
+  counts in inputs and labels, the share of positions that carry a loss. The training
+  layer judges them: `train.health.check_trainable(stats)` raises when a batch could not
+  teach the model anything useful (no trained audio token, a codebook without an EOS label).
 - `render_sample(...)`: one sample token by token, labels under each position, beside the
   prompt generation would build for it (`layout.build_prompt`), checked to agree.
 
-Nothing here imports `train/`: the dataset, sampler and collator come from the caller (the CLI
-builds them with `data.pipeline.build_train_data`, the function `train` itself uses).
+Nothing here imports `train/`: the batches come from the caller (`data.pipeline.build_train_data`
+and `data.pipeline.first_batches`, what `train` itself uses).
 """
 
 from __future__ import annotations
@@ -22,16 +22,14 @@ from __future__ import annotations
 import math
 import re
 import statistics
-import struct
-import zlib
 from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Iterable, Sequence
 
+from higgs_tune.data.bpe_bytes import piece_bytes
 from higgs_tune.data.layout import IGNORE_INDEX as IGNORE
 from higgs_tune.data.layout import ROLE_REFERENCE, ROLE_TARGET
-from higgs_tune.errors import DataError, TrainingHealthError
+from higgs_tune.errors import DataError
 
 ROLE_NAMES = {ROLE_REFERENCE: "reference", ROLE_TARGET: "target"}
 
@@ -67,7 +65,9 @@ def _nice_width(span: float, target_bins: int) -> float:
     return 10 * mag
 
 
-def duration_histogram(durations: Sequence[float], bin_width: float | None = None, target_bins: int = 12) -> list[tuple[float, float, int]]:
+def duration_histogram(
+    durations: Sequence[float], bin_width: float | None = None, target_bins: int = 12
+) -> list[tuple[float, float, int]]:
     """Counts of clips per duration bin: [(lo, hi, count)], bins aligned to multiples of the width.
 
     A clip of exactly `hi` seconds falls in the next bin ([lo, hi) intervals); the last bin
@@ -90,7 +90,9 @@ def _text_chars(text: str) -> int:
     return sum(1 for ch in text if not ch.isspace())
 
 
-def text_rate_outliers(entries: Iterable, low: float = 0.5, high: float = 2.0, z_limit: float = 3.5, min_group: int = 3) -> list[RateOutlier]:
+def text_rate_outliers(
+    entries: Iterable, low: float = 0.5, high: float = 2.0, z_limit: float = 3.5, min_group: int = 3
+) -> list[RateOutlier]:
     """Clips whose characters per second fall outside [low, high] x their reference median,
     or whose robust z-score (median/MAD, Iglewicz-Hoaglin) exceeds `z_limit`.
 
@@ -125,7 +127,11 @@ def text_rate_outliers(entries: Iterable, low: float = 0.5, high: float = 2.0, z
         elif z is not None and abs(z) > z_limit and not 0.8 <= ratio <= 1.25:
             reason = f"robust z-score {z:+.1f} (|z| > {z_limit}) at {ratio:.2f}x the median rate"
         if reason:
-            out.append(RateOutlier(e.id, e.speaker, e.language, _text_chars(e.text), e.duration_s, cps, med, ref_name, ratio, z, reason))
+            out.append(
+                RateOutlier(
+                    e.id, e.speaker, e.language, _text_chars(e.text), e.duration_s, cps, med, ref_name, ratio, z, reason
+                )
+            )
     return out
 
 
@@ -158,7 +164,10 @@ def summarize_cache(cache) -> dict:
             "median": statistics.median(durations) if durations else 0.0,
             "max": max(durations) if durations else 0.0,
         },
-        "speakers": {k: {"clips": v["clips"], "seconds": v["seconds"], "languages": dict(v["languages"])} for k, v in sorted(speakers.items())},
+        "speakers": {
+            k: {"clips": v["clips"], "seconds": v["seconds"], "languages": dict(v["languages"])}
+            for k, v in sorted(speakers.items())
+        },
         "languages": {k: {"clips": languages[k], "seconds": language_seconds[k]} for k in sorted(languages)},
         "with_reference": sum(1 for e in entries if e.ref_key),
         "with_scene": sum(1 for e in entries if e.scene),
@@ -182,7 +191,9 @@ def reason_kinds(reason: str) -> list[str]:
         if not message:
             field, message = "", field
         message = re.sub(r"'[^']*'", "", message).replace("(s)", "s")
-        message = re.sub(r"\b\d+\b", "", re.sub(r"\([^)]*\)", "", message)).split(":", 1)[0]  # counts do not split a kind
+        message = re.sub(r"\b\d+\b", "", re.sub(r"\([^)]*\)", "", message)).split(":", 1)[
+            0
+        ]  # counts do not split a kind
         kinds.append(" ".join(f"{field} {message}".split()) or "unknown")
     return kinds or ["unknown"]
 
@@ -195,9 +206,12 @@ def render_summary(s: dict) -> str:
     """The summary as terminal text."""
     lines = [
         f"cache        {s['cache_dir']}",
-        f"clips        {s['clips']}  ({s['hours']:.3f} h = {s['seconds']:.1f} s, {s['frames']} frames at {s['frame_rate']} fps, {s['num_codebooks']} codebooks)",
-        f"durations    min {s['duration_s']['min']:.2f} s, median {s['duration_s']['median']:.2f} s, max {s['duration_s']['max']:.2f} s",
-        f"prompts      {s['with_reference']} clip(s) with an explicit reference, {s['with_scene']} with a scene description",
+        f"clips        {s['clips']}  ({s['hours']:.3f} h = {s['seconds']:.1f} s, {s['frames']} frames at "
+        f"{s['frame_rate']} fps, {s['num_codebooks']} codebooks)",
+        f"durations    min {s['duration_s']['min']:.2f} s, median {s['duration_s']['median']:.2f} s, max "
+        f"{s['duration_s']['max']:.2f} s",
+        f"prompts      {s['with_reference']} clip(s) with an explicit reference, {s['with_scene']} with a scene "
+        "description",
         "",
         f"speakers ({len(s['speakers'])})",
     ]
@@ -216,9 +230,15 @@ def render_summary(s: dict) -> str:
     if s["outliers"]:
         lines.append(f"text/audio length outliers ({len(s['outliers'])}): check these transcripts")
         for o in s["outliers"]:
-            lines.append(f"  {o['id']}: {o['chars']} chars in {o['duration_s']:.2f} s = {o['chars_per_s']:.1f} chars/s vs median {o['reference_cps']:.1f} of {o['reference']}: {o['reason']}")
+            lines.append(
+                f"  {o['id']}: {o['chars']} chars in {o['duration_s']:.2f} s = {o['chars_per_s']:.1f} chars/s vs "
+                f"median {o['reference_cps']:.1f} of {o['reference']}: {o['reason']}"
+            )
     else:
-        lines.append("text/audio length outliers: none (every clip within 0.5x-2x of its speaker's median characters/s, no robust z-score beyond 3.5)")
+        lines.append(
+            "text/audio length outliers: none (every clip within 0.5x-2x of its speaker's median characters/s, no "
+            "robust z-score beyond 3.5)"
+        )
     lines.append("")
     if s["rejects"]:
         kinds = ", ".join(f"{k} {n}" for k, n in sorted(s["reject_reasons"].items()))
@@ -226,86 +246,12 @@ def render_summary(s: dict) -> str:
         for r in s["rejects"]:
             where = f"row {r['row']}" if r.get("row") is not None else ""
             ident = r.get("id") or "?"
-            lines.append(f"  {ident} ({where}): {r.get('reason', '')}" if where else f"  {ident}: {r.get('reason', '')}")
+            lines.append(
+                f"  {ident} ({where}): {r.get('reason', '')}" if where else f"  {ident}: {r.get('reason', '')}"
+            )
     else:
         lines.append("rejected at prepare: none")
     return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------- PNG bar chart
-
-# 3x5 bitmap glyphs for the axis labels (rows top to bottom, bit 2 = left column).
-_GLYPHS = {
-    "0": (7, 5, 5, 5, 7), "1": (2, 6, 2, 2, 7), "2": (7, 1, 7, 4, 7), "3": (7, 1, 7, 1, 7),
-    "4": (5, 5, 7, 1, 1), "5": (7, 4, 7, 1, 7), "6": (7, 4, 7, 5, 7), "7": (7, 1, 1, 1, 1),
-    "8": (7, 5, 7, 5, 7), "9": (7, 5, 7, 1, 7), ".": (0, 0, 0, 0, 2), "s": (0, 3, 6, 1, 6),
-    "-": (0, 0, 7, 0, 0), " ": (0, 0, 0, 0, 0), "n": (0, 6, 5, 5, 5), "=": (0, 7, 0, 7, 0),
-}
-
-
-def _png_bytes(width: int, height: int, pixels: bytearray) -> bytes:
-    """An 8-bit RGB PNG from `pixels` (row-major RGB triplets), filter 0 on every row."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    stride = width * 3
-    raw = b"".join(b"\x00" + bytes(pixels[y * stride:(y + 1) * stride]) for y in range(height))
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b"")
-
-
-def histogram_png(histogram: Sequence[tuple[float, float, int]], width: int = 640, height: int = 360) -> bytes:
-    """A bar chart of a duration histogram as PNG bytes; no plotting library needed.
-
-    Bars are blue on white; the x axis is labelled with the first and last bin edges in
-    seconds, the y axis with the largest count ("n=…").
-    """
-    if not histogram:
-        raise DataError("no clips to plot: the duration histogram is empty.")
-    px = bytearray(b"\xff" * (width * height * 3))
-
-    def rect(x0, y0, x1, y1, rgb):
-        for y in range(max(0, y0), min(height, y1)):
-            row = y * width * 3
-            for x in range(max(0, x0), min(width, x1)):
-                px[row + 3 * x:row + 3 * x + 3] = rgb
-
-    def text(x, y, s, scale=2, rgb=(0, 0, 0)):
-        for ch in s:
-            rows = _GLYPHS.get(ch, _GLYPHS[" "])
-            for r, bits in enumerate(rows):
-                for c in range(3):
-                    if bits & (4 >> c):
-                        rect(x + c * scale, y + r * scale, x + (c + 1) * scale, y + (r + 1) * scale, rgb)
-            x += 4 * scale
-
-    left, right, top, bottom = 48, width - 16, 24, height - 36
-    counts = [c for _, _, c in histogram]
-    peak = max(counts) or 1
-    slot = (right - left) / len(histogram)
-    for i, c in enumerate(counts):
-        h = round((bottom - top) * c / peak)
-        x0 = left + round(i * slot) + 1
-        x1 = left + round((i + 1) * slot) - 1
-        rect(x0, bottom - h, max(x0 + 1, x1), bottom, (52, 101, 164))
-    rect(left - 2, top, left, bottom + 2, (0, 0, 0))  # y axis
-    rect(left - 2, bottom, right, bottom + 2, (0, 0, 0))  # x axis
-    text(4, top, f"n={peak}")
-    text(left, bottom + 10, f"{histogram[0][0]:g}s")
-    last = f"{histogram[-1][1]:g}s"
-    text(right - len(last) * 8, bottom + 10, last)
-    return _png_bytes(width, height, px)
-
-
-def write_histogram_png(path: str | Path, histogram: Sequence[tuple[float, float, int]]) -> Path:
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(histogram_png(histogram))
-    except OSError as e:
-        raise DataError(f"cannot write the plot to {path}: {e.strerror}. Choose a writable path for --plot.") from None
-    return path
 
 
 # ----------------------------------------------------------------------------- batch statistics
@@ -398,7 +344,7 @@ def batch_statistics(batches: Iterable[dict], stream_bos_id: int = 1024, stream_
         raise DataError(f"batches disagree on the number of codebooks: {sorted({p['num_codebooks'] for p in per})}.")
 
     def add(lists):
-        return [sum(v) for v in zip(*lists)]
+        return [sum(v) for v in zip(*lists, strict=True)]
 
     lengths = [n for p in per for n in p["lengths"]]
     tokens = sum(p["tokens"] for p in per)
@@ -432,41 +378,6 @@ def batch_statistics(batches: Iterable[dict], stream_bos_id: int = 1024, stream_
     return {"batches": per, "total": total}
 
 
-def check_trainable(stats: dict) -> None:
-    """Raise TrainingHealthError when a batch cannot train a TTS model that stops by itself.
-
-    Per batch: at least one trained target audio token; in every codebook at least one stream
-    EOS label (without it the model never learns to stop), and exactly one per target segment;
-    no trained reference audio (the prompt's voice is given, not predicted); stream BOS never a
-    label.
-    """
-    if not stats["batches"]:
-        raise TrainingHealthError("no training batch was built: the training cache is empty or every sample was dropped. Run `higgs-tune inspect CACHE_DIR` to see what the cache holds.")
-    fix = "Build samples with higgs_tune.data.layout.build_sample (targets trained, references masked); run `higgs-tune inspect CACHE_DIR --config CONFIG --batches N` to see the labels."
-    for b in stats["batches"]:
-        where = f"batch {b['index']} (samples {', '.join(b['sample_ids'])})"
-        target = b["audio"]["target"]
-        if sum(target["trained"]) == 0:
-            raise TrainingHealthError(f"{where} has no trained audio token: every audio label is -100, so the audio loss has no signal. {fix}")
-        missing = [c for c, n in enumerate(b["stream"]["eos_labels"]) if n == 0]
-        if missing:
-            raise TrainingHealthError(
-                f"{where} has no stream EOS label in codebook(s) {', '.join(map(str, missing))}: the model would never learn to stop "
-                f"(minutes of silence at generation). Each target segment needs its first EOS per codebook as a label. {fix}"
-            )
-        wrong = [c for c, n in enumerate(target["eos_labels"]) if n != target["segments"]]
-        if wrong:
-            raise TrainingHealthError(
-                f"{where} has {[target['eos_labels'][c] for c in wrong]} stream EOS labels in codebook(s) {', '.join(map(str, wrong))} "
-                f"for {target['segments']} target segment(s): each target segment must label exactly its first EOS per codebook. {fix}"
-            )
-        ref = b["audio"]["reference"]
-        if sum(ref["trained"]):
-            raise TrainingHealthError(f"{where} trains {sum(ref['trained'])} reference audio label(s): the voice prompt would be learned as a target. Reference segments must be all -100. {fix}")
-        if sum(b["stream"]["bos_labels"]):
-            raise TrainingHealthError(f"{where} has {sum(b['stream']['bos_labels'])} stream BOS label(s): BOS is an input, never a label. {fix}")
-
-
 def _pct(n: int, d: int) -> str:
     return f"{100.0 * n / d:5.1f}%" if d else "    -"
 
@@ -474,7 +385,10 @@ def _pct(n: int, d: int) -> str:
 def _render_counts(s: dict, indent: str) -> list[str]:
     k = s["num_codebooks"]
     t = s["text"]
-    lines = [f"{indent}text tokens   {t['total']:>7}  trained {t['trained']:>6} ({_pct(t['trained'], t['total'])})  masked {t['masked']:>7}"]
+    lines = [
+        f"{indent}text tokens   {t['total']:>7}  trained {t['trained']:>6} ({_pct(t['trained'], t['total'])})  "
+        f"masked {t['masked']:>7}"
+    ]
     for name in ROLE_NAMES.values():
         a = s["audio"][name]
         if not a["columns"]:
@@ -482,15 +396,18 @@ def _render_counts(s: dict, indent: str) -> list[str]:
             continue
         tr, ms = a["trained"], a["masked"]
         lines.append(
-            f"{indent}{name:<9} audio: {a['segments']} segment(s), {a['columns']} columns x {k} codebooks = {a['columns'] * k} tokens;"
-            f" trained {sum(tr)} ({_pct(sum(tr), a['columns'] * k)}), masked {sum(ms)}"
+            f"{indent}{name:<9} audio: {a['segments']} segment(s), {a['columns']} columns x {k} codebooks = "
+            f"{a['columns'] * k} tokens; trained {sum(tr)} ({_pct(sum(tr), a['columns'] * k)}), masked {sum(ms)}"
         )
         lines.append(f"{indent}  trained per codebook {tr}")
         lines.append(f"{indent}  EOS labels per codebook {a['eos_labels']}")
     st = s["stream"]
     lines.append(f"{indent}stream BOS  inputs {st['bos_inputs']}  labels {st['bos_labels']}")
     lines.append(f"{indent}stream EOS  inputs {st['eos_inputs']}  labels {st['eos_labels']}")
-    lines.append(f"{indent}positions with a loss {s['loss_positions']} of {s['tokens']} real tokens ({_pct(s['loss_positions'], s['tokens']).strip()})")
+    lines.append(
+        f"{indent}positions with a loss {s['loss_positions']} of {s['tokens']} real tokens "
+        f"({_pct(s['loss_positions'], s['tokens']).strip()})"
+    )
     return lines
 
 
@@ -499,8 +416,8 @@ def render_batch_statistics(stats: dict) -> str:
     for b in stats["batches"]:
         lens = b["lengths"]
         lines.append(
-            f"batch {b['index']}: {b['batch_size']} sample(s) [{', '.join(b['sample_ids'])}], padded length {b['padded_length']}, "
-            f"lengths {min(lens)}-{max(lens)}, padding waste {100 * b['padding_waste']:.1f}%"
+            f"batch {b['index']}: {b['batch_size']} sample(s) [{', '.join(b['sample_ids'])}], padded length "
+            f"{b['padded_length']}, lengths {min(lens)}-{max(lens)}, padding waste {100 * b['padding_waste']:.1f}%"
         )
         lines += _render_counts(b, "  ")
     t = stats["total"]
@@ -508,8 +425,9 @@ def render_batch_statistics(stats: dict) -> str:
         return "no batches"
     lines.append("")
     lines.append(
-        f"total: {t['batches']} batch(es), {t['samples']} sample(s), lengths {t['length_min']}-{t['length_max']} (mean {t['length_mean']:.1f}), "
-        f"{t['tokens']} real of {t['padded_tokens']} padded tokens, padding waste {100 * t['padding_waste']:.1f}%"
+        f"total: {t['batches']} batch(es), {t['samples']} sample(s), lengths {t['length_min']}-{t['length_max']} "
+        f"(mean {t['length_mean']:.1f}), {t['tokens']} real of {t['padded_tokens']} padded tokens, padding waste "
+        f"{100 * t['padding_waste']:.1f}%"
     )
     lines += _render_counts(t, "  ")
     return "\n".join(lines)
@@ -540,37 +458,23 @@ def check_prompt_matches(sample: dict, prompt: dict, tokens) -> int:
         n = min(p_ids.shape[0], cut)
         diff = next((i for i in range(n) if int(p_ids[i]) != int(s_ids[i])), n)
         raise DataError(
-            f"sample {sid!r}: the generation prompt ({p_ids.shape[0]} tokens) differs from the training sample before its "
-            f"target audio ({cut} tokens) at position {diff}. Training and inference would see different layouts; "
-            "both must come from higgs_tune.data.layout."
+            f"sample {sid!r}: the generation prompt ({p_ids.shape[0]} tokens) differs from the training sample "
+            f"before its target audio ({cut} tokens) at position {diff}. Training and inference would see "
+            "different layouts; both must come from higgs_tune.data.layout."
         )
     ref_cols = targets[0].audio_start
     p_audio = prompt.get("audio_input_ids")
     p_audio = p_audio[0] if p_audio is not None else sample["audio_input_ids"][:0]
-    if p_audio.shape != sample["audio_input_ids"][:ref_cols].shape or not bool((p_audio == sample["audio_input_ids"][:ref_cols]).all()):
+    if p_audio.shape != sample["audio_input_ids"][:ref_cols].shape or not bool(
+        (p_audio == sample["audio_input_ids"][:ref_cols]).all()
+    ):
         raise DataError(
-            f"sample {sid!r}: the generation prompt's audio columns {tuple(p_audio.shape)} differ from the training sample's "
-            f"reference columns {tuple(sample['audio_input_ids'][:ref_cols].shape)}."
+            f"sample {sid!r}: the generation prompt's audio columns {tuple(p_audio.shape)} differ from the "
+            f"training sample's reference columns {tuple(sample['audio_input_ids'][:ref_cols].shape)}."
         )
     if int(tokens.audio_out_bos) != int(s_ids[cut - 1]):
         raise DataError(f"sample {sid!r}: the prompt does not end with <|audio_out_bos|>; the layout is broken.")
     return cut
-
-
-def _byte_decoder() -> dict[str, int]:
-    """The inverse of the GPT-2 / Llama-3 byte-level BPE alphabet (printable stand-in -> byte)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    chars, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            chars[chr(b)] = b
-        else:
-            chars[chr(256 + extra)] = b
-            extra += 1
-    return chars
-
-
-_BYTE_DECODER = _byte_decoder()
 
 
 def _escape(text: str) -> str:
@@ -595,9 +499,9 @@ def _token_text(tokenizer, tok: int, tokens, special_ids: set[int]) -> str:
     if "\ufffd" in text:
         # A byte-level BPE token can hold part of a multi-byte character (Arabic diacritics,
         # CJK, emoji): decoding it alone gives U+FFFD. Show its bytes instead (e.g. "\\xd9").
-        piece = tokenizer.convert_ids_to_tokens(tok)
-        if isinstance(piece, str) and piece and all(c in _BYTE_DECODER for c in piece):
-            text = bytes(_BYTE_DECODER[c] for c in piece).decode("utf-8", errors="surrogateescape")
+        raw = piece_bytes(tokenizer.convert_ids_to_tokens(tok))
+        if raw is not None:
+            text = raw.decode("utf-8", errors="surrogateescape")
     return _escape(text)
 
 
@@ -640,7 +544,8 @@ def render_sample(sample: dict, prompt: dict, tokenizer, tokens) -> str:
     task = sample.get("task", "")
     ref = sample.get("reference")
     head = [
-        f"sample {sample.get('sample_id', '')}: {task}" + (f", reference {ref}" if ref else "")
+        f"sample {sample.get('sample_id', '')}: {task}"
+        + (f", reference {ref}" if ref else "")
         + f"; {len(ids)} tokens, {len(segs)} audio segment(s) ({describe}), {k} codebooks",
         "text: " + _collapsed_text(tokenizer, ids, tokens),
         f"legend: AO = <|AUDIO_OUT|>, D = <|reserved_special_token_6|> (delay), B = stream BOS {tokens.stream_bos}, "
@@ -648,11 +553,16 @@ def render_sample(sample: dict, prompt: dict, tokenizer, tokens) -> str:
         "",
     ]
     tok_w = max(12, *(len(_token_text(tokenizer, t, tokens, special_ids)) for t in ids))
-    lab_w = max(10, *(len(_token_text(tokenizer, t, tokens, special_ids)) for t in labels if t != IGNORE)) if any(t != IGNORE for t in labels) else 10
+    lab_w = (
+        max(10, *(len(_token_text(tokenizer, t, tokens, special_ids)) for t in labels if t != IGNORE))
+        if any(t != IGNORE for t in labels)
+        else 10
+    )
     code_w = max(len(str(tokens.stream_eos)), 4)
     codes_w = k * (code_w + 1) - 1
     lines = head + [
-        f"{'pos':>5}  {'token':<{tok_w}}  {'label':<{lab_w}} | {'col':>4}  {'audio input k0..k' + str(k - 1):<{codes_w}}  {'audio label k0..k' + str(k - 1):<{codes_w}} | prompt"
+        f"{'pos':>5}  {'token':<{tok_w}}  {'label':<{lab_w}} | {'col':>4}  "
+        f"{'audio input k0..k' + str(k - 1):<{codes_w}}  {'audio label k0..k' + str(k - 1):<{codes_w}} | prompt"
     ]
     for pos, tok in enumerate(ids):
         if pos == cut:
@@ -661,8 +571,8 @@ def render_sample(sample: dict, prompt: dict, tokenizer, tokens) -> str:
             s = by_start[pos]
             what = "all labels masked" if s.role == ROLE_REFERENCE else "trained: codes + one EOS per codebook"
             lines.append(
-                f"----- {role(s)} audio: {s.num_frames} frames -> {s.token_end - s.token_start} columns, tokens {s.token_start}-{s.token_end - 1}, "
-                f"audio columns {s.audio_start}-{s.audio_end - 1} ({what})"
+                f"----- {role(s)} audio: {s.num_frames} frames -> {s.token_end - s.token_start} columns, tokens "
+                f"{s.token_start}-{s.token_end - 1}, audio columns {s.audio_start}-{s.audio_end - 1} ({what})"
             )
         tok_s = _token_text(tokenizer, tok, tokens, special_ids)
         lab_s = MASK if labels[pos] == IGNORE else _token_text(tokenizer, labels[pos], tokens, special_ids)
@@ -708,27 +618,16 @@ def check_cache_fits_model(cache, tokens, model_name: str) -> None:
     if cache.num_codebooks != tokens.num_codebooks:
         made_with = cache.header.get("codec_source") or "another audio tokenizer"
         raise DataError(
-            f"{cache.cache_dir} holds codes with {cache.num_codebooks} codebooks (prepared with {made_with}), "
-            f"but the model {model_name} has {tokens.num_codebooks}. The cache belongs to another model: prepare the data "
-            f"with this model: higgs-tune prepare MANIFEST --model {model_name} --out NEW_CACHE_DIR."
+            f"{cache.cache_dir} holds codes with {cache.num_codebooks} codebooks (prepared with {made_with}), but "
+            f"the model {model_name} has {tokens.num_codebooks}. The cache belongs to another model: prepare the "
+            f"data with this model: higgs-tune prepare MANIFEST --model {model_name} --out NEW_CACHE_DIR."
         )
     if cache.codebook_size != tokens.stream_bos:
         raise DataError(
-            f"{cache.cache_dir} holds codes of a {cache.codebook_size}-code codebook, but the model {model_name} expects "
-            f"{tokens.stream_bos} codes (stream BOS id {tokens.stream_bos}). Prepare the data with this model's audio tokenizer."
+            f"{cache.cache_dir} holds codes of a {cache.codebook_size}-code codebook, but the model {model_name} "
+            f"expects {tokens.stream_bos} codes (stream BOS id {tokens.stream_bos}). Prepare the data with this "
+            "model's audio tokenizer."
         )
-
-
-def first_batches(dataset, sampler, collator, n: int, epoch: int = 0) -> list[dict]:
-    """The first `n` batches of `epoch`, collated (fewer if the epoch is shorter)."""
-    dataset.set_epoch(epoch)
-    sampler.set_epoch(epoch)
-    out = []
-    for indices in sampler:
-        if len(out) == n:
-            break
-        out.append(collator([dataset[i] for i in indices]))
-    return out
 
 
 def sample_and_prompt(dataset, sample_id: str) -> tuple[dict, dict]:
@@ -740,8 +639,8 @@ def sample_and_prompt(dataset, sample_id: str) -> tuple[dict, dict]:
         in_cache = any(e.id == sample_id for e in dataset.cache.entries)
         if in_cache:
             raise DataError(
-                f"clip {sample_id!r} is in {dataset.cache.cache_dir} but held out of training (data.eval_fraction split). "
-                "Show a training clip, or set data.eval_fraction: 0 to inspect every clip."
+                f"clip {sample_id!r} is in {dataset.cache.cache_dir} but held out of training (data.eval_fraction "
+                "split). Show a training clip, or set data.eval_fraction: 0 to inspect every clip."
             )
         known = [e.id for e in dataset.entries]
         shown = ", ".join(known[:8]) + (", ..." if len(known) > 8 else "")
@@ -752,7 +651,10 @@ def sample_and_prompt(dataset, sample_id: str) -> tuple[dict, dict]:
     sample = dataset[index]
     plan, entry = dataset.plan(index), dataset.entries[index]
     conv = Conversation(
-        text=entry.text, system_prompt=dataset.system_prompt, scene=entry.scene if dataset.use_scene else None, ref_text=plan.ref_text
+        text=entry.text,
+        system_prompt=dataset.system_prompt,
+        scene=entry.scene if dataset.use_scene else None,
+        ref_text=plan.ref_text,
     )
     ref_codes = dataset.cache.codes(plan.ref_key) if plan.ref_key is not None else None
     prompt = build_prompt(conv, dataset.tokenizer, dataset.tokens, ref_codes=ref_codes, sample_id=sample_id)

@@ -55,8 +55,9 @@ sample is therefore the TTS length plus `reference_lengths` of its reference tur
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence, TypedDict
+from typing import TypedDict
 
 import torch
 
@@ -102,7 +103,7 @@ class SpecialTokens:
     num_codebooks: int
 
     @classmethod
-    def from_tokenizer(cls, tokenizer, model_config_or_processor) -> "SpecialTokens":
+    def from_tokenizer(cls, tokenizer, model_config_or_processor) -> SpecialTokens:
         """Read the ids from the text tokenizer; stream BOS/EOS and K from the model config or processor.
 
         `model_config_or_processor` is a `HiggsAudioV2Config` (K = `num_codebooks`) or a
@@ -110,7 +111,10 @@ class SpecialTokens:
         or processor records for the placeholders must agree with the tokenizer's: a stack whose
         parts disagree would put audio embeddings at the wrong positions.
         """
-        from transformers import HiggsAudioV2Config, HiggsAudioV2Processor
+        from transformers import (
+            HiggsAudioV2Config,
+            HiggsAudioV2Processor,
+        )  # lazy: `higgs-tune --help` imports this module
 
         names = {
             "begin_of_text": BEGIN_OF_TEXT,
@@ -131,7 +135,8 @@ class SpecialTokens:
                 ids[field_name] = encoded[0]
         if problems:
             raise ModelLoadError(
-                "The text tokenizer is not a Higgs Audio v2 tokenizer: " + "; ".join(problems)
+                "The text tokenizer is not a Higgs Audio v2 tokenizer: "
+                + "; ".join(problems)
                 + ". Load the tokenizer saved with the checkpoint."
             )
 
@@ -169,11 +174,14 @@ class SpecialTokens:
         if wrong:
             raise ModelLoadError(
                 "The model/processor and the text tokenizer disagree on special-token ids ("
-                + "; ".join(wrong) + "). Use the tokenizer saved with the checkpoint."
+                + "; ".join(wrong)
+                + "). Use the tokenizer saved with the checkpoint."
             )
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else config_pad
         if pad is None:
-            raise ModelLoadError("The text tokenizer has no pad token and the model config names none; set tokenizer.pad_token.")
+            raise ModelLoadError(
+                "The text tokenizer has no pad token and the model config names none; set tokenizer.pad_token."
+            )
         return cls(pad=pad, stream_bos=stream_bos, stream_eos=stream_eos, num_codebooks=num_codebooks, **ids)
 
     def num_columns(self, num_frames: int) -> int:
@@ -184,8 +192,16 @@ class SpecialTokens:
     def structural_ids(self) -> frozenset[int]:
         """Tokens whose positions define the layout; transcripts must not contain them."""
         return frozenset(
-            (self.begin_of_text, self.start_header, self.end_header, self.eot,
-             self.audio_out_bos, self.audio_eos, self.audio_out, self.audio_delay)
+            (
+                self.begin_of_text,
+                self.start_header,
+                self.end_header,
+                self.eot,
+                self.audio_out_bos,
+                self.audio_eos,
+                self.audio_out,
+                self.audio_delay,
+            )
         )
 
 
@@ -285,14 +301,14 @@ class Conversation:
     ref_text: str | None = None
 
     @classmethod
-    def tts(cls, text: str, *, system_prompt: str = DEFAULT_SYSTEM_PROMPT, scene: str | None = None) -> "Conversation":
+    def tts(cls, text: str, *, system_prompt: str = DEFAULT_SYSTEM_PROMPT, scene: str | None = None) -> Conversation:
         """system [+ scene] -> user: text -> assistant: target audio."""
         return cls(text=text, system_prompt=system_prompt, scene=scene)
 
     @classmethod
     def voice_clone(
         cls, text: str, ref_text: str, *, system_prompt: str = DEFAULT_SYSTEM_PROMPT, scene: str | None = None
-    ) -> "Conversation":
+    ) -> Conversation:
         """system [+ scene] -> user: ref_text -> assistant: ref audio -> user: text -> assistant: target audio."""
         return cls(text=text, system_prompt=system_prompt, scene=scene, ref_text=ref_text)
 
@@ -322,6 +338,7 @@ class Conversation:
         `ref_audio` / `target_audio` are whatever the processor accepts as audio (a waveform);
         without `target_audio` the list ends with the target user turn (add a generation prompt).
         """
+
         def text(t):
             return [{"type": "text", "text": t}]
 
@@ -559,7 +576,9 @@ def sample_lengths(
     sample_ids = sample_ids if sample_ids is not None else [str(i) for i in range(len(convs))]
     encoded = _encode(tokenizer, [c.render() for c in convs]) if convs else []
     out, bad = [], []
-    for ids, conv, t_frames, r_frames, sample_id in zip(encoded, convs, target_frames, ref_frames, sample_ids):
+    for ids, conv, t_frames, r_frames, sample_id in zip(
+        encoded, convs, target_frames, ref_frames, sample_ids, strict=True
+    ):
         if (conv.ref_text is None) != (r_frames is None):
             raise ValueError("ref_frames must be given exactly for the voice-cloning conversations")
         markup = _markup_in_text(ids, _expected_structure(conv, tokens), tokens, tokenizer)
@@ -585,7 +604,11 @@ def reference_lengths(
     sample_ids = sample_ids if sample_ids is not None else [str(i) for i in range(len(ref_texts))]
     encoded = _encode(tokenizer, [render_reference_turns(t) for t in ref_texts]) if ref_texts else []
     expected = _expected_structure(None, tokens)
-    bad = [(i, m) for i, ids in zip(sample_ids, encoded) if (m := _markup_in_text(ids, expected, tokens, tokenizer))]
+    bad = [
+        (i, m)
+        for i, ids in zip(sample_ids, encoded, strict=True)
+        if (m := _markup_in_text(ids, expected, tokens, tokenizer))
+    ]
     if bad:
         raise _markup_error(bad)
-    return [len(ids) + tokens.num_columns(f) - 1 for ids, f in zip(encoded, ref_frames)]
+    return [len(ids) + tokens.num_columns(f) - 1 for ids, f in zip(encoded, ref_frames, strict=True)]

@@ -33,22 +33,39 @@ from pathlib import Path
 from tqdm import tqdm
 
 from higgs_tune.data.audio import DEFAULT_MAX_SECONDS, DEFAULT_MIN_SECONDS, AudioInfo, inspect_audio
-from higgs_tune.data.cache import atomic_write_bytes
 from higgs_tune.errors import DataError
+from higgs_tune.runfs import atomic_write_bytes
 
 REQUIRED_KEYS = ("audio", "text", "speaker", "language")
 OPTIONAL_KEYS = ("id", "scene", "ref_audio", "ref_text")
 KNOWN_KEYS = REQUIRED_KEYS + OPTIONAL_KEYS
 # Names other tools use for our keys: an unknown key that is one of these gets a precise fix.
 KEY_ALIASES = {
-    "audio_file": "audio", "audio_path": "audio", "path": "audio", "wav": "audio", "file": "audio",
-    "transcript": "text", "transcription": "text", "sentence": "text", "normalized_text": "text",
-    "speaker_id": "speaker", "spk": "speaker", "speaker_name": "speaker",
-    "lang": "language", "locale": "language",
-    "scene_desc": "scene", "scene_description": "scene",
-    "ref_audio_path": "ref_audio", "reference_audio": "ref_audio", "prompt_audio": "ref_audio",
-    "ref_transcript": "ref_text", "reference_text": "ref_text", "prompt_text": "ref_text",
-    "utt_id": "id", "uid": "id", "name": "id",
+    "audio_file": "audio",
+    "audio_path": "audio",
+    "path": "audio",
+    "wav": "audio",
+    "file": "audio",
+    "transcript": "text",
+    "transcription": "text",
+    "sentence": "text",
+    "normalized_text": "text",
+    "speaker_id": "speaker",
+    "spk": "speaker",
+    "speaker_name": "speaker",
+    "lang": "language",
+    "locale": "language",
+    "scene_desc": "scene",
+    "scene_description": "scene",
+    "ref_audio_path": "ref_audio",
+    "reference_audio": "ref_audio",
+    "prompt_audio": "ref_audio",
+    "ref_transcript": "ref_text",
+    "reference_text": "ref_text",
+    "prompt_text": "ref_text",
+    "utt_id": "id",
+    "uid": "id",
+    "name": "id",
 }
 # Shortest clip length a user may allow (the codec itself works from ~5 ms).
 MIN_CODEC_SECONDS = 0.02
@@ -168,11 +185,21 @@ def _check_str(d: _Draft, key: str, *, required: bool, non_empty: bool = True) -
         return None
     value = d.values[key]
     if not isinstance(value, str):
-        d.add(key, f"must be a string, got {type(value).__name__} {json.dumps(value, ensure_ascii=False)[:60]}", f'write it as a JSON string, e.g. "{key}": "..."')
+        d.add(
+            key,
+            f"must be a string, got {type(value).__name__} {json.dumps(value, ensure_ascii=False)[:60]}",
+            f'write it as a JSON string, e.g. "{key}": "..."',
+        )
         return None
     if non_empty and not value.strip():
         what = "empty or whitespace-only" if value else "empty"
-        d.add(key, f"is {what}", "give the transcript of the clip" if key in ("text", "ref_text") else f"give a non-empty {key}" + (" or remove the key" if not required else ""))
+        d.add(
+            key,
+            f"is {what}",
+            "give the transcript of the clip"
+            if key in ("text", "ref_text")
+            else f"give a non-empty {key}" + (" or remove the key" if not required else ""),
+        )
         return None
     return value
 
@@ -183,7 +210,11 @@ def _check_path(d: _Draft, key: str, root: Path, allow_outside_root: bool) -> Pa
         return None
     full, inside = _resolve(root, written)
     if not inside and not allow_outside_root:
-        d.add(key, f"{written!r} is outside the dataset root {root}", "move the file under the manifest's folder and write the path relative to it, or pass --allow-outside-root")
+        d.add(
+            key,
+            f"{written!r} is outside the dataset root {root}",
+            "move the file under the manifest's folder and write the path relative to it, or pass --allow-outside-root",
+        )
         return None
     return full
 
@@ -193,9 +224,14 @@ def _parse_rows(manifest: Path, root: Path, allow_outside_root: bool) -> tuple[l
     try:
         data = manifest.read_bytes()
     except FileNotFoundError:
-        raise DataError(f"manifest not found: {manifest}. Fix: give the path of a JSON Lines file (one clip per line).") from None
+        raise DataError(
+            f"manifest not found: {manifest}. Fix: give the path of a JSON Lines file (one clip per line)."
+        ) from None
     except IsADirectoryError:
-        raise DataError(f"{manifest} is a folder. Fix: give the manifest file (e.g. {manifest / 'manifest.jsonl'}), or use --from-folder {manifest}.") from None
+        raise DataError(
+            f"{manifest} is a folder. Fix: give the manifest file (e.g. {manifest / 'manifest.jsonl'}), or use "
+            f"--from-folder {manifest}."
+        ) from None
     except PermissionError:
         raise DataError(f"cannot read {manifest} (permission denied). Fix: make it readable.") from None
 
@@ -213,12 +249,21 @@ def _parse_rows(manifest: Path, root: Path, allow_outside_root: bool) -> tuple[l
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as e:
-            d.add("line", f"is not valid UTF-8 (byte 0x{raw[e.start]:02x} at byte {e.start + 1})", "save the manifest as UTF-8 (e.g. iconv -f latin1 -t utf-8)")
+            d.add(
+                "line",
+                f"is not valid UTF-8 (byte 0x{raw[e.start]:02x} at byte {e.start + 1})",
+                "save the manifest as UTF-8 (e.g. iconv -f latin1 -t utf-8)",
+            )
             continue
         try:
             obj = json.loads(text)
         except json.JSONDecodeError as e:
-            d.add("line", f"is not valid JSON ({e.msg} at column {e.colno})", "write one JSON object per line, e.g. {\"audio\": \"a.wav\", \"text\": \"...\", \"speaker\": \"s\", \"language\": \"en\"}")
+            d.add(
+                "line",
+                f"is not valid JSON ({e.msg} at column {e.colno})",
+                'write one JSON object per line, e.g. {"audio": "a.wav", "text": "...", "speaker": "s", '
+                '"language": "en"}',
+            )
             continue
         if not isinstance(obj, dict):
             d.add("line", f"is a JSON {type(obj).__name__}, not an object", "write one JSON object per line")
@@ -230,7 +275,9 @@ def _parse_rows(manifest: Path, root: Path, allow_outside_root: bool) -> tuple[l
         for key in obj:
             if key in KNOWN_KEYS:
                 continue
-            target = KEY_ALIASES.get(key) or next(iter(difflib.get_close_matches(key, KNOWN_KEYS, n=1, cutoff=0.75)), None)
+            target = KEY_ALIASES.get(key) or next(
+                iter(difflib.get_close_matches(key, KNOWN_KEYS, n=1, cutoff=0.75)), None
+            )
             if target and target in obj:
                 fix = f"remove it (the row already has {target!r})"  # renaming would give the row the key twice
             else:
@@ -238,7 +285,11 @@ def _parse_rows(manifest: Path, root: Path, allow_outside_root: bool) -> tuple[l
             d.add(key, "unknown key", fix)
         for key in REQUIRED_KEYS:
             if key not in obj:
-                d.add(key, "missing required key", f"add \"{key}\"" + (" (path relative to the manifest's folder)" if key == "audio" else ""))
+                d.add(
+                    key,
+                    "missing required key",
+                    f'add "{key}"' + (" (path relative to the manifest's folder)" if key == "audio" else ""),
+                )
 
         d.audio_path = _check_path(d, "audio", root, allow_outside_root)
         for key in ("text", "speaker", "language"):
@@ -254,15 +305,29 @@ def _parse_rows(manifest: Path, root: Path, allow_outside_root: bool) -> tuple[l
         d.ref_audio_path = _check_path(d, "ref_audio", root, allow_outside_root)
         _check_str(d, "ref_text", required=False)
         if has_ref_audio and not has_ref_text:
-            d.add("ref_text", "missing: ref_audio is set but ref_text is not", "add the transcript of ref_audio as \"ref_text\", or remove ref_audio")
+            d.add(
+                "ref_text",
+                "missing: ref_audio is set but ref_text is not",
+                'add the transcript of ref_audio as "ref_text", or remove ref_audio',
+            )
         elif has_ref_text and not has_ref_audio:
-            d.add("ref_audio", "missing: ref_text is set but ref_audio is not", "add the reference clip as \"ref_audio\", or remove ref_text")
+            d.add(
+                "ref_audio",
+                "missing: ref_text is set but ref_audio is not",
+                'add the reference clip as "ref_audio", or remove ref_text',
+            )
         if d.audio_path is not None and d.audio_path == d.ref_audio_path:
-            d.add("ref_audio", f"is the target clip itself ({obj['ref_audio']!r})", "use another clip of the same speaker as the reference, or remove ref_audio and ref_text")
+            d.add(
+                "ref_audio",
+                f"is the target clip itself ({obj['ref_audio']!r})",
+                "use another clip of the same speaker as the reference, or remove ref_audio and ref_text",
+            )
             d.ref_audio_path = None
 
     if not drafts:
-        fatal.append(Problem(None, "file", "has no rows", "write one JSON object per line (audio, text, speaker, language)"))
+        fatal.append(
+            Problem(None, "file", "has no rows", "write one JSON object per line (audio, text, speaker, language)")
+        )
 
     by_id: dict[str, list[_Draft]] = defaultdict(list)
     for d in drafts:
@@ -272,7 +337,11 @@ def _parse_rows(manifest: Path, root: Path, allow_outside_root: bool) -> tuple[l
         if len(same) > 1:
             for d in same:
                 others = ", ".join(str(o.row) for o in same if o is not d)
-                d.add("id", f"duplicate id {ident!r} (also on line {others})", "give every row a unique \"id\" (default is the audio file's name without extension)")
+                d.add(
+                    "id",
+                    f"duplicate id {ident!r} (also on line {others})",
+                    'give every row a unique "id" (default is the audio file\'s name without extension)',
+                )
     return drafts, fatal
 
 
@@ -290,8 +359,9 @@ def validate_manifest(
     root = manifest.parent
     if not MIN_CODEC_SECONDS <= min_seconds < max_seconds:
         raise DataError(
-            f"clip length bounds must satisfy {MIN_CODEC_SECONDS:g} <= min_seconds < max_seconds (the codec needs a few "
-            f"milliseconds of audio), got {min_seconds:g} and {max_seconds:g}. Fix: change --min-seconds / --max-seconds."
+            f"clip length bounds must satisfy {MIN_CODEC_SECONDS:g} <= min_seconds < max_seconds (the codec needs "
+            f"a few milliseconds of audio), got {min_seconds:g} and {max_seconds:g}. Fix: change --min-seconds / "
+            "--max-seconds."
         )
     drafts, fatal = _parse_rows(manifest, root, allow_outside_root)
 
@@ -314,26 +384,48 @@ def validate_manifest(
             for message, fix in audio_problems[path]:
                 looked = f" (looked for {path})" if message == "file not found" else ""
                 d.add(key, f"{d.values[key]!r} {message}{looked}", fix)
-        if d.audio_path in infos and d.ref_audio_path in infos and infos[d.audio_path].sha256 == infos[d.ref_audio_path].sha256:
-            d.add("ref_audio", f"{d.values['ref_audio']!r} has the same audio content as the target {d.values['audio']!r}", "use a different recording of the same speaker as the reference, or remove ref_audio and ref_text")
+        if (
+            d.audio_path in infos
+            and d.ref_audio_path in infos
+            and infos[d.audio_path].sha256 == infos[d.ref_audio_path].sha256
+        ):
+            d.add(
+                "ref_audio",
+                f"{d.values['ref_audio']!r} has the same audio content as the target {d.values['audio']!r}",
+                "use a different recording of the same speaker as the reference, or remove ref_audio and ref_text",
+            )
         # The id is known only after the row's checks (default: audio stem); stamp it on each problem.
         d.problems = [dataclasses.replace(p, id=d.id) for p in d.problems]
         if d.problems:
-            rejects.append({
-                "row": d.row,
-                "id": d.id,
-                "audio": d.values.get("audio") if isinstance(d.values.get("audio"), str) else None,
-                "reason": "; ".join(f"{p.field}: {p.message}" for p in d.problems),
-            })
+            rejects.append(
+                {
+                    "row": d.row,
+                    "id": d.id,
+                    "audio": d.values.get("audio") if isinstance(d.values.get("audio"), str) else None,
+                    "reason": "; ".join(f"{p.field}: {p.message}" for p in d.problems),
+                }
+            )
             continue
         v = d.values
-        rows.append(ManifestRow(
-            row=d.row, id=d.id, audio=v["audio"], audio_path=d.audio_path, text=v["text"], speaker=v["speaker"],
-            language=v["language"], scene=v.get("scene"), ref_audio=v.get("ref_audio"),
-            ref_audio_path=d.ref_audio_path, ref_text=v.get("ref_text"),
-        ))
+        rows.append(
+            ManifestRow(
+                row=d.row,
+                id=d.id,
+                audio=v["audio"],
+                audio_path=d.audio_path,
+                text=v["text"],
+                speaker=v["speaker"],
+                language=v["language"],
+                scene=v.get("scene"),
+                ref_audio=v.get("ref_audio"),
+                ref_audio_path=d.ref_audio_path,
+                ref_text=v.get("ref_text"),
+            )
+        )
     problems = [p for d in drafts for p in d.problems]
-    return Validation(manifest=manifest, root=root, rows=rows, rejects=rejects, problems=problems, audio=infos, fatal=fatal)
+    return Validation(
+        manifest=manifest, root=root, rows=rows, rejects=rejects, problems=problems, audio=infos, fatal=fatal
+    )
 
 
 # ---------------------------------------------------------------------------- folder -> manifest
@@ -354,22 +446,45 @@ def _read_transcript(path: Path, problems: list[str]) -> str | None:
     try:
         return path.read_text(encoding="utf-8-sig").strip()
     except FileNotFoundError:
-        problems.append(f"{path}: transcript file not found. Fix: add it, or put the text into metadata.json as \"text\".")
+        problems.append(
+            f'{path}: transcript file not found. Fix: add it, or put the text into metadata.json as "text".'
+        )
     except UnicodeDecodeError:
         problems.append(f"{path}: not valid UTF-8. Fix: save the transcript as UTF-8.")
     return None
 
 
-def _from_metadata(folder: Path, meta_path: Path, language: str | None, problems: list[str]) -> tuple[list[dict], list[str]]:
+def _from_metadata(
+    folder: Path, meta_path: Path, language: str | None, problems: list[str]
+) -> tuple[list[dict], list[str]]:
     """Rows from a community-trainer metadata.json: a list of samples, or {"samples": [...]}."""
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8-sig"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DataError(f"{meta_path}: not valid UTF-8 JSON ({e}). Fix: repair the file, or remove it to convert the <name>.wav + <name>.txt pairs.") from None
+        raise DataError(
+            f"{meta_path}: not valid UTF-8 JSON ({e}). Fix: repair the file, or remove it to convert the "
+            "<name>.wav + <name>.txt pairs."
+        ) from None
     samples = meta.get("samples") if isinstance(meta, dict) else meta
     if not isinstance(samples, list):
-        raise DataError(f"{meta_path}: expected a list of samples or an object with a \"samples\" list, got {type(meta).__name__}. Fix: use one of these two layouts.")
-    used = {"audio_file", "audio", "text", "transcript", "transcript_file", "speaker", "speaker_id", "language", "scene", "id", "ref_audio", "ref_text"}
+        raise DataError(
+            f'{meta_path}: expected a list of samples or an object with a "samples" list, got '
+            f"{type(meta).__name__}. Fix: use one of these two layouts."
+        )
+    used = {
+        "audio_file",
+        "audio",
+        "text",
+        "transcript",
+        "transcript_file",
+        "speaker",
+        "speaker_id",
+        "language",
+        "scene",
+        "id",
+        "ref_audio",
+        "ref_text",
+    }
     ignored: set[str] = set()
     rows = []
     for i, s in enumerate(samples, start=1):
@@ -380,7 +495,7 @@ def _from_metadata(folder: Path, meta_path: Path, language: str | None, problems
         ignored.update(k for k in s if k not in used)
         audio = s.get("audio_file", s.get("audio"))
         if not isinstance(audio, str) or not audio:
-            problems.append(f"{where}: no \"audio_file\"/\"audio\". Fix: name the audio file (relative to {folder}).")
+            problems.append(f'{where}: no "audio_file"/"audio". Fix: name the audio file (relative to {folder}).')
             continue
         audio_path = Path(os.path.normpath(folder / audio))
         text = s.get("text", s.get("transcript"))
@@ -388,13 +503,21 @@ def _from_metadata(folder: Path, meta_path: Path, language: str | None, problems
             tfile = s.get("transcript_file")
             text = _read_transcript(folder / tfile if tfile else audio_path.with_suffix(".txt"), problems)
         if text is not None and not isinstance(text, str):
-            problems.append(f"{where}: \"text\"/\"transcript\" is {type(text).__name__} {json.dumps(text)[:40]}, not a string. Fix: write the transcript as a JSON string.")
+            problems.append(
+                f'{where}: "text"/"transcript" is {type(text).__name__} {json.dumps(text)[:40]}, not a string. '
+                "Fix: write the transcript as a JSON string."
+            )
             continue
         speaker = s.get("speaker", s.get("speaker_id"))
         # numeric speaker ids (LibriTTS-style 1034) are names too
         speaker = str(speaker) if isinstance(speaker, int) and not isinstance(speaker, bool) else speaker or folder.name
-        row = {"id": s.get("id") or audio_path.stem, "audio": audio_path, "text": text, "speaker": speaker,
-               "language": s.get("language") or language}
+        row = {
+            "id": s.get("id") or audio_path.stem,
+            "audio": audio_path,
+            "text": text,
+            "speaker": speaker,
+            "language": s.get("language") or language,
+        }
         for key in ("scene", "ref_audio", "ref_text"):
             if s.get(key) is not None:
                 row[key] = Path(os.path.normpath(folder / s[key])) if key == "ref_audio" else s[key]
@@ -410,7 +533,10 @@ def _from_pairs(folder: Path, language: str | None, problems: list[str]) -> list
     stems = {p.with_suffix("") for p in audio}
     for t in files:
         if t.suffix.lower() == ".txt" and t.with_suffix("") not in stems:
-            problems.append(f"{t}: transcript without an audio file. Fix: add {t.stem}.wav next to it, or move the .txt out of {folder}.")
+            problems.append(
+                f"{t}: transcript without an audio file. Fix: add {t.stem}.wav next to it, or move the .txt out of "
+                f"{folder}."
+            )
     counts: dict[str, int] = defaultdict(int)
     for p in audio:
         counts[p.stem] += 1
@@ -420,13 +546,20 @@ def _from_pairs(folder: Path, language: str | None, problems: list[str]) -> list
         if text is None:
             continue
         ident = p.stem if counts[p.stem] == 1 else f"{p.parent.name}_{p.stem}"
-        rows.append({"id": ident, "audio": p, "text": text, "speaker": p.parent.name, "language": language, "_where": str(p)})
+        rows.append(
+            {"id": ident, "audio": p, "text": text, "speaker": p.parent.name, "language": language, "_where": str(p)}
+        )
     if not audio:
-        problems.append(f"{folder}: no audio files ({', '.join(AUDIO_EXTENSIONS)}) and no metadata.json. Fix: point --from-folder at the dataset folder.")
+        problems.append(
+            f"{folder}: no audio files ({', '.join(AUDIO_EXTENSIONS)}) and no metadata.json. Fix: point "
+            "--from-folder at the dataset folder."
+        )
     return rows
 
 
-def convert_folder(folder: str | Path, *, manifest_out: str | Path | None = None, overwrite: bool = False, language: str | None = None) -> ConvertResult:
+def convert_folder(
+    folder: str | Path, *, manifest_out: str | Path | None = None, overwrite: bool = False, language: str | None = None
+) -> ConvertResult:
     """Write a manifest for `folder`; default location `<folder>/../<folder name>.jsonl`.
 
     With `metadata.json` in the folder its samples are used (audio_file/audio,
@@ -438,7 +571,9 @@ def convert_folder(folder: str | Path, *, manifest_out: str | Path | None = None
     """
     folder = Path(os.path.abspath(folder))
     if not folder.is_dir():
-        raise DataError(f"--from-folder {folder}: not a folder. Fix: give the folder holding the audio and transcripts.")
+        raise DataError(
+            f"--from-folder {folder}: not a folder. Fix: give the folder holding the audio and transcripts."
+        )
     out = Path(os.path.abspath(manifest_out)) if manifest_out else folder.parent / f"{folder.name}.jsonl"
     if out.exists() and not out.is_file():
         raise DataError(f"{out} is not a file. Fix: pass --manifest-out PATH.jsonl to write the manifest elsewhere.")
@@ -480,9 +615,9 @@ def convert_folder(folder: str | Path, *, manifest_out: str | Path | None = None
             return dataclasses.replace(result, unchanged=True)
         if not overwrite:
             raise DataError(
-                f"{out} already exists and differs from what {folder} converts to now. Fix: delete it (the code cache "
-                "stays incremental), pass --overwrite to replace it (with --model/--out this also rebuilds the cache from "
-                "scratch), or pass --manifest-out to write elsewhere."
+                f"{out} already exists and differs from what {folder} converts to now. Fix: delete it (the code "
+                "cache stays incremental), pass --overwrite to replace it (with --model/--out this also rebuilds "
+                "the cache from scratch), or pass --manifest-out to write elsewhere."
             )
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out, data)

@@ -1,6 +1,6 @@
 """From prepared code caches to training batches: the one builder `train` and `inspect` share.
 
-    caches -> TTSDataset (train / held-out) -> TokenBudgetBatchSampler (this rank's shard) -> Collator
+caches -> TTSDataset (train / held-out) -> TokenBudgetBatchSampler (this rank's shard) -> Collator
 """
 
 from __future__ import annotations
@@ -8,6 +8,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from higgs_tune.config import Config
+from higgs_tune.data.cache import CodeCache
+from higgs_tune.data.collate import Collator, TokenBudgetBatchSampler
+from higgs_tune.data.dataset import TTSDataset, split_ids
+from higgs_tune.data.layout import SpecialTokens
 
 
 @dataclass
@@ -30,11 +34,15 @@ class TrainData:
     def eval_batches(self):
         if self.eval_set is None:
             return
-        from higgs_tune.data.collate import TokenBudgetBatchSampler
-
-        sampler = TokenBudgetBatchSampler(self.eval_set.lengths, self.sampler.max_tokens, self.sampler.max_batch_size,
-                                          shuffle=False, seed=0, num_replicas=self.sampler.num_replicas,
-                                          rank=self.sampler.rank)
+        sampler = TokenBudgetBatchSampler(
+            self.eval_set.lengths,
+            self.sampler.max_tokens,
+            self.sampler.max_batch_size,
+            shuffle=False,
+            seed=0,
+            num_replicas=self.sampler.num_replicas,
+            rank=self.sampler.rank,
+        )
         sampler.set_epoch(0)
         for indices in sampler:
             yield self.collator([self.eval_set[i] for i in indices])
@@ -42,16 +50,17 @@ class TrainData:
 
 def build_train_data(cfg: Config, processor, *, num_replicas: int = 1, rank: int = 0) -> TrainData:
     """Caches -> datasets (train / held-out) -> sampler -> collator, exactly as training uses them."""
-    from higgs_tune.data.cache import CodeCache
-    from higgs_tune.data.collate import Collator, TokenBudgetBatchSampler
-    from higgs_tune.data.dataset import TTSDataset, split_ids
-    from higgs_tune.data.layout import SpecialTokens
-
     d, seed = cfg.data, cfg.train.seed
     tokens = SpecialTokens.from_tokenizer(processor.tokenizer, processor)
     train_cache = CodeCache.open(d.train_cache)
-    common = dict(task=d.task, clone_probability=d.clone_probability, system_prompt=d.system_prompt,
-                  use_scene=d.use_scene, seed=seed, max_sequence_length=d.max_sequence_length)
+    common = dict(
+        task=d.task,
+        clone_probability=d.clone_probability,
+        system_prompt=d.system_prompt,
+        use_scene=d.use_scene,
+        seed=seed,
+        max_sequence_length=d.max_sequence_length,
+    )
     train_ids, eval_ids = None, None
     if d.eval_fraction:
         train_ids, eval_ids = split_ids(train_cache.entries, d.eval_fraction, seed)
@@ -61,6 +70,30 @@ def build_train_data(cfg: Config, processor, *, num_replicas: int = 1, rank: int
         eval_set = TTSDataset(CodeCache.open(d.eval_cache), tokens, processor.tokenizer, **common)
     elif eval_ids:
         eval_set = TTSDataset(train_cache, tokens, processor.tokenizer, ids=eval_ids, **common)
-    sampler = TokenBudgetBatchSampler(train_set.lengths, d.max_tokens_per_batch, d.max_batch_size, shuffle=True,
-                                      seed=seed, bucket_size=d.bucket_size, num_replicas=num_replicas, rank=rank)
+    sampler = TokenBudgetBatchSampler(
+        train_set.lengths,
+        d.max_tokens_per_batch,
+        d.max_batch_size,
+        shuffle=True,
+        seed=seed,
+        bucket_size=d.bucket_size,
+        num_replicas=num_replicas,
+        rank=rank,
+    )
     return TrainData(train_set, eval_set, sampler, Collator(tokens), tokens)
+
+
+def first_batches(dataset, sampler, collator, n: int, epoch: int = 0) -> list[dict]:
+    """The first `n` collated batches of `epoch` (fewer if the epoch is shorter), for a look
+    before training (`train` checks them before the model loads, `higgs-tune inspect --batches`
+    counts them). The sampler is left at the start of `epoch`: nothing counts as consumed.
+    """
+    dataset.set_epoch(epoch)
+    sampler.set_epoch(epoch)
+    out = []
+    for indices in sampler:
+        if len(out) == n:
+            break
+        out.append(collator([dataset[i] for i in indices]))
+    sampler.set_epoch(epoch)  # iterating counted as consumption; start the epoch afresh
+    return out

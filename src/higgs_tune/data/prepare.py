@@ -40,9 +40,9 @@ import math
 import os
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -76,7 +76,7 @@ def load_audio_tokenizer(model: str | Path, device: str | torch.device = "cpu"):
 
     Local folders; anything else is tried as a Hub id of an audio tokenizer. Eval mode, float32.
     """
-    from transformers import HiggsAudioV2TokenizerModel
+    from transformers import HiggsAudioV2TokenizerModel  # lazy: `higgs-tune --help` imports this module
 
     path = Path(model)
     if (path / "audio_tokenizer" / "config.json").is_file():
@@ -85,7 +85,9 @@ def load_audio_tokenizer(model: str | Path, device: str | torch.device = "cpu"):
         try:
             model_type = json.loads((path / "config.json").read_text(encoding="utf-8")).get("model_type")
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ModelLoadError(f"{path / 'config.json'} is not valid JSON ({e}). Fix: restore the model folder.") from None
+            raise ModelLoadError(
+                f"{path / 'config.json'} is not valid JSON ({e}). Fix: restore the model folder."
+            ) from None
         if model_type != "higgs_audio_v2_tokenizer":
             raise ModelLoadError(
                 f"{path} has no audio_tokenizer/ folder and is not an audio tokenizer (model_type {model_type!r}). "
@@ -93,13 +95,19 @@ def load_audio_tokenizer(model: str | Path, device: str | torch.device = "cpu"):
             )
         source = path
     elif path.exists():
-        raise ModelLoadError(f"{path} has no config.json. Fix: pass a Higgs Audio v2 model folder (with audio_tokenizer/) or an audio tokenizer folder.")
+        raise ModelLoadError(
+            f"{path} has no config.json. Fix: pass a Higgs Audio v2 model folder (with audio_tokenizer/) or an "
+            "audio tokenizer folder."
+        )
     else:
         source = str(model)
     try:
         codec = HiggsAudioV2TokenizerModel.from_pretrained(source, dtype=torch.float32)
     except (OSError, ValueError) as e:
-        raise ModelLoadError(f"cannot load the audio tokenizer from {source}: {e}. Fix: pass a local model folder with audio_tokenizer/ (see `higgs-tune make-tiny`).") from None
+        raise ModelLoadError(
+            f"cannot load the audio tokenizer from {source}: {e}. Fix: pass a local model folder with "
+            "audio_tokenizer/ (see `higgs-tune make-tiny`)."
+        ) from None
     return codec.eval().to(device)
 
 
@@ -119,14 +127,16 @@ def codec_num_frames(config, num_samples: int) -> int:
         n = -(-n * (ssr // g) // (sr // g))  # ceil, in integers
     n += 2 * SEMANTIC_PAD
     sem = config.semantic_model_config
-    for kernel, stride in zip(sem.conv_kernel, sem.conv_stride):
+    for kernel, stride in zip(sem.conv_kernel, sem.conv_stride, strict=True):
         n = (n - kernel) // stride + 1
     return -(-n // config.semantic_downsample_factor)
 
 
 def acoustic_pads(codec, num_samples: int) -> bool:
     """True if the codec pads this length by half a hop before its acoustic encoder."""
-    return codec._get_conv1d_output_lengths(num_samples, codec.acoustic_encoder) != codec_num_frames(codec.config, num_samples)
+    return codec._get_conv1d_output_lengths(num_samples, codec.acoustic_encoder) != codec_num_frames(
+        codec.config, num_samples
+    )
 
 
 def codec_fingerprint(codec) -> str:
@@ -162,12 +172,16 @@ def encode_batch(codec, waves: list[np.ndarray]) -> list[np.ndarray]:
     expected = codec_num_frames(config, longest)
     if codes.shape[-1] != expected or codes.shape[1] != config.num_quantizers:
         raise ModelLoadError(
-            f"the audio tokenizer returned codes of shape {tuple(codes.shape)} for {longest} samples; higgs-tune expects "
-            f"({len(waves)}, {config.num_quantizers}, {expected}). This codec's length rule differs from HiggsAudioV2TokenizerModel's "
-            "in transformers 5.24. Fix: use that transformers version, or a Higgs Audio v2 audio tokenizer."
+            f"the audio tokenizer returned codes of shape {tuple(codes.shape)} for {longest} samples; higgs-tune "
+            f"expects ({len(waves)}, {config.num_quantizers}, {expected}). This codec's length rule differs from "
+            "HiggsAudioV2TokenizerModel's in transformers 5.24. Fix: use that transformers version, or a Higgs "
+            "Audio v2 audio tokenizer."
         )
     if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= config.codebook_size):
-        raise ModelLoadError(f"the audio tokenizer returned codes outside 0..{config.codebook_size - 1}. Fix: check the audio tokenizer's config (codebook_size).")
+        raise ModelLoadError(
+            f"the audio tokenizer returned codes outside 0..{config.codebook_size - 1}. Fix: check the audio "
+            "tokenizer's config (codebook_size)."
+        )
     return [codes[i, :, : codec_num_frames(config, len(w))].numpy().astype(np.int16) for i, w in enumerate(waves)]
 
 
@@ -231,7 +245,9 @@ class PrepareResult:
     def summary(self) -> str:
         parts = [f"{self.entries} clips in {self.cache_dir}", f"{self.encoded} encoded", f"{self.reused} reused"]
         if self.encoded:
-            parts.append(f"{self.clips_per_second:.1f} clips/s, {self.audio_seconds / self.encode_seconds:.1f}x real time")
+            parts.append(
+                f"{self.clips_per_second:.1f} clips/s, {self.audio_seconds / self.encode_seconds:.1f}x real time"
+            )
         if self.rejected:
             parts.append(f"{self.rejected} rejected -> {self.cache_dir / 'rejects.jsonl'}")
         return "prepared " + ", ".join(parts)
@@ -250,7 +266,10 @@ def _check_cache_dir(out_dir: Path, overwrite: bool) -> dict | None:
     foreign = sorted(p.name for p in out_dir.iterdir() if not own_file(p.name))
     if foreign:
         shown = ", ".join(foreign[:5]) + (" ..." if len(foreign) > 5 else "")
-        raise DataError(f"{out_dir} holds files that `higgs-tune prepare` did not write ({shown}). Fix: choose an empty or new folder for the code cache.")
+        raise DataError(
+            f"{out_dir} holds files that `higgs-tune prepare` did not write ({shown}). Fix: choose an empty or new "
+            "folder for the code cache."
+        )
     try:
         return read_index(out_dir)
     except DataError:
@@ -262,8 +281,14 @@ def _check_cache_dir(out_dir: Path, overwrite: bool) -> dict | None:
 def _command(manifest: Path, model: str | Path, out_dir: Path, opts: dict) -> str:
     """The CLI line that (re)builds this cache; error messages quote it."""
     flags = [f"higgs-tune prepare {manifest} --model {model} --out {out_dir}"]
-    flags += [f"--{k.replace('_', '-')}" for k in ("skip_invalid", "normalize_loudness", "allow_outside_root") if opts[k]]
-    flags += [f"--{k.replace('_', '-')} {opts[k]:g}" for k, d in (("min_seconds", DEFAULT_MIN_SECONDS), ("max_seconds", DEFAULT_MAX_SECONDS)) if opts[k] != d]
+    flags += [
+        f"--{k.replace('_', '-')}" for k in ("skip_invalid", "normalize_loudness", "allow_outside_root") if opts[k]
+    ]
+    flags += [
+        f"--{k.replace('_', '-')} {opts[k]:g}"
+        for k, d in (("min_seconds", DEFAULT_MIN_SECONDS), ("max_seconds", DEFAULT_MAX_SECONDS))
+        if opts[k] != d
+    ]
     return " ".join(flags)
 
 
@@ -299,7 +324,10 @@ def prepare_manifest(
     if shard_size < 1:
         raise DataError(f"shard_size must be >= 1, got {shard_size}. Fix: use e.g. {DEFAULT_SHARD_SIZE}.")
     if pad_tolerance_s < 0:
-        raise DataError(f"--pad-tolerance must be >= 0 seconds, got {pad_tolerance_s:g}. Fix: use 0 (exact) or e.g. {DEFAULT_PAD_TOLERANCE_S:g}.")
+        raise DataError(
+            f"--pad-tolerance must be >= 0 seconds, got {pad_tolerance_s:g}. Fix: use 0 (exact) or e.g. "
+            f"{DEFAULT_PAD_TOLERANCE_S:g}."
+        )
     # 1. the cache folder, before anything slow
     previous = _check_cache_dir(out_dir, overwrite)
 
@@ -318,25 +346,41 @@ def prepare_manifest(
         "codec_source": model_ref,
         "preprocessing": preprocessing_signature(sample_rate, normalize_loudness),
         "manifest": str(manifest),
-        "command": _command(manifest, model_ref, out_dir, dict(
-            skip_invalid=skip_invalid, normalize_loudness=normalize_loudness, allow_outside_root=allow_outside_root,
-            min_seconds=min_seconds, max_seconds=max_seconds)),
+        "command": _command(
+            manifest,
+            model_ref,
+            out_dir,
+            dict(
+                skip_invalid=skip_invalid,
+                normalize_loudness=normalize_loudness,
+                allow_outside_root=allow_outside_root,
+                min_seconds=min_seconds,
+                max_seconds=max_seconds,
+            ),
+        ),
         "created": now_iso(),
     }
     if previous is not None:
         old = previous["header"]
-        differs = [k for k in ("codec_fingerprint", "num_codebooks", "codebook_size", "sample_rate") if old.get(k) != header[k]]
+        differs = [
+            k for k in ("codec_fingerprint", "num_codebooks", "codebook_size", "sample_rate") if old.get(k) != header[k]
+        ]
         if differs and not overwrite:
             what = ", ".join(f"{k} {old.get(k)!r} vs {header[k]!r}" for k in differs)
             raise DataError(
-                f"{out_dir} holds codes of another audio tokenizer ({what}; made from {old.get('codec_source')!r}). "
-                f"Its codes cannot be mixed with those of {model_dir}. Fix: pass --overwrite to rebuild it, or choose another --out."
+                f"{out_dir} holds codes of another audio tokenizer ({what}; made from "
+                f"{old.get('codec_source')!r}). Its codes cannot be mixed with those of {model_dir}. Fix: pass "
+                "--overwrite to rebuild it, or choose another --out."
             )
 
     # 3. validation: all problems at once, nothing written in strict mode
     validation = validate_manifest(
-        manifest, target_rate=sample_rate, min_seconds=min_seconds, max_seconds=max_seconds,
-        allow_outside_root=allow_outside_root, progress=progress,
+        manifest,
+        target_rate=sample_rate,
+        min_seconds=min_seconds,
+        max_seconds=max_seconds,
+        allow_outside_root=allow_outside_root,
+        progress=progress,
     )
     validation.raise_if_invalid(cache_dir=out_dir, skip_invalid=skip_invalid)
     rows = validation.rows
@@ -344,6 +388,7 @@ def prepare_manifest(
 
     # A clip's key: its decoded content + how it is turned into codec input.
     signature = json.dumps(header["preprocessing"], sort_keys=True)
+
     def key_of(path: Path) -> str:
         return hashlib.sha256(f"{infos[path].sha256}|{signature}".encode()).hexdigest()[:32]
 
@@ -366,8 +411,11 @@ def prepare_manifest(
     todo = [(k, p) for k, p in needed.items() if k not in writer.known_keys]
     lengths = [infos[p].codec_samples for _, p in todo]
     batches = plan_batches(
-        lengths, lambda n: (codec_num_frames(config, n), acoustic_pads(codec, n)),
-        sample_rate=sample_rate, batch_seconds=batch_seconds, pad_tolerance_s=pad_tolerance_s,
+        lengths,
+        lambda n: (codec_num_frames(config, n), acoustic_pads(codec, n)),
+        sample_rate=sample_rate,
+        batch_seconds=batch_seconds,
+        pad_tolerance_s=pad_tolerance_s,
     )
     shards_written: list[str] = []
     pending: dict[str, np.ndarray] = {}
@@ -380,12 +428,18 @@ def prepare_manifest(
                 try:
                     samples, sr = read_audio(path)
                 except AudioReadError as e:  # the file changed or vanished since validation
-                    raise DataError(f"{path} could not be read again after validation ({e}). Fix: do not modify the dataset while prepare runs; run it again.") from e
+                    raise DataError(
+                        f"{path} could not be read again after validation ({e}). Fix: do not modify the dataset "
+                        "while prepare runs; run it again."
+                    ) from e
                 wave = to_codec_input(samples, sr, sample_rate, loudness=normalize_loudness)
                 if len(wave) != lengths[i]:
-                    raise DataError(f"{path} changed while prepare was running ({len(wave)} samples, validated {lengths[i]}). Fix: run prepare again.")
+                    raise DataError(
+                        f"{path} changed while prepare was running ({len(wave)} samples, validated {lengths[i]}). "
+                        "Fix: run prepare again."
+                    )
                 waves.append(wave)
-            for i, codes in zip(batch, encode_batch(codec, waves)):
+            for i, codes in zip(batch, encode_batch(codec, waves), strict=True):
                 pending[todo[i][0]] = codes
             bar.update(len(batch))
             if len(pending) >= shard_size:
@@ -399,22 +453,24 @@ def prepare_manifest(
     for row in rows:
         info = infos[row.audio_path]
         key = key_of(row.audio_path)
-        entries.append({
-            "id": row.id,
-            "key": key,
-            "speaker": row.speaker,
-            "text": row.text,
-            "language": row.language,
-            "scene": row.scene,
-            "ref_key": key_of(row.ref_audio_path) if row.ref_audio_path is not None else None,
-            "ref_text": row.ref_text,
-            "duration_s": round(info.duration_s, 6),
-            "num_frames": writer.num_frames(key),
-            "audio": row.audio,
-            "sha256": info.sha256,
-            "ref_audio": row.ref_audio,
-            "row": row.row,
-        })
+        entries.append(
+            {
+                "id": row.id,
+                "key": key,
+                "speaker": row.speaker,
+                "text": row.text,
+                "language": row.language,
+                "scene": row.scene,
+                "ref_key": key_of(row.ref_audio_path) if row.ref_audio_path is not None else None,
+                "ref_text": row.ref_text,
+                "duration_s": round(info.duration_s, 6),
+                "num_frames": writer.num_frames(key),
+                "audio": row.audio,
+                "sha256": info.sha256,
+                "ref_audio": row.ref_audio,
+                "row": row.row,
+            }
+        )
     removed = writer.finish(entries, validation.rejects)
     return PrepareResult(
         cache_dir=out_dir,

@@ -34,36 +34,61 @@ import io
 import json
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
+from transformers import AutoFeatureExtractor, AutoModelForAudioXVector, AutoModelForSpeechSeq2Seq, AutoProcessor
 
+from higgs_tune.data.audio import to_codec_input
+from higgs_tune.data.manifest import validate_manifest
 from higgs_tune.errors import DataError, ModelLoadError
 from higgs_tune.infer import metrics as M
 from higgs_tune.infer.generate import (
     GenerationRequest,
-    InferenceStack,
     SamplingOptions,
     encode_reference,
     generate_speech,
     load_codec_audio,
     write_wav,
 )
+from higgs_tune.infer.loading import InferenceStack
+from higgs_tune.runfs import (
+    EVAL_DIR,
+    METRICS_FILE,
+    RESULTS_CSV,
+    RESULTS_JSON,
+    WAVS_DIR,
+    atomic_write_bytes,
+)
 
 DEFAULT_ASR_MODEL = "openai/whisper-large-v3"
 DEFAULT_SPEAKER_MODEL = "microsoft/wavlm-base-plus-sv"
-RESULTS_JSON = "results.json"
-RESULTS_CSV = "results.csv"
-WAVS_DIR = "wavs"
 FORMAT = "higgs-tune-eval"
 FORMAT_VERSION = 1
 CSV_COLUMNS = (
-    "id", "speaker", "language", "reference_id", "text", "transcript", "wer", "cer",
-    "word_errors", "ref_words", "char_errors", "ref_chars", "speaker_similarity", "speaker_similarity_gt",
-    "duration_s", "gt_duration_s", "duration_ratio", "stopped", "num_frames", "wav",
+    "id",
+    "speaker",
+    "language",
+    "reference_id",
+    "text",
+    "transcript",
+    "wer",
+    "cer",
+    "word_errors",
+    "ref_words",
+    "char_errors",
+    "ref_chars",
+    "speaker_similarity",
+    "speaker_similarity_gt",
+    "duration_s",
+    "gt_duration_s",
+    "duration_ratio",
+    "stopped",
+    "num_frames",
+    "wav",
 )
 # Whisper's encoder sees 30 s windows; longer outputs are transcribed with its long-form mode.
 WHISPER_WINDOW_S = 30.0
@@ -71,8 +96,6 @@ WHISPER_WINDOW_S = 30.0
 
 def _resample(wav: np.ndarray, rate: int, target: int) -> np.ndarray:
     """(N,) float32 at `rate` -> at `target`, with the toolkit's resampler (data.audio)."""
-    from higgs_tune.data.audio import to_codec_input
-
     return to_codec_input(np.asarray(wav, dtype=np.float32)[:, None], rate, target)
 
 
@@ -80,7 +103,7 @@ def _load_error(kind: str, name: str, option: str, e: Exception) -> ModelLoadErr
     return ModelLoadError(
         f"cannot load the {kind} model {name!r} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). "
         f"Fix: pass {option} with a local folder or a Hub id you can download (offline tests use "
-        "`higgs_tune.infer.tiny_eval_models.make_tiny_eval_models`)."
+        "`higgs_tune.tiny.eval_models.make_tiny_eval_models`)."
     )
 
 
@@ -98,9 +121,7 @@ class AsrModel:
         self.languages = set((getattr(model.generation_config, "lang_to_id", None) or {}).keys())
 
     @classmethod
-    def load(cls, name: str | Path, device: str | torch.device = "cpu") -> "AsrModel":
-        from transformers import AutoModelForSpeechSeq2Seq, AutoProcessor
-
+    def load(cls, name: str | Path, device: str | torch.device = "cpu") -> AsrModel:
         try:
             processor = AutoProcessor.from_pretrained(str(name))
             model = AutoModelForSpeechSeq2Seq.from_pretrained(str(name)).eval().to(device)
@@ -116,8 +137,8 @@ class AsrModel:
         code = language.lower().replace("_", "-").split("-")[0]
         if f"<|{code}|>" not in self.languages:
             raise ModelLoadError(
-                f"the ASR model {self.name} has no language token for {language!r} (<|{code}|>). "
-                "Fix: use a multilingual Whisper model (--asr-model), or correct the manifest's language codes (ISO 639-1)."
+                f"the ASR model {self.name} has no language token for {language!r} (<|{code}|>). Fix: use a "
+                "multilingual Whisper model (--asr-model), or correct the manifest's language codes (ISO 639-1)."
             )
         return code
 
@@ -143,7 +164,11 @@ class AsrModel:
             features = self.processor(
                 chunk, sampling_rate=self.sample_rate, return_tensors="pt", return_attention_mask=True, **kwargs
             )
-            inputs = {k: v.to(device) for k, v in features.items() if k in ("input_features", "attention_mask", "input_values")}
+            inputs = {
+                k: v.to(device)
+                for k, v in features.items()
+                if k in ("input_features", "attention_mask", "input_values")
+            }
             if "input_features" in inputs:
                 inputs["input_features"] = inputs["input_features"].to(self.model.dtype)
             gen_kwargs = {}
@@ -168,9 +193,7 @@ class SpeakerModel:
         self.sample_rate = int(feature_extractor.sampling_rate)
 
     @classmethod
-    def load(cls, name: str | Path, device: str | torch.device = "cpu") -> "SpeakerModel":
-        from transformers import AutoFeatureExtractor, AutoModelForAudioXVector
-
+    def load(cls, name: str | Path, device: str | torch.device = "cpu") -> SpeakerModel:
         try:
             fe = AutoFeatureExtractor.from_pretrained(str(name))
             model = AutoModelForAudioXVector.from_pretrained(str(name)).eval().to(device)
@@ -184,10 +207,10 @@ class SpeakerModel:
         the x-vector TDNN's context (~0.3 s for WavLM) must fit, with two output frames left for
         the statistics pooling's standard deviation. Shorter clips have no embedding."""
         cfg = self.model.config
-        context = sum((k - 1) * d for k, d in zip(cfg.tdnn_kernel, cfg.tdnn_dilation))
+        context = sum((k - 1) * d for k, d in zip(cfg.tdnn_kernel, cfg.tdnn_dilation, strict=True))
 
         def frames(n: int) -> int:
-            for k, stride in zip(cfg.conv_kernel, cfg.conv_stride):
+            for k, stride in zip(cfg.conv_kernel, cfg.conv_stride, strict=True):
                 n = (n - k) // stride + 1
             return n
 
@@ -209,7 +232,9 @@ class SpeakerModel:
             if len(w) < shortest:
                 out.append(None)
                 continue
-            x = self.feature_extractor(np.asarray(w, dtype=np.float32), sampling_rate=self.sample_rate, return_tensors="pt")
+            x = self.feature_extractor(
+                np.asarray(w, dtype=np.float32), sampling_rate=self.sample_rate, return_tensors="pt"
+            )
             x = {k: v.to(self.model.device) for k, v in x.items()}
             out.append(self.model(**x).embeddings[0].float().cpu().numpy())
         return out
@@ -242,7 +267,8 @@ def plan_items(rows, infos, pool_rows, pool_infos) -> list[EvalItem]:
             ref_id, ref_path, ref_text = Path(row.ref_audio).stem, row.ref_audio_path, row.ref_text
         else:
             candidates = [
-                c for c in by_speaker.get(row.speaker, [])
+                c
+                for c in by_speaker.get(row.speaker, [])
                 if c.audio_path != row.audio_path and pool_infos[c.audio_path].sha256 != gt.sha256
             ]
             if candidates:
@@ -251,7 +277,20 @@ def plan_items(rows, infos, pool_rows, pool_infos) -> list[EvalItem]:
                 ref_id, ref_path, ref_text = chosen.id, chosen.audio_path, chosen.text
             else:
                 ref_id = ref_path = ref_text = None
-        items.append(EvalItem(row.id, row.text, row.speaker, row.language, row.audio_path, gt.duration_s, row.scene, ref_id, ref_path, ref_text))
+        items.append(
+            EvalItem(
+                row.id,
+                row.text,
+                row.speaker,
+                row.language,
+                row.audio_path,
+                gt.duration_s,
+                row.scene,
+                ref_id,
+                ref_path,
+                ref_text,
+            )
+        )
     return items
 
 
@@ -259,10 +298,9 @@ def default_eval_dir(adapter: str | Path | None) -> Path | None:
     """RUN_DIR/eval when the adapter is a run's checkpoint folder (RUN_DIR has metrics.jsonl)."""
     if adapter is None:
         return None
-    from higgs_tune.train.logging import METRICS_FILE
 
     run_dir = Path(adapter).resolve().parent
-    return run_dir / "eval" if (run_dir / METRICS_FILE).is_file() else None
+    return run_dir / EVAL_DIR if (run_dir / METRICS_FILE).is_file() else None
 
 
 # ----------------------------------------------------------------------------- the evaluation
@@ -300,8 +338,6 @@ def evaluate_manifest(
     limit: int | None = None,
 ) -> dict:
     """Generate every clip of `manifest`, score it, write results.json / results.csv / wavs; return the results dict."""
-    from higgs_tune.data.manifest import validate_manifest
-
     options = (options or SamplingOptions()).validate()
     out = Path(out_dir)
     rate = stack.sample_rate
@@ -333,16 +369,22 @@ def evaluate_manifest(
         )
     results = generate_speech(stack.model, stack.processor, stack.tokens, requests, options)
     gen_seconds = time.monotonic() - t0
-    wav_paths = [write_wav(out / WAVS_DIR / f"{item.id}.wav", res.wav, rate) for item, res in zip(items, results)]
+    wav_paths = [
+        write_wav(out / WAVS_DIR / f"{item.id}.wav", res.wav, rate) for item, res in zip(items, results, strict=True)
+    ]
 
     # ASR, one language at a time (Whisper is told the language: no detection errors).
     transcripts: dict[str, str] = {}
     for language in dict.fromkeys(i.language for i in items):
-        group = [(i, r) for i, r in zip(items, results) if i.language == language]
+        group = [(i, r) for i, r in zip(items, results, strict=True) if i.language == language]
         audible = [(i, r) for i, r in group if len(r.wav)]
-        texts = asr.transcribe([_resample(r.wav, rate, asr.sample_rate) for _, r in audible], language,
-                               batch_size=asr_batch_size, max_new_tokens=asr_max_new_tokens)
-        transcripts.update({i.id: t for (i, _), t in zip(audible, texts)})
+        texts = asr.transcribe(
+            [_resample(r.wav, rate, asr.sample_rate) for _, r in audible],
+            language,
+            batch_size=asr_batch_size,
+            max_new_tokens=asr_max_new_tokens,
+        )
+        transcripts.update({i.id: t for (i, _), t in zip(audible, texts, strict=True)})
         transcripts.update({i.id: "" for i, r in group if not len(r.wav)})
 
     # Speaker embeddings of outputs, references and ground truths (each file once).
@@ -354,7 +396,7 @@ def evaluate_manifest(
         return file_embeddings[path]
 
     clips, word_counts, char_counts = [], [], []
-    for item, res, wav_path in zip(items, results, wav_paths):
+    for item, res, wav_path in zip(items, results, wav_paths, strict=True):
         words = M.word_edits(item.text, transcripts[item.id], item.language)
         chars = M.char_edits(item.text, transcripts[item.id], item.language)
         word_counts.append(words)
@@ -374,39 +416,43 @@ def evaluate_manifest(
             sim = M.cosine_similarity(emb, ref_emb) if ref_emb is not None else None
         if item.ref_path is None:
             notes.append("no other clip of this speaker: generated without a voice prompt (plain TTS)")
-        clips.append({
-            "id": item.id,
-            "speaker": item.speaker,
-            "language": item.language,
-            "reference_id": item.ref_id,
-            "text": item.text,
-            "transcript": transcripts[item.id],
-            "normalized_text": M.normalize_text(item.text, item.language),
-            "normalized_transcript": M.normalize_text(transcripts[item.id], item.language),
-            "wer": _finite(words.rate()),
-            "cer": _finite(chars.rate()),
-            "word_errors": words.errors,
-            "ref_words": words.ref_length,
-            "substitutions": words.substitutions,
-            "deletions": words.deletions,
-            "insertions": words.insertions,
-            "char_errors": chars.errors,
-            "ref_chars": chars.ref_length,
-            "speaker_similarity": sim,
-            "speaker_similarity_gt": sim_gt,
-            "duration_s": res.duration_s,
-            "gt_duration_s": item.gt_duration_s,
-            "duration_ratio": M.duration_ratio(res.duration_s, item.gt_duration_s),
-            "stopped": res.stopped,
-            "num_frames": res.num_frames,
-            "wav": str(wav_path.relative_to(out)),
-            "notes": notes,
-        })
+        clips.append(
+            {
+                "id": item.id,
+                "speaker": item.speaker,
+                "language": item.language,
+                "reference_id": item.ref_id,
+                "text": item.text,
+                "transcript": transcripts[item.id],
+                "normalized_text": M.normalize_text(item.text, item.language),
+                "normalized_transcript": M.normalize_text(transcripts[item.id], item.language),
+                "wer": _finite(words.rate()),
+                "cer": _finite(chars.rate()),
+                "word_errors": words.errors,
+                "ref_words": words.ref_length,
+                "substitutions": words.substitutions,
+                "deletions": words.deletions,
+                "insertions": words.insertions,
+                "char_errors": chars.errors,
+                "ref_chars": chars.ref_length,
+                "speaker_similarity": sim,
+                "speaker_similarity_gt": sim_gt,
+                "duration_s": res.duration_s,
+                "gt_duration_s": item.gt_duration_s,
+                "duration_ratio": M.duration_ratio(res.duration_s, item.gt_duration_s),
+                "stopped": res.stopped,
+                "num_frames": res.num_frames,
+                "wav": str(wav_path.relative_to(out)),
+                "notes": notes,
+            }
+        )
 
     per_language = {}
     for language in dict.fromkeys(c["language"] for c in clips):
         idx = [k for k, c in enumerate(clips) if c["language"] == language]
-        per_language[language] = _summary([clips[k] for k in idx], [word_counts[k] for k in idx], [char_counts[k] for k in idx])
+        per_language[language] = _summary(
+            [clips[k] for k in idx], [word_counts[k] for k in idx], [char_counts[k] for k in idx]
+        )
     results_doc = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -431,7 +477,6 @@ def evaluate_manifest(
 
 def write_results(out: Path, doc: dict) -> tuple[Path, Path]:
     """results.json (everything) and results.csv (one row per clip, CSV_COLUMNS), UTF-8."""
-    from higgs_tune.data.cache import atomic_write_bytes
 
     out.mkdir(parents=True, exist_ok=True)
     json_path, csv_path = out / RESULTS_JSON, out / RESULTS_CSV
@@ -455,7 +500,13 @@ def read_results(path: str | Path) -> dict:
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise DataError(f"{path} is not valid JSON ({e}). Fix: re-run `higgs-tune evaluate`.") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-        raise DataError(f"{path} is not a higgs-tune evaluation result (format {doc.get('format') if isinstance(doc, dict) else None!r}). Fix: re-run `higgs-tune evaluate`.")
+        raise DataError(
+            f"{path} is not a higgs-tune evaluation result (format "
+            f"{doc.get('format') if isinstance(doc, dict) else None!r}). Fix: re-run `higgs-tune evaluate`."
+        )
     if doc.get("format_version", 0) > FORMAT_VERSION:
-        raise DataError(f"{path} has format_version {doc['format_version']}; this higgs-tune reads up to {FORMAT_VERSION}. Fix: upgrade higgs-tune.")
+        raise DataError(
+            f"{path} has format_version {doc['format_version']}; this higgs-tune reads up to {FORMAT_VERSION}. "
+            "Fix: upgrade higgs-tune."
+        )
     return doc

@@ -31,13 +31,18 @@ The folder is written under a temporary name and renamed when complete.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from peft import PeftModel
+
 from higgs_tune.errors import ModelLoadError, OutputDirError
+from higgs_tune.infer.loading import adapter_base_from_checkpoint, adapter_needs_text_head, load_inference_stack
+from higgs_tune.model.audio_attention import has_audio_self_attention
+from higgs_tune.model.load import TEXT_HEAD_KEY, checkpoint_keys, resolve_audio_tokenizer, resolve_checkpoint
+from higgs_tune.runfs import fsync_tree, publish_dir, temp_path
 
 EXPORT_MARKER = "higgs_tune_export.json"
 AUDIO_TOKENIZER_DIR = "audio_tokenizer"
@@ -58,7 +63,9 @@ def _check_out_dir(out: Path, overwrite: bool) -> None:
         raise OutputDirError(f"{out} exists and is a file. Choose a folder path for the export.")
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
-            raise OutputDirError(f"{out} is not empty. Choose an empty or new folder, or pass --overwrite to replace it.")
+            raise OutputDirError(
+                f"{out} is not empty. Choose an empty or new folder, or pass --overwrite to replace it."
+            )
         if not (out / EXPORT_MARKER).is_file():
             raise OutputDirError(
                 f"{out} is not empty and was not written by `higgs-tune export` (no {EXPORT_MARKER}); "
@@ -80,12 +87,6 @@ def export_merged(
     `model` None: the base recorded in the checkpoint's config.yaml. `dtype`: the saved weights'
     dtype (merging runs in it; float32 is exact, bfloat16 halves the size).
     """
-    from peft import PeftModel
-
-    from higgs_tune.infer.generate import _adapter_needs_text_head, load_inference_stack
-    from higgs_tune.model.audio_attention import has_audio_self_attention
-    from higgs_tune.model.load import TEXT_HEAD_KEY, checkpoint_keys, resolve_audio_tokenizer, resolve_checkpoint
-
     out = Path(out_dir)
     _check_out_dir(out, overwrite)
     adapter = Path(adapter)
@@ -96,13 +97,13 @@ def export_merged(
     # complete checkpoint to fine-tune further (from_pretrained drops it unless asked).
     stack_base = model
     if stack_base is None:
-        from higgs_tune.infer.generate import _adapter_base_from_checkpoint
-
-        stack_base = _adapter_base_from_checkpoint(adapter) if adapter.is_dir() else None
+        stack_base = adapter_base_from_checkpoint(adapter) if adapter.is_dir() else None
     text_head = None
     if stack_base is not None:
         base_folder = resolve_checkpoint(stack_base)
-        text_head = TEXT_HEAD_KEY in checkpoint_keys(base_folder) or (adapter.is_dir() and _adapter_needs_text_head(adapter))
+        text_head = TEXT_HEAD_KEY in checkpoint_keys(base_folder) or (
+            adapter.is_dir() and adapter_needs_text_head(adapter)
+        )
     stack = load_inference_stack(
         stack_base, adapter, device="cpu", dtype=dtype, audio_tokenizer=audio_tokenizer, use_text_head=text_head
     )
@@ -121,7 +122,7 @@ def export_merged(
     codec_source = Path(resolve_audio_tokenizer(base_folder, audio_tokenizer))
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".tmp-{out.name}-{os.getpid()}"
+    tmp = temp_path(out)
     if tmp.exists():
         shutil.rmtree(tmp)
     try:
@@ -146,14 +147,16 @@ def export_merged(
         if audio_attn:
             notes.append(
                 "this model has higgs-tune's audio self-attention blocks: plain transformers ignores their weights "
-                "(a different model). Load it with higgs-tune (model.audio_self_attention: true, or `higgs-tune generate --model OUT`)."
+                "(a different model). Load it with higgs-tune (model.audio_self_attention: true, or `higgs-tune "
+                "generate --model OUT`)."
             )
         # transformers resolves audio_tokenizer_name_or_path as written (no relative paths), so
         # plain from_pretrained finds the codec only while the export stays where it was written.
         notes.append(
-            f"processor_config.json points at the audio tokenizer by absolute path ({(out / AUDIO_TOKENIZER_DIR).resolve()}): "
-            "if you move or upload the export, set audio_tokenizer_name_or_path there to its new place (or a Hub id) "
-            "for plain transformers; higgs-tune finds OUT/audio_tokenizer by itself."
+            "processor_config.json points at the audio tokenizer by absolute path "
+            f"({(out / AUDIO_TOKENIZER_DIR).resolve()}): if you move or upload the export, set "
+            "audio_tokenizer_name_or_path there to its new place (or a Hub id) for plain transformers; higgs-tune "
+            "finds OUT/audio_tokenizer by itself."
         )
         marker = {
             "format": "higgs-tune-export",
@@ -167,9 +170,8 @@ def export_merged(
             "notes": notes,
         }
         (tmp / EXPORT_MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        fsync_tree(tmp)
+        publish_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -1,8 +1,8 @@
 """Evaluation metrics on plain Python values: text normalisation, WER/CER, cosine, durations.
 
-Nothing here loads a model. WER and CER are computed with our own Levenshtein alignment
-(no `jiwer`), which also counts substitutions, deletions and insertions separately, so a
-report can say *how* a transcript differs, not only by how much.
+Nothing here loads a model. WER and CER come from `jiwer`'s alignment of the normalised
+texts (our normaliser, below; jiwer only aligns), which counts substitutions, deletions and
+insertions separately, so a report can say *how* a transcript differs, not only by how much.
 
 Normalisation follows the usual ASR-evaluation practice:
 - English (and any language without its own rules): Unicode NFKC, lower case, punctuation
@@ -18,8 +18,10 @@ from __future__ import annotations
 import math
 import re
 import unicodedata
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
+
+import jiwer
 
 # Harakat, tanwin, shadda, sukun, maddah/hamza marks above/below (U+064B..U+065F),
 # superscript alef (U+0670) and the Quranic annotation signs (U+06D6..U+06ED).
@@ -77,8 +79,10 @@ def normalize_text(text: str, language: str | None) -> str:
 
 @dataclass(frozen=True)
 class EditCounts:
-    """Alignment of a hypothesis against a reference (minimum edits, ties broken toward
-    substitutions, then deletions): errors = substitutions + deletions + insertions."""
+    """Alignment of a hypothesis against a reference with the minimum number of edits:
+    errors = substitutions + deletions + insertions. Where several alignments have that
+    minimum, the split between the three kinds is jiwer's (rapidfuzz opcodes) choice; the total
+    is the same for all of them."""
 
     hits: int
     substitutions: int
@@ -93,7 +97,7 @@ class EditCounts:
     def ref_length(self) -> int:
         return self.hits + self.substitutions + self.deletions
 
-    def __add__(self, other: "EditCounts") -> "EditCounts":
+    def __add__(self, other: EditCounts) -> EditCounts:
         return EditCounts(
             self.hits + other.hits,
             self.substitutions + other.substitutions,
@@ -109,37 +113,15 @@ class EditCounts:
         return self.errors / self.ref_length
 
 
+def _as_token_lists(sentences: list) -> list[list[str]]:
+    """jiwer transform: our sequences are tokenised already (words, or characters); keep them."""
+    return [[str(t) for t in tokens] for tokens in sentences]
+
+
 def align(ref: Sequence, hyp: Sequence) -> EditCounts:
-    """Levenshtein alignment of two token sequences with unit costs; O(len(ref) * len(hyp))."""
-    n, m = len(ref), len(hyp)
-    # cost[i][j]: edits to turn ref[:i] into hyp[:j]
-    cost = [[0] * (m + 1) for _ in range(n + 1)]
-    for i in range(1, n + 1):
-        cost[i][0] = i
-    for j in range(1, m + 1):
-        cost[0][j] = j
-    for i in range(1, n + 1):
-        ri, row, prev = ref[i - 1], cost[i], cost[i - 1]
-        for j in range(1, m + 1):
-            sub = prev[j - 1] + (ri != hyp[j - 1])
-            row[j] = min(sub, prev[j] + 1, row[j - 1] + 1)
-    # Walk back to count each kind of edit.
-    hits = subs = dels = ins = 0
-    i, j = n, m
-    while i > 0 or j > 0:
-        if i > 0 and j > 0 and cost[i][j] == cost[i - 1][j - 1] + (ref[i - 1] != hyp[j - 1]):
-            if ref[i - 1] == hyp[j - 1]:
-                hits += 1
-            else:
-                subs += 1
-            i, j = i - 1, j - 1
-        elif i > 0 and cost[i][j] == cost[i - 1][j] + 1:
-            dels += 1
-            i -= 1
-        else:
-            ins += 1
-            j -= 1
-    return EditCounts(hits, subs, dels, ins)
+    """Levenshtein alignment of two token sequences with unit costs (`jiwer.process_words`)."""
+    out = jiwer.process_words([ref], [hyp], reference_transform=_as_token_lists, hypothesis_transform=_as_token_lists)
+    return EditCounts(out.hits, out.substitutions, out.deletions, out.insertions)
 
 
 def word_edits(ref: str, hyp: str, language: str | None = None) -> EditCounts:
@@ -179,7 +161,7 @@ def cosine_similarity(a: Sequence[float], b: Sequence[float]) -> float:
     nb = math.sqrt(sum(x * x for x in b))
     if na == 0.0 or nb == 0.0:
         raise ValueError("cosine_similarity: a zero vector has no direction.")
-    return sum(x * y for x, y in zip(a, b)) / (na * nb)
+    return sum(x * y for x, y in zip(a, b, strict=True)) / (na * nb)
 
 
 def duration_ratio(output_s: float, reference_s: float) -> float:

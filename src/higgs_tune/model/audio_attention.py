@@ -48,7 +48,7 @@ AUDIO_ATTN_KEY_PARTS = (f".{AUDIO_ATTN}.", f".{AUDIO_ATTN_NORM}.")
 
 # Cache object -> {layer_idx: (keys (B, KVH, Nk, D), values (B, KVH, Nk, D), valid (B, Nk) bool)}.
 # Weak keys: the audio cache disappears with the transformers Cache of that generate call.
-_AUDIO_KV: "weakref.WeakKeyDictionary[object, dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]" = (
+_AUDIO_KV: weakref.WeakKeyDictionary[object, dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = (
     weakref.WeakKeyDictionary()
 )
 
@@ -287,17 +287,3 @@ def enable_audio_self_attention(model) -> int:
             f"{per_layer:,}",
         )
     return added
-
-
-def audio_attention_state_dict(model) -> dict[str, torch.Tensor]:
-    """The block's weights under the model's own key names (`model.layers.N.audio_attn...`)."""
-    inner = getattr(model, "model", model)
-    prefix = "model." if inner is not model else ""
-    out = {}
-    for idx, layer in enumerate(_decoder_layers(model)):
-        if not isinstance(layer, HiggsAudioV2DecoderLayerWithAudioAttention):
-            continue
-        for part in (AUDIO_ATTN, AUDIO_ATTN_NORM):
-            for name, tensor in getattr(layer, part).state_dict().items():
-                out[f"{prefix}layers.{idx}.{part}.{name}"] = tensor
-    return out

@@ -30,18 +30,27 @@ import shutil
 from pathlib import Path
 
 import torch
+from transformers import (
+    GenerationConfig,
+    HiggsAudioV2Config,
+    HiggsAudioV2ForConditionalGeneration,
+    HiggsAudioV2TokenizerModel,
+)
 
 from higgs_tune.errors import ModelLoadError
+from higgs_tune.model.audio_attention import AUDIO_ATTN_KEY_PARTS, enable_audio_self_attention
 from higgs_tune.model.load import (
     MODEL_TYPE,
     ORIGINAL_MODEL_TYPE,
     checkpoint_keys,
     is_original_layout,
+    load_processor,
     load_text_tokenizer,
     read_model_config,
     read_tensors,
     resolve_checkpoint,
 )
+from higgs_tune.resources import chat_template
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +89,10 @@ def merge_partially_frozen(state: dict[str, torch.Tensor]) -> dict[str, torch.Te
             base = key[: -len(f".{frozen}.weight")]
             partner = f"{base}.{trainable}.weight"
             if partner not in state:
-                raise ModelLoadError(f"original checkpoint has {key} but not {partner}: the split {frozen}/{trainable} weight is incomplete.")
+                raise ModelLoadError(
+                    f"original checkpoint has {key} but not {partner}: the split {frozen}/{trainable} weight is "
+                    "incomplete."
+                )
             out[f"{base}.weight"] = torch.cat([out.pop(key), out.pop(partner)], dim=0)
     return out
 
@@ -119,24 +131,39 @@ def convert_config(original: dict, tokenizer) -> dict:
     if adapter not in ("dual_ffn", "dual_ffn_fast_forward"):
         problems.append(f"audio_adapter_type {adapter!r} (the port implements DualFFN only)")
     elif sorted(original.get("audio_dual_ffn_layers") or []) != list(range(n_layers or 0)):
-        problems.append(f"audio_dual_ffn_layers {original.get('audio_dual_ffn_layers')} (the port has DualFFN in all {n_layers} layers)")
+        problems.append(
+            f"audio_dual_ffn_layers {original.get('audio_dual_ffn_layers')} (the port has DualFFN in all "
+            f"{n_layers} layers)"
+        )
     for flag in ("use_audio_out_embed_projector", "audio_embed_avg", "use_rq_transformer"):
         if original.get(flag):
             problems.append(f"{flag}: true")
     if original.get("audio_decoder_proj_num_layers", 0):
-        problems.append(f"audio_decoder_proj_num_layers {original['audio_decoder_proj_num_layers']} (the port's heads are plain linears)")
+        problems.append(
+            f"audio_decoder_proj_num_layers {original['audio_decoder_proj_num_layers']} (the port's heads are "
+            "plain linears)"
+        )
     if not original.get("use_delay_pattern", False):
         problems.append("use_delay_pattern: false (transformers' generation always applies the delay pattern)")
-    missing_text = [f for f in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads") if f not in text]
+    missing_text = [
+        f for f in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads") if f not in text
+    ]
     if missing_text:
         problems.append(f"text_config lacks {', '.join(missing_text)}")
     if problems:
-        raise ModelLoadError("this original checkpoint uses features the transformers Higgs Audio v2 port cannot express: " + "; ".join(problems) + ".")
+        raise ModelLoadError(
+            "this original checkpoint uses features the transformers Higgs Audio v2 port cannot express: "
+            + "; ".join(problems)
+            + "."
+        )
 
     def token_id(token: str) -> int:
         tid = tokenizer.convert_tokens_to_ids(token)
         if tid is None or tid == tokenizer.unk_token_id:
-            raise ModelLoadError(f"the tokenizer has no {token} token; it is not a Higgs Audio tokenizer. Use the tokenizer of the original checkpoint.")
+            raise ModelLoadError(
+                f"the tokenizer has no {token} token; it is not a Higgs Audio tokenizer. Use the tokenizer of the "
+                "original checkpoint."
+            )
         return tid
 
     audio_size = original.get("audio_codebook_size", 1024)
@@ -159,9 +186,14 @@ def convert_config(original: dict, tokenizer) -> dict:
     )
     for field, token in (("audio_token_id", "<|AUDIO_OUT|>"), ("audio_bos_token_id", "<|audio_out_bos|>")):
         if kwargs[field] != token_id(token):
-            raise ModelLoadError(f"config {field} {kwargs[field]} but the tokenizer maps {token} to {token_id(token)}: tokenizer and checkpoint do not belong together.")
+            raise ModelLoadError(
+                f"config {field} {kwargs[field]} but the tokenizer maps {token} to {token_id(token)}: tokenizer "
+                "and checkpoint do not belong together."
+            )
     if kwargs["audio_stream_eos_id"] != audio_size + 1 or kwargs["audio_stream_bos_id"] != audio_size:
-        raise ModelLoadError(f"audio_stream_bos_id/eos_id must be {audio_size}/{audio_size + 1} for codebook size {audio_size}.")
+        raise ModelLoadError(
+            f"audio_stream_bos_id/eos_id must be {audio_size}/{audio_size + 1} for codebook size {audio_size}."
+        )
     return kwargs
 
 
@@ -170,19 +202,18 @@ def _source_dtype(tensors: dict[str, torch.Tensor]) -> torch.dtype:
     return max(set(floats), key=floats.count) if floats else torch.float32
 
 
-def convert_checkpoint(src: str | Path, dst: str | Path, audio_tokenizer: str | Path | None = None, overwrite: bool = False) -> dict:
+def convert_checkpoint(
+    src: str | Path, dst: str | Path, audio_tokenizer: str | Path | None = None, overwrite: bool = False
+) -> dict:
     """Convert SRC (original layout) into DST (transformers layout). Returns a summary dict."""
-    from transformers import GenerationConfig, HiggsAudioV2Config, HiggsAudioV2ForConditionalGeneration
-
-    from higgs_tune.model.audio_attention import AUDIO_ATTN_KEY_PARTS, enable_audio_self_attention
-    from higgs_tune.resources import chat_template
-
     source = resolve_checkpoint(src)
     original = read_model_config(source)
     keys = checkpoint_keys(source)
     if not is_original_layout(original, keys):
         if original.get("model_type") == MODEL_TYPE:
-            raise ModelLoadError(f"{source} is already in the transformers layout (model_type {MODEL_TYPE!r}); use it directly.")
+            raise ModelLoadError(
+                f"{source} is already in the transformers layout (model_type {MODEL_TYPE!r}); use it directly."
+            )
         raise ModelLoadError(
             f"{source} is not an original Higgs Audio checkpoint: model_type {original.get('model_type')!r} "
             f"(architectures {original.get('architectures')}); expected {ORIGINAL_MODEL_TYPE!r}."
@@ -211,7 +242,11 @@ def convert_checkpoint(src: str | Path, dst: str | Path, audio_tokenizer: str | 
             enable_audio_self_attention(model)
     expected = set(model.state_dict())
     missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
-    wrong_shape = [f"{k} {tuple(tensors[k].shape)} != {tuple(v.shape)}" for k, v in model.state_dict().items() if k in tensors and tensors[k].shape != v.shape]
+    wrong_shape = [
+        f"{k} {tuple(tensors[k].shape)} != {tuple(v.shape)}"
+        for k, v in model.state_dict().items()
+        if k in tensors and tensors[k].shape != v.shape
+    ]
     if missing or unexpected or wrong_shape:
         raise ModelLoadError(
             f"{source} does not convert cleanly: missing {missing[:6]}, unexpected {unexpected[:6]}, "
@@ -236,10 +271,6 @@ def convert_checkpoint(src: str | Path, dst: str | Path, audio_tokenizer: str | 
 
     codec_note = None
     if audio_tokenizer is not None:
-        from transformers import HiggsAudioV2TokenizerModel
-
-        from higgs_tune.model.load import load_processor
-
         codec_dir = resolve_checkpoint(audio_tokenizer)
         HiggsAudioV2TokenizerModel.from_pretrained(str(codec_dir)).save_pretrained(str(out / "audio_tokenizer"))
         processor = load_processor(out)  # checks codebooks and token ids against the new config

@@ -25,6 +25,18 @@ import logging
 from pathlib import Path
 
 import torch
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+from safetensors import safe_open
+from transformers import (
+    AutoTokenizer,
+    DacFeatureExtractor,
+    HiggsAudioV2ForConditionalGeneration,
+    HiggsAudioV2Processor,
+    HiggsAudioV2TokenizerConfig,
+    HiggsAudioV2TokenizerModel,
+)
+from transformers.utils import is_flash_attn_2_available, is_flash_attn_3_available
 
 from higgs_tune.config import ModelConfig
 from higgs_tune.errors import ModelLoadError
@@ -32,6 +44,7 @@ from higgs_tune.model.audio_attention import (
     AUDIO_ATTN_KEY_PARTS,
     enable_audio_self_attention,
 )
+from higgs_tune.resources import chat_template
 
 logger = logging.getLogger(__name__)
 
@@ -56,13 +69,15 @@ def resolve_checkpoint(name_or_path: str | Path) -> Path:
     if _looks_like_path(name):
         path = Path(name).expanduser()
         if not path.exists():
-            raise ModelLoadError(f"checkpoint folder {path} does not exist. Set model.name_or_path to a Higgs Audio v2 folder or Hub id.")
+            raise ModelLoadError(
+                f"checkpoint folder {path} does not exist. Set model.name_or_path to a Higgs Audio v2 folder or Hub id."
+            )
         if not path.is_dir():
-            raise ModelLoadError(f"{path} is a file, not a checkpoint folder. Set model.name_or_path to the folder that holds config.json.")
+            raise ModelLoadError(
+                f"{path} is a file, not a checkpoint folder. Set model.name_or_path to the folder that holds "
+                "config.json."
+            )
         return path
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-
     try:
         return Path(snapshot_download(repo_id=name, allow_patterns=_HUB_PATTERNS))
     except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as e:
@@ -83,14 +98,15 @@ def _read_json(path: Path) -> dict:
 def read_model_config(folder: Path) -> dict:
     path = folder / "config.json"
     if not path.is_file():
-        raise ModelLoadError(f"{folder} has no config.json: it is not a model checkpoint. Point model.name_or_path at a Higgs Audio v2 checkpoint folder.")
+        raise ModelLoadError(
+            f"{folder} has no config.json: it is not a model checkpoint. Point model.name_or_path at a Higgs Audio "
+            "v2 checkpoint folder."
+        )
     return _read_json(path)
 
 
 def checkpoint_keys(folder: Path) -> dict[str, Path]:
     """Tensor name -> safetensors file, from the shard index or the files themselves (headers only)."""
-    from safetensors import safe_open
-
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         weight_map = _read_json(index).get("weight_map", {})
@@ -110,8 +126,6 @@ def checkpoint_keys(folder: Path) -> dict[str, Path]:
 
 def read_tensors(keys: dict[str, Path], names) -> dict[str, torch.Tensor]:
     """Load the named tensors only, grouped per shard."""
-    from safetensors import safe_open
-
     by_file: dict[Path, list[str]] = {}
     for name in names:
         by_file.setdefault(keys[name], []).append(name)
@@ -161,8 +175,6 @@ def check_higgs_checkpoint(folder: Path) -> tuple[dict, dict[str, Path]]:
 # ----------------------------------------------------------------------------- tokenizers and processor
 def load_text_tokenizer(name_or_path: str | Path):
     """The text tokenizer (AutoTokenizer) of a checkpoint folder or Hub id."""
-    from transformers import AutoTokenizer
-
     folder = resolve_checkpoint(name_or_path)
     if not any((folder / f).is_file() for f in TOKENIZER_FILES):
         raise ModelLoadError(
@@ -172,7 +184,9 @@ def load_text_tokenizer(name_or_path: str | Path):
     try:
         return AutoTokenizer.from_pretrained(str(folder))
     except (OSError, ValueError) as e:
-        raise ModelLoadError(f"the text tokenizer in {folder} could not be loaded ({e}). Re-save it with tokenizer.save_pretrained.") from e
+        raise ModelLoadError(
+            f"the text tokenizer in {folder} could not be loaded ({e}). Re-save it with tokenizer.save_pretrained."
+        ) from e
 
 
 def _recorded_audio_tokenizer(folder: Path) -> str | None:
@@ -210,8 +224,6 @@ def resolve_audio_tokenizer(folder: Path, audio_tokenizer: str | Path | None = N
 
 
 def load_audio_tokenizer_config(folder: Path, audio_tokenizer: str | Path | None = None):
-    from transformers import HiggsAudioV2TokenizerConfig
-
     where = resolve_audio_tokenizer(folder, audio_tokenizer)
     source = resolve_checkpoint(where)
     config = read_model_config(source)
@@ -226,8 +238,6 @@ def load_audio_tokenizer_config(folder: Path, audio_tokenizer: str | Path | None
 
 def load_audio_tokenizer(name_or_path: str | Path, audio_tokenizer: str | Path | None = None, device=None):
     """The HiggsAudioV2TokenizerModel (codec) belonging to a checkpoint, in eval mode."""
-    from transformers import HiggsAudioV2TokenizerModel
-
     folder = resolve_checkpoint(name_or_path)
     _, source = load_audio_tokenizer_config(folder, audio_tokenizer)
     codec = HiggsAudioV2TokenizerModel.from_pretrained(str(source)).eval()
@@ -239,16 +249,22 @@ def check_codec_matches(model_config: dict, codec_config, model_where: Path, cod
     k, size = codec_config.num_quantizers, codec_config.codebook_size
     problems = []
     if model_config.get("num_codebooks") != k:
-        problems.append(f"num_codebooks {model_config.get('num_codebooks')} != the audio tokenizer's num_quantizers {k}")
+        problems.append(
+            f"num_codebooks {model_config.get('num_codebooks')} != the audio tokenizer's num_quantizers {k}"
+        )
     if model_config.get("codebook_size") != size + 2:
         problems.append(
             f"codebook_size {model_config.get('codebook_size')} != audio tokenizer codebook_size {size} + 2 "
             "(stream BOS and EOS rows)"
         )
-    if model_config.get("audio_stream_bos_id", size) != size or model_config.get("audio_stream_eos_id", size + 1) != size + 1:
+    if (
+        model_config.get("audio_stream_bos_id", size) != size
+        or model_config.get("audio_stream_eos_id", size + 1) != size + 1
+    ):
         problems.append(
-            f"audio_stream_bos_id/eos_id {model_config.get('audio_stream_bos_id')}/{model_config.get('audio_stream_eos_id')} "
-            f"!= {size}/{size + 1}"
+            "audio_stream_bos_id/eos_id "
+            f"{model_config.get('audio_stream_bos_id')}/{model_config.get('audio_stream_eos_id')} != "
+            f"{size}/{size + 1}"
         )
     if problems:
         raise ModelLoadError(
@@ -260,15 +276,19 @@ def check_codec_matches(model_config: dict, codec_config, model_where: Path, cod
 def _feature_extractor(folder: Path, sample_rate: int):
     """DacFeatureExtractor from processor_config.json / preprocessor_config.json, else the standard
     Higgs one (mono, hop 1, right padding) at the codec's sample rate."""
-    from transformers import DacFeatureExtractor
-
     fields = None
     if (folder / "processor_config.json").is_file():
         fields = _read_json(folder / "processor_config.json").get("feature_extractor")
     if fields is None and (folder / "preprocessor_config.json").is_file():
         fields = _read_json(folder / "preprocessor_config.json")
     if fields is None:
-        fields = {"feature_size": 1, "hop_length": 1, "padding_side": "right", "padding_value": 0.0, "return_attention_mask": True}
+        fields = {
+            "feature_size": 1,
+            "hop_length": 1,
+            "padding_side": "right",
+            "padding_value": 0.0,
+            "return_attention_mask": True,
+        }
     fields = {k: v for k, v in fields.items() if k not in ("feature_extractor_type", "processor_class")}
     fields.setdefault("sampling_rate", sample_rate)
     if fields["sampling_rate"] != sample_rate:
@@ -293,7 +313,11 @@ def _check_token_ids(model_config: dict, tokenizer, folder: Path) -> None:
             if got != model_config[field]:
                 wrong.append(f"{field}={model_config[field]} but the tokenizer maps {token} to {got}")
     if wrong:
-        raise ModelLoadError(f"tokenizer and model config of {folder} disagree: " + "; ".join(wrong) + ". Use the tokenizer saved with this model.")
+        raise ModelLoadError(
+            f"tokenizer and model config of {folder} disagree: "
+            + "; ".join(wrong)
+            + ". Use the tokenizer saved with this model."
+        )
 
 
 def load_processor(name_or_path: str | Path, audio_tokenizer: str | Path | None = None):
@@ -302,10 +326,6 @@ def load_processor(name_or_path: str | Path, audio_tokenizer: str | Path | None 
     Built here rather than with `HiggsAudioV2Processor.from_pretrained`, which follows the audio
     tokenizer path recorded at save time (an absolute path that breaks when a folder moves).
     """
-    from transformers import HiggsAudioV2Processor, HiggsAudioV2TokenizerModel
-
-    from higgs_tune.resources import chat_template
-
     folder = resolve_checkpoint(name_or_path)
     tokenizer = load_text_tokenizer(folder)
     codec_config, codec_source = load_audio_tokenizer_config(folder, audio_tokenizer)
@@ -330,26 +350,26 @@ def load_processor(name_or_path: str | Path, audio_tokenizer: str | Path | None 
 
 # ----------------------------------------------------------------------------- model
 def _check_attention_backend(name: str, dtype: torch.dtype) -> None:
-    from transformers.utils import is_flash_attn_2_available, is_flash_attn_3_available
-
     available = {"flash_attention_2": is_flash_attn_2_available, "flash_attention_3": is_flash_attn_3_available}
     if name in available:
         if not available[name]():
             package = "flash-attn" if name == "flash_attention_2" else "flash-attn 3 (flash_attn_interface)"
             raise ModelLoadError(
-                f"model.attn_implementation is {name} but {package} is not usable here (not installed, or no CUDA GPU). "
-                "Install it (pip install flash-attn --no-build-isolation) or set model.attn_implementation: sdpa."
+                f"model.attn_implementation is {name} but {package} is not usable here (not installed, or no CUDA "
+                "GPU). Install it (pip install flash-attn --no-build-isolation) or set model.attn_implementation: "
+                "sdpa."
             )
         if dtype == torch.float32:
-            raise ModelLoadError(f"{name} needs bfloat16 or float16 weights; model.dtype is float32. Set model.dtype: bfloat16 or use sdpa.")
+            raise ModelLoadError(
+                f"{name} needs bfloat16 or float16 weights; model.dtype is float32. Set model.dtype: bfloat16 or "
+                "use sdpa."
+            )
 
 
 def load_model(cfg: ModelConfig, device=None):
     """HiggsAudioV2ForConditionalGeneration as `cfg` says: dtype, attention backend, text head,
     audio self-attention (loaded from the checkpoint when present, else a no-op start) and
     gradient checkpointing (use_reentrant=False)."""
-    from transformers import HiggsAudioV2ForConditionalGeneration
-
     folder = resolve_checkpoint(cfg.name_or_path)
     config, keys = check_higgs_checkpoint(folder)
     dtype = DTYPES.get(cfg.dtype)
@@ -388,17 +408,26 @@ def load_model(cfg: ModelConfig, device=None):
             "\n%s\nmodel.use_text_head is true but %s has no %s: the text head is RANDOMLY initialised.\n"
             "The text loss starts at chance level (ln(vocab)) and the head must learn from scratch.\n"
             "Set model.use_text_head: false and loss.text_weight: 0 unless that is what you want.\n%s",
-            "!" * 78, folder, TEXT_HEAD_KEY, "!" * 78,
+            "!" * 78,
+            folder,
+            TEXT_HEAD_KEY,
+            "!" * 78,
         )
     if missing:
         names = sorted(missing)
         raise ModelLoadError(
-            f"{folder} lacks {len(names)} weight(s) of the model ({', '.join(names[:8])}{', ...' if len(names) > 8 else ''}): "
-            "they would be random. The checkpoint is incomplete or for a different configuration; re-download or re-save it."
+            f"{folder} lacks {len(names)} weight(s) of the model "
+            f"({', '.join(names[:8])}{', ...' if len(names) > 8 else ''}): they would be random. The checkpoint is "
+            "incomplete or for a different configuration; re-download or re-save it."
         )
     unexpected = sorted(k for k in info["unexpected_keys"] if not any(p in k for p in AUDIO_ATTN_KEY_PARTS))
     if unexpected:
-        logger.warning("%s has %d weight(s) the model does not use (ignored): %s", folder, len(unexpected), ", ".join(unexpected[:8]))
+        logger.warning(
+            "%s has %d weight(s) the model does not use (ignored): %s",
+            folder,
+            len(unexpected),
+            ", ".join(unexpected[:8]),
+        )
 
     if cfg.audio_self_attention:
         enable_audio_self_attention(model)
@@ -418,9 +447,10 @@ def _load_audio_attention(model, keys: dict[str, Path], audio_attn_keys: list[st
     if present != expected:
         missing, extra = sorted(expected - present), sorted(present - expected)
         raise ModelLoadError(
-            f"{folder} has audio self-attention weights that do not fit this model: "
-            f"missing {missing[:6]}{'...' if len(missing) > 6 else ''}, unexpected {extra[:6]}{'...' if len(extra) > 6 else ''}. "
-            "The checkpoint was saved from a model with a different layer count or block layout."
+            f"{folder} has audio self-attention weights that do not fit this model: missing "
+            f"{missing[:6]}{'...' if len(missing) > 6 else ''}, unexpected "
+            f"{extra[:6]}{'...' if len(extra) > 6 else ''}. The checkpoint was saved from a model with a different "
+            "layer count or block layout."
         )
     tensors = read_tensors(keys, audio_attn_keys)
     model.load_state_dict(tensors, strict=False)  # keys checked against the model's state dict above

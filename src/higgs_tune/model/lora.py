@@ -17,6 +17,7 @@ saved beside it in `extra_weights.safetensors` whenever they are not already in 
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from collections import OrderedDict
@@ -24,8 +25,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model, get_peft_model_state_dict
+from peft.tuners.lora import LoraLayer
+from peft.utils import ModulesToSaveWrapper
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
 
+from higgs_tune import config as cfg_names  # the pathway and module names
 from higgs_tune.config import FinetuneConfig
 from higgs_tune.errors import ModelLoadError
 from higgs_tune.model.audio_attention import (
@@ -35,26 +42,28 @@ from higgs_tune.model.audio_attention import (
     enable_audio_self_attention,
     has_audio_self_attention,
 )
+from higgs_tune.model.load import checkpoint_keys, read_tensors
 
 logger = logging.getLogger(__name__)
 
 _LAYER = r"model\.layers\.\d+\."
+# pathway -> the modules LoRA adapts; module -> what is trained in full (regex over module names)
 PATHWAYS: dict[str, str] = {
-    "text_attn": _LAYER + r"self_attn\.(q|k|v|o)_proj",
-    "text_mlp": _LAYER + r"mlp\.(gate|up|down)_proj",
-    "audio_mlp": _LAYER + r"audio_mlp\.(gate|up|down)_proj",
-    "audio_attn": _LAYER + AUDIO_ATTN + r"\.(q|k|v|o)_proj",
+    cfg_names.TEXT_ATTN: _LAYER + r"self_attn\.(q|k|v|o)_proj",
+    cfg_names.TEXT_MLP: _LAYER + r"mlp\.(gate|up|down)_proj",
+    cfg_names.AUDIO_MLP: _LAYER + r"audio_mlp\.(gate|up|down)_proj",
+    cfg_names.AUDIO_ATTN: _LAYER + AUDIO_ATTN + r"\.(q|k|v|o)_proj",
 }
 TRAIN_MODULES: dict[str, str] = {
-    "audio_lm_head": r"audio_lm_head",
-    "audio_embeddings": r"model\.embed_audio_tokens\.embed_audio_tokens",
-    "text_lm_head": r"text_lm_head",
-    "text_embeddings": r"model\.embed_tokens",
-    "audio_attn": _LAYER + f"({AUDIO_ATTN}|{AUDIO_ATTN_NORM})",
+    cfg_names.AUDIO_LM_HEAD: r"audio_lm_head",
+    cfg_names.AUDIO_EMBEDDINGS: r"model\.embed_audio_tokens\.embed_audio_tokens",
+    cfg_names.TEXT_LM_HEAD: r"text_lm_head",
+    cfg_names.TEXT_EMBEDDINGS: r"model\.embed_tokens",
+    cfg_names.AUDIO_ATTN: _LAYER + f"({AUDIO_ATTN}|{AUDIO_ATTN_NORM})",
 }
 EXTRA_WEIGHTS = "extra_weights.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
-REPORT_GROUPS = ("text_attn", "text_mlp", "audio_mlp", "audio_attn", "norms", "embeddings", "heads", "other")
+REPORT_GROUPS = (*cfg_names.PATHWAYS, "norms", "embeddings", "heads", "other")
 # PEFT name parts that are not part of the base model's own names
 _PEFT_PREFIX = "base_model.model."
 _PEFT_PARTS = re.compile(r"\.(base_layer|original_module|modules_to_save\.[^.]+|lora_[A-Za-z_]+\.[^.]+)(?=\.)")
@@ -62,8 +71,6 @@ _PEFT_PARTS = re.compile(r"\.(base_layer|original_module|modules_to_save\.[^.]+|
 
 def _base(model) -> nn.Module:
     """The transformers model inside a PeftModel (or the model itself)."""
-    from peft import PeftModel
-
     return model.get_base_model() if isinstance(model, PeftModel) else model
 
 
@@ -90,8 +97,10 @@ def resolve_targets(model, pathways) -> dict[str, list[str]]:
         pattern = re.compile(PATHWAYS[pathway])
         found = [n for n in names if pattern.fullmatch(n)]
         if not found:
-            hint = " Set model.audio_self_attention: true to add the block." if pathway == "audio_attn" else ""
-            raise ModelLoadError(f"LoRA pathway {pathway!r} (pattern {PATHWAYS[pathway]}) matches no module of this model.{hint}")
+            hint = " Set model.audio_self_attention: true to add the block." if pathway == cfg_names.AUDIO_ATTN else ""
+            raise ModelLoadError(
+                f"LoRA pathway {pathway!r} (pattern {PATHWAYS[pathway]}) matches no module of this model.{hint}"
+            )
         out[pathway] = found
     return out
 
@@ -109,20 +118,22 @@ def resolve_train_modules(model, modules) -> dict[str, list[str]]:
         found = list(dict.fromkeys(n for n in names if pattern.fullmatch(n)))
         if not found:
             hints = {
-                "text_lm_head": " Load the model with model.use_text_head: true.",
-                "audio_attn": " Set model.audio_self_attention: true to add the block.",
+                cfg_names.TEXT_LM_HEAD: " Load the model with model.use_text_head: true.",
+                cfg_names.AUDIO_ATTN: " Set model.audio_self_attention: true to add the block.",
             }
-            raise ModelLoadError(f"module {group!r} (pattern {TRAIN_MODULES[group]}) is not in this model.{hints.get(group, '')}")
+            raise ModelLoadError(
+                f"module {group!r} (pattern {TRAIN_MODULES[group]}) is not in this model.{hints.get(group, '')}"
+            )
         out[group] = found
     return out
 
 
 def apply_finetuning(model, cfg: FinetuneConfig):
     """Mark what trains. lora: returns a peft.PeftModel; full: the same model, `cfg.freeze` frozen."""
-    from peft import LoraConfig, PeftModel, get_peft_model
-
     if isinstance(model, PeftModel):
-        raise ModelLoadError("apply_finetuning got a model that already has PEFT adapters; pass the plain transformers model.")
+        raise ModelLoadError(
+            "apply_finetuning got a model that already has PEFT adapters; pass the plain transformers model."
+        )
     if cfg.mode == "full":
         for p in model.parameters():
             p.requires_grad_(True)
@@ -138,8 +149,11 @@ def apply_finetuning(model, cfg: FinetuneConfig):
             "finetune.pathways is empty: PEFT needs at least one LoRA pathway. To train only "
             f"{', '.join(cfg.train_modules) or 'whole modules'}, use mode: full with freeze for everything else."
         )
-    if "audio_attn" in cfg.pathways and "audio_attn" in cfg.train_modules:
-        raise ModelLoadError("audio_attn is both a LoRA pathway and a fully trained module: list it in one of finetune.pathways / finetune.train_modules.")
+    if cfg_names.AUDIO_ATTN in cfg.pathways and cfg_names.AUDIO_ATTN in cfg.train_modules:
+        raise ModelLoadError(
+            "audio_attn is both a LoRA pathway and a fully trained module: list it in one of finetune.pathways / "
+            "finetune.train_modules."
+        )
     targets = resolve_targets(model, cfg.pathways)
     to_save = resolve_train_modules(model, cfg.train_modules)
     # With activation checkpointing on, get_peft_model calls model.enable_input_require_grads():
@@ -160,8 +174,14 @@ def apply_finetuning(model, cfg: FinetuneConfig):
     total = sum(p.numel() for p in peft_model.parameters())
     logger.info(
         "LoRA r=%d alpha=%d on %d modules (%s)%s; trainable %s of %s parameters (%.2f%%)",
-        cfg.lora_r, cfg.lora_alpha, sum(len(v) for v in targets.values()), ", ".join(targets),
-        f", fully trained: {', '.join(to_save)}" if to_save else "", f"{trainable:,}", f"{total:,}", 100.0 * trainable / total,
+        cfg.lora_r,
+        cfg.lora_alpha,
+        sum(len(v) for v in targets.values()),
+        ", ".join(targets),
+        f", fully trained: {', '.join(to_save)}" if to_save else "",
+        f"{trainable:,}",
+        f"{total:,}",
+        100.0 * trainable / total,
     )
     return peft_model
 
@@ -184,8 +204,6 @@ def _freeze(model, names) -> list[str]:
 def _audio_attention_extras(model, state_dict=None) -> dict[str, torch.Tensor]:
     """Audio self-attention weights not stored by PEFT's adapter, under canonical names.
     `state_dict`: the model's full state dict when its parameters are sharded (FSDP)."""
-    from peft import PeftModel
-
     if not isinstance(model, PeftModel):
         return {}
     to_save = model.peft_config[model.active_adapter].modules_to_save or []
@@ -203,9 +221,6 @@ def save_trainable(model, out_dir: str | Path, state_dict=None) -> Path:
     """lora: PEFT adapter folder (+ extra_weights.safetensors for audio self-attention);
     full: `save_pretrained` safetensors of the whole model. `state_dict`: the model's full
     state dict, given when its parameters are sharded (FSDP; gathered by the caller)."""
-    from peft import PeftModel
-    from safetensors.torch import save_file
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     kw = {} if state_dict is None else {"state_dict": state_dict}
@@ -213,7 +228,11 @@ def save_trainable(model, out_dir: str | Path, state_dict=None) -> Path:
         model.save_pretrained(str(out), **kw)
         extras = _audio_attention_extras(model, state_dict)
         if extras:
-            save_file(extras, str(out / EXTRA_WEIGHTS), metadata={"format": "pt", "content": "higgs-tune audio self-attention"})
+            save_file(
+                extras,
+                str(out / EXTRA_WEIGHTS),
+                metadata={"format": "pt", "content": "higgs-tune audio self-attention"},
+            )
     else:
         model.save_pretrained(str(out), **kw)
     return out
@@ -222,13 +241,6 @@ def save_trainable(model, out_dir: str | Path, state_dict=None) -> Path:
 def load_trainable(base_model, in_dir: str | Path, is_trainable: bool = False):
     """Inverse of save_trainable on a freshly loaded base model (audio self-attention is added when
     the folder has its weights). Returns a PeftModel for an adapter folder, else the base model."""
-    import json
-
-    from peft import PeftModel
-    from safetensors.torch import load_file
-
-    from higgs_tune.model.load import checkpoint_keys, read_tensors
-
     folder = Path(in_dir)
     if (folder / ADAPTER_CONFIG).is_file():
         adapter_cfg = json.loads((folder / ADAPTER_CONFIG).read_text(encoding="utf-8"))
@@ -240,7 +252,9 @@ def load_trainable(base_model, in_dir: str | Path, is_trainable: bool = False):
             _load_exact(base_model, extras, folder / EXTRA_WEIGHTS, only_audio_attention=True)
         return PeftModel.from_pretrained(base_model, str(folder), is_trainable=is_trainable)
     if not (folder / "config.json").is_file():
-        raise ModelLoadError(f"{folder} holds neither {ADAPTER_CONFIG} (LoRA) nor config.json + weights (full); nothing to load.")
+        raise ModelLoadError(
+            f"{folder} holds neither {ADAPTER_CONFIG} (LoRA) nor config.json + weights (full); nothing to load."
+        )
     keys = checkpoint_keys(folder)
     tensors = read_tensors(keys, keys)
     if any(any(p in k for p in AUDIO_ATTN_KEY_PARTS) for k in tensors) and not has_audio_self_attention(base_model):
@@ -260,11 +274,6 @@ def verify_trainable(model, folder: str | Path, state_dict=None) -> None:
     adapter_config.json the way peft does. Raises ModelLoadError naming the first mismatch.
     `state_dict`: the model's full state dict when its parameters are sharded (FSDP), as saved.
     """
-    from peft import PeftConfig, PeftModel, get_peft_model_state_dict
-    from safetensors import safe_open
-
-    from higgs_tune.model.load import checkpoint_keys
-
     folder = Path(folder)
     if isinstance(model, PeftModel):
         PeftConfig.from_pretrained(str(folder))  # the config peft will read
@@ -294,8 +303,10 @@ def verify_trainable(model, folder: str | Path, state_dict=None) -> None:
             saved = f.get_tensor(key)
             live = tensor.detach().to("cpu")
             if saved.shape != live.shape or saved.dtype != live.dtype or not torch.equal(saved, live):
-                raise ModelLoadError(f"{path}: tensor {key} differs from the weights in memory "
-                                     f"(saved {tuple(saved.shape)} {saved.dtype}, live {tuple(live.shape)} {live.dtype}).")
+                raise ModelLoadError(
+                    f"{path}: tensor {key} differs from the weights in memory "
+                    f"(saved {tuple(saved.shape)} {saved.dtype}, live {tuple(live.shape)} {live.dtype})."
+                )
     finally:
         handles.clear()
 
@@ -318,13 +329,13 @@ def _load_exact(model, tensors: dict[str, torch.Tensor], where, only_audio_atten
 def _group(name: str) -> str:
     n = canonical_name(name)
     if any(part in n for part in AUDIO_ATTN_KEY_PARTS):
-        return "audio_attn"
+        return cfg_names.AUDIO_ATTN
     if ".self_attn." in n:
-        return "text_attn"
+        return cfg_names.TEXT_ATTN
     if ".audio_mlp." in n:
-        return "audio_mlp"
+        return cfg_names.AUDIO_MLP
     if ".mlp." in n:
-        return "text_mlp"
+        return cfg_names.TEXT_MLP
     if "layernorm" in n or n.startswith("model.norm."):
         return "norms"
     if n.startswith(("model.embed_tokens.", "model.embed_audio_tokens.")):
@@ -397,11 +408,15 @@ class ParamReport:
         def pct(n):
             return f"{100.0 * n / self.total:6.2f}%" if self.total else "   -  "
 
-        lines = [f"parameters ({self.mode} fine-tuning; dtype {', '.join(f'{d}: {n:,}' for d, n in self.dtypes.items())})"]
+        lines = [
+            f"parameters ({self.mode} fine-tuning; dtype {', '.join(f'{d}: {n:,}' for d, n in self.dtypes.items())})"
+        ]
         lines.append(f"  {'group':<11} {'trainable':>15} {'':>7}  {'frozen':>15} {'':>7}")
         for r in self.rows:
             lines.append(f"  {r.group:<11} {r.trainable:>15,} {pct(r.trainable)}  {r.frozen:>15,} {pct(r.frozen)}")
-        lines.append(f"  {'total':<11} {self.trainable:>15,} {pct(self.trainable)}  {self.frozen:>15,} {pct(self.frozen)}")
+        lines.append(
+            f"  {'total':<11} {self.trainable:>15,} {pct(self.trainable)}  {self.frozen:>15,} {pct(self.frozen)}"
+        )
         if self.targets:
             lines.append("LoRA targets:")
             for pathway, patterns in self.targets.items():
@@ -426,10 +441,6 @@ def _size(n: int) -> str:
 
 def parameter_report(model, cfg: FinetuneConfig | None = None) -> ParamReport:
     """Trainable/frozen parameters per pathway; counts add up to sum(p.numel() for p in model.parameters())."""
-    from peft import PeftModel
-    from peft.tuners.lora import LoraLayer
-    from peft.utils import ModulesToSaveWrapper
-
     counts = {g: [0, 0] for g in REPORT_GROUPS}
     dtypes: dict[str, int] = {}
     weight_bytes = grad_bytes = 0

@@ -81,21 +81,40 @@ class Architecture:
         return self.num_key_value_heads * self.head_dim
 
     @classmethod
-    def from_hf_config(cls, config, name: str = "model") -> "Architecture":
+    def from_hf_config(cls, config, name: str = "model") -> Architecture:
         """From a `HiggsAudioV2Config` (or anything with the same attribute names)."""
-        return cls(name=name, hidden_size=config.hidden_size, num_hidden_layers=config.num_hidden_layers,
-                   num_attention_heads=config.num_attention_heads, num_key_value_heads=config.num_key_value_heads,
-                   head_dim=getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
-                   intermediate_size=config.intermediate_size, vocab_size=config.vocab_size,
-                   num_codebooks=config.num_codebooks, codebook_size=config.codebook_size)
+        return cls(
+            name=name,
+            hidden_size=config.hidden_size,
+            num_hidden_layers=config.num_hidden_layers,
+            num_attention_heads=config.num_attention_heads,
+            num_key_value_heads=config.num_key_value_heads,
+            head_dim=getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
+            intermediate_size=config.intermediate_size,
+            vocab_size=config.vocab_size,
+            num_codebooks=config.num_codebooks,
+            codebook_size=config.codebook_size,
+        )
 
 
 # Released Higgs Audio v2 3B (Llama-3.2-3B backbone + DualFFN), see shared HIGGS_FACTS.md.
 HIGGS_V2 = Architecture("higgs-audio-v2 (3B + DualFFN)", 3072, 28, 24, 8, 128, 8192, 128256)
 # Higgs TTS 3 4B: plain Qwen3 decoder, fused tied audio table 8 x 1026 (HIGGS_V3_FACTS.md; shapes
 # from third-party header dumps, not yet read from config.json).
-HIGGS_V3 = Architecture("higgs-tts-3 (Qwen3 4B)", 2560, 36, 32, 8, 128, 9728, 151936, dual_ffn=False, qk_norm=True,
-                        audio_head_tied=True, text_head_tied=True)
+HIGGS_V3 = Architecture(
+    "higgs-tts-3 (Qwen3 4B)",
+    2560,
+    36,
+    32,
+    8,
+    128,
+    9728,
+    151936,
+    dual_ffn=False,
+    qk_norm=True,
+    audio_head_tied=True,
+    text_head_tied=True,
+)
 
 
 # ----------------------------------------------------------------------------- parameters
@@ -171,7 +190,9 @@ def module_parameters(a: Architecture, name: str) -> tuple[int, int]:
 def parameter_tensors(a: Architecture, use_text_head: bool = True, audio_self_attention: bool = False) -> int:
     """How many parameter tensors the model has (AdamW keeps one `step` per tensor)."""
     L = a.num_hidden_layers
-    per_layer = 4 + (2 if a.qk_norm else 0) + 3 + 2 + ((3 + 2) if a.dual_ffn else 0) + (5 if audio_self_attention else 0)
+    per_layer = (
+        4 + (2 if a.qk_norm else 0) + 3 + 2 + ((3 + 2) if a.dual_ffn else 0) + (5 if audio_self_attention else 0)
+    )
     n = L * per_layer + 1 + 2  # final norm, text + audio embeddings
     n += 0 if a.audio_head_tied else 1
     n += 1 if use_text_head and not a.text_head_tied else 0
@@ -239,16 +260,26 @@ class MemoryEstimate:
         return self.static + small_grads + max(during_backward, self.grads + self.optimizer_step_temp)
 
     def rows(self) -> list[tuple[str, int]]:
-        return [("weights", self.weights), ("autocast bf16 weight copies", self.autocast_weights), ("gradients", self.grads),
-                ("optimizer states", self.optimizer), ("optimizer step temporaries", self.optimizer_step_temp),
-                ("activations (saved)", self.activations), ("checkpoint recompute (1 layer)", self.recompute),
-                ("loss heads (labelled rows)", self.loss_heads), ("peak", self.peak)]
+        return [
+            ("weights", self.weights),
+            ("autocast bf16 weight copies", self.autocast_weights),
+            ("gradients", self.grads),
+            ("optimizer states", self.optimizer),
+            ("optimizer step temporaries", self.optimizer_step_temp),
+            ("activations (saved)", self.activations),
+            ("checkpoint recompute (1 layer)", self.recompute),
+            ("loss heads (labelled rows)", self.loss_heads),
+            ("peak", self.peak),
+        ]
 
     def format(self) -> str:
         p = self.plan
-        head = (f"{p.arch.name}, {p.mode}, weights {p.weight_dtype}{' + bf16 autocast' if p.autocast_bf16 else ''}, "
-                f"{p.optimizer}, seq {p.seq_len} x {p.batch_size}, grad ckpt {'on' if p.gradient_checkpointing else 'off'}: "
-                f"{self.trainable:,} of {self.params:,} parameters trained")
+        head = (
+            f"{p.arch.name}, {p.mode}, weights {p.weight_dtype}{' + bf16 autocast' if p.autocast_bf16 else ''}, "
+            f"{p.optimizer}, seq {p.seq_len} x {p.batch_size}, "
+            f"grad ckpt {'on' if p.gradient_checkpointing else 'off'}: "
+            f"{self.trainable:,} of {self.params:,} parameters trained"
+        )
         lines = [head] + [f"  {name:<32} {b / GIB:8.2f} GiB" for name, b in self.rows()]
         lines.append(f"  (text head at every position would hold {self.text_head_all_positions / GIB:.2f} GiB instead)")
         return "\n".join(lines)
@@ -302,7 +333,9 @@ def layer_activation_terms(plan: MemoryPlan) -> list[tuple[str, float]]:
     t.append(("post-attention norm: float32 input + rsqrt", 4 * d + 4))
     if norms_trained:
         t.append(("post-attention norm: normalised", res * d))
-    mlp_frozen = lora or {"text_mlp", "audio_mlp"} & set(plan.freeze) == ({"text_mlp", "audio_mlp"} if a.dual_ffn else {"text_mlp"})
+    mlp_frozen = lora or {"text_mlp", "audio_mlp"} & set(plan.freeze) == (
+        {"text_mlp", "audio_mlp"} if a.dual_ffn else {"text_mlp"}
+    )
     if not mlp_frozen:
         t.append(("gate/up input", (2 if plan.autocast_bf16 else 1) * b * d))
     t.append(("gate output, silu output, up output", 3 * b * i))
@@ -341,7 +374,9 @@ def _outside_layers_per_token(plan: MemoryPlan) -> float:
     normalised output when the norm trains), RoPE cos/sin; when the embeddings train, their int64
     ids (embedding backward) and the bool masks that scatter audio embeddings into the sequence."""
     a, w = plan.arch, DTYPE_BYTES[plan.weight_dtype]
-    out = 4 * a.hidden_size + 4 + 2 * a.head_dim * w / plan.batch_size  # cos/sin: one row per position, shared by the batch
+    out = (
+        4 * a.hidden_size + 4 + 2 * a.head_dim * w / plan.batch_size
+    )  # cos/sin: one row per position, shared by the batch
     if plan.mode == "full":
         out += w * a.hidden_size
     if _trains(plan, "text_embeddings") or _trains(plan, "audio_embeddings"):
@@ -405,8 +440,13 @@ def trainable_tensors(plan: MemoryPlan) -> tuple[list[tuple[int, int]], int, int
     groups = parameter_groups(a, plan.use_text_head, plan.audio_self_attention)
     total = sum(groups.values())
     weight_bytes = total * w
-    linear = groups["text_attn"] + groups["text_mlp"] + groups["audio_mlp"] + groups["audio_attn"] + (
-        0 if a.audio_head_tied else a.num_codebooks * a.codebook_size * a.hidden_size)
+    linear = (
+        groups["text_attn"]
+        + groups["text_mlp"]
+        + groups["audio_mlp"]
+        + groups["audio_attn"]
+        + (0 if a.audio_head_tied else a.num_codebooks * a.codebook_size * a.hidden_size)
+    )
     if plan.use_text_head and not a.text_head_tied:
         linear += a.vocab_size * a.hidden_size
     sizes: list[tuple[int, int]] = []
@@ -431,8 +471,13 @@ def trainable_tensors(plan: MemoryPlan) -> tuple[list[tuple[int, int]], int, int
 
 def _module_tensor_sizes(a: Architecture, name: str, w: int) -> list[tuple[int, int]]:
     if name == "audio_attn":
-        per_layer = [(a.hidden_size * a.q_dim, w), (a.hidden_size * a.kv_dim, w), (a.hidden_size * a.kv_dim, w),
-                     (a.q_dim * a.hidden_size, w), (a.hidden_size, w)]
+        per_layer = [
+            (a.hidden_size * a.q_dim, w),
+            (a.hidden_size * a.kv_dim, w),
+            (a.hidden_size * a.kv_dim, w),
+            (a.q_dim * a.hidden_size, w),
+            (a.hidden_size, w),
+        ]
         return per_layer * a.num_hidden_layers
     n, _ = module_parameters(a, name)
     return [(n, w)] if n else []
@@ -445,8 +490,17 @@ def _all_tensor_names(a: Architecture, plan: MemoryPlan) -> list[str]:
         names.append("audio_lm_head")
     if plan.use_text_head and not a.text_head_tied:
         names.append("text_lm_head")
-    layer = ["text_attn:q", "text_attn:k", "text_attn:v", "text_attn:o", "text_mlp:gate", "text_mlp:up", "text_mlp:down",
-             "norms", "norms"]
+    layer = [
+        "text_attn:q",
+        "text_attn:k",
+        "text_attn:v",
+        "text_attn:o",
+        "text_mlp:gate",
+        "text_mlp:up",
+        "text_mlp:down",
+        "norms",
+        "norms",
+    ]
     if a.qk_norm:
         layer += ["norms:qk", "norms:qk"]
     if a.dual_ffn:
@@ -463,14 +517,19 @@ def _owner(name: str) -> str:
 def _numel(a: Architecture, name: str) -> int:
     d, q, kv, i = a.hidden_size, a.q_dim, a.kv_dim, a.intermediate_size
     table = {
-        "text_embeddings": a.vocab_size * d, "audio_embeddings": a.num_codebooks * a.codebook_size * d,
-        "audio_lm_head": a.num_codebooks * a.codebook_size * d, "text_lm_head": a.vocab_size * d, "norms": d,
+        "text_embeddings": a.vocab_size * d,
+        "audio_embeddings": a.num_codebooks * a.codebook_size * d,
+        "audio_lm_head": a.num_codebooks * a.codebook_size * d,
+        "text_lm_head": a.vocab_size * d,
+        "norms": d,
         "norms:qk": a.head_dim,
     }
     if name in table:
         return table[name]
     _, part = name.split(":")
-    return {"q": d * q, "k": d * kv, "v": d * kv, "o": q * d, "gate": d * i, "up": d * i, "down": i * d, "norm": d}[part]
+    return {"q": d * q, "k": d * kv, "v": d * kv, "o": q * d, "gate": d * i, "up": d * i, "down": i * d, "norm": d}[
+        part
+    ]
 
 
 def estimate_memory(plan: MemoryPlan) -> MemoryEstimate:
@@ -498,11 +557,22 @@ def estimate_memory(plan: MemoryPlan) -> MemoryEstimate:
         activations = L * plan.tokens * per_layer + outside
         recompute = 0
     heads_saved, heads_transient, all_positions = _loss_head_bytes(plan)
-    return MemoryEstimate(plan=plan, params=total, trainable=trainable, weights=weight_bytes, autocast_weights=autocast,
-                          grads=grads, optimizer=optimizer, optimizer_step_temp=step_temp, activations=int(activations),
-                          activations_per_token_layer=int(per_layer), recompute=int(recompute),
-                          loss_heads_saved=heads_saved, loss_heads=heads_saved + heads_transient,
-                          text_head_all_positions=all_positions)
+    return MemoryEstimate(
+        plan=plan,
+        params=total,
+        trainable=trainable,
+        weights=weight_bytes,
+        autocast_weights=autocast,
+        grads=grads,
+        optimizer=optimizer,
+        optimizer_step_temp=step_temp,
+        activations=int(activations),
+        activations_per_token_layer=int(per_layer),
+        recompute=int(recompute),
+        loss_heads_saved=heads_saved,
+        loss_heads=heads_saved + heads_transient,
+        text_head_all_positions=all_positions,
+    )
 
 
 def architecture_of(name_or_path: str) -> Architecture:
@@ -520,7 +590,9 @@ def architecture_of(name_or_path: str) -> Architecture:
     return Architecture.from_hf_config(SimpleNamespace(**{**defaults, **data}), name=str(name_or_path))
 
 
-def plan_from_config(cfg, seq_len: int | None = None, arch: Architecture | None = None, batch_size: int | None = None) -> MemoryPlan:
+def plan_from_config(
+    cfg, seq_len: int | None = None, arch: Architecture | None = None, batch_size: int | None = None
+) -> MemoryPlan:
     """A MemoryPlan from a higgs-tune Config: its model/finetune/train settings, `seq_len`
     (default data.max_sequence_length) and batch_size (default: max_tokens_per_batch // seq_len).
     `arch`: default the shapes of model.name_or_path when it is a local folder, else the released v2.
@@ -530,12 +602,23 @@ def plan_from_config(cfg, seq_len: int | None = None, arch: Architecture | None 
     arch = arch or architecture_of(m.name_or_path)
     seq = seq_len or d.max_sequence_length
     autocast = m.dtype == "float32" and t.mixed_precision == "bf16"
-    return MemoryPlan(arch=arch, mode=f.mode, weight_dtype=m.dtype, autocast_bf16=autocast,
-                      optimizer=getattr(t, "optimizer", "adamw"), pathways=tuple(f.pathways) if f.mode == "lora" else (),
-                      train_modules=tuple(f.train_modules), freeze=tuple(f.freeze), lora_r=f.lora_r,
-                      lora_dropout=f.lora_dropout if f.mode == "lora" else 0.0, use_text_head=m.use_text_head,
-                      audio_self_attention=m.audio_self_attention, gradient_checkpointing=m.gradient_checkpointing,
-                      seq_len=seq, batch_size=batch_size or max(1, min(d.max_batch_size, d.max_tokens_per_batch // seq)))
+    return MemoryPlan(
+        arch=arch,
+        mode=f.mode,
+        weight_dtype=m.dtype,
+        autocast_bf16=autocast,
+        optimizer=getattr(t, "optimizer", "adamw"),
+        pathways=tuple(f.pathways) if f.mode == "lora" else (),
+        train_modules=tuple(f.train_modules),
+        freeze=tuple(f.freeze),
+        lora_r=f.lora_r,
+        lora_dropout=f.lora_dropout if f.mode == "lora" else 0.0,
+        use_text_head=m.use_text_head,
+        audio_self_attention=m.audio_self_attention,
+        gradient_checkpointing=m.gradient_checkpointing,
+        seq_len=seq,
+        batch_size=batch_size or max(1, min(d.max_batch_size, d.max_tokens_per_batch // seq)),
+    )
 
 
 def with_(plan: MemoryPlan, **changes) -> MemoryPlan:
@@ -566,7 +649,7 @@ class SavedTensorBytes:
             self._seen[ptr] = (storage.nbytes(), tuple(t.shape), t.dtype)
         return t
 
-    def __enter__(self) -> "SavedTensorBytes":
+    def __enter__(self) -> SavedTensorBytes:
         import torch
 
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
@@ -595,8 +678,12 @@ def memory_report(cfg, seq_lens=None) -> str:
         plan = plan_from_config(cfg, seq_len=seq)
         blocks.append(estimate_memory(plan).format())
         other = replace(plan, gradient_checkpointing=not plan.gradient_checkpointing)
-        blocks.append(f"  with gradient checkpointing {'on' if other.gradient_checkpointing else 'off'} instead: "
-                      f"peak {estimate_memory(other).peak / GIB:.2f} GiB")
-    blocks.append("Predicted by higgs_tune.model.memory (checked against real tensors on CPU; no GPU measurement yet). "
-                  "Add ~1 GiB for the CUDA context and allocator slack.")
+        blocks.append(
+            f"  with gradient checkpointing {'on' if other.gradient_checkpointing else 'off'} instead: "
+            f"peak {estimate_memory(other).peak / GIB:.2f} GiB"
+        )
+    blocks.append(
+        "Predicted by higgs_tune.model.memory (checked against real tensors on CPU; no GPU measurement yet). "
+        "Add ~1 GiB for the CUDA context and allocator slack."
+    )
     return "\n".join(blocks)

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import random
-from typing import Any, Iterator, TypeVar
+from collections.abc import Iterator
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -86,7 +87,11 @@ def rng_state() -> dict[str, Any]:
     version, internal, gauss_next = random.getstate()
     kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state(legacy=True)
     return {
-        "python": {"version": int(version), "state": torch.tensor(internal, dtype=torch.int64), "gauss_next": gauss_next},
+        "python": {
+            "version": int(version),
+            "state": torch.tensor(internal, dtype=torch.int64),
+            "gauss_next": gauss_next,
+        },
         "numpy": {
             "kind": str(kind),
             "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64).copy()),
@@ -116,15 +121,24 @@ def set_rng_state(state: dict[str, Any]) -> list[str]:
     cuda = state.get("cuda")
     if cuda is not None:
         if not torch.cuda.is_available():
-            warnings.append(f"the checkpoint holds CUDA RNG states for {len(cuda)} device(s) but CUDA is not available: GPU random numbers will differ from the uninterrupted run.")
+            warnings.append(
+                f"the checkpoint holds CUDA RNG states for {len(cuda)} device(s) but CUDA is not available: GPU "
+                "random numbers will differ from the uninterrupted run."
+            )
         elif len(cuda) != torch.cuda.device_count():
-            warnings.append(f"the checkpoint holds CUDA RNG states for {len(cuda)} device(s), this process sees {torch.cuda.device_count()}: restored the first {min(len(cuda), torch.cuda.device_count())}.")
+            warnings.append(
+                f"the checkpoint holds CUDA RNG states for {len(cuda)} device(s), this process sees "
+                f"{torch.cuda.device_count()}: restored the first {min(len(cuda), torch.cuda.device_count())}."
+            )
             for i, s in enumerate(cuda[: torch.cuda.device_count()]):
                 torch.cuda.set_rng_state(s, device=i)
         else:
             torch.cuda.set_rng_state_all(cuda)
     elif torch.cuda.is_available():
-        warnings.append("the checkpoint holds no CUDA RNG state (saved without CUDA): GPU random numbers will differ from the uninterrupted run.")
+        warnings.append(
+            "the checkpoint holds no CUDA RNG state (saved without CUDA): GPU random numbers will differ from the "
+            "uninterrupted run."
+        )
     return warnings
 
 

@@ -34,10 +34,9 @@ from rich.markup import escape
 
 from higgs_tune.config import ConfigError
 from higgs_tune.errors import OutputDirError
+from higgs_tune.runfs import METRICS_FILE, TENSORBOARD_DIR, atomic_write_text
 from higgs_tune.train.loss import STAT_KEYS, WEIGHTS_KEY, finalize_metrics
 
-METRICS_FILE = "metrics.jsonl"
-TENSORBOARD_DIR = "tensorboard"
 TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio"}  # name -> module to import
 PROJECT = "higgs-tune"
 
@@ -58,7 +57,10 @@ def reduce_metrics(metrics: Mapping, accelerator=None) -> dict:
     extras = {k: v for k, v in metrics.items() if k not in STAT_KEYS and k != WEIGHTS_KEY}
     for key, value in extras.items():
         if isinstance(value, (list, tuple, dict)) or (isinstance(value, torch.Tensor) and value.numel() != 1):
-            raise TypeError(f"reduce_metrics: extra metric {key!r} must be a scalar (it is averaged over ranks), got {type(value).__name__}.")
+            raise TypeError(
+                f"reduce_metrics: extra metric {key!r} must be a scalar (it is averaged over ranks), got "
+                f"{type(value).__name__}."
+            )
     multi = accelerator is not None and accelerator.num_processes > 1
     device = accelerator.device if multi else torch.device("cpu")
     parts = [torch.as_tensor(metrics[k]).detach().to(device=device, dtype=torch.float64).reshape(-1) for k in STAT_KEYS]
@@ -68,13 +70,14 @@ def reduce_metrics(metrics: Mapping, accelerator=None) -> dict:
         packed = accelerator.reduce(packed, reduction="sum")
     packed = packed.cpu()
     sums, offset = {}, 0
-    for key, part in zip(STAT_KEYS, parts):
+    # strict=False: parts ends with the extras block, which is read after the loop
+    for key, part in zip(STAT_KEYS, parts, strict=False):
         sums[key] = packed[offset : offset + part.numel()]
         offset += part.numel()
     sums[WEIGHTS_KEY] = weights
     out = finalize_metrics(sums)
     world = accelerator.num_processes if multi else 1
-    out.update({k: float(v) / world for k, v in zip(extras, packed[offset:].tolist())})
+    out.update({k: float(v) / world for k, v in zip(extras, packed[offset:].tolist(), strict=True)})
     return out
 
 
@@ -119,9 +122,7 @@ def truncate_after(path: Path, step: int) -> tuple[int, int]:
             dropped += 1
             continue
         kept.append(line)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
     return len(kept), dropped
 
 
@@ -153,8 +154,10 @@ def _check_report_to(report_to: Sequence[str]) -> list[str]:
         if name not in TRACKERS:
             problems.append(f"logging.report_to: {name!r} is not one of {', '.join(TRACKERS)}, none.")
         elif importlib.util.find_spec(TRACKERS[name]) is None:
-            problems.append(f"logging.report_to names {name} but the `{TRACKERS[name]}` package is not installed: "
-                            f"`pip install {TRACKERS[name]}`, or remove {name} from logging.report_to.")
+            problems.append(
+                f"logging.report_to names {name} but the `{TRACKERS[name]}` package is not installed: "
+                f"`pip install {TRACKERS[name]}`, or remove {name} from logging.report_to."
+            )
     if problems:
         raise ConfigError(problems)
     return names
@@ -192,12 +195,17 @@ class MetricsLogger:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.path.exists() and self.path.stat().st_size:
             if resume_step is None:
-                raise OutputDirError(f"{self.path} already holds metrics of an earlier run. Resume that run (its records "
-                                     "after the resumed step are then removed), or use a new checkpoint.output_dir.")
+                raise OutputDirError(
+                    f"{self.path} already holds metrics of an earlier run. Resume that run (its records "
+                    "after the resumed step are then removed), or use a new checkpoint.output_dir."
+                )
             kept, dropped = truncate_after(self.path, resume_step)
             if dropped:
-                self.console.print(f"metrics.jsonl: resumed at step {resume_step}, removed {dropped} record(s) written after it",
-                                   markup=False, soft_wrap=True)
+                self.console.print(
+                    f"metrics.jsonl: resumed at step {resume_step}, removed {dropped} record(s) written after it",
+                    markup=False,
+                    soft_wrap=True,
+                )
         self._file = open(self.path, "a", encoding="utf-8")
         name = run_name or self.run_dir.name
         if "tensorboard" in self.trackers:
@@ -209,8 +217,13 @@ class MetricsLogger:
         if "wandb" in self.trackers:
             import wandb
 
-            self._wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", PROJECT), name=name, dir=str(self.run_dir),
-                                     config=config, resume="allow")
+            self._wandb = wandb.init(
+                project=os.environ.get("WANDB_PROJECT", PROJECT),
+                name=name,
+                dir=str(self.run_dir),
+                config=config,
+                resume="allow",
+            )
         if "trackio" in self.trackers:
             import trackio
 
@@ -243,7 +256,9 @@ class MetricsLogger:
         if not self.is_main_process:
             return
         self._write(warning.record())
-        self.console.print(f"[yellow]warning {warning.code}[/yellow] (step {warning.step}): {escape(warning.message)}", soft_wrap=True)
+        self.console.print(
+            f"[yellow]warning {warning.code}[/yellow] (step {warning.step}): {escape(warning.message)}", soft_wrap=True
+        )
         if self._tb is not None:
             self._tb.add_text(f"warnings/{warning.code}", warning.message, warning.step)
 
@@ -255,8 +270,11 @@ class MetricsLogger:
         self.console.print(preview.text, markup=False, soft_wrap=True)
         if self._tb is not None:
             # four leading spaces: a Markdown code block keeps the table aligned
-            self._tb.add_text(f"{preview.record.get('split', 'train')}/preview",
-                              "\n".join("    " + line for line in preview.text.splitlines()), preview.record["step"])
+            self._tb.add_text(
+                f"{preview.record.get('split', 'train')}/preview",
+                "\n".join("    " + line for line in preview.text.splitlines()),
+                preview.record["step"],
+            )
 
     def log_audio(self, step: int, name: str, wav, sample_rate: int) -> None:
         """A generated sample to the trackers that take audio (TensorBoard, wandb); the WAV file
@@ -289,7 +307,7 @@ class MetricsLogger:
             self._trackio.finish()
             self._trackio = None
 
-    def __enter__(self) -> "MetricsLogger":
+    def __enter__(self) -> MetricsLogger:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -107,20 +107,61 @@ class LossWeights:
     codebooks: tuple[float, ...]
 
     @classmethod
-    def from_config(cls, cfg: LossConfig, num_codebooks: int) -> "LossWeights":
+    def from_config(cls, cfg: LossConfig, num_codebooks: int) -> LossWeights:
         problems = []
         if cfg.text_weight < 0 or cfg.audio_weight < 0:
-            problems.append(f"loss.text_weight ({cfg.text_weight}) and loss.audio_weight ({cfg.audio_weight}) must be >= 0.")
+            problems.append(
+                f"loss.text_weight ({cfg.text_weight}) and loss.audio_weight ({cfg.audio_weight}) must be >= 0."
+            )
         cb = cfg.codebook_weights
         if cb is None:
             cb = [1.0] * num_codebooks
         elif len(cb) != num_codebooks:
-            problems.append(f"loss.codebook_weights has {len(cb)} values but the model has {num_codebooks} codebooks: give one weight per codebook.")
+            problems.append(
+                f"loss.codebook_weights has {len(cb)} values but the model has {num_codebooks} codebooks: give one "
+                "weight per codebook."
+            )
         elif any(w < 0 for w in cb) or sum(cb) <= 0:
             problems.append(f"loss.codebook_weights {list(cb)} must be >= 0 with a positive sum.")
         if problems:
             raise ConfigError(problems)
         return cls(float(cfg.text_weight), float(cfg.audio_weight), tuple(float(w) for w in cb))
+
+
+@dataclass
+class LossTerms:
+    """The parts of the total loss (tensors on one device, one dtype); see `combine_loss`."""
+
+    loss: torch.Tensor  # () weighted total
+    text_loss: torch.Tensor  # () mean CE over scored text tokens, 0 when none
+    audio_loss: torch.Tensor  # () codebook-weighted mean of per_codebook_loss
+    per_codebook_loss: torch.Tensor  # (K,) mean CE per codebook, 0 for a codebook with no token
+
+
+def combine_loss(
+    weights: LossWeights,
+    text_ce_sum: torch.Tensor,
+    n_text: torch.Tensor,
+    audio_ce_sum: torch.Tensor,
+    n_audio: torch.Tensor,
+) -> LossTerms:
+    """THE loss formula, used by the forward, `loss_for_step` and `finalize_metrics`.
+
+    text_ce_sum () and audio_ce_sum (K,) are sums of CE; n_text () and n_audio (K,) the token
+    counts they are divided by (this micro-batch's, or the whole step's). A part with no token
+    is 0 and a codebook with no token is left out of the weighted audio mean. Adding a loss
+    term: add its sum and count to `STAT_KEYS`/`stats()` and its weighted mean here.
+    """
+    n_text = n_text.to(text_ce_sum.device)
+    n_audio = n_audio.to(audio_ce_sum.device)
+    text_loss = text_ce_sum / n_text.clamp(min=1)
+    per_codebook_loss = audio_ce_sum / n_audio.clamp(min=1)  # (K,)
+    cbw = torch.tensor(weights.codebooks, dtype=per_codebook_loss.dtype, device=per_codebook_loss.device) * (
+        n_audio > 0
+    )
+    audio_loss = (cbw * per_codebook_loss).sum() / cbw.sum().clamp(min=torch.finfo(cbw.dtype).tiny)
+    loss = weights.text * text_loss + weights.audio * audio_loss
+    return LossTerms(loss, text_loss, audio_loss, per_codebook_loss)
 
 
 @dataclass(frozen=True)
@@ -131,13 +172,16 @@ class TokenCounts:
     audio: torch.Tensor
 
     @classmethod
-    def zeros(cls, num_codebooks: int, device: torch.device | str | None = None) -> "TokenCounts":
-        return cls(torch.zeros((), dtype=torch.long, device=device), torch.zeros(num_codebooks, dtype=torch.long, device=device))
+    def zeros(cls, num_codebooks: int, device: torch.device | str | None = None) -> TokenCounts:
+        return cls(
+            torch.zeros((), dtype=torch.long, device=device),
+            torch.zeros(num_codebooks, dtype=torch.long, device=device),
+        )
 
-    def __add__(self, other: "TokenCounts") -> "TokenCounts":
+    def __add__(self, other: TokenCounts) -> TokenCounts:
         return TokenCounts(self.text + other.text.to(self.text.device), self.audio + other.audio.to(self.audio.device))
 
-    def reduced(self, accelerator) -> "TokenCounts":
+    def reduced(self, accelerator) -> TokenCounts:
         """Summed over all ranks with `accelerator.reduce` (identity with one process or None)."""
         if accelerator is None or accelerator.num_processes == 1:
             return self
@@ -168,7 +212,7 @@ class Predictions:
     audio_pred: torch.Tensor  # (M, K) long
     audio_context: torch.Tensor  # (M, K) long
 
-    def cpu(self) -> "Predictions":
+    def cpu(self) -> Predictions:
         return Predictions(**{f.name: getattr(self, f.name).detach().cpu() for f in fields(self)})
 
 
@@ -199,10 +243,6 @@ class LossOutput:
     predictions: Predictions
     shift: int  # 1: position t predicts t+1 (always, except the debug switch: 0)
 
-    @property
-    def n_audio_tokens_total(self) -> torch.Tensor:
-        return self.n_audio_tokens.sum()
-
     def loss_for_step(self, counts: TokenCounts, scale: float = 1.0) -> torch.Tensor:
         """This micro-batch's share of the step loss, normalised by the step's token counts.
 
@@ -210,14 +250,12 @@ class LossOutput:
         Summing this over the step's micro-batches (and ranks, with scale = number of ranks)
         gives exactly `finalize_metrics(...)["loss"]` of the whole step.
         """
-        w = self.weights
-        text_n = counts.text.to(self.text_ce_sum.device)
-        audio_n = counts.audio.to(self.text_ce_sum.device)
-        text = self.text_ce_sum / text_n.clamp(min=1)
-        cbw = torch.tensor(w.codebooks, dtype=self.audio_ce_sum_per_codebook.dtype, device=audio_n.device) * (audio_n > 0)
-        per_cb = self.audio_ce_sum_per_codebook / audio_n.clamp(min=1)  # (K,)
-        audio = (cbw * per_cb).sum() / cbw.sum().clamp(min=torch.finfo(cbw.dtype).tiny)
-        return scale * (w.text * text + w.audio * audio)
+        return (
+            scale
+            * combine_loss(
+                self.weights, self.text_ce_sum, counts.text, self.audio_ce_sum_per_codebook, counts.audio
+            ).loss
+        )
 
     def stats(self) -> dict:
         """Additive, detached statistics (`STAT_KEYS`, tensors on the loss's device) + the weights."""
@@ -249,26 +287,24 @@ def finalize_metrics(stats: Mapping) -> dict:
     """
     w: LossWeights = stats[WEIGHTS_KEY]
 
-    def vec(key):
-        return [float(v) for v in torch.as_tensor(stats[key]).detach().double().cpu().reshape(-1).tolist()]
+    def tensor(key):
+        return torch.as_tensor(stats[key]).detach().double().cpu()
 
-    def num(key):
-        return float(torch.as_tensor(stats[key]).detach().double().cpu())
-
-    n_text = num("n_text_tokens")
-    n_cb = vec("n_audio_tokens_per_codebook")
-    text_loss = num("text_ce_sum") / n_text if n_text else 0.0
-    text_acc = num("text_correct") / n_text if n_text else 0.0
-    per_cb_loss = [s / n if n else 0.0 for s, n in zip(vec("audio_ce_sum_per_codebook"), n_cb)]
-    correct = vec("audio_correct_per_codebook")
-    per_cb_acc = [c / n if n else 0.0 for c, n in zip(correct, n_cb)]
-    cbw = [wk if n else 0.0 for wk, n in zip(w.codebooks, n_cb)]
-    audio_loss = sum(wk * lk for wk, lk in zip(cbw, per_cb_loss)) / sum(cbw) if sum(cbw) else 0.0
+    n_text = float(tensor("n_text_tokens"))
+    n_cb = tensor("n_audio_tokens_per_codebook").reshape(-1)  # (K,)
+    terms = combine_loss(
+        w, tensor("text_ce_sum"), tensor("n_text_tokens"), tensor("audio_ce_sum_per_codebook").reshape(-1), n_cb
+    )
+    text_acc = float(tensor("text_correct")) / n_text if n_text else 0.0
+    correct = tensor("audio_correct_per_codebook").reshape(-1).tolist()
+    n_cb = n_cb.tolist()
+    per_cb_acc = [c / n if n else 0.0 for c, n in zip(correct, n_cb, strict=True)]
+    per_cb_loss = terms.per_codebook_loss.tolist()
     n_audio = sum(n_cb)
     return {
-        "loss": w.text * text_loss + w.audio * audio_loss,
-        "text_loss": text_loss,
-        "audio_loss": audio_loss,
+        "loss": float(terms.loss),
+        "text_loss": float(terms.text_loss),
+        "audio_loss": float(terms.audio_loss),
         "audio_loss_sum": sum(per_cb_loss),
         "text_acc": text_acc,
         "audio_acc": sum(correct) / n_audio if n_audio else 0.0,
@@ -277,8 +313,8 @@ def finalize_metrics(stats: Mapping) -> dict:
         "n_text_tokens": int(n_text),
         "n_audio_tokens": int(n_audio),
         "n_audio_tokens_per_codebook": [int(n) for n in n_cb],
-        "n_tokens": int(num("n_tokens")),
-        "n_samples": int(num("n_samples")),
+        "n_tokens": int(tensor("n_tokens")),
+        "n_samples": int(tensor("n_samples")),
     }
 
 
@@ -309,7 +345,9 @@ def placeholder_mask(input_ids: torch.Tensor, config) -> torch.Tensor:
     return (input_ids == config.audio_token_id) | (input_ids == config.audio_delay_token_id)
 
 
-def expand_to_text_positions(values: torch.Tensor, column_mask: torch.Tensor, placeholders: torch.Tensor, fill: int) -> torch.Tensor:
+def expand_to_text_positions(
+    values: torch.Tensor, column_mask: torch.Tensor, placeholders: torch.Tensor, fill: int
+) -> torch.Tensor:
     """(B, N, K) per-column values -> (B, L, K) at their placeholder positions, `fill` elsewhere.
 
     Row-major boolean indexing pairs the j-th True column of row b with the j-th placeholder of
@@ -386,7 +424,9 @@ def scored_head_losses(
     audio_target = next_audio[a_rows, a_pos]  # (M, K)
     audio_logits = audio_head(h[a_rows, a_pos]).float().view(-1, K, C)  # (M, K, C)
     # (M, K) per-token CE, 0 where ignored
-    ce = F.cross_entropy(audio_logits.reshape(-1, C), audio_target.reshape(-1), ignore_index=IGNORE, reduction="none").view(-1, K)
+    ce = F.cross_entropy(
+        audio_logits.reshape(-1, C), audio_target.reshape(-1), ignore_index=IGNORE, reduction="none"
+    ).view(-1, K)
     scored = audio_target != IGNORE  # (M, K)
     audio_pred = audio_logits.detach().argmax(-1)  # (M, K)
     return HeadLosses(
@@ -427,10 +467,18 @@ class HiggsLossModule(nn.Module):
         self.text_vocab_size = int(config.vocab_size)
         self.weights = LossWeights.from_config(loss_cfg, self.num_codebooks)
         if self.weights.text > 0 and self._base().text_lm_head is None:
-            raise ConfigError([f"loss.text_weight is {self.weights.text} but the model has no text_lm_head: load it with use_text_head=True (model.use_text_head: true) or set loss.text_weight: 0."])
+            raise ConfigError(
+                [
+                    f"loss.text_weight is {self.weights.text} but the model has no text_lm_head: load it with "
+                    "use_text_head=True (model.use_text_head: true) or set loss.text_weight: 0."
+                ]
+            )
         self.shift = 0 if _debug_unshifted else 1
         if _debug_unshifted:
-            warnings.warn("HiggsLossModule(_debug_unshifted=True): computing the WRONG unshifted loss (copy task). Tests only.", stacklevel=2)
+            warnings.warn(
+                "HiggsLossModule(_debug_unshifted=True): computing the WRONG unshifted loss (copy task). Tests only.",
+                stacklevel=2,
+            )
 
     def _base(self) -> nn.Module:
         """The HiggsAudioV2ForConditionalGeneration inside (LoRA layers already injected by peft)."""
@@ -439,30 +487,43 @@ class HiggsLossModule(nn.Module):
         return self.model.get_base_model() if isinstance(self.model, PeftModel) else self.model
 
     # ------------------------------------------------------------------ checks
-    def _check_batch(self, input_ids, labels, audio_input_ids, audio_input_ids_mask, audio_labels, placeholders, sample_ids) -> None:
+    def _check_batch(
+        self, input_ids, labels, audio_input_ids, audio_input_ids_mask, audio_labels, placeholders, sample_ids
+    ) -> None:
         """One host sync: per-row placeholder/column counts and label ranges. Raises DataError."""
         per_row_placeholders = placeholders.sum(1)  # (B,)
         per_row_columns = audio_input_ids_mask.sum(1)  # (B,)
         bad_text = (labels != IGNORE) & ((labels < 0) | (labels >= self.text_vocab_size))
         bad_audio = (audio_labels != IGNORE) & ((audio_labels < 0) | (audio_labels >= self.codebook_size))
         bad_input = audio_input_ids_mask[..., None] & ((audio_input_ids < 0) | (audio_input_ids >= self.codebook_size))
-        flags = torch.stack([(per_row_placeholders != per_row_columns).any(), bad_text.any(), bad_audio.any(), bad_input.any()]).tolist()
+        flags = torch.stack(
+            [(per_row_placeholders != per_row_columns).any(), bad_text.any(), bad_audio.any(), bad_input.any()]
+        ).tolist()
         if not any(flags):
             return
 
         def who(row: int) -> str:
-            return f"row {row}" + (f" (sample {sample_ids[row]!r})" if sample_ids is not None and row < len(sample_ids) else "")
+            return f"row {row}" + (
+                f" (sample {sample_ids[row]!r})" if sample_ids is not None and row < len(sample_ids) else ""
+            )
 
         problems = []
         if flags[0]:
             for row in (per_row_placeholders != per_row_columns).nonzero().flatten().tolist():
-                problems.append(f"{who(row)} has {int(per_row_placeholders[row])} audio placeholders in input_ids but {int(per_row_columns[row])} audio columns in audio_input_ids_mask; each column needs exactly one <|AUDIO_OUT|>/delay token (check the collator).")
+                problems.append(
+                    f"{who(row)} has {int(per_row_placeholders[row])} audio placeholders in input_ids but "
+                    f"{int(per_row_columns[row])} audio columns in audio_input_ids_mask; each column needs exactly "
+                    "one <|AUDIO_OUT|>/delay token (check the collator)."
+                )
         if flags[1]:
             row = int(bad_text.nonzero()[0, 0])
             problems.append(f"{who(row)}: text labels outside [0, {self.text_vocab_size}) and not -100.")
         if flags[2]:
             row = int(bad_audio.nonzero()[0, 0])
-            problems.append(f"{who(row)}: audio labels outside [0, {self.codebook_size}) and not -100 (the model's codebook_size includes stream BOS/EOS).")
+            problems.append(
+                f"{who(row)}: audio labels outside [0, {self.codebook_size}) and not -100 (the model's "
+                "codebook_size includes stream BOS/EOS)."
+            )
         if flags[3]:
             row = int(bad_input.nonzero()[0, 0])
             problems.append(f"{who(row)}: audio_input_ids outside [0, {self.codebook_size}).")
@@ -473,7 +534,9 @@ class HiggsLossModule(nn.Module):
         """The tokens `forward(**batch)` will score, from the labels alone (no forward)."""
         config = self._base().config
         placeholders = placeholder_mask(batch["input_ids"], config)
-        expanded = expand_to_text_positions(batch["audio_labels"], batch["audio_input_ids_mask"].bool(), placeholders, IGNORE)
+        expanded = expand_to_text_positions(
+            batch["audio_labels"], batch["audio_input_ids_mask"].bool(), placeholders, IGNORE
+        )
         # Same slices as forward: the labels at positions s..L-1 are the ones a position predicts
         # (with the shift, a label at position 0 has no predictor and is never scored).
         s = self.shift
@@ -499,7 +562,9 @@ class HiggsLossModule(nn.Module):
         K, C = self.num_codebooks, self.codebook_size
         audio_input_ids_mask = audio_input_ids_mask.bool()
         placeholders = placeholder_mask(input_ids, config)  # (B, L) bool
-        self._check_batch(input_ids, labels, audio_input_ids, audio_input_ids_mask, audio_labels, placeholders, sample_ids)
+        self._check_batch(
+            input_ids, labels, audio_input_ids, audio_input_ids_mask, audio_labels, placeholders, sample_ids
+        )
 
         # The backbone runs once, inside this forward (so the wrapper's hooks see it).
         hidden = base.model(
@@ -510,27 +575,27 @@ class HiggsLossModule(nn.Module):
             use_cache=False,
         ).last_hidden_state  # (B, L, H)
 
-        expanded_labels = expand_to_text_positions(audio_labels, audio_input_ids_mask, placeholders, IGNORE)  # (B, L, K)
+        expanded_labels = expand_to_text_positions(
+            audio_labels, audio_input_ids_mask, placeholders, IGNORE
+        )  # (B, L, K)
         expanded_inputs = expand_to_text_positions(audio_input_ids, audio_input_ids_mask, placeholders, -1)  # (B, L, K)
-        heads = scored_head_losses(hidden, labels, expanded_labels, base.text_lm_head, base.audio_lm_head, K, C, self.shift)
+        heads = scored_head_losses(
+            hidden, labels, expanded_labels, base.text_lm_head, base.audio_lm_head, K, C, self.shift
+        )
         s = self.shift
         # the audio input at each predicting position (b, t - s) of a scored target at (b, t)
         context = expanded_inputs[heads.audio_rows, heads.audio_positions - s]  # (M, K)
 
         # ---- means and the weighted total (a part without tokens contributes 0)
         n_text, n_audio = heads.n_text, heads.n_audio
-        text_loss = heads.text_ce_sum / n_text.clamp(min=1)
-        per_codebook_loss = heads.audio_ce_sum / n_audio.clamp(min=1)  # (K,)
-        cbw = torch.tensor(self.weights.codebooks, dtype=per_codebook_loss.dtype, device=per_codebook_loss.device) * (n_audio > 0)
-        audio_loss = (cbw * per_codebook_loss).sum() / cbw.sum().clamp(min=torch.finfo(cbw.dtype).tiny)
-        loss = self.weights.text * text_loss + self.weights.audio * audio_loss
+        terms = combine_loss(self.weights, heads.text_ce_sum, n_text, heads.audio_ce_sum, n_audio)
 
         return LossOutput(
-            loss=loss,
-            text_loss=text_loss,
-            audio_loss=audio_loss,
-            audio_loss_sum=per_codebook_loss.sum(),
-            per_codebook_loss=per_codebook_loss,
+            loss=terms.loss,
+            text_loss=terms.text_loss,
+            audio_loss=terms.audio_loss,
+            audio_loss_sum=terms.per_codebook_loss.sum(),
+            per_codebook_loss=terms.per_codebook_loss,
             per_codebook_acc=(heads.audio_correct / n_audio.clamp(min=1)).detach(),
             text_acc=(heads.text_correct / n_text.clamp(min=1)).detach(),
             n_text_tokens=n_text,
@@ -555,4 +620,3 @@ class HiggsLossModule(nn.Module):
             ),
             shift=s,
         )
-

@@ -32,18 +32,31 @@ def make_optimizer(params, t, replicas: int = 1) -> torch.optim.Optimizer:
     `replicas`: processes that each hold and update a full copy of the weights (DDP: the world size)."""
     kind = getattr(t, "optimizer", "adamw")
     if kind == "adamw_bf16_sr" and replicas > 1:
-        raise ConfigError([f"train.optimizer: adamw_bf16_sr under DDP ({replicas} processes, each updating its own copy of the "
-                           "weights): the random rounding differs between processes and the copies drift apart. Use FSDP "
-                           "(accelerate launch with an FSDP config), or model.dtype: float32 with train.mixed_precision: bf16."])
+        raise ConfigError(
+            [
+                f"train.optimizer: adamw_bf16_sr under DDP ({replicas} processes, each updating its own copy of the "
+                "weights): the random rounding differs between processes and the copies drift apart. Use FSDP "
+                "(accelerate launch with an FSDP config), or model.dtype: float32 with train.mixed_precision: bf16."
+            ]
+        )
     if kind == "adamw":
         return torch.optim.AdamW(params, lr=t.learning_rate, betas=tuple(t.adam_betas), weight_decay=t.weight_decay)
     if kind == "adamw_bf16_sr":
         try:
             from torchao.optim import _AdamW
         except ImportError as e:
-            raise ConfigError([f"train.optimizer: adamw_bf16_sr needs torchao ({e}). Install it with "
-                               "`pip install torchao` (or `pip install higgs-tune[lowbit]`), or use model.dtype: float32 "
-                               "with train.mixed_precision: bf16."]) from e
-        return _AdamW(params, lr=t.learning_rate, betas=tuple(t.adam_betas), weight_decay=t.weight_decay,
-                      bf16_stochastic_round=True)
+            raise ConfigError(
+                [
+                    f"train.optimizer: adamw_bf16_sr needs torchao ({e}). Install it with "
+                    "`pip install torchao` (or `pip install higgs-tune[lowbit]`), or use model.dtype: float32 "
+                    "with train.mixed_precision: bf16."
+                ]
+            ) from e
+        return _AdamW(
+            params,
+            lr=t.learning_rate,
+            betas=tuple(t.adam_betas),
+            weight_decay=t.weight_decay,
+            bf16_stochastic_round=True,
+        )
     raise ConfigError([f"train.optimizer: {kind!r} is not one of {', '.join(OPTIMIZERS)}."])

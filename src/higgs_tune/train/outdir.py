@@ -6,7 +6,7 @@ its first save: a folder that cannot be created or written, a disk without room 
 checkpoints, or a folder holding someone else's files or a different run.
 
 What counts as "ours" (RUN_ARTEFACTS): the names higgs-tune writes into a run folder. A
-`config.yaml` is ours only when it starts with `checkpoint.CONFIG_HEADER`. `--overwrite`
+`config.yaml` is ours only when it starts with `runfs.CONFIG_HEADER`. `--overwrite`
 removes only these; when anything else is in the folder it refuses (it never deletes files
 it did not write). A folder is "a run of the same config" when its `config.yaml` is ours and
 agrees with the new config on every key that exact resumption depends on
@@ -28,31 +28,29 @@ from typing import Any
 
 import yaml
 
+from higgs_tune import config as cfg_names  # the pathway and module names
 from higgs_tune.errors import OutputDirError
-from higgs_tune.train import distributed as dist_utils
-from higgs_tune.train.checkpoint import (
-    CHECKPOINT_PREFIX,
+from higgs_tune.runfs import (
+    CHECKPOINT_RE,
     CONFIG_FILE,
     CONFIG_HEADER,
     FINAL_NAME,
-    INDEX_FILE,
-    TMP_PREFIX,
-    TRASH_PREFIX,
+    PROBE_PREFIX,
+    RUN_DIRS,
+    RUN_FILES,
+    RUN_PATTERN,
+    atomic_write_text,
+    discard_dir,
     format_bytes,
     fsync_path,
-    resume_config_changes,
-    write_config_yaml,
 )
+from higgs_tune.train import distributed as dist_utils
+from higgs_tune.train.checkpoint import config_yaml_text, resume_config_changes
 
 log = logging.getLogger(__name__)
 
-# Top-level names higgs-tune writes into a run folder (files and folders). The recipe, the
-# metrics logger and the report write only these names; `--overwrite` removes only these.
-RUN_FILES = frozenset({CONFIG_FILE, INDEX_FILE, "metrics.jsonl", "train.log", "param_report.txt", "data_report.txt",
-                       "report.html", "report.json", "summary.json"})
-RUN_DIRS = frozenset({FINAL_NAME, "samples", "tensorboard", "wandb", "logs", "eval"})
-_RUN_PATTERN = re.compile(rf"^(?:{re.escape(CHECKPOINT_PREFIX)}\d+|{re.escape(TMP_PREFIX)}.+|{re.escape(TRASH_PREFIX)}.+|\.higgs-tune-probe-\d+)$")
-PROBE_PREFIX = ".higgs-tune-probe-"
+# RUN_FILES / RUN_DIRS (from runfs): the top-level names higgs-tune writes into a run folder;
+# `--overwrite` removes only these (and RUN_PATTERN: checkpoint-N, .tmp-*, .old-*, probes).
 
 # Fallback sizes when the model's weights are not on this machine yet (a hub id that is not
 # cached): the released 3B base, about 5.8e9 parameters; LoRA adapters with r <= 64 on every
@@ -63,8 +61,20 @@ _FALLBACK_MODULE_PARAMS = 400_000_000
 _OVERHEAD_BYTES = 8 << 20  # config, manifest, RNG states, pickle framing
 _OPTIMIZER_BYTES_PER_PARAM = 8  # AdamW: two moments, counted as fp32 (the upper bound)
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
-_SAFETENSORS_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-                            "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+_SAFETENSORS_DTYPE_BYTES = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+}
 
 
 # ---------------------------------------------------------------- size estimates
@@ -92,8 +102,11 @@ def _frozen_audio_attention(model: Any) -> list:
     (extra_weights.safetensors: no base checkpoint has them)."""
     from higgs_tune.model.audio_attention import AUDIO_ATTN_KEY_PARTS
 
-    return [p for name, p in model.named_parameters()
-            if not p.requires_grad and "lora_" not in name and any(part in name for part in AUDIO_ATTN_KEY_PARTS)]
+    return [
+        p
+        for name, p in model.named_parameters()
+        if not p.requires_grad and "lora_" not in name and any(part in name for part in AUDIO_ATTN_KEY_PARTS)
+    ]
 
 
 def _read_safetensors_header(path: Path) -> dict[str, tuple[str, list[int]]]:
@@ -113,7 +126,9 @@ def _local_weight_files(name_or_path: str) -> list[Path]:
         from higgs_tune.model.load import resolve_checkpoint
 
         resolve_checkpoint(name_or_path)  # raises the model loader's own ModelLoadError
-    from huggingface_hub import try_to_load_from_cache  # offline: looks only at the local cache
+    from huggingface_hub import (
+        try_to_load_from_cache,  # offline: looks only at the local cache
+    )
 
     try:
         index = try_to_load_from_cache(name_or_path, "model.safetensors.index.json")
@@ -130,17 +145,17 @@ def _local_weight_files(name_or_path: str) -> list[Path]:
 # Rough name patterns of the LoRA pathways / fully trained modules in the transformers layout;
 # only for this estimate before loading (model/lora.py resolves the real targets after load).
 _PATHWAY_PATTERNS = {
-    "text_attn": re.compile(r"\.self_attn\.[qkvo]_proj\.weight$"),
-    "text_mlp": re.compile(r"\.mlp\.(gate|up|down)_proj\.weight$"),
-    "audio_mlp": re.compile(r"\.audio_mlp\.(gate|up|down)_proj\.weight$"),
-    "audio_attn": re.compile(r"\.audio_attn\..*\.weight$"),
+    cfg_names.TEXT_ATTN: re.compile(r"\.self_attn\.[qkvo]_proj\.weight$"),
+    cfg_names.TEXT_MLP: re.compile(r"\.mlp\.(gate|up|down)_proj\.weight$"),
+    cfg_names.AUDIO_MLP: re.compile(r"\.audio_mlp\.(gate|up|down)_proj\.weight$"),
+    cfg_names.AUDIO_ATTN: re.compile(r"\.audio_attn\..*\.weight$"),
 }
 _MODULE_PATTERNS = {
-    "audio_lm_head": re.compile(r"^audio_lm_head\."),
-    "audio_embeddings": re.compile(r"embed_audio_tokens\."),
-    "text_lm_head": re.compile(r"^text_lm_head\."),
-    "text_embeddings": re.compile(r"embed_tokens\.weight$"),
-    "audio_attn": re.compile(r"\.audio_attn\."),
+    cfg_names.AUDIO_LM_HEAD: re.compile(r"^audio_lm_head\."),
+    cfg_names.AUDIO_EMBEDDINGS: re.compile(r"embed_audio_tokens\."),
+    cfg_names.TEXT_LM_HEAD: re.compile(r"^text_lm_head\."),
+    cfg_names.TEXT_EMBEDDINGS: re.compile(r"embed_tokens\.weight$"),
+    cfg_names.AUDIO_ATTN: re.compile(r"\.audio_attn\."),
 }
 
 
@@ -168,24 +183,38 @@ def rough_checkpoint_bytes(cfg: Any) -> int:
         total = sum(numel(s) for _, s in shapes.values())
         block, block_lora = _added_audio_attention(cfg, shapes, numel)
         if f.mode == "full":
-            frozen = sum(numel(s) for name, (_, s) in shapes.items()
-                         if any(p.search(name) for key, p in {**_PATHWAY_PATTERNS, **_MODULE_PATTERNS}.items() if key in f.freeze))
-            frozen += block if "audio_attn" in f.freeze else 0
+            frozen = sum(
+                numel(s)
+                for name, (_, s) in shapes.items()
+                if any(
+                    p.search(name) for key, p in {**_PATHWAY_PATTERNS, **_MODULE_PATTERNS}.items() if key in f.freeze
+                )
+            )
+            frozen += block if cfg_names.AUDIO_ATTN in f.freeze else 0
             saved, trainable = total + block, total + block - frozen
         else:
-            lora = sum(f.lora_r * (s[0] + s[1]) for name, (_, s) in shapes.items()
-                       if len(s) == 2 and any(_PATHWAY_PATTERNS[p].search(name) for p in f.pathways if p in _PATHWAY_PATTERNS))
-            lora += block_lora if "audio_attn" in f.pathways else 0
-            modules = sum(numel(s) for name, (_, s) in shapes.items()
-                          if any(_MODULE_PATTERNS[m].search(name) for m in f.train_modules if m in _MODULE_PATTERNS))
-            trained_block = block if "audio_attn" in f.train_modules else 0
+            lora = sum(
+                f.lora_r * (s[0] + s[1])
+                for name, (_, s) in shapes.items()
+                if len(s) == 2 and any(_PATHWAY_PATTERNS[p].search(name) for p in f.pathways if p in _PATHWAY_PATTERNS)
+            )
+            lora += block_lora if cfg_names.AUDIO_ATTN in f.pathways else 0
+            modules = sum(
+                numel(s)
+                for name, (_, s) in shapes.items()
+                if any(_MODULE_PATTERNS[m].search(name) for m in f.train_modules if m in _MODULE_PATTERNS)
+            )
+            trained_block = block if cfg_names.AUDIO_ATTN in f.train_modules else 0
             trainable = lora + modules + trained_block
             # peft keeps LoRA weights in float32 whatever the model dtype (autocast_adapter_dtype); an added
             # audio self-attention is saved beside the adapter (extra_weights) even when it is frozen
             weights = lora * 4 + (modules + block) * dtype_bytes
             return int((weights + trainable * _OPTIMIZER_BYTES_PER_PARAM) * 1.01) + _OVERHEAD_BYTES
     else:
-        log.info("output dir: %s is not on this machine yet; the space check assumes the released 3B model", cfg.model.name_or_path)
+        log.info(
+            "output dir: %s is not on this machine yet; the space check assumes the released 3B model",
+            cfg.model.name_or_path,
+        )
         if f.mode == "full":
             saved = trainable = _FALLBACK_PARAMS
         else:
@@ -199,7 +228,7 @@ def _added_audio_attention(cfg: Any, shapes: dict, numel) -> tuple[int, int]:
     per layer a copy of the shared attention's q/k/v/o plus one norm."""
     if not cfg.model.audio_self_attention or any(".audio_attn." in name for name in shapes):
         return 0, 0
-    attn = [s for name, (_, s) in shapes.items() if _PATHWAY_PATTERNS["text_attn"].search(name)]
+    attn = [s for name, (_, s) in shapes.items() if _PATHWAY_PATTERNS[cfg_names.TEXT_ATTN].search(name)]
     norms = sum(numel(s) for name, (_, s) in shapes.items() if name.endswith(".input_layernorm.weight"))
     return sum(numel(s) for s in attn) + norms, sum(cfg.finetune.lora_r * (s[0] + s[1]) for s in attn if len(s) == 2)
 
@@ -214,11 +243,16 @@ def checkpoints_on_disk(cfg: Any, total_steps: int | None = None) -> tuple[int, 
     steps = total_steps or cfg.train.max_steps
     best = 1 if c.keep_best else 0
     if c.save_total_limit is not None:
-        return c.save_total_limit + 2 + best, f"save_total_limit {c.save_total_limit} + final + one being written" + (" + best" if best else "")
+        return c.save_total_limit + 2 + best, f"save_total_limit {c.save_total_limit} + final + one being written" + (
+            " + best" if best else ""
+        )
     if steps:
         n = steps // c.save_steps
         return n + 2, f"{n} saves (all kept) + final + one being written"
-    log.warning("output dir: save_total_limit is null (keep all) and the run length is not known yet: the space check counts 5 checkpoints")
+    log.warning(
+        "output dir: save_total_limit is null (keep all) and the run length is not known yet: the space check "
+        "counts 5 checkpoints"
+    )
     return 5, "5 (keep-all, run length unknown)"
 
 
@@ -242,7 +276,7 @@ def _is_ours(entry: Path) -> bool:
         return entry.is_file()
     if name in RUN_DIRS:
         return entry.is_dir()
-    return bool(_RUN_PATTERN.match(name))
+    return bool(RUN_PATTERN.match(name))
 
 
 def _reason(e: OSError) -> str:
@@ -292,15 +326,16 @@ def _remove_our_artefacts(path: Path, entries: list[Path]) -> None:
     """--overwrite: remove our entries; folders are renamed away first so none is left half-deleted."""
     for entry in entries:
         if entry.is_dir():
-            trash = entry if entry.name.startswith((TMP_PREFIX, TRASH_PREFIX)) else path / f"{TRASH_PREFIX}{entry.name}-{os.getpid()}"
-            if trash != entry:
-                os.replace(entry, trash)
-            shutil.rmtree(trash)
+            discard_dir(entry)
         else:
             entry.unlink()
     fsync_path(path)
-    log.warning("output dir: --overwrite removed %d earlier run artefact(s) from %s: %s",
-                len(entries), path, ", ".join(sorted(e.name for e in entries)))
+    log.warning(
+        "output dir: --overwrite removed %d earlier run artefact(s) from %s: %s",
+        len(entries),
+        path,
+        ", ".join(sorted(e.name for e in entries)),
+    )
 
 
 def _check_contents(path: Path, cfg: Any, overwrite: bool, resume: str | Path | None) -> tuple[list[Path], bool]:
@@ -317,34 +352,52 @@ def _check_contents(path: Path, cfg: Any, overwrite: bool, resume: str | Path | 
 
     resume_inside = resume is not None and (str(resume) == "auto" or _inside(Path(resume), path))
     if overwrite and resume_inside:
-        raise OutputDirError(f"--overwrite would remove the checkpoints that --resume {resume} continues from in {path}: use one of the two.")
+        raise OutputDirError(
+            f"--overwrite would remove the checkpoints that --resume {resume} continues from in {path}: use one of "
+            "the two."
+        )
     if resume is not None and not overwrite and (is_run or ours):
         if not is_run:
-            raise OutputDirError(f"{path} holds higgs-tune artefacts but no config.yaml written by higgs-tune, so it cannot be checked to be a run of this config. "
-                                 f"Copy a checkpoint's config.yaml there to continue it, or start over with --overwrite.")
+            raise OutputDirError(
+                f"{path} holds higgs-tune artefacts but no config.yaml written by higgs-tune, so it cannot be "
+                "checked to be a run of this config. Copy a checkpoint's config.yaml there to continue it, or "
+                "start over with --overwrite."
+            )
         try:
             saved = yaml.safe_load(run_config.read_text(encoding="utf-8")) or {}
         except (OSError, yaml.YAMLError) as e:
-            raise OutputDirError(f"{run_config} cannot be read ({e}): cannot check that this is a run of the same config. Start over with --overwrite or choose another output_dir.") from e
+            raise OutputDirError(
+                f"{run_config} cannot be read ({e}): cannot check that this is a run of the same config. Start "
+                "over with --overwrite or choose another output_dir."
+            ) from e
         changes = resume_config_changes(saved, cfg)
         if changes:
             listing = "\n  ".join(changes)
-            raise OutputDirError(f"{path} is a run of a different config; changed settings that resuming must keep:\n  {listing}\n"
-                                 "Restore them to resume, start over there with --overwrite, or choose a new output_dir "
-                                 "(and --resume-weights-only CHECKPOINT to start from its weights).")
+            raise OutputDirError(
+                f"{path} is a run of a different config; changed settings that resuming must keep:\n  {listing}\n"
+                "Restore them to resume, start over there with --overwrite, or choose a new output_dir "
+                "(and --resume-weights-only CHECKPOINT to start from its weights)."
+            )
         if foreign:
             log.info("output dir: %s also holds files higgs-tune did not write (kept): %s", path, shown)
         return [], True
     if foreign:
         if overwrite:
-            raise OutputDirError(f"{path} holds files higgs-tune did not write ({shown}); --overwrite removes only higgs-tune's own "
-                                 "files and never these. Move them away or choose another checkpoint.output_dir.")
-        raise OutputDirError(f"{path} is not empty and is not a higgs-tune run (it holds {shown}): choose an empty or new checkpoint.output_dir.")
+            raise OutputDirError(
+                f"{path} holds files higgs-tune did not write ({shown}); --overwrite removes only higgs-tune's own "
+                "files and never these. Move them away or choose another checkpoint.output_dir."
+            )
+        raise OutputDirError(
+            f"{path} is not empty and is not a higgs-tune run (it holds {shown}): choose an empty or new "
+            "checkpoint.output_dir."
+        )
     if overwrite:
         return ours, False
     names = ", ".join(e.name for e in ours[:5]) + (" ..." if len(ours) > 5 else "")
-    raise OutputDirError(f"{path} holds an earlier higgs-tune run ({names}): continue it with --resume auto, start over with --overwrite "
-                         "(removes only higgs-tune's files), or choose another checkpoint.output_dir.")
+    raise OutputDirError(
+        f"{path} holds an earlier higgs-tune run ({names}): continue it with --resume auto, start over with "
+        "--overwrite (removes only higgs-tune's files), or choose another checkpoint.output_dir."
+    )
 
 
 def _inside(child: Path, parent: Path) -> bool:
@@ -356,17 +409,21 @@ def _inside(child: Path, parent: Path) -> bool:
 
 
 def _existing_checkpoints(path: Path) -> int:
-    return sum(1 for e in path.iterdir() if e.is_dir() and (e.name == FINAL_NAME or re.fullmatch(rf"{re.escape(CHECKPOINT_PREFIX)}\d+", e.name)))
+    return sum(1 for e in path.iterdir() if e.is_dir() and (e.name == FINAL_NAME or CHECKPOINT_RE.match(e.name)))
 
 
-def _prepare_main(cfg: Any, overwrite: bool, resume: str | Path | None, estimate_bytes: int, total_steps: int | None) -> Path:
+def _prepare_main(
+    cfg: Any, overwrite: bool, resume: str | Path | None, estimate_bytes: int, total_steps: int | None
+) -> Path:
     c = cfg.checkpoint
     path = Path(c.output_dir)
     try:
         _ensure_writable(path)
     except OutputDirError as first:
         if not c.output_dir_fallback:
-            raise OutputDirError(f"{first} Or set checkpoint.output_dir_fallback to a folder to use instead.") from first
+            raise OutputDirError(
+                f"{first} Or set checkpoint.output_dir_fallback to a folder to use instead."
+            ) from first
         fallback = Path(c.output_dir_fallback)
         log.warning("!" * 78)
         log.warning("OUTPUT DIR FALLBACK: %s", first)
@@ -392,23 +449,28 @@ def _prepare_main(cfg: Any, overwrite: bool, resume: str | Path | None, estimate
     reclaim = sum(_tree_bytes(e) for e in remove)
     if free + reclaim < needed:
         raise OutputDirError(
-            f"{path}: {format_bytes(free)} free{f' (+{format_bytes(reclaim)} freed by --overwrite)' if reclaim else ''}, the run needs about "
-            f"{format_bytes(needed)} = {n} checkpoint(s) x {format_bytes(estimate_bytes)} ({why}) + checkpoint.min_free_gb {c.min_free_gb} GB. "
-            "Free space, choose another disk, or lower checkpoint.save_total_limit."
+            f"{path}: {format_bytes(free)} "
+            f"free{f' (+{format_bytes(reclaim)} freed by --overwrite)' if reclaim else ''}, the run needs about "
+            f"{format_bytes(needed)} = {n} checkpoint(s) x {format_bytes(estimate_bytes)} ({why}) + "
+            f"checkpoint.min_free_gb {c.min_free_gb} GB. Free space, choose another disk, or lower "
+            "checkpoint.save_total_limit."
         )
     if remove:
         _remove_our_artefacts(path, remove)
 
     # The run's config.yaml marks the folder as a run of this config (for --resume and
     # --overwrite later); a continued run's non-resume settings may have changed, so rewrite.
-    tmp = path / f"{TMP_PREFIX}{CONFIG_FILE}-{os.getpid()}"
-    write_config_yaml(tmp, cfg)
-    fsync_path(tmp)
-    os.replace(tmp, path / CONFIG_FILE)
-    fsync_path(path)
-    log.info("output dir: %s (%s); %s free, needs about %s (%d checkpoint(s) x %s + min_free_gb %s GB)",
-             path, "continuing the run there" if continued else "new run", format_bytes(shutil.disk_usage(path).free),
-             format_bytes(needed), n, format_bytes(estimate_bytes), c.min_free_gb)
+    atomic_write_text(path / CONFIG_FILE, config_yaml_text(cfg))
+    log.info(
+        "output dir: %s (%s); %s free, needs about %s (%d checkpoint(s) x %s + min_free_gb %s GB)",
+        path,
+        "continuing the run there" if continued else "new run",
+        format_bytes(shutil.disk_usage(path).free),
+        format_bytes(needed),
+        n,
+        format_bytes(estimate_bytes),
+        c.min_free_gb,
+    )
     return path
 
 

@@ -87,7 +87,7 @@ def prediction_preview(
             q = tokenizer.decode(prd[i:j], skip_special_tokens=False, clean_up_tokenization_spaces=False)
             text_items.append({"position": pos[i], "target": t, "pred": q})
             lines.append(f"    text @{pos[i]:<5d} target {_show(t)}  pred {_show(q)}")
-        text_correct = sum(a == c for a, c in zip(tgt, prd))
+        text_correct = sum(a == c for a, c in zip(tgt, prd, strict=True))
         if pos:
             lines.append(f"    text accuracy {text_correct}/{len(pos)}")
         else:
@@ -105,12 +105,29 @@ def prediction_preview(
         for k in range(a_tgt.shape[1] if a_tgt.numel() else 0):
             valid = a_tgt[:, k] != IGNORE
             t_k, p_k = a_tgt[valid, k].tolist(), a_prd[valid, k].tolist()
-            correct = sum(x == y for x, y in zip(t_k, p_k))
+            correct = sum(x == y for x, y in zip(t_k, p_k, strict=True))
             acc = correct / len(t_k) if t_k else 0.0
-            audio_items.append({"codebook": k, "target": t_k[:num_frames], "pred": p_k[:num_frames],
-                                "correct": correct, "n": len(t_k), "acc": acc})
+            audio_items.append(
+                {
+                    "codebook": k,
+                    "target": t_k[:num_frames],
+                    "pred": p_k[:num_frames],
+                    "correct": correct,
+                    "n": len(t_k),
+                    "acc": acc,
+                }
+            )
             lines.append(f"      cb{k}  target [{_frames(t_k, num_frames, stream_eos_id)}]")
-            lines.append(f"           pred   [{_frames(p_k, num_frames, stream_eos_id)}]  acc {acc:.3f} ({correct}/{len(t_k)})")
-        samples.append({"sample_id": sid, "text": text_items, "text_correct": text_correct, "n_text_tokens": len(pos),
-                        "audio": audio_items})
+            lines.append(
+                f"           pred   [{_frames(p_k, num_frames, stream_eos_id)}]  acc {acc:.3f} ({correct}/{len(t_k)})"
+            )
+        samples.append(
+            {
+                "sample_id": sid,
+                "text": text_items,
+                "text_correct": text_correct,
+                "n_text_tokens": len(pos),
+                "audio": audio_items,
+            }
+        )
     return Preview("\n".join(lines), {"event": "preview", "step": step, "split": split, "samples": samples})

@@ -31,16 +31,36 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
+from accelerate.utils import InitProcessGroupKwargs, set_seed
 
 from higgs_tune.config import Config, ConfigError
-from higgs_tune.data.pipeline import TrainData, build_train_data
+from higgs_tune.data.inspect import batch_statistics, render_batch_statistics
+from higgs_tune.data.pipeline import TrainData, build_train_data, first_batches
 from higgs_tune.errors import CheckpointError
+from higgs_tune.infer.generate import GenerationRequest, SamplingOptions, generate_speech, write_wav
+from higgs_tune.model.load import load_model, load_processor
+from higgs_tune.model.lora import apply_finetuning, load_trainable, parameter_report, save_trainable, verify_trainable
+from higgs_tune.runfs import DATA_REPORT_FILE, PARAM_REPORT_FILE, SAMPLES_DIR
+from higgs_tune.train.checkpoint import (
+    CheckpointManager,
+    find_resume_checkpoint,
+    is_fsdp,
+    load_training_state,
+    read_manifest,
+    require_unsharded,
+)
+from higgs_tune.train.distributed import preserved_rng
+from higgs_tune.train.health import HealthMonitor, check_trainable
+from higgs_tune.train.logging import MetricsLogger, reduce_metrics
+from higgs_tune.train.loss import HiggsLossModule, StepMetrics, TokenCounts
+from higgs_tune.train.optim import make_optimizer
+from higgs_tune.train.outdir import estimate_checkpoint_bytes, prepare_output_dir, rough_checkpoint_bytes
+from higgs_tune.train.preview import prediction_preview
 
 log = logging.getLogger("higgs_tune.train")
 
-PARAM_REPORT_FILE = "param_report.txt"
-DATA_REPORT_FILE = "data_report.txt"
-SAMPLES_DIR = "samples"
 INSPECT_BATCHES = 4  # batches inspected before the model loads
 PREVIEW_EVERY_LOGS = 5  # the prediction preview is printed every 5th log step (and at step 1)
 PROCESS_GROUP_TIMEOUT_MIN = 60
@@ -61,13 +81,7 @@ class TrainResult:
 # ----------------------------------------------------------------------------- data
 def inspect_first_batches(data: TrainData, n: int = INSPECT_BATCHES) -> dict:
     """Statistics of the first n batches of epoch 0; raises when nothing would be learned."""
-    from higgs_tune.data.inspect import batch_statistics, check_trainable
-
-    data.train_set.set_epoch(0)
-    data.sampler.set_epoch(0)
-    plan = list(data.sampler)[:n]
-    batches = [data.collator([data.train_set[i] for i in idx]) for idx in plan]
-    data.sampler.set_epoch(0)  # iterating counted as consumption; start the epoch afresh
+    batches = first_batches(data.train_set, data.sampler, data.collator, n)
     stats = batch_statistics(batches, data.tokens.stream_bos, data.tokens.stream_eos)
     check_trainable(stats)
     return stats
@@ -75,7 +89,14 @@ def inspect_first_batches(data: TrainData, n: int = INSPECT_BATCHES) -> dict:
 
 # ----------------------------------------------------------------------------- schedule
 def make_scheduler(optimizer, name: str, warmup_steps: int, total_steps: int):
-    """Linear warm-up to the peak LR, then cosine / linear decay to 0, or constant."""
+    """Linear warm-up to the peak LR, then cosine / linear decay to 0, or constant.
+
+    Not `transformers.get_scheduler`: its warm-up runs step s (from 0) at s / warmup_steps, so
+    the first optimizer step is taken at LR 0 and the peak comes one step late. Here step s runs
+    at (s + 1) / warmup_steps (warm-up 2: half the peak, then the peak; the logged `lr`). From
+    the end of the warm-up on, the values are get_scheduler's ("cosine", "linear", "constant")
+    step for step, up to rounding (tests/test_train_recipe.py checks both).
+    """
 
     def factor(step: int) -> float:
         if warmup_steps and step < warmup_steps:
@@ -95,44 +116,44 @@ def total_optimizer_steps(cfg: Config, batches_per_epoch: int) -> int:
 
 
 # ----------------------------------------------------------------------------- the recipe
-def train(cfg: Config, *, resume: str | None = None, overwrite: bool = False,
-          resume_weights_only: bool = False, _debug_unshifted: bool = False, _batch_hook=None) -> TrainResult:
+def train(
+    cfg: Config,
+    *,
+    resume: str | None = None,
+    overwrite: bool = False,
+    resume_weights_only: bool = False,
+    _debug_unshifted: bool = False,
+    _batch_hook=None,
+) -> TrainResult:
     """Run one fine-tune as `cfg` says. `resume`: None, "auto" or a checkpoint folder.
 
     Test-only switches: `_debug_unshifted` computes the deliberately wrong unshifted loss (the
     copy task of earlier trainers); `_batch_hook(step, batch, model) -> batch` may alter a batch
     (random labels, an injected NaN) to prove that the health checks fire.
     """
-    from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs, set_seed
-
-    from higgs_tune.model.load import load_model, load_processor
-    from higgs_tune.model.lora import apply_finetuning, load_trainable, parameter_report, save_trainable, verify_trainable
-    from higgs_tune.train.checkpoint import (CheckpointManager, find_resume_checkpoint, is_fsdp, load_training_state,
-                                             require_unsharded)
-    from higgs_tune.train.health import HealthMonitor
-    from higgs_tune.train.logging import MetricsLogger, reduce_metrics
-    from higgs_tune.train.loss import HiggsLossModule, StepMetrics, TokenCounts
-    from higgs_tune.train.optim import make_optimizer
-    from higgs_tune.train.outdir import estimate_checkpoint_bytes, prepare_output_dir, rough_checkpoint_bytes
-    from higgs_tune.train.preview import prediction_preview
-
     t, ck = cfg.train, cfg.checkpoint
     # --- setup: processes, seed, output folder (checked before any model loads) ----------------
     _fresh_accelerate_state()
     # rank 0 writes (and verifies) a full-model checkpoint while the others wait at a barrier
     pg_timeout = InitProcessGroupKwargs(timeout=datetime.timedelta(minutes=PROCESS_GROUP_TIMEOUT_MIN))
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=t.mixed_precision,
-                              kwargs_handlers=[pg_timeout])
+    accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(), mixed_precision=t.mixed_precision, kwargs_handlers=[pg_timeout]
+    )
     require_unsharded(accelerator)  # before anything loads: DeepSpeed checkpoints are not supported
     fsdp = is_fsdp(accelerator)
     if fsdp and t.sample_steps:
-        raise ConfigError(["train.sample_steps: generating samples during an FSDP run is not supported (the main "
-                           "process alone cannot run a sharded model); set train.sample_steps: null."])
+        raise ConfigError(
+            [
+                "train.sample_steps: generating samples during an FSDP run is not supported (the main "
+                "process alone cannot run a sharded model); set train.sample_steps: null."
+            ]
+        )
     set_seed(t.seed)
     # --resume-weights-only starts a new run (its own, empty folder) from another run's weights
     continuing = resume if not resume_weights_only else None
-    run_dir = prepare_output_dir(cfg, overwrite=overwrite, resume=continuing, estimate_bytes=rough_checkpoint_bytes(cfg))
+    run_dir = prepare_output_dir(
+        cfg, overwrite=overwrite, resume=continuing, estimate_bytes=rough_checkpoint_bytes(cfg)
+    )
     resume_from = find_resume_checkpoint(run_dir, resume) if resume else None
     if resume_weights_only and resume_from is None:
         raise CheckpointError(f"--resume-weights-only {resume}: no checkpoint found there. Name a checkpoint folder.")
@@ -140,8 +161,9 @@ def train(cfg: Config, *, resume: str | None = None, overwrite: bool = False,
     resume_step = None
     if continuing:
         resume_step = _checkpoint_step(resume_from) if resume_from else 0
-    logger = MetricsLogger(run_dir, cfg.logging.report_to, accelerator.is_main_process,
-                           resume_step=resume_step, config=cfg.to_dict())
+    logger = MetricsLogger(
+        run_dir, cfg.logging.report_to, accelerator.is_main_process, resume_step=resume_step, config=cfg.to_dict()
+    )
     say = logger.console.print if accelerator.is_main_process else (lambda *a, **k: None)
     say(f"run folder: {run_dir} · {accelerator.num_processes} process(es) on {accelerator.device}")
 
@@ -150,11 +172,9 @@ def train(cfg: Config, *, resume: str | None = None, overwrite: bool = False,
     data = build_train_data(cfg, processor, num_replicas=accelerator.num_processes, rank=accelerator.process_index)
     stats = inspect_first_batches(data)
     if accelerator.is_main_process:
-        from higgs_tune.data.inspect import render_batch_statistics
-
         text = render_batch_statistics(stats)
         (run_dir / DATA_REPORT_FILE).write_text(text + "\n", encoding="utf-8")
-        total = text[text.find("total:"):] if "total:" in text else text
+        total = text[text.find("total:") :] if "total:" in text else text
         say(f"first {INSPECT_BATCHES} training batches ({DATA_REPORT_FILE} has each one):\n{total}")
     total_steps = total_optimizer_steps(cfg, len(data.sampler))
 
@@ -177,27 +197,47 @@ def train(cfg: Config, *, resume: str | None = None, overwrite: bool = False,
     scheduler = make_scheduler(optimizer, t.lr_scheduler, t.warmup_steps, total_steps)
     wrapped, optimizer = accelerator.prepare(loss_module, optimizer)
     trainable = [p for p in model.parameters() if p.requires_grad]  # FSDP replaced them with sharded ones
-    health = HealthMonitor.for_model(cfg.health, cfg.loss, model.config, processor.tokenizer, on_warning=logger.log_warning)
+    health = HealthMonitor.for_model(
+        cfg.health, cfg.loss, model.config, processor.tokenizer, on_warning=logger.log_warning
+    )
 
     # every save is read back and compared bit for bit with the weights in memory
-    checkpoints = CheckpointManager(run_dir, accelerator, ck, save_weights=lambda d, state_dict=None: save_trainable(model, d, state_dict),
-                                    verify_weights=lambda d, state_dict=None: verify_trainable(model, d, state_dict),
-                                    estimate_bytes=estimate_checkpoint_bytes(model, cfg.finetune.mode),
-                                    sharded_root=wrapped if fsdp else None, weights_prefix="model.")
+    checkpoints = CheckpointManager(
+        run_dir,
+        accelerator,
+        ck,
+        save_weights=lambda d, state_dict=None: save_trainable(model, d, state_dict),
+        verify_weights=lambda d, state_dict=None: verify_trainable(model, d, state_dict),
+        estimate_bytes=estimate_checkpoint_bytes(model, cfg.finetune.mode),
+        sharded_root=wrapped if fsdp else None,
+        weights_prefix="model.",
+    )
 
     # --- resume: optimizer, scheduler, RNG of this rank, step, data position -------------------
     step, epoch, state = 0, 0, None
     if resume_from is not None and not resume_weights_only:
         # last before the loop: it restores this rank's RNG streams
-        state = load_training_state(resume_from, optimizer=optimizer, scheduler=scheduler, config=cfg,
-                                    grad_scaler=accelerator.scaler, world_size=accelerator.num_processes,
-                                    rank=accelerator.process_index, sharded_root=wrapped if fsdp else None)
+        state = load_training_state(
+            resume_from,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            config=cfg,
+            grad_scaler=accelerator.scaler,
+            world_size=accelerator.num_processes,
+            rank=accelerator.process_index,
+            sharded_root=wrapped if fsdp else None,
+        )
         step, epoch = state.step, int(state.epoch)
         data.sampler.load_state_dict(state.sampler_state)
-        say(f"resumed from {resume_from} at step {step} (epoch {epoch}, batch {state.sampler_state['batches_consumed']})")
+        say(
+            f"resumed from {resume_from} at step {step} (epoch {epoch}, batch "
+            f"{state.sampler_state['batches_consumed']})"
+        )
         if step >= total_steps:
-            say(f"the run already reached step {step} of {total_steps}: nothing left to train "
-                "(with lr_scheduler: constant, a larger train.max_steps continues it)")
+            say(
+                f"the run already reached step {step} of {total_steps}: nothing left to train "
+                "(with lr_scheduler: constant, a larger train.max_steps continues it)"
+            )
     elif resume_from is not None:
         say(f"loaded weights only from {resume_from}; optimizer, schedule and data order start afresh")
 
@@ -239,8 +279,9 @@ def train(cfg: Config, *, resume: str | None = None, overwrite: bool = False,
         # fp16 loss scaling overflows on purpose now and then: the scaler skips that step and
         # lowers its scale, so an infinite norm there is not a broken run
         scaler_skips = accelerator.scaler is not None and not math.isfinite(grad_norm)
-        health.check_step(step, step_metrics, grad_norm=None if scaler_skips else grad_norm, sample_ids=ids,
-                          last_checkpoint=last_ckpt)
+        health.check_step(
+            step, step_metrics, grad_norm=None if scaler_skips else grad_norm, sample_ids=ids, last_checkpoint=last_ckpt
+        )
         lr = scheduler.get_last_lr()[0]  # the learning rate this step is applied with
         optimizer.step()
         scheduler.step()
@@ -250,31 +291,62 @@ def train(cfg: Config, *, resume: str | None = None, overwrite: bool = False,
         if step % t.log_steps == 0 or step == 1 or step == total_steps:
             elapsed = time.perf_counter() - tic
             tokens = torch.tensor(tokens_seen, device=accelerator.device)
-            last_metrics = {**step_metrics, "lr": lr, "grad_norm": grad_norm, "epoch": _epochs_done(data, epoch),
-                            "tokens_per_s": float(accelerator.reduce(tokens, "sum")) / max(elapsed, 1e-9)}
+            last_metrics = {
+                **step_metrics,
+                "lr": lr,
+                "grad_norm": grad_norm,
+                "epoch": _epochs_done(data, epoch),
+                "tokens_per_s": float(accelerator.reduce(tokens, "sum")) / max(elapsed, 1e-9),
+            }
             logger.log(step, last_metrics)
             tokens_seen, tic = 0, time.perf_counter()
             if accelerator.is_main_process and (step == 1 or step % (t.log_steps * PREVIEW_EVERY_LOGS) == 0):
-                logger.log_preview(prediction_preview(out.predictions, window[-1][1]["sample_ids"], processor.tokenizer,
-                                                      step=step, num_samples=cfg.logging.preview_samples,
-                                                      stream_eos_id=data.tokens.stream_eos))
+                logger.log_preview(
+                    prediction_preview(
+                        out.predictions,
+                        window[-1][1]["sample_ids"],
+                        processor.tokenizer,
+                        step=step,
+                        num_samples=cfg.logging.preview_samples,
+                        stream_eos_id=data.tokens.stream_eos,
+                    )
+                )
         if data.eval_set is not None and ((t.eval_steps and step % t.eval_steps == 0) or step == total_steps):
             eval_metrics = evaluate(wrapped, data, accelerator)
             logger.log(step, eval_metrics, split="eval")
             eval_loss = eval_metrics["loss"]
             wrapped.train()
         if t.sample_steps and (step % t.sample_steps == 0 or step == total_steps):
-            write_samples(model, processor, data, run_dir / SAMPLES_DIR / f"step-{step}", t.num_samples, accelerator, logger, step)
+            write_samples(
+                model, processor, data, run_dir / SAMPLES_DIR / f"step-{step}", t.num_samples, accelerator, logger, step
+            )
         if step % ck.save_steps == 0 and step < total_steps:
-            saved = checkpoints.save(step, optimizer=optimizer, scheduler=scheduler, sampler_state=data.sampler.state_dict(),
-                                     epoch=epoch, metrics=_json_metrics(last_metrics), config=cfg, eval_loss=eval_loss,
-                                     grad_scaler=accelerator.scaler)
+            saved = checkpoints.save(
+                step,
+                optimizer=optimizer,
+                scheduler=scheduler,
+                sampler_state=data.sampler.state_dict(),
+                epoch=epoch,
+                metrics=_json_metrics(last_metrics),
+                config=cfg,
+                eval_loss=eval_loss,
+                grad_scaler=accelerator.scaler,
+            )
             last_ckpt = str(saved) if saved else last_ckpt
 
     # --- save: final/ always; the best by eval loss is kept by the checkpoint manager ----------
-    final_dir = checkpoints.save(step, optimizer=optimizer, scheduler=scheduler, sampler_state=data.sampler.state_dict(),
-                                 epoch=epoch, metrics=_json_metrics(last_metrics), config=cfg, eval_loss=eval_loss,
-                                 grad_scaler=accelerator.scaler, final=True)
+    final_dir = checkpoints.save(
+        step,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        sampler_state=data.sampler.state_dict(),
+        epoch=epoch,
+        metrics=_json_metrics(last_metrics),
+        config=cfg,
+        eval_loss=eval_loss,
+        grad_scaler=accelerator.scaler,
+        final=True,
+    )
     say(f"final checkpoint: {final_dir}")
     warnings = health.warnings
     if warnings:
@@ -290,12 +362,9 @@ def _fresh_accelerate_state() -> None:
     """Accelerate keeps its settings (mixed precision, ...) in process-wide singletons. Outside a
     live process group, clear them so that a second run in the same Python process (a notebook,
     a benchmark, the tests) gets its own config instead of an error or the first run's settings."""
-    from accelerate.state import AcceleratorState, GradientState
-
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         AcceleratorState._reset_state(reset_partial_state=True)  # noqa: SLF001 - no public reset exists
         GradientState._reset_state()  # noqa: SLF001
-
 
 
 def _endless(data: TrainData, epoch: int):
@@ -326,17 +395,12 @@ def _json_metrics(metrics: dict) -> dict:
 
 
 def _checkpoint_step(folder: Path) -> int:
-    from higgs_tune.train.checkpoint import read_manifest
-
     return int(read_manifest(folder)["step"])
 
 
 @torch.no_grad()
 def evaluate(wrapped, data: TrainData, accelerator) -> dict:
     """Token-weighted loss and accuracies over this rank's share of the held-out set, reduced."""
-    from higgs_tune.train.logging import reduce_metrics
-    from higgs_tune.train.loss import StepMetrics
-
     wrapped.eval()
     acc = StepMetrics()
     for batch in data.eval_batches():
@@ -348,8 +412,6 @@ def evaluate(wrapped, data: TrainData, accelerator) -> dict:
 def sample_requests(data: TrainData, n: int) -> list:
     """The fixed prompts generated during training: n held-out (else training) clips, one per
     speaker in turn, each cloned from another clip of its speaker (plain TTS when it has none)."""
-    from higgs_tune.infer.generate import GenerationRequest
-
     source = data.eval_set if data.eval_set is not None else data.train_set
     pool = list(data.train_set.entries)
     cache = data.train_set.cache
@@ -365,16 +427,14 @@ def sample_requests(data: TrainData, n: int) -> list:
         if ref is None:
             requests.append(GenerationRequest(text=entry.text, id=entry.id))
         else:
-            requests.append(GenerationRequest(text=entry.text, ref_text=ref.text, ref_codes=cache.codes(ref.key), id=entry.id))
+            requests.append(
+                GenerationRequest(text=entry.text, ref_text=ref.text, ref_codes=cache.codes(ref.key), id=entry.id)
+            )
     return requests
 
 
 def write_samples(model, processor, data: TrainData, out_dir: Path, n: int, accelerator, logger, step: int) -> None:
     """Generate the fixed prompts on the main process and save WAVs (other ranks wait)."""
-    from higgs_tune.infer.generate import SamplingOptions, generate_speech, write_wav
-
-    from higgs_tune.train.distributed import preserved_rng
-
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
         unwrapped = accelerator.unwrap_model(model)
@@ -384,6 +444,12 @@ def write_samples(model, processor, data: TrainData, out_dir: Path, n: int, acce
         for r in results:
             write_wav(out_dir / f"{r.id}.wav", r.wav, r.sample_rate)
             logger.log_audio(step, r.id, r.wav, r.sample_rate)
-        logger.log_event("samples", step, folder=str(out_dir), files=[f"{r.id}.wav" for r in results],
-                         stopped=[r.stopped for r in results], frames=[r.num_frames for r in results])
+        logger.log_event(
+            "samples",
+            step,
+            folder=str(out_dir),
+            files=[f"{r.id}.wav" for r in results],
+            stopped=[r.stopped for r in results],
+            frames=[r.num_frames for r in results],
+        )
     accelerator.wait_for_everyone()

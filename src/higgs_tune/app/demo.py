@@ -17,8 +17,16 @@ from pathlib import Path
 
 import yaml
 
+from higgs_tune.app.report import build_report
 from higgs_tune.config import config_from_dict
+from higgs_tune.data.prepare import prepare_manifest
 from higgs_tune.errors import DataError, OutputDirError
+from higgs_tune.infer.evaluate import AsrModel, SpeakerModel, evaluate_manifest
+from higgs_tune.infer.generate import SamplingOptions
+from higgs_tune.infer.loading import load_inference_stack
+from higgs_tune.tiny import make_tiny
+from higgs_tune.tiny.eval_models import make_tiny_eval_models
+from higgs_tune.train.recipe import train
 
 log = logging.getLogger("higgs_tune.demo")
 
@@ -32,8 +40,10 @@ def demo_data_dir() -> Path:
         candidate = parent / "examples" / "data" / "demo"
         if (candidate / "manifest.jsonl").is_file():
             return candidate
-    raise DataError("The bundled demo data (examples/data/demo/manifest.jsonl) was not found next to the package. "
-                    "Run the demo from a source checkout installed with ./setup.sh (pip install -e .).")
+    raise DataError(
+        "The bundled demo data (examples/data/demo/manifest.jsonl) was not found next to the package. "
+        "Run the demo from a source checkout installed with ./setup.sh (pip install -e .)."
+    )
 
 
 def demo_config(out: Path, max_steps: int | None = None):
@@ -52,38 +62,49 @@ def demo_config(out: Path, max_steps: int | None = None):
 
 def run_demo(out: Path, *, max_steps: int | None = None, overwrite: bool = False) -> Path:
     """Build, prepare, train, evaluate, report; returns the report's path."""
-    from higgs_tune.data.prepare import prepare_manifest
-    from higgs_tune.infer.evaluate import AsrModel, SpeakerModel, evaluate_manifest
-    from higgs_tune.infer.generate import SamplingOptions, load_inference_stack
-    from higgs_tune.infer.report import build_report
-    from higgs_tune.infer.tiny_eval_models import make_tiny_eval_models
-    from higgs_tune.tiny import make_tiny
-    from higgs_tune.train.recipe import train
-
     out = out.resolve()
     data = demo_data_dir()
     run_dir = out / "run"
     if not overwrite and run_dir.is_dir() and any(run_dir.iterdir()):
         # before anything is built: the demo has no --resume, so train's own advice would not apply
-        raise OutputDirError(f"{run_dir} is not empty (an earlier demo run): add --overwrite to train the demo again "
-                             "(the tiny stack and the code caches are reused), or choose another --out.")
+        raise OutputDirError(
+            f"{run_dir} is not empty (an earlier demo run): add --overwrite to train the demo again "
+            "(the tiny stack and the code caches are reused), or choose another --out."
+        )
     tiny = out / "tiny-model"
     if not (tiny / "config.json").is_file():
         log.info("building the tiny Higgs Audio v2 stack in %s", tiny)
         make_tiny(tiny, seed=0, overwrite=True)
     for name, manifest in (("train", data / "manifest.jsonl"), ("heldout", data / "heldout.jsonl")):
         r = prepare_manifest(manifest, tiny, out / "cache" / name, progress=False)
-        log.info("prepared %s: %d clips (%d encoded, %d reused from the cache) in %s", name, r.entries, r.encoded, r.reused, r.cache_dir)
+        log.info(
+            "prepared %s: %d clips (%d encoded, %d reused from the cache) in %s",
+            name,
+            r.entries,
+            r.encoded,
+            r.reused,
+            r.cache_dir,
+        )
 
     cfg = demo_config(out, max_steps)
     run = train(cfg, overwrite=overwrite)
-    log.info("trained %d steps; audio loss %.3f (chance ln(1026) = 6.93)", run.steps, run.last_metrics.get("audio_loss", float("nan")))
+    log.info(
+        "trained %d steps; audio loss %.3f (chance ln(1026) = 6.93)",
+        run.steps,
+        run.last_metrics.get("audio_loss", float("nan")),
+    )
 
     asr_dir, spk_dir = out / "eval-models" / "asr", out / "eval-models" / "speaker"
     if not (asr_dir / "config.json").is_file() or not (spk_dir / "config.json").is_file():
         make_tiny_eval_models(out / "eval-models")
     stack = load_inference_stack(tiny, run.final_dir)
-    evaluate_manifest(stack, data / "heldout.jsonl", run.run_dir / "eval", asr=AsrModel.load(asr_dir),
-                      speaker=SpeakerModel.load(spk_dir), ref_manifest=data / "manifest.jsonl",
-                      options=SamplingOptions(temperature=0.0, ras_win_len=None, max_new_tokens=300, seed=0))
+    evaluate_manifest(
+        stack,
+        data / "heldout.jsonl",
+        run.run_dir / "eval",
+        asr=AsrModel.load(asr_dir),
+        speaker=SpeakerModel.load(spk_dir),
+        ref_manifest=data / "manifest.jsonl",
+        options=SamplingOptions(temperature=0.0, ras_win_len=None, max_new_tokens=300, seed=0),
+    )
     return build_report(run.run_dir)

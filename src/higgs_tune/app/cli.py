@@ -1,8 +1,8 @@
-"""The `higgs-tune` command line: one group; each subcommand lives beside the code it drives.
+"""The `higgs-tune` command line: one group; the subcommands live in app/commands/, one module per area.
 
-Subcommands are imported lazily so `higgs-tune --help` is fast and a broken optional area
-cannot break the others. Everything below the CLI raises typed errors (`HiggsTuneError`
-subclasses) whose message says what to do; this module turns them into one clean line
+Subcommands are imported lazily (start-up time: `higgs-tune train` need not load the
+inference code) and a broken optional area cannot break the others. Everything below the CLI raises typed errors
+(`HiggsTuneError` subclasses) whose message says what to do; this module turns them into one clean line
 and exit status 2, never a traceback.
 """
 
@@ -17,16 +17,16 @@ from higgs_tune.errors import HiggsTuneError
 
 # name -> "module:attribute" of a click.Command
 _COMMANDS = {
-    "make-tiny": "higgs_tune.tiny_cli:make_tiny_command",
-    "prepare": "higgs_tune.data.commands:prepare_command",
-    "inspect": "higgs_tune.data.inspect_cli:inspect_command",
-    "convert": "higgs_tune.model.commands:convert_command",
-    "train": "higgs_tune.train.commands:train_command",
-    "demo": "higgs_tune.train.commands:demo_command",
-    "generate": "higgs_tune.infer.commands:generate_command",
-    "evaluate": "higgs_tune.infer.commands:evaluate_command",
-    "export": "higgs_tune.infer.commands:export_command",
-    "report": "higgs_tune.infer.commands:report_command",
+    "make-tiny": "higgs_tune.app.commands.model:make_tiny_command",
+    "prepare": "higgs_tune.app.commands.data:prepare_command",
+    "inspect": "higgs_tune.app.commands.data:inspect_command",
+    "convert": "higgs_tune.app.commands.model:convert_command",
+    "train": "higgs_tune.app.commands.train:train_command",
+    "demo": "higgs_tune.app.commands.train:demo_command",
+    "generate": "higgs_tune.app.commands.infer:generate_command",
+    "evaluate": "higgs_tune.app.commands.infer:evaluate_command",
+    "export": "higgs_tune.app.commands.infer:export_command",
+    "report": "higgs_tune.app.commands.infer:report_command",
 }
 
 

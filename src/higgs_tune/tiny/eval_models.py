@@ -17,7 +17,7 @@ can be exercised without a training run.
     speaker folder: config.json, model.safetensors, preprocessor_config.json
 
 The Whisper tokenizer reuses the vocabulary and merges of the tiny stack's byte-level BPE
-(`higgs_tune.tiny.build_text_tokenizer`, trained on English + Arabic) and appends Whisper's
+(`higgs_tune.tiny.v2.build_text_tokenizer`, trained on English + Arabic) and appends Whisper's
 special tokens in Whisper's order (`<|endoftext|>`, `<|startoftranscript|>`, one token per
 language, `<|translate|>`, `<|transcribe|>`, `<|startoflm|>`, `<|startofprev|>`,
 `<|nospeech|>`, `<|notimestamps|>`), which `WhisperTokenizer.prefix_tokens` relies on.
@@ -29,14 +29,30 @@ import json
 from pathlib import Path
 
 import torch
+from tokenizers import AddedToken
+from transformers import (
+    GenerationConfig,
+    Wav2Vec2FeatureExtractor,
+    WavLMConfig,
+    WavLMForXVector,
+    WhisperConfig,
+    WhisperFeatureExtractor,
+    WhisperForConditionalGeneration,
+    WhisperProcessor,
+    WhisperTokenizer,
+)
+from transformers.models.whisper.tokenization_whisper import LANGUAGES
+
+from higgs_tune.config import FinetuneConfig, ModelConfig
+from higgs_tune.model.load import load_model
+from higgs_tune.model.lora import apply_finetuning, save_trainable
+from higgs_tune.tiny.v2 import TinySpec, build_text_tokenizer
 
 ASR_SAMPLE_RATE = 16000
 SPEAKER_SAMPLE_RATE = 16000
 
 
 def _whisper_specials() -> list[str]:
-    from transformers.models.whisper.tokenization_whisper import LANGUAGES
-
     langs = [f"<|{code}|>" for code in LANGUAGES]
     return (
         ["<|endoftext|>", "<|startoftranscript|>"]
@@ -47,11 +63,6 @@ def _whisper_specials() -> list[str]:
 
 def build_whisper_tokenizer(seed: int = 0):
     """A WhisperTokenizer on the tiny stack's English+Arabic BPE, with Whisper's special tokens."""
-    from tokenizers import AddedToken
-    from transformers import WhisperTokenizer
-
-    from higgs_tune.tiny import TinySpec, build_text_tokenizer
-
     bpe = json.loads(build_text_tokenizer(TinySpec(seed=seed)).backend_tokenizer.to_str())["model"]
     merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in bpe["merges"]]
     tok = WhisperTokenizer(vocab=dict(bpe["vocab"]), merges=merges, model_max_length=448)
@@ -63,15 +74,6 @@ def build_whisper_tokenizer(seed: int = 0):
 
 def build_tiny_asr(seed: int = 0):
     """(WhisperForConditionalGeneration, WhisperProcessor), random weights, ~0.3M parameters."""
-    from transformers import (
-        GenerationConfig,
-        WhisperConfig,
-        WhisperFeatureExtractor,
-        WhisperForConditionalGeneration,
-        WhisperProcessor,
-    )
-    from transformers.models.whisper.tokenization_whisper import LANGUAGES
-
     tok = build_whisper_tokenizer(seed)
     ids = tok.convert_tokens_to_ids
     eot, sot = ids("<|endoftext|>"), ids("<|startoftranscript|>")
@@ -117,8 +119,6 @@ def build_tiny_asr(seed: int = 0):
 
 def build_tiny_speaker_model(seed: int = 0):
     """(WavLMForXVector, Wav2Vec2FeatureExtractor), random weights, 16-dim embeddings."""
-    from transformers import Wav2Vec2FeatureExtractor, WavLMConfig, WavLMForXVector
-
     config = WavLMConfig(
         hidden_size=32,
         num_hidden_layers=1,
@@ -170,13 +170,14 @@ def make_tiny_adapter(
 ) -> Path:
     """A LoRA adapter folder for the tiny stack at `base_dir`: B ~ N(0, scale^2) instead of PEFT's
     zeros, fully trained modules perturbed by N(0, (scale/5)^2), saved with `save_trainable`."""
-    from higgs_tune.config import FinetuneConfig, ModelConfig
-    from higgs_tune.model.load import load_model
-    from higgs_tune.model.lora import apply_finetuning, save_trainable
-
-    model = load_model(ModelConfig(name_or_path=str(base_dir), dtype="float32", use_text_head=True,
-                                   audio_self_attention=audio_self_attention))
-    cfg = FinetuneConfig(pathways=list(pathways), train_modules=list(train_modules), lora_r=4, lora_alpha=8, lora_dropout=0.0)
+    model = load_model(
+        ModelConfig(
+            name_or_path=str(base_dir), dtype="float32", use_text_head=True, audio_self_attention=audio_self_attention
+        )
+    )
+    cfg = FinetuneConfig(
+        pathways=list(pathways), train_modules=list(train_modules), lora_r=4, lora_alpha=8, lora_dropout=0.0
+    )
     peft_model = apply_finetuning(model, cfg)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():

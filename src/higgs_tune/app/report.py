@@ -6,8 +6,8 @@ What the page shows, from the files a run folder holds:
 
 - loss curves from `metrics.jsonl` (`{"event": "metrics", "split": "train"|"eval", ...}`):
   total, text, audio (with the chance level ln(codebook_size + 2) = ln 1026), per codebook
-  (train, and eval when logged), learning rate and gradient norm — inline SVG drawn here
-  (no plotting dependency, nothing fetched);
+  (train, and eval when logged), learning rate and gradient norm — inline SVG (`app/charts.py`:
+  no plotting dependency, nothing fetched);
 - health warnings (`{"event": "warning", ...}`), one row per warning code;
 - the parameter report (`param_report.txt`) and the resolved config (`config.yaml`);
 - audio players for the samples of each step (`samples/step-N/*.wav`), the WAV bytes
@@ -30,167 +30,26 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
+import yaml
+
+from higgs_tune.app.charts import PALETTE, Series, svg_line_chart
 from higgs_tune.errors import DataError
-from higgs_tune.infer.evaluate import RESULTS_JSON
-from higgs_tune.train.checkpoint import CONFIG_FILE
-from higgs_tune.train.logging import METRICS_FILE
-from higgs_tune.train.recipe import PARAM_REPORT_FILE, SAMPLES_DIR
+from higgs_tune.infer.evaluate import read_results
+from higgs_tune.runfs import (
+    CONFIG_FILE,
+    EVAL_DIR,
+    METRICS_FILE,
+    PARAM_REPORT_FILE,
+    REPORT_FILE,
+    RESULTS_JSON,
+    SAMPLES_DIR,
+    atomic_write_bytes,
+)
 
-REPORT_NAME = "report.html"
-EVAL_DIR = "eval"  # where `higgs-tune evaluate` writes by default for a run (evaluate.default_eval_dir)
 EVAL_RESULTS = Path(EVAL_DIR) / RESULTS_JSON
 AUDIO_CHANCE = math.log(1026)  # ln(codebook_size + stream BOS/EOS) of Higgs Audio v2 (and the tiny stack)
-PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
 _STEP_DIR = re.compile(r"^step-(\d+)$")
-
-
-# ----------------------------------------------------------------------------- SVG charts
-@dataclass
-class Series:
-    """One line: (x, y) points; y None (a non-finite value in the log) breaks the line."""
-
-    name: str
-    points: list[tuple[float, float | None]]
-    color: str = PALETTE[0]
-    dashed: bool = False
-    markers: bool = False  # dots at the points (sparse series such as eval)
-
-
-def nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
-    """About `count` round tick values (1, 2, 5 x 10^k steps) covering [lo, hi]."""
-    if hi < lo:
-        lo, hi = hi, lo
-    if hi == lo:
-        pad = abs(lo) * 0.1 or 1.0
-        lo, hi = lo - pad, hi + pad
-    raw = (hi - lo) / max(count, 1)
-    mag = 10 ** math.floor(math.log10(raw))
-    step = next(m * mag for m in (1, 2, 5, 10) if m * mag >= raw)
-    first = math.floor(lo / step) * step
-    ticks, t = [], first
-    while t <= hi + step * 1e-9:
-        ticks.append(round(t, 12))
-        t += step
-    if ticks[-1] < hi:
-        ticks.append(round(ticks[-1] + step, 12))
-    return ticks
-
-
-def _fmt(v: float) -> str:
-    if v == 0:
-        return "0"
-    a = abs(v)
-    if a >= 1e4 or a < 1e-3:
-        return f"{v:.0e}"
-    return f"{v:.4g}"
-
-
-def svg_line_chart(
-    title: str,
-    series: Sequence[Series],
-    *,
-    x_label: str = "step",
-    y_label: str = "loss",
-    hlines: Sequence[tuple[float, str]] = (),
-    width: int = 640,
-    height: int = 300,
-    log_y: bool = False,
-) -> str:
-    """An inline <svg> line chart. Each series is one <path> (d = "M x,y L x,y ..."), with a legend.
-
-    `hlines`: dashed horizontal reference lines (value, label), e.g. the chance level.
-    `log_y`: logarithmic y axis (non-positive values are dropped).
-    """
-    left, right, top, bottom = 64, 16, 40, 44
-    pw, ph = width - left - right, height - top - bottom
-    pts = [(x, y) for s in series for x, y in s.points if y is not None and math.isfinite(y) and (y > 0 or not log_y)]
-    parts = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" class="chart" width="{width}" height="{height}" '
-        f'viewBox="0 0 {width} {height}" role="img" aria-label="{html.escape(title)}">',
-        f'<text x="{left}" y="16" class="chart-title">{html.escape(title)}</text>',
-    ]
-    if not pts:
-        parts.append(f'<text x="{left + pw / 2}" y="{top + ph / 2}" text-anchor="middle" class="empty">no data</text></svg>')
-        return "".join(parts)
-    xs = [p[0] for p in pts]
-    ys = [p[1] for p in pts] + [v for v, _ in hlines if not log_y or v > 0]
-    fy = (lambda v: math.log10(v)) if log_y else (lambda v: v)
-    x_ticks = nice_ticks(min(xs), max(xs), 6)
-    if log_y:
-        lo, hi = math.floor(fy(min(ys))), math.ceil(fy(max(ys)))
-        hi = hi if hi > lo else lo + 1
-        y_ticks = [float(e) for e in range(lo, hi + 1)]
-    else:
-        y_ticks = nice_ticks(min(ys), max(ys), 5)
-    x0, x1, y0, y1 = x_ticks[0], x_ticks[-1], y_ticks[0], y_ticks[-1]
-
-    def sx(x: float) -> float:
-        return left + (x - x0) / ((x1 - x0) or 1.0) * pw
-
-    def sy(y: float) -> float:
-        return top + ph - (fy(y) - y0) / ((y1 - y0) or 1.0) * ph
-
-    # grid and axes
-    parts.append('<g class="grid">')
-    for t in y_ticks:
-        y = top + ph - (t - y0) / ((y1 - y0) or 1.0) * ph
-        label = _fmt(10**t) if log_y else _fmt(t)
-        parts.append(f'<line x1="{left}" y1="{y:.1f}" x2="{left + pw}" y2="{y:.1f}"/>')
-        parts.append(f'<text x="{left - 6}" y="{y + 4:.1f}" text-anchor="end">{label}</text>')
-    for t in x_ticks:
-        x = sx(t)
-        parts.append(f'<line x1="{x:.1f}" y1="{top}" x2="{x:.1f}" y2="{top + ph}"/>')
-        parts.append(f'<text x="{x:.1f}" y="{top + ph + 16}" text-anchor="middle">{_fmt(t)}</text>')
-    parts.append("</g>")
-    parts.append(f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" class="frame"/>')
-    parts.append(f'<text x="{left + pw / 2}" y="{height - 6}" text-anchor="middle" class="axis-label">{html.escape(x_label)}</text>')
-    parts.append(
-        f'<text x="14" y="{top + ph / 2}" text-anchor="middle" class="axis-label" '
-        f'transform="rotate(-90 14 {top + ph / 2})">{html.escape(y_label)}</text>'
-    )
-    for value, label in hlines:
-        if log_y and value <= 0:
-            continue
-        y = sy(value)
-        parts.append(f'<line x1="{left}" y1="{y:.1f}" x2="{left + pw}" y2="{y:.1f}" class="hline"/>')
-        # label at the left end, below the line (the legend sits above the plot's top right)
-        parts.append(f'<text x="{left + 4}" y="{y + 12:.1f}" class="hline-label">{html.escape(label)}</text>')
-
-    # one path per series; a missing value starts a new sub-path
-    for s in series:
-        d, pen_down, dots = [], False, []
-        for x, y in s.points:
-            if y is None or not math.isfinite(y) or (log_y and y <= 0):
-                pen_down = False
-                continue
-            d.append(f"{'L' if pen_down else 'M'}{sx(x):.1f},{sy(y):.1f}")
-            dots.append((sx(x), sy(y)))
-            pen_down = True
-        if not d:
-            continue
-        dash = ' stroke-dasharray="6 4"' if s.dashed else ""
-        parts.append(
-            f'<path class="series" data-series="{html.escape(s.name)}" d="{" ".join(d)}" fill="none" '
-            f'stroke="{s.color}" stroke-width="1.8"{dash}><title>{html.escape(s.name)}</title></path>'
-        )
-        if s.markers or len(dots) == 1:
-            parts.extend(f'<circle cx="{cx:.1f}" cy="{cy:.1f}" r="2.8" fill="{s.color}"/>' for cx, cy in dots)
-
-    # legend, right-aligned above the plot
-    x = left + pw
-    for s in reversed(list(series)):
-        if not any(y is not None for _, y in s.points):
-            continue
-        label = html.escape(s.name)
-        w = 26 + 7 * len(s.name)
-        x -= w
-        dash = ' stroke-dasharray="6 4"' if s.dashed else ""
-        parts.append(f'<line x1="{x:.1f}" y1="{top - 12}" x2="{x + 18:.1f}" y2="{top - 12}" stroke="{s.color}" stroke-width="2.5"{dash}/>')
-        parts.append(f'<text x="{x + 22:.1f}" y="{top - 8}" class="legend">{label}</text>')
-    parts.append("</svg>")
-    return "".join(parts)
 
 
 # ----------------------------------------------------------------------------- reading a run
@@ -205,7 +64,9 @@ class RunData:
     config_text: str | None = None
     config: dict | None = None
     samples: list[tuple[int, list[Path]]] = field(default_factory=list)  # (step, wav files)
-    sample_status: dict[int, dict[str, tuple[bool, int]]] = field(default_factory=dict)  # step -> file -> (stopped, frames)
+    sample_status: dict[int, dict[str, tuple[bool, int]]] = field(
+        default_factory=dict
+    )  # step -> file -> (stopped, frames)
     eval_results: dict | None = None
 
 
@@ -247,7 +108,9 @@ def read_metrics(path: Path) -> MetricsLog:
             by_key[(str(rec.get("split", "train")), rec["step"])] = rec
         elif event == "warning":
             code = str(rec.get("code", "warning"))
-            w = warnings.setdefault(code, {"code": code, "step": rec.get("step"), "last_step": rec.get("step"), "count": 0, "message": ""})
+            w = warnings.setdefault(
+                code, {"code": code, "step": rec.get("step"), "last_step": rec.get("step"), "count": 0, "message": ""}
+            )
             steps = [s for s in (w["step"], rec.get("step")) if isinstance(s, int)]
             w["step"] = min(steps) if steps else None
             last = [s for s in (w["last_step"], rec.get("last_step"), rec.get("step")) if isinstance(s, int)]
@@ -257,7 +120,9 @@ def read_metrics(path: Path) -> MetricsLog:
         elif event == "samples" and isinstance(rec.get("step"), int):
             files, stopped, frames = rec.get("files") or [], rec.get("stopped") or [], rec.get("frames") or []
             if len(files) == len(stopped) == len(frames):
-                samples[rec["step"]] = {str(f): (bool(st), int(n)) for f, st, n in zip(files, stopped, frames)}
+                samples[rec["step"]] = {
+                    str(f): (bool(st), int(n)) for f, st, n in zip(files, stopped, frames, strict=True)
+                }
     ordered = sorted(by_key.items(), key=lambda kv: kv[0][1])
     return MetricsLog(
         train=[r for (split, _), r in ordered if split == "train"],
@@ -270,8 +135,6 @@ def read_metrics(path: Path) -> MetricsLog:
 
 def collect_run(run_dir: str | Path) -> RunData:
     """Read everything the report shows; DataError when `run_dir` is not a run folder."""
-    import yaml
-
     run = Path(run_dir)
     if not run.is_dir():
         raise DataError(f"run folder {run} does not exist. Fix: pass the checkpoint.output_dir of a training run.")
@@ -283,7 +146,13 @@ def collect_run(run_dir: str | Path) -> RunData:
         )
     data = RunData(run_dir=run)
     log = read_metrics(metrics)
-    data.train, data.eval, data.warnings, data.bad_lines, data.sample_status = log.train, log.eval, log.warnings, log.bad_lines, log.samples
+    data.train, data.eval, data.warnings, data.bad_lines, data.sample_status = (
+        log.train,
+        log.eval,
+        log.warnings,
+        log.bad_lines,
+        log.samples,
+    )
     if (run / PARAM_REPORT_FILE).is_file():
         data.param_report = (run / PARAM_REPORT_FILE).read_text(encoding="utf-8")
     if (run / CONFIG_FILE).is_file():
@@ -304,8 +173,6 @@ def collect_run(run_dir: str | Path) -> RunData:
                     steps.append((int(m.group(1)), wavs))
         data.samples = sorted(steps)
     if (run / EVAL_RESULTS).is_file():
-        from higgs_tune.infer.evaluate import read_results
-
         data.eval_results = read_results(run / EVAL_RESULTS)
     return data
 
@@ -315,13 +182,16 @@ _CSS = """
 body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;color:#1d2330;background:#f6f7f9}
 header{background:#1d2330;color:#fff;padding:18px 28px}header h1{margin:0;font-size:22px}
 header p{margin:4px 0 0;color:#c9d1e0}nav{padding:8px 28px;background:#e9ecf2}nav a{margin-right:16px;color:#1d4ed8}
-main{padding:8px 28px 40px;max-width:1360px}section{background:#fff;border:1px solid #dde2ea;border-radius:8px;padding:12px 18px;margin:16px 0}
+main{padding:8px 28px 40px;max-width:1360px}
+section{background:#fff;border:1px solid #dde2ea;border-radius:8px;padding:12px 18px;margin:16px 0}
 h2{font-size:18px;margin:4px 0 10px}h3{font-size:15px;margin:14px 0 6px}
 .charts{display:flex;flex-wrap:wrap;gap:12px}.chart{background:#fff;border:1px solid #e3e7ee;border-radius:6px}
 .chart text{font-size:11px;fill:#4a5568}.chart .chart-title{font-size:13px;font-weight:600;fill:#1d2330}
-.chart .grid line{stroke:#edf0f5}.chart .frame{fill:none;stroke:#aab3c2}.chart .hline{stroke:#d62728;stroke-dasharray:3 3}
+.chart .grid line{stroke:#edf0f5}.chart .frame{fill:none;stroke:#aab3c2}
+.chart .hline{stroke:#d62728;stroke-dasharray:3 3}
 .chart .hline-label{fill:#d62728}.chart .legend{font-size:11px;fill:#1d2330}.chart .empty{fill:#999}
-table{border-collapse:collapse;margin:6px 0}td,th{border:1px solid #dde2ea;padding:4px 8px;text-align:left;vertical-align:top}
+table{border-collapse:collapse;margin:6px 0}
+td,th{border:1px solid #dde2ea;padding:4px 8px;text-align:left;vertical-align:top}
 td.txt{overflow-wrap:anywhere;min-width:240px;max-width:520px}td.num,td.id{white-space:nowrap}
 th{background:#f0f2f6}td.num{text-align:right;font-variant-numeric:tabular-nums}
 pre{background:#f6f8fa;border:1px solid #e3e7ee;padding:10px;overflow:auto;font-size:12px}
@@ -352,11 +222,18 @@ def _player(path: Path, label: str, budget: _AudioBudget, run_dir: Path, status:
     head = html.escape(label)
     if status is not None:
         stopped, frames = status
-        head += f" &middot; {frames} frames, " + ('<span class="ok">ended by itself</span>' if stopped else '<span class="bad">did not stop (length limit)</span>')
+        head += f" &middot; {frames} frames, " + (
+            '<span class="ok">ended by itself</span>'
+            if stopped
+            else '<span class="bad">did not stop (length limit)</span>'
+        )
     uri = budget.data_uri(path)
     if uri is None:
         rel = path.relative_to(run_dir) if run_dir in path.parents else path
-        return f'<div class="player"><div>{head}</div><span class="muted">not embedded (size limit): {html.escape(str(rel))}</span></div>'
+        return (
+            f'<div class="player"><div>{head}</div>'
+            f'<span class="muted">not embedded (size limit): {html.escape(str(rel))}</span></div>'
+        )
     return f'<div class="player"><div>{head}</div><audio controls preload="metadata" src="{uri}"></audio></div>'
 
 
@@ -413,46 +290,74 @@ def loss_charts(data: RunData) -> list[str]:
     if _has(train, "lr"):
         charts.append(svg_line_chart("Learning rate", [_series_of(train, "lr", "lr", PALETTE[2])], y_label="lr"))
     if _has(train, "grad_norm"):
-        charts.append(svg_line_chart("Gradient norm (before clipping)", [_series_of(train, "grad_norm", "grad norm", PALETTE[3])], y_label="norm", log_y=True))
+        charts.append(
+            svg_line_chart(
+                "Gradient norm (before clipping)",
+                [_series_of(train, "grad_norm", "grad norm", PALETTE[3])],
+                y_label="norm",
+                log_y=True,
+            )
+        )
     return charts
 
 
 def _eval_section(doc: dict, budget: _AudioBudget, run_dir: Path) -> str:
     s = doc.get("summary", {})
     rows = [
-        ("WER", s.get("wer")), ("CER", s.get("cer")), ("speaker similarity (vs reference)", s.get("speaker_similarity")),
-        ("speaker similarity (vs ground truth)", s.get("speaker_similarity_gt")), ("duration ratio (output / ground truth)", s.get("duration_ratio")),
-        ("stop rate (ended by itself)", s.get("stop_rate")), ("clips", s.get("num_clips")),
+        ("WER", s.get("wer")),
+        ("CER", s.get("cer")),
+        ("speaker similarity (vs reference)", s.get("speaker_similarity")),
+        ("speaker similarity (vs ground truth)", s.get("speaker_similarity_gt")),
+        ("duration ratio (output / ground truth)", s.get("duration_ratio")),
+        ("stop rate (ended by itself)", s.get("stop_rate")),
+        ("clips", s.get("num_clips")),
     ]
     out = ['<table class="eval-summary"><tr><th>metric</th><th>value</th></tr>']
     out += [f'<tr><td>{html.escape(n)}</td><td class="num">{_num(v)}</td></tr>' for n, v in rows]
     out.append("</table>")
     per_lang = doc.get("per_language") or {}
     if per_lang:
-        out.append('<h3>Per language</h3><table class="eval-languages"><tr><th>language</th><th>clips</th><th>WER</th><th>CER</th><th>SIM</th><th>duration ratio</th><th>stop rate</th></tr>')
+        out.append(
+            '<h3>Per language</h3><table class="eval-languages">'
+            "<tr><th>language</th><th>clips</th><th>WER</th><th>CER</th><th>SIM</th><th>duration ratio</th>"
+            "<th>stop rate</th></tr>"
+        )
         for lang, m in per_lang.items():
             out.append(
-                f"<tr><td>{html.escape(lang)}</td><td class='num'>{_num(m.get('num_clips'))}</td><td class='num'>{_num(m.get('wer'))}</td>"
+                f"<tr><td>{html.escape(lang)}</td><td class='num'>{_num(m.get('num_clips'))}</td>"
+                f"<td class='num'>{_num(m.get('wer'))}</td>"
                 f"<td class='num'>{_num(m.get('cer'))}</td><td class='num'>{_num(m.get('speaker_similarity'))}</td>"
-                f"<td class='num'>{_num(m.get('duration_ratio'))}</td><td class='num'>{_num(m.get('stop_rate'))}</td></tr>"
+                f"<td class='num'>{_num(m.get('duration_ratio'))}</td>"
+                f"<td class='num'>{_num(m.get('stop_rate'))}</td></tr>"
             )
         out.append("</table>")
     settings = doc.get("settings") or {}
     out.append(
-        f'<p class="muted">ASR {html.escape(str(settings.get("asr_model")))}; speaker model {html.escape(str(settings.get("speaker_model")))}; '
-        f'model {html.escape(str(settings.get("model")))}; adapter {html.escape(str(settings.get("adapter")))}</p>'
+        f'<p class="muted">ASR {html.escape(str(settings.get("asr_model")))}; '
+        f"speaker model {html.escape(str(settings.get('speaker_model')))}; "
+        f"model {html.escape(str(settings.get('model')))}; adapter {html.escape(str(settings.get('adapter')))}</p>"
     )
-    out.append('<h3>Per clip</h3><table class="eval-clips"><tr><th>id</th><th>lang</th><th>text / transcript</th><th>WER</th><th>CER</th><th>SIM</th><th>dur. ratio</th><th>stopped</th><th>output</th></tr>')
+    out.append(
+        '<h3>Per clip</h3><table class="eval-clips">'
+        "<tr><th>id</th><th>lang</th><th>text / transcript</th><th>WER</th><th>CER</th><th>SIM</th>"
+        "<th>dur. ratio</th><th>stopped</th><th>output</th></tr>"
+    )
     eval_dir = run_dir / EVAL_RESULTS.parent
     for c in doc.get("clips", []):
         wav = eval_dir / c["wav"] if c.get("wav") else None
-        player = _player(wav, c["id"], budget, run_dir) if wav is not None and wav.is_file() else '<span class="muted">no file</span>'
+        player = (
+            _player(wav, c["id"], budget, run_dir)
+            if wav is not None and wav.is_file()
+            else '<span class="muted">no file</span>'
+        )
         stopped = '<span class="ok">yes</span>' if c.get("stopped") else '<span class="bad">no (hit max length)</span>'
         out.append(
             f"<tr><td class='id'>{html.escape(str(c.get('id')))}</td><td>{html.escape(str(c.get('language')))}</td>"
-            f"<td class='txt'><bdi>{html.escape(str(c.get('text')))}</bdi><br><bdi class='muted'>{html.escape(str(c.get('transcript')))}</bdi></td>"
+            f"<td class='txt'><bdi>{html.escape(str(c.get('text')))}</bdi><br>"
+            f"<bdi class='muted'>{html.escape(str(c.get('transcript')))}</bdi></td>"
             f"<td class='num'>{_num(c.get('wer'), 3)}</td><td class='num'>{_num(c.get('cer'), 3)}</td>"
-            f"<td class='num'>{_num(c.get('speaker_similarity'), 3)}</td><td class='num'>{_num(c.get('duration_ratio'), 3)}</td>"
+            f"<td class='num'>{_num(c.get('speaker_similarity'), 3)}</td>"
+            f"<td class='num'>{_num(c.get('duration_ratio'), 3)}</td>"
             f"<td>{stopped}</td><td>{player}</td></tr>"
         )
     out.append("</table>")
@@ -466,26 +371,38 @@ def render_report(data: RunData, *, max_audio_mb: float = 100.0) -> str:
     model = (cfg.get("model") or {}).get("name_or_path", "?") if isinstance(cfg.get("model"), dict) else "?"
     ft = cfg.get("finetune") if isinstance(cfg.get("finetune"), dict) else {}
     last = data.train[-1] if data.train else {}
-    subtitle = f"model {model} · {ft.get('mode', '?')} fine-tuning · {len(data.train)} train / {len(data.eval)} eval log points"
+    subtitle = (
+        f"model {model} · {ft.get('mode', '?')} fine-tuning · "
+        f"{len(data.train)} train / {len(data.eval)} eval log points"
+    )
     if last:
         subtitle += f" · last step {last['step']}, loss {_num(last.get('loss'))}"
     sections: list[tuple[str, str, str]] = []
 
     charts = loss_charts(data)
-    body = '<div class="charts">' + "".join(charts) + "</div>" if charts else '<p class="muted">No metrics logged yet.</p>'
+    body = (
+        '<div class="charts">' + "".join(charts) + "</div>" if charts else '<p class="muted">No metrics logged yet.</p>'
+    )
     sections.append(("curves", "Loss curves", body))
 
     if data.warnings:
         rows = "".join(
             f"<tr class='warn'><td>{html.escape(w['code'])}</td><td class='num'>{_num(w['step'])}</td>"
-            f"<td class='num'>{_num(w['last_step'])}</td><td class='num'>{_num(w['count'])}</td><td>{html.escape(w['message'])}</td></tr>"
+            f"<td class='num'>{_num(w['last_step'])}</td><td class='num'>{_num(w['count'])}</td>"
+            f"<td>{html.escape(w['message'])}</td></tr>"
             for w in data.warnings
         )
-        body = f'<table class="warnings"><tr><th>warning</th><th>first step</th><th>last step</th><th>times</th><th>message</th></tr>{rows}</table>'
+        body = (
+            '<table class="warnings"><tr><th>warning</th><th>first step</th><th>last step</th><th>times</th>'
+            f"<th>message</th></tr>{rows}</table>"
+        )
     else:
         body = '<p class="ok">No health warnings were raised.</p>'
     if data.bad_lines:
-        body += f'<p class="bad">{data.bad_lines} line(s) of {METRICS_FILE} could not be read (a write torn by a crash?).</p>'
+        body += (
+            f'<p class="bad">{data.bad_lines} line(s) of {METRICS_FILE} could not be read '
+            "(a write torn by a crash?).</p>"
+        )
     sections.append(("health", "Health warnings", body))
 
     if data.param_report is not None:
@@ -499,38 +416,53 @@ def render_report(data: RunData, *, max_audio_mb: float = 100.0) -> str:
             parts.append(f'<h3>step {step}</h3><div class="players">{players}</div>')
         sections.append(("samples", "Samples", "".join(parts)))
     else:
-        sections.append(("samples", "Samples", '<p class="muted">No samples (set train.sample_steps to generate some during training).</p>'))
+        sections.append(
+            (
+                "samples",
+                "Samples",
+                '<p class="muted">No samples (set train.sample_steps to generate some during training).</p>',
+            )
+        )
 
     if data.eval_results is not None:
         sections.append(("evaluation", "Evaluation", _eval_section(data.eval_results, budget, data.run_dir)))
 
     if data.config_text is not None:
-        sections.append(("config", "Config", f"<details><summary>config.yaml</summary><pre>{html.escape(data.config_text)}</pre></details>"))
+        sections.append(
+            (
+                "config",
+                "Config",
+                f"<details><summary>config.yaml</summary><pre>{html.escape(data.config_text)}</pre></details>",
+            )
+        )
 
     if budget.skipped:
-        note = (f'<p class="bad">{len(budget.skipped)} audio file(s) were not embedded: the page holds at most '
-                f'{max_audio_mb:g} MB of audio (--max-audio-mb).</p>')
+        note = (
+            f'<p class="bad">{len(budget.skipped)} audio file(s) were not embedded: the page holds at most '
+            f"{max_audio_mb:g} MB of audio (--max-audio-mb).</p>"
+        )
         sections.insert(0, ("note", "Note", note))
 
     nav = "".join(f'<a href="#{sid}">{html.escape(title)}</a>' for sid, title, _ in sections)
-    body = "".join(f'<section id="{sid}"><h2>{html.escape(title)}</h2>{content}</section>' for sid, title, content in sections)
+    body = "".join(
+        f'<section id="{sid}"><h2>{html.escape(title)}</h2>{content}</section>' for sid, title, content in sections
+    )
     title = f"higgs-tune run {data.run_dir.name}"
     return (
         "<!DOCTYPE html>\n"
         f'<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
         f'<meta name="viewport" content="width=device-width, initial-scale=1"><style>{_CSS}</style></head>'
         f"<body><header><h1>{html.escape(title)}</h1><p>{html.escape(subtitle)}</p>"
-        f'<p class="muted">generated {html.escape(time.strftime("%Y-%m-%d %H:%M:%S"))} from {html.escape(str(data.run_dir.resolve()))}</p></header>'
+        f'<p class="muted">generated {html.escape(time.strftime("%Y-%m-%d %H:%M:%S"))} '
+        f"from {html.escape(str(data.run_dir.resolve()))}</p></header>"
         f"<nav>{nav}</nav><main>{body}</main></body></html>\n"
     )
 
 
 def build_report(run_dir: str | Path, out: str | Path | None = None, *, max_audio_mb: float = 100.0) -> Path:
     """Write the report of `run_dir` to `out` (default RUN_DIR/report.html); returns its path."""
-    from higgs_tune.data.cache import atomic_write_bytes
-
     data = collect_run(run_dir)
-    path = Path(out) if out is not None else Path(run_dir) / REPORT_NAME
+    path = Path(out) if out is not None else Path(run_dir) / REPORT_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, render_report(data, max_audio_mb=max_audio_mb).encode("utf-8"))
     return path

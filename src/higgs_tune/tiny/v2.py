@@ -24,6 +24,17 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    DacFeatureExtractor,
+    GenerationConfig,
+    HiggsAudioV2Config,
+    HiggsAudioV2ForConditionalGeneration,
+    HiggsAudioV2Processor,
+    HiggsAudioV2TokenizerConfig,
+    HiggsAudioV2TokenizerModel,
+    PreTrainedTokenizerFast,
+)
 
 from higgs_tune.resources import chat_template, text_corpus_lines
 
@@ -88,9 +99,6 @@ class OutputDirNotEmpty(Exception):
 
 def build_text_tokenizer(spec: TinySpec):
     """Byte-level BPE trained on the bundled English+Arabic corpus, Llama-3 specials appended."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
@@ -123,8 +131,6 @@ def build_text_tokenizer(spec: TinySpec):
 
 def build_audio_tokenizer(spec: TinySpec):
     """A tiny HiggsAudioV2TokenizerModel: 8 codebooks, hop 960 (25 frames/s at 24 kHz)."""
-    from transformers import HiggsAudioV2TokenizerConfig, HiggsAudioV2TokenizerModel
-
     frame_rate, nbits = 25, 10
     config = HiggsAudioV2TokenizerConfig(
         # num_quantizers = 1000 * bandwidth // (frame_rate * nbits) -> 8 at 2 kbps
@@ -164,8 +170,6 @@ def build_audio_tokenizer(spec: TinySpec):
 
 
 def build_model(spec: TinySpec, tokenizer):
-    from transformers import GenerationConfig, HiggsAudioV2Config, HiggsAudioV2ForConditionalGeneration
-
     ids = tokenizer.convert_tokens_to_ids
     config = HiggsAudioV2Config(
         vocab_size=len(tokenizer),
@@ -199,8 +203,6 @@ def build_model(spec: TinySpec, tokenizer):
 
 
 def build_processor(tokenizer, audio_tokenizer):
-    from transformers import DacFeatureExtractor, HiggsAudioV2Processor
-
     feature_extractor = DacFeatureExtractor(
         feature_size=1,
         hop_length=1,

@@ -1,0 +1,1 @@
+"""One module per area of `higgs-tune` subcommands: data, model, train, infer."""

@@ -1,0 +1,1 @@
+"""Model families: the parts of the toolkit that differ between Higgs Audio v2 and v3."""
