@@ -132,15 +132,21 @@ def test_output_dir_is_required():
             ],
         ),
         (
-            {"finetune": {"mode": "full", "pathways": [], "lora_alpha": 32, "use_dora": True}},
+            {
+                "finetune": {"mode": "full", "pathways": [], "lora_alpha": 32, "use_dora": True},
+                "model": {"dtype": "float32"},
+            },
             [
                 "finetune.lora_alpha, finetune.use_dora set in full mode: LoRA options have no effect there. "
                 "Remove them or use mode: lora."
             ],
         ),
-        ({"finetune": {"mode": "full"}, "model": {}}, []),
+        ({"finetune": {"mode": "full"}, "model": {"dtype": "float32"}}, []),
         (
-            {"finetune": {"mode": "full", "pathways": ["text_attn"], "train_modules": ["audio_lm_head"]}},
+            {
+                "finetune": {"mode": "full", "pathways": ["text_attn"], "train_modules": ["audio_lm_head"]},
+                "model": {"dtype": "float32"},
+            },
             [
                 "finetune.pathways set in full mode: all weights are trained; use finetune.freeze to keep parts "
                 "frozen (or pathways: []).",
@@ -246,13 +252,13 @@ def test_contradictions_are_rejected(sections, expected):
 
 def test_full_mode_options_are_judged_by_what_was_written():
     # lora_r written explicitly (even at its default value) is a contradiction in full mode
-    assert problems(with_(finetune={"mode": "full", "pathways": [], "lora_r": 16})) == [
+    assert problems(with_(finetune={"mode": "full", "pathways": [], "lora_r": 16}, model={"dtype": "float32"})) == [
         "finetune.lora_r set in full mode: LoRA options have no effect there. Remove them or use mode: lora."
     ]
     # a Config built in code counts changed values
     cfg = Config()
     cfg.data.train_cache, cfg.train.max_steps, cfg.checkpoint.output_dir = "c", 10, "o"
-    cfg.finetune.mode, cfg.finetune.pathways = "full", []
+    cfg.finetune.mode, cfg.finetune.pathways, cfg.model.dtype = "full", [], "float32"
     cfg.validate()
     cfg.finetune.lora_r = 8
     with pytest.raises(ConfigError, match="finetune.lora_r set in full mode"):

@@ -54,6 +54,7 @@ RESUME_KEYS_BEFORE = (
     "train.gradient_accumulation_steps",
     "train.max_grad_norm",
     "train.mixed_precision",
+    "train.optimizer",  # issue 17: the optimizer kind is part of the trajectory
 )
 
 

@@ -49,8 +49,8 @@ def test_demo_command_trains_evaluates_and_writes_the_report(tmp_path):
     assert len(wavs) == 2 and all(f"samples/{w}".encode() in events for w in wavs)
     # the quality evaluation ran at its low frequency: the base model, then the end of the run
     quality = [m for m in metrics if m.get("event") == "metrics" and m["split"] == "quality"]
-    assert [m["step"] for m in quality] == [0, 12]
-    assert len(list((run / "quality" / "step-12" / "wavs").glob("*.wav"))) == 2
+    assert [m["step"] for m in quality] == [0, 8]
+    assert len(list((run / "quality" / "step-8" / "wavs").glob("*.wav"))) == 2
     assert len(list((out / "cache" / "quality-baselines").glob("*.json"))) == 1
     assert 'id="quality"' in html and "base model (step 0)" in html
 

@@ -395,6 +395,7 @@ def test_rough_estimate_without_local_weights_assumes_the_released_model(tmp_pat
         "model.dtype=bfloat16",
         "finetune.mode=full",
         "finetune.pathways=[]",
+        "train.optimizer=adamw",
     )
     assert rough_checkpoint_bytes(full) == int((5.8e9 * 2 + 5.8e9 * 8) * 1.01) + (8 << 20)
 

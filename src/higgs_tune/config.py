@@ -97,6 +97,8 @@ def _not_one_of(name: str, value: Any, allowed: tuple) -> list[str]:
 # `was_given(name)`: whether the user set this section's setting `name` (see Config.validate).
 WasGiven = typing.Callable[[str], bool]
 _KEEP_ON_RESUME = RESUME_MUST_MATCH
+# train.optimizer values (train/optim.py builds them)
+OPTIMIZERS = ("adamw", "adamw_bf16_sr")
 
 
 @dataclass
@@ -392,6 +394,12 @@ class TrainConfig:
         "Folder of the cached base-model scores; null: $HIGGS_TUNE_CACHE/quality-baselines, else "
         "~/.cache/higgs-tune/quality-baselines.",
     )
+    optimizer: str = _f(
+        "adamw",
+        "adamw (torch AdamW, states in the weights' dtype) or adamw_bf16_sr (torchao AdamW with bf16 stochastic "
+        "rounding, for full fine-tuning of bf16 weights; pip install torchao). See train/optim.py.",
+        _KEEP_ON_RESUME,
+    )
 
     def validate(self, was_given: WasGiven) -> list[str]:
         problems = []
@@ -409,6 +417,7 @@ class TrainConfig:
             problems.append(f"train.adam_betas must be two numbers in [0, 1), got {self.adam_betas}.")
         problems += _not_one_of("train.lr_scheduler", self.lr_scheduler, ("cosine", "linear", "constant"))
         problems += _not_one_of("train.mixed_precision", self.mixed_precision, ("no", "bf16", "fp16"))
+        problems += _not_one_of("train.optimizer", self.optimizer, OPTIMIZERS)
         if self.gradient_accumulation_steps < 1:
             problems.append(f"train.gradient_accumulation_steps must be >= 1, got {self.gradient_accumulation_steps}.")
         if self.max_grad_norm < 0:
@@ -532,7 +541,9 @@ class Config:
         links = {
             "finetune": self._finetune_needs_model_parts,
             "loss": self._text_loss_needs_text_head,
-            "train": self._precision_fits_dtype,
+            "train": lambda: (
+                self._precision_fits_dtype() + self._full_update_precision(self._was_given("train", given))
+            ),
             "checkpoint": self._eval_needs_held_out_split,
             "logging": self._quality_needs_its_evaluation,
         }
@@ -581,6 +592,26 @@ class Config:
     def _precision_fits_dtype(self) -> list[str]:
         if self.train.mixed_precision == "fp16" and self.model.dtype == "bfloat16":
             return ["train.mixed_precision fp16 with model.dtype bfloat16: use bf16, or load float32/float16 weights."]
+        return []
+
+    def _full_update_precision(self, train_given: WasGiven) -> list[str]:
+        """Issue 17: full fine-tuning of 16-bit weights with a plain AdamW rounds most updates away."""
+        model, finetune, train = self.model, self.finetune, self.train
+        if train.optimizer == "adamw_bf16_sr" and model.dtype != "bfloat16":
+            return [
+                f"train.optimizer: adamw_bf16_sr rounds updates into bf16 weights, but model.dtype is {model.dtype}: "
+                "set model.dtype: bfloat16, or use train.optimizer: adamw."
+            ]
+        lossy = finetune.mode == "full" and model.dtype in ("bfloat16", "float16") and train.optimizer == "adamw"
+        if lossy and not train_given("optimizer"):
+            return [
+                f"finetune.mode full with model.dtype {model.dtype} and a plain AdamW: most updates round away in "
+                "16-bit weights at fine-tuning learning rates (benchmarks/bf16_precision.py: at lr 2e-5, 29% of the "
+                "weights a step reaches change, against all of them with float32 master weights). Use float32 master "
+                "weights (model.dtype: float32 with train.mixed_precision: bf16; 18 bytes per parameter), or "
+                "train.optimizer: adamw_bf16_sr (bf16 weights, stochastic rounding, torchao; 8 bytes per parameter), "
+                "or set train.optimizer: adamw explicitly to accept the rounding."
+            ]
         return []
 
     def _eval_needs_held_out_split(self) -> list[str]:

@@ -96,10 +96,22 @@ def estimate_checkpoint_bytes(model: Any, mode: str) -> int:
         raise ValueError(f"mode must be 'full' or 'lora', got {mode!r}")
     params = list(model.parameters())
     trainable = [p for p in params if p.requires_grad]
-    saved = params if mode == "full" else trainable
+    saved = params if mode == "full" else trainable + _frozen_audio_attention(model)
     weights = sum(p.numel() * p.element_size() for p in saved)
     optim = _OPTIMIZER_BYTES_PER_PARAM * sum(p.numel() for p in trainable)
     return int((weights + optim) * 1.01) + _OVERHEAD_BYTES
+
+
+def _frozen_audio_attention(model: Any) -> list:
+    """LoRA mode: frozen audio self-attention weights, which `save_trainable` writes beside the adapter
+    (extra_weights.safetensors: no base checkpoint has them)."""
+    from higgs_tune.model.audio_attention import AUDIO_ATTN_KEY_PARTS
+
+    return [
+        p
+        for name, p in model.named_parameters()
+        if not p.requires_grad and "lora_" not in name and any(part in name for part in AUDIO_ATTN_KEY_PARTS)
+    ]
 
 
 def _read_safetensors_header(path: Path) -> dict[str, tuple[str, list[int]]]:
@@ -174,6 +186,7 @@ def rough_checkpoint_bytes(cfg: Any) -> int:
 
     if shapes:
         total = sum(numel(s) for _, s in shapes.values())
+        block, block_lora = _added_audio_attention(cfg, shapes, numel)
         if f.mode == "full":
             frozen = sum(
                 numel(s)
@@ -182,19 +195,26 @@ def rough_checkpoint_bytes(cfg: Any) -> int:
                     p.search(name) for key, p in {**_PATHWAY_PATTERNS, **_MODULE_PATTERNS}.items() if key in f.freeze
                 )
             )
-            saved, trainable = total, total - frozen
+            frozen += block if cfg_names.AUDIO_ATTN in f.freeze else 0
+            saved, trainable = total + block, total + block - frozen
         else:
             lora = sum(
                 f.lora_r * (s[0] + s[1])
                 for name, (_, s) in shapes.items()
                 if len(s) == 2 and any(_PATHWAY_PATTERNS[p].search(name) for p in f.pathways if p in _PATHWAY_PATTERNS)
             )
+            lora += block_lora if cfg_names.AUDIO_ATTN in f.pathways else 0
             modules = sum(
                 numel(s)
                 for name, (_, s) in shapes.items()
                 if any(_MODULE_PATTERNS[m].search(name) for m in f.train_modules if m in _MODULE_PATTERNS)
             )
-            saved = trainable = lora + modules
+            trained_block = block if cfg_names.AUDIO_ATTN in f.train_modules else 0
+            trainable = lora + modules + trained_block
+            # peft keeps LoRA weights in float32 whatever the model dtype (autocast_adapter_dtype); an added
+            # audio self-attention is saved beside the adapter (extra_weights) even when it is frozen
+            weights = lora * 4 + (modules + block) * dtype_bytes
+            return int((weights + trainable * _OPTIMIZER_BYTES_PER_PARAM) * 1.01) + _OVERHEAD_BYTES
     else:
         log.info(
             "output dir: %s is not on this machine yet; the space check assumes the released 3B model",
@@ -205,6 +225,17 @@ def rough_checkpoint_bytes(cfg: Any) -> int:
         else:
             saved = trainable = _FALLBACK_LORA_PARAMS + _FALLBACK_MODULE_PARAMS * len(f.train_modules)
     return int((saved * dtype_bytes + trainable * _OPTIMIZER_BYTES_PER_PARAM) * 1.01) + _OVERHEAD_BYTES
+
+
+def _added_audio_attention(cfg: Any, shapes: dict, numel) -> tuple[int, int]:
+    """(parameters, LoRA parameters) of an audio self-attention the loader adds because the
+    checkpoint has none (model.audio_self_attention on a checkpoint without `audio_attn` weights):
+    per layer a copy of the shared attention's q/k/v/o plus one norm."""
+    if not cfg.model.audio_self_attention or any(".audio_attn." in name for name in shapes):
+        return 0, 0
+    attn = [s for name, (_, s) in shapes.items() if _PATHWAY_PATTERNS[cfg_names.TEXT_ATTN].search(name)]
+    norms = sum(numel(s) for name, (_, s) in shapes.items() if name.endswith(".input_layernorm.weight"))
+    return sum(numel(s) for s in attn) + norms, sum(cfg.finetune.lora_r * (s[0] + s[1]) for s in attn if len(s) == 2)
 
 
 def checkpoints_on_disk(cfg: Any, total_steps: int | None = None) -> tuple[int, str]:

@@ -58,6 +58,7 @@ from higgs_tune.train.distributed import preserved_rng
 from higgs_tune.train.health import HealthMonitor
 from higgs_tune.train.logging import MetricsLogger, reduce_metrics
 from higgs_tune.train.loss import StepMetrics, TokenCounts, make_loss_module
+from higgs_tune.train.optim import make_optimizer
 from higgs_tune.train.outdir import estimate_checkpoint_bytes, prepare_output_dir, rough_checkpoint_bytes
 from higgs_tune.train.preview import prediction_preview
 from higgs_tune.train.quality import QualityEvaluator
@@ -265,7 +266,7 @@ def _train(
         say(report.format())
     loss_module = make_loss_module(family, model, cfg.loss, _debug_unshifted=_debug_unshifted)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=t.learning_rate, betas=tuple(t.adam_betas), weight_decay=t.weight_decay)
+    optimizer = make_optimizer(trainable, t, replicas=1 if fsdp else accelerator.num_processes)  # train/optim.py
     scheduler = make_scheduler(optimizer, t.lr_scheduler, t.warmup_steps, total_steps)
     wrapped, optimizer = accelerator.prepare(loss_module, optimizer)
     trainable = [p for p in model.parameters() if p.requires_grad]  # FSDP replaced them with sharded ones
