@@ -200,9 +200,12 @@ def test_whole_model_saved_bytes_within_one_percent(tiny_dir, variant):
     )
 
 
-def test_every_preset_loads_and_validates():
+def test_every_preset_loads_and_validates(monkeypatch, tmp_path):
     presets = sorted((REPO / "configs").glob("*.yaml"))
     assert {p.name for p in presets} >= {"lora-1gpu.yaml", "full-multigpu.yaml", "lora-24gb.yaml", "demo-tiny-cpu.yaml"}
+    # the demo preset's ${...} paths come from the environment (an unset one is an error)
+    for var in ("TINY_MODEL", "DEMO_CACHE", "DEMO_HELDOUT_CACHE", "OUTPUT_DIR"):
+        monkeypatch.setenv(var, str(tmp_path / var.lower()))
     for path in presets:
         cfg = load_config(path)
         assert cfg.model.name_or_path
