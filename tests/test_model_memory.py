@@ -20,6 +20,7 @@ from higgs_tune.model.memory import (
     estimate_memory,
     layer_activation_terms,
     lora_parameters,
+    memory_report,
     parameter_groups,
     parameter_tensors,
     plan_from_config,
@@ -231,3 +232,17 @@ def test_memory_report_of_a_preset():
     text = memory_report(load_config(REPO / "configs" / "lora-24gb.yaml"))
     assert "lora, weights bfloat16, adamw, seq 1024 x 8, grad ckpt on" in text
     assert "seq 2048 x 4, grad ckpt on" in text and "with gradient checkpointing off instead: peak" in text
+
+
+def test_inspect_memory_prints_the_prediction_of_a_config():
+    from click.testing import CliRunner
+
+    from higgs_tune.app.cli import main
+
+    res = CliRunner().invoke(main, ["inspect", "--memory", str(REPO / "configs" / "lora-24gb.yaml")])
+    assert res.exit_code == 0, res.output
+    cfg = load_config(REPO / "configs" / "lora-24gb.yaml")
+    assert res.output.strip() == memory_report(cfg).strip()
+    assert "seq 2048 x 4, grad ckpt on" in res.output and "peak" in res.output
+    missing = CliRunner().invoke(main, ["inspect"])
+    assert missing.exit_code == 2 and "give CACHE_DIR" in missing.output

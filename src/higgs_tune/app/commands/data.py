@@ -277,7 +277,7 @@ def _processor_and_tokens(cfg):
 
 
 @click.command("inspect")
-@click.argument("cache_dir", type=click.Path(path_type=Path))
+@click.argument("cache_dir", required=False, type=click.Path(path_type=Path))
 @click.option(
     "--plot",
     "plot_path",
@@ -303,7 +303,15 @@ def _processor_and_tokens(cfg):
 @click.option(
     "--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Also write the statistics as JSON."
 )
-def inspect_command(cache_dir, plot_path, config_path, model, num_batches, show_id, json_path):
+@click.option(
+    "--memory",
+    "memory_config",
+    type=click.Path(dir_okay=False),
+    metavar="CONFIG",
+    help="Predict the GPU memory of training as CONFIG says (weights, gradients, optimizer states, "
+    "activations with and without gradient checkpointing, loss heads); no CACHE_DIR needed.",
+)
+def inspect_command(cache_dir, plot_path, config_path, model, num_batches, show_id, json_path, memory_config):
     """Clips, hours, speakers, languages, durations, text/audio outliers and rejected rows of
     CACHE_DIR; with --batches, the token accounting of real training batches; with --show, one
     sample with its labels, checked against the prompt that generation builds.
@@ -312,7 +320,19 @@ def inspect_command(cache_dir, plot_path, config_path, model, num_batches, show_
     Examples:
       higgs-tune inspect cache/train --plot durations.png
       higgs-tune inspect cache/train --config configs/lora-1gpu.yaml --batches 4
+      higgs-tune inspect --memory configs/lora-24gb.yaml
     """
+    if memory_config is not None:
+        from higgs_tune.model.memory import memory_report  # lazy: torch, too slow for `higgs-tune --help`
+
+        try:
+            cfg = load_config(memory_config)
+        except ConfigError as e:
+            raise click.UsageError(str(e)) from None
+        click.echo(memory_report(cfg))
+        return
+    if cache_dir is None:
+        raise click.UsageError("give CACHE_DIR (a folder written by `higgs-tune prepare`), or --memory CONFIG.")
     # lazy: data.inspect, data.pipeline and train.health load transformers, too slow for `higgs-tune --help`
     from higgs_tune.data.inspect import (
         check_cache_fits_model,
