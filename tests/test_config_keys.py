@@ -42,6 +42,7 @@ RESUME_KEYS_BEFORE = (
     "data.max_batch_size",
     "data.max_sequence_length",
     "data.bucket_size",
+    "data.eoc_labels",
     "loss.text_weight",
     "loss.audio_weight",
     "loss.codebook_weights",

@@ -183,3 +183,29 @@ def test_adapters_of_the_other_family_are_refused(tiny_dir, tiny_v3_stack, v3_de
     shutil.copytree(v2_adapter, tmp_path / "v2-copy")
     with pytest.raises(ModelLoadError, match="Higgs Audio v2 adapter"):
         V3.load_trainable(V3.load_model(cfg.model), tmp_path / "v2-copy")
+
+
+@pytest.mark.parametrize("eoc_labels", ["all", "first"])
+def test_data_eoc_labels_chooses_which_end_of_codebook_rows_are_trained(
+    tiny_v3_stack, v3_demo_cache, tmp_path, eoc_labels
+):
+    from higgs_tune.data.pipeline import build_train_data
+    from higgs_tune.train.recipe import family_data, inspect_first_batches
+
+    cfg = small_config(
+        tiny_v3_stack, v3_demo_cache, None, tmp_path / "run", [*V3_BASE, f"data.eoc_labels={eoc_labels}"]
+    )
+    processor = V3.load_processor(tiny_v3_stack)
+    data = build_train_data(cfg, processor, family_data=family_data(V3, cfg, processor))
+    stats, _ = inspect_first_batches(data, V3)
+    for b in stats["batches"]:
+        # codebook c's codes end at row T + c - 1; rows T + c .. T + 6 are its EOC fill (7 - c rows)
+        want = [(7 - c) * b["targets"] for c in range(8)] if eoc_labels == "all" else [b["targets"]] * 7 + [0]
+        assert b["target_eoc_labels"] == want
+
+
+def test_data_eoc_labels_is_validated(tiny_v3_stack, v3_demo_cache, tmp_path):
+    from higgs_tune.config import ConfigError
+
+    with pytest.raises(ConfigError, match="data.eoc_labels"):
+        small_config(tiny_v3_stack, v3_demo_cache, None, tmp_path / "run", [*V3_BASE, "data.eoc_labels=some"])

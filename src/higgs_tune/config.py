@@ -259,6 +259,13 @@ class DataConfig:
         64, "Length bucketing: sort within windows of this many batches' worth of samples.", _KEEP_ON_RESUME
     )
     num_workers: int = _f(0, "DataLoader worker processes.")
+    eoc_labels: str = _f(
+        "all",
+        "Higgs Audio v3 only: which end-of-codebook (EOC) rows of a target are labels: all (the whole EOC fill "
+        "after each codebook's codes: the model learns to keep emitting EOC, as SGLang-Omni needs) or first (one "
+        "EOC per codebook, as the v2 layout does). v2 always labels one stream end per codebook.",
+        _KEEP_ON_RESUME,
+    )
 
     @property
     def has_held_out(self) -> bool:
@@ -290,6 +297,7 @@ class DataConfig:
             )
         if self.num_workers < 0:
             problems.append(f"data.num_workers must be >= 0, got {self.num_workers}.")
+        problems += _not_one_of("data.eoc_labels", self.eoc_labels, ("all", "first"))
         return problems
 
 

@@ -231,7 +231,7 @@ class V3Family(ModelFamily):
 
     # ------------------------------------------------------------------ layout
     def sample_layout(self, data_cfg):
-        return V3SampleLayout("all")
+        return V3SampleLayout(data_cfg.eoc_labels)
 
     def collator(self, tokens, processor=None):
         tokenizer = processor.tokenizer
