@@ -53,3 +53,32 @@ def test_prepare_transcribe_fills_marks_and_inspect_lists(tiny_dir, demo_heldout
     assert f"  {rows[0]['id']} (asr:{asr_dir}): {written[0]['text']!r}" in shown.output
     bad = CliRunner().invoke(cli, ["prepare", str(manifest), "--transcribe"])
     assert bad.exit_code == 2 and "--transcribe needs --asr-model MODEL" in bad.output
+
+
+def test_prepare_from_folder_transcribes_audio_without_a_transcript(tiny_dir, demo_heldout, tmp_path):
+    asr_dir, _ = make_tiny_eval_models(tmp_path / "eval")
+    rows = [json.loads(x) for x in demo_heldout.read_text(encoding="utf-8").splitlines()][:2]
+    voices = tmp_path / "voices" / "amira"
+    voices.mkdir(parents=True)
+    for r in rows:
+        shutil.copy(demo_heldout.parent / r["audio"], voices / r["audio"].split("/")[-1])
+    with_text = voices / rows[0]["audio"].split("/")[-1]
+    with_text.with_suffix(".txt").write_text(rows[0]["text"], encoding="utf-8")
+    untranscribed = voices / rows[1]["audio"].split("/")[-1]  # no .txt beside it
+
+    # without --transcribe the missing transcript is a problem, named
+    plain = CliRunner().invoke(cli, ["prepare", "--from-folder", str(tmp_path / "voices"), "--language", "en"])
+    assert plain.exit_code == 2 and f"{untranscribed.with_suffix('.txt')}: transcript file not found" in plain.output
+
+    args = ["prepare", "--from-folder", str(tmp_path / "voices"), "--language", "en", "--transcribe"]
+    res = CliRunner().invoke(
+        cli, [*args, "--asr-model", str(asr_dir), "--model", str(tiny_dir), "--out", str(tmp_path / "c")]
+    )
+    assert res.exit_code == 0, res.output
+    assert "transcribed 1 row(s)" in res.output
+    cache = CodeCache.open(tmp_path / "c")
+    by_id = {e.id: e for e in cache.entries}
+    assert by_id[with_text.stem].text == rows[0]["text"] and by_id[with_text.stem].text_source is None
+    asr = AsrModel.load(asr_dir)
+    expected = asr.transcribe([load_codec_audio(untranscribed, asr.sample_rate)], "en")[0].strip()
+    assert by_id[untranscribed.stem].text == expected and by_id[untranscribed.stem].text_source == f"asr:{asr_dir}"

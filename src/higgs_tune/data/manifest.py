@@ -501,10 +501,14 @@ class ConvertResult:
     unchanged: bool = False  # the manifest already held exactly these rows: nothing was written
 
 
-def _read_transcript(path: Path, problems: list[str]) -> str | None:
+def _read_transcript(path: Path, problems: list[str], missing_ok: bool = False) -> str | None:
+    """The transcript's text; None (and a problem) when unreadable. `missing_ok`: a missing file
+    is not a problem (prepare --transcribe fills the text), the row is kept with text None."""
     try:
         return path.read_text(encoding="utf-8-sig").strip()
     except FileNotFoundError:
+        if missing_ok:
+            return None
         problems.append(
             f'{path}: transcript file not found. Fix: add it, or put the text into metadata.json as "text".'
         )
@@ -514,7 +518,7 @@ def _read_transcript(path: Path, problems: list[str]) -> str | None:
 
 
 def _from_metadata(
-    folder: Path, meta_path: Path, language: str | None, problems: list[str]
+    folder: Path, meta_path: Path, language: str | None, problems: list[str], missing_text_ok: bool = False
 ) -> tuple[list[dict], list[str]]:
     """Rows from a community-trainer metadata.json: a list of samples, or {"samples": [...]}."""
     try:
@@ -560,7 +564,9 @@ def _from_metadata(
         text = s.get("text", s.get("transcript"))
         if text is None:
             tfile = s.get("transcript_file")
-            text = _read_transcript(folder / tfile if tfile else audio_path.with_suffix(".txt"), problems)
+            text = _read_transcript(
+                folder / tfile if tfile else audio_path.with_suffix(".txt"), problems, missing_ok=missing_text_ok
+            )
         if text is not None and not isinstance(text, str):
             problems.append(
                 f'{where}: "text"/"transcript" is {type(text).__name__} {json.dumps(text)[:40]}, not a string. '
@@ -580,12 +586,12 @@ def _from_metadata(
         for key in ("scene", "ref_audio", "ref_text"):
             if s.get(key) is not None:
                 row[key] = Path(os.path.normpath(folder / s[key])) if key == "ref_audio" else s[key]
-        if text is not None:
+        if text is not None or missing_text_ok:
             rows.append(row | {"_where": where})
     return rows, sorted(ignored)
 
 
-def _from_pairs(folder: Path, language: str | None, problems: list[str]) -> list[dict]:
+def _from_pairs(folder: Path, language: str | None, problems: list[str], missing_text_ok: bool = False) -> list[dict]:
     """Rows from <name>.<audio ext> + <name>.txt pairs (any depth); speaker = the file's folder name."""
     files = sorted(p for p in folder.rglob("*") if p.is_file())
     audio = [p for p in files if p.suffix.lower() in AUDIO_EXTENSIONS]
@@ -601,8 +607,8 @@ def _from_pairs(folder: Path, language: str | None, problems: list[str]) -> list
         counts[p.stem] += 1
     rows = []
     for p in audio:
-        text = _read_transcript(p.with_suffix(".txt"), problems)
-        if text is None:
+        text = _read_transcript(p.with_suffix(".txt"), problems, missing_ok=missing_text_ok)
+        if text is None and not missing_text_ok:
             continue
         ident = p.stem if counts[p.stem] == 1 else f"{p.parent.name}_{p.stem}"
         rows.append(
@@ -617,14 +623,20 @@ def _from_pairs(folder: Path, language: str | None, problems: list[str]) -> list
 
 
 def convert_folder(
-    folder: str | Path, *, manifest_out: str | Path | None = None, overwrite: bool = False, language: str | None = None
+    folder: str | Path,
+    *,
+    manifest_out: str | Path | None = None,
+    overwrite: bool = False,
+    language: str | None = None,
+    missing_text_ok: bool = False,
 ) -> ConvertResult:
     """Write a manifest for `folder`; default location `<folder>/../<folder name>.jsonl`.
 
     With `metadata.json` in the folder its samples are used (audio_file/audio,
     text/transcript/transcript_file/<stem>.txt, speaker/speaker_id, language, scene, id);
     otherwise every audio file with a same-name .txt, speaker = the folder it sits in.
-    `language` fills rows that have none. All problems are raised at once. An existing
+    `language` fills rows that have none. `missing_text_ok` (prepare --transcribe): an audio file
+    without a transcript becomes a row without text, for the ASR to fill. All problems are raised at once. An existing
     manifest with exactly these rows is kept (`unchanged`); a different one is replaced
     only with overwrite.
     """
@@ -640,9 +652,9 @@ def convert_folder(
     problems: list[str] = []
     meta_path = folder / "metadata.json"
     if meta_path.is_file():
-        rows, ignored = _from_metadata(folder, meta_path, language, problems)
+        rows, ignored = _from_metadata(folder, meta_path, language, problems, missing_text_ok)
     else:
-        rows, ignored = _from_pairs(folder, language, problems), []
+        rows, ignored = _from_pairs(folder, language, problems, missing_text_ok), []
     if problems:
         listed = "\n".join(f"  - {p}" for p in problems[:MAX_LISTED_PROBLEMS])
         more = f"\n  ... and {len(problems) - MAX_LISTED_PROBLEMS} more" if len(problems) > MAX_LISTED_PROBLEMS else ""

@@ -84,11 +84,15 @@ def convert_source(
     overwrite: bool = False,
     language: str | None = None,
     speaker: str | None = None,
+    missing_text_ok: bool = False,
 ) -> ConvertResult:
-    """A folder in any layout we read -> a manifest (default `<folder>/../<folder name>.jsonl`)."""
+    """A folder in any layout we read -> a manifest (default `<folder>/../<folder name>.jsonl`).
+    `missing_text_ok` (prepare --transcribe): audio without a transcript is kept, without text."""
     folder = Path(os.path.abspath(folder))
     if not is_ljspeech(folder):
-        return convert_folder(folder, manifest_out=manifest_out, overwrite=overwrite, language=language)
+        return convert_folder(
+            folder, manifest_out=manifest_out, overwrite=overwrite, language=language, missing_text_ok=missing_text_ok
+        )
     out = Path(os.path.abspath(manifest_out)) if manifest_out else folder.parent / f"{folder.name}.jsonl"
     rows = ljspeech_rows(folder, speaker=speaker, language=language)
     return write_manifest_rows(rows, out, overwrite=overwrite, source=str(folder))

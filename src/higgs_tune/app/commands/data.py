@@ -179,7 +179,13 @@ def prepare_command(
 
     if from_folder or hf_dataset:
         if from_folder:
-            converted = convert_source(from_folder, manifest_out=manifest_out, overwrite=overwrite, language=language)
+            converted = convert_source(
+                from_folder,
+                manifest_out=manifest_out,
+                overwrite=overwrite,
+                language=language,
+                missing_text_ok=transcribe,  # audio without a .txt: the ASR fills its text below
+            )
         else:
             converted = convert_hf_dataset(
                 hf_dataset,
