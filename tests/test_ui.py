@@ -135,6 +135,7 @@ def test_config_shows_every_problem_at_once(ui):
     demo = next(p for p in info["presets"] if p["name"] == "demo-tiny-cpu.yaml")
     assert demo["placeholders"] == ["DEMO_CACHE", "DEMO_HELDOUT_CACHE", "OUTPUT_DIR", "TINY_MODEL"]
     assert set(info["source_kinds"]) == {"manifest", "folder", "hf"}
+    assert "family" in info["config"]["fields"]  # model.family: v2 | v3, offered on the Train form
 
     status, r = client.post(
         "/api/config",

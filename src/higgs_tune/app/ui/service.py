@@ -171,7 +171,7 @@ COMMON_FIELDS = {
     "learning_rate": ("train.learning_rate", None),
     "lora_r": ("finetune.lora_r", None),
     "pathways": ("finetune.pathways", None),
-    "family": ("model.family", None),  # offered only when the config has the key (the v3 family)
+    "family": ("model.family", None),  # v2 | v3 (empty: detected from the model's config.json)
 }
 
 
