@@ -239,6 +239,10 @@ def test_read_progress_takes_the_newest_tqdm_state():
     log = "checking audio: 100%|##| 26/26\rencoding:  10%|#  | 2/20 [00:01<00:09]\rencoding:  40%|####| 8/20 [00:02]"
     assert read_progress(log) == (8, 20)
     assert read_progress("Loading weights: 100%|##| 309/309") is None
+    plain = (
+        "checking audio: 26/26 files (100%) elapsed 0:00:00 ETA 0:00:00\nencoding: 12/26 clips (46%) elapsed 0:00:03"
+    )
+    assert read_progress(plain) == (12, 26)
 
 
 # ----------------------------------------------------------------------------- the command

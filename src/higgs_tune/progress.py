@@ -16,6 +16,7 @@ lines every `every_s` seconds and at the end, e.g.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -83,13 +84,18 @@ def _fmt_info(info: dict) -> str:
     return " ".join(parts)
 
 
+DEFAULT_EVERY_S = 30.0
+EVERY_ENV = "HIGGS_TUNE_PROGRESS_EVERY_S"  # seconds between plain progress lines (not on a terminal)
+
+
 class TerminalProgress(Progress):
     """A rich bar on a terminal, plain periodic lines otherwise (see the module docstring)."""
 
-    def __init__(self, stream=None, *, every_s: float = 30.0, tty: bool | None = None, console=None):
+    def __init__(self, stream=None, *, every_s: float | None = None, tty: bool | None = None, console=None):
         self.stream = stream if stream is not None else sys.stderr
         self.tty = self.stream.isatty() if tty is None else tty
-        self.every_s = every_s
+        # plain lines every 30 s by default; a program that reads them (the web UI) asks for more
+        self.every_s = every_s if every_s is not None else float(os.environ.get(EVERY_ENV, DEFAULT_EVERY_S))
         self.console = console  # share the run's rich console: its lines print above the bar
         self._bar = None
         self._task = None

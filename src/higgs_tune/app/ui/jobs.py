@@ -30,11 +30,13 @@ class JobConflict(HiggsTuneError):
     """A second job for an output folder that already has one."""
 
 
-_PROGRESS = re.compile(r"encoding:\s*\d+%\|[^|]*\|\s*(\d+)/(\d+)")
+# prepare's progress: tqdm ("encoding:  40%|####| 8/20") or higgs_tune.progress's plain line
+# ("encoding: 8/20 clips (40%) elapsed ...")
+_PROGRESS = re.compile(r"encoding:\s*(?:\d+%\|[^|]*\|\s*)?(\d+)/(\d+)")
 
 
 def read_progress(log_text: str) -> tuple[int, int] | None:
-    """(done, total) from the newest tqdm line of `higgs-tune prepare` ("encoding: 40%|...| 8/20")."""
+    """(done, total) from the newest progress line of `higgs-tune prepare` (tqdm or plain)."""
     found = _PROGRESS.findall(log_text)
     return (int(found[-1][0]), int(found[-1][1])) if found else None
 
@@ -128,7 +130,8 @@ class JobRegistry:
             log_path = self.state_dir / "logs" / f"{job_id}.log"
             log_path.parent.mkdir(parents=True, exist_ok=True)
             argv = [sys.executable, "-m", "higgs_tune", *args]
-            env = dict(os.environ, PYTHONUNBUFFERED="1", COLUMNS="120")
+            # a plain progress line every second: the page follows prepare/train from the job's log
+            env = dict(os.environ, PYTHONUNBUFFERED="1", COLUMNS="120", HIGGS_TUNE_PROGRESS_EVERY_S="1")
             with lock_file, open(log_path, "wb") as log:
                 # own session: a Ctrl-C in the terminal of `higgs-tune ui` reaches the UI, which
                 # then stops its jobs itself (shutdown), each exactly once. pass_fds: the process
