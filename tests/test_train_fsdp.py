@@ -8,9 +8,11 @@ import json
 
 import pytest
 import torch
-from recipe_support import run_folder_at_checkpoint, small_config, torchrun2, train_losses
+import yaml
+from recipe_support import preset_dict, run_folder_at_checkpoint, torchrun2, train_losses
 from safetensors.torch import load_file
 
+from higgs_tune.config import config_from_dict
 from higgs_tune.families.select import family_for
 from higgs_tune.train.checkpoint import load_training_state, verify_checkpoint
 from higgs_tune.train.loss import make_loss_module
@@ -19,7 +21,6 @@ from higgs_tune.train.recipe import train
 # torchrun, two processes: 20-90 s on 2 busy cores
 pytestmark = [pytest.mark.slow, pytest.mark.multiproc]
 FSDP_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_AUTO_WRAP_POLICY": "NO_WRAP"}
-OVERRIDES = ["train.max_steps=4", "train.log_steps=1", "train.warmup_steps=1", "checkpoint.save_steps=2"]
 
 
 def _dcp_full(folder, tmp_path) -> dict:
@@ -31,10 +32,20 @@ def _dcp_full(folder, tmp_path) -> dict:
     return torch.load(out, weights_only=False)
 
 
-def test_fsdp_sharded_checkpoints_resume_exactly_and_in_one_process(tiny_dir, demo_cache, tmp_path):
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_fsdp_sharded_checkpoints_resume_exactly_and_in_one_process(mode, tiny_dir, demo_cache, tmp_path):
+    def preset(out) -> dict:  # the demo preset, LoRA or full, four steps, a checkpoint every two
+        data = preset_dict(tiny_dir, demo_cache, None, out)
+        if mode == "full":
+            data["finetune"] = {"mode": "full"}
+        data["train"].update(max_steps=4, log_steps=1, warmup_steps=1, sample_steps=None, eval_steps=None)
+        data["checkpoint"].update(save_steps=2, keep_best=False)
+        data["data"]["eval_cache"] = None
+        return data
+
     run = tmp_path / "run"
     config = tmp_path / "run.yaml"
-    small_config(tiny_dir, demo_cache, None, run, OVERRIDES).save(config)
+    config.write_text(yaml.safe_dump(preset(run)))
     p = torchrun2("fsdp_train_script.py", str(config), env=FSDP_ENV)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
     assert "2 process(es)" in p.stdout and "trained parameter types: ['DTensor']" in p.stdout
@@ -59,34 +70,37 @@ def test_fsdp_sharded_checkpoints_resume_exactly_and_in_one_process(tiny_dir, de
     assert len(weights) > 0 and set(moments) == set(weights)
     assert all(moments[k]["exp_avg"].shape == weights[k].shape for k in weights)
 
-    # final/ holds the shards AND the usual adapter (for generate / export), equal to the shards' weights
+    # final/ holds the shards AND the usual weights (for generate / export), equal to the shards' weights
+    weights_file = "adapter_model.safetensors" if mode == "lora" else "model.safetensors"
     final_manifest = verify_checkpoint(run / "final")
-    assert "adapter_model.safetensors" in final_manifest["files"] and "dcp/.metadata" in final_manifest["files"]
+    assert weights_file in final_manifest["files"] and "dcp/.metadata" in final_manifest["files"]
     final_full = _dcp_full(run / "final", tmp_path)
-    adapter = load_file(run / "final" / "adapter_model.safetensors")
+    usual = load_file(run / "final" / weights_file)
 
-    def canonical(k):  # the live name of an adapter tensor, as PEFT names it in adapter_model.safetensors
-        return k.removeprefix("model.").replace(".modules_to_save.default", "").replace(".default", "")
+    def canonical(k):  # the live name of a saved tensor, as PEFT / save_pretrained name it
+        k = k.removeprefix("model.")
+        return k.replace(".modules_to_save.default", "").replace(".default", "") if mode == "lora" else k
 
     shards = {canonical(k): v for k, v in final_full["model"].items()}
-    assert len(adapter) > 0 and set(adapter) <= set(shards)
-    for name, tensor in adapter.items():
-        assert torch.equal(shards[name], tensor), name
+    assert len(usual) > 0
+    assert set(shards) <= set(usual) if mode == "full" else set(usual) <= set(shards)
+    for name in set(usual) & set(shards):
+        assert torch.equal(shards[name], usual[name]), name
 
     # resume from checkpoint-2 in two processes: steps 3-4 and the final weights equal the uninterrupted run
     resumed = run_folder_at_checkpoint(run, 2, tmp_path / "resumed")
     config2 = tmp_path / "resumed.yaml"
-    small_config(tiny_dir, demo_cache, None, resumed, OVERRIDES).save(config2)
+    config2.write_text(yaml.safe_dump(preset(resumed)))
     p = torchrun2("fsdp_train_script.py", str(config2), "--resume", "auto", env=FSDP_ENV)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
     assert train_losses(resumed) == train_losses(run)
-    a, b = (load_file(d / "final" / "adapter_model.safetensors") for d in (run, resumed))
+    a, b = (load_file(d / "final" / weights_file) for d in (run, resumed))
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
 
     # one process, no FSDP: the shards of two ranks load whole into an unsharded model and optimizer
-    cfg = small_config(tiny_dir, demo_cache, None, tmp_path / "one", OVERRIDES)
+    cfg = config_from_dict(preset(tmp_path / "one"))
     family = family_for(cfg.model.name_or_path, cfg.model.family)
     model = family.apply_finetuning(family.load_model(cfg.model, device="cpu"), cfg.finetune)
     root = make_loss_module(family, model, cfg.loss)
@@ -104,9 +118,9 @@ def test_fsdp_sharded_checkpoints_resume_exactly_and_in_one_process(tiny_dir, de
 
     # and a one-process run resumes that checkpoint end to end (not bit-exact: the batches are regrouped)
     one = run_folder_at_checkpoint(run, 2, tmp_path / "one")
-    result = train(small_config(tiny_dir, demo_cache, None, one, OVERRIDES), resume="auto")
+    result = train(config_from_dict(preset(one)), resume="auto")
     losses = train_losses(one)
     assert sorted(losses) == [1, 2, 3, 4] and losses[1] == train_losses(run)[1]
     assert all(torch.isfinite(torch.tensor(loss)) for loss, _ in losses.values())
-    assert result.model is not None and (one / "final" / "adapter_model.safetensors").is_file()
+    assert result.model is not None and (one / "final" / weights_file).is_file()
     assert json.loads((one / "final" / "manifest.json").read_text())["world_size"] == 1
