@@ -40,6 +40,10 @@ def main() -> None:
     trained = [p for p in result.model.parameters() if p.requires_grad]
     # the parameters the run trained were FSDP2 shards (DTensors), not DDP replicas
     print("trained parameter types:", sorted({type(p).__name__ for p in trained}))
+    from torch.distributed.fsdp import FSDPModule
+
+    # FSDP units: 1 = the whole model as one unit (NO_WRAP); 1 + layers with TRANSFORMER_BASED_WRAP
+    print("fsdp units:", sum(isinstance(m, FSDPModule) for m in result.model.modules()) + 1)
 
 
 if __name__ == "__main__":

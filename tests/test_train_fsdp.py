@@ -5,6 +5,7 @@ run in two processes continues exactly, and one process (no FSDP) loads the same
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,14 +14,26 @@ from recipe_support import preset_dict, run_folder_at_checkpoint, torchrun2, tra
 from safetensors.torch import load_file
 
 from higgs_tune.config import config_from_dict
+from higgs_tune.errors import CheckpointError
 from higgs_tune.families.select import family_for
-from higgs_tune.train.checkpoint import load_training_state, verify_checkpoint
+from higgs_tune.train.checkpoint import find_resume_checkpoint, load_training_state, verify_checkpoint
 from higgs_tune.train.loss import make_loss_module
 from higgs_tune.train.recipe import train
 
+REPO = Path(__file__).resolve().parents[1]
 # torchrun, two processes: 20-90 s on 2 busy cores
 pytestmark = [pytest.mark.slow, pytest.mark.multiproc]
 FSDP_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_AUTO_WRAP_POLICY": "NO_WRAP"}
+
+
+def accelerate_env(config_file: Path) -> dict:
+    """The environment `accelerate launch --config_file CONFIG_FILE` gives its processes (accelerate's own code)."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    args = launch_command_parser().parse_args(["--config_file", str(config_file), "--num_processes", "2", "x.py"])
+    args = _validate_launch_command(args)[0]
+    return {k: v for k, v in prepare_multi_gpu_env(args).items() if k.startswith(("FSDP_", "ACCELERATE_USE_FSDP"))}
 
 
 def _dcp_full(folder, tmp_path) -> dict:
@@ -46,9 +59,13 @@ def test_fsdp_sharded_checkpoints_resume_exactly_and_in_one_process(mode, tiny_d
     run = tmp_path / "run"
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump(preset(run)))
-    p = torchrun2("fsdp_train_script.py", str(config), env=FSDP_ENV)
+    # full fine-tuning runs with the shipped accelerate config (one FSDP unit per decoder layer)
+    env = FSDP_ENV if mode == "lora" else accelerate_env(REPO / "configs" / "accelerate-fsdp2.yaml")
+    p = torchrun2("fsdp_train_script.py", str(config), env=env)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
     assert "2 process(es)" in p.stdout and "trained parameter types: ['DTensor']" in p.stdout
+    units = int(p.stdout.split("fsdp units:")[1].split()[0])
+    assert units == 1 if mode == "lora" else units > 2, p.stdout[-1000:]
     assert all(norm > 0 for _, norm in train_losses(run).values())  # clipping sees the sharded gradients
 
     # checkpoint-2: each rank's shard file plus the metadata, every one listed with its sha256; no gathered state
@@ -91,7 +108,7 @@ def test_fsdp_sharded_checkpoints_resume_exactly_and_in_one_process(mode, tiny_d
     resumed = run_folder_at_checkpoint(run, 2, tmp_path / "resumed")
     config2 = tmp_path / "resumed.yaml"
     config2.write_text(yaml.safe_dump(preset(resumed)))
-    p = torchrun2("fsdp_train_script.py", str(config2), "--resume", "auto", env=FSDP_ENV)
+    p = torchrun2("fsdp_train_script.py", str(config2), "--resume", "auto", env=env)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
     assert train_losses(resumed) == train_losses(run)
     a, b = (load_file(d / "final" / weights_file) for d in (run, resumed))
@@ -124,3 +141,12 @@ def test_fsdp_sharded_checkpoints_resume_exactly_and_in_one_process(mode, tiny_d
     assert all(torch.isfinite(torch.tensor(loss)) for loss, _ in losses.values())
     assert result.model is not None and (one / "final" / weights_file).is_file()
     assert json.loads((one / "final" / "manifest.json").read_text())["world_size"] == 1
+
+    # a damaged shard of any rank is caught on resume, which falls back to the previous checkpoint
+    shard = run / "final" / "dcp" / "__1_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"__1_0\.distcp does not match its sha256"):
+        verify_checkpoint(run / "final")
+    assert find_resume_checkpoint(run) == max(run.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))

@@ -129,13 +129,13 @@ def _failure_fix(e: BaseException, final: bool) -> str:
 
 
 def is_fsdp(accelerator) -> bool:
-    """True when `accelerator` shards the model with FSDP (the checkpoints then gather, see the module doc)."""
+    """True when `accelerator` shards the model with FSDP (the checkpoints are then sharded, see sharded.py)."""
     return accelerator is not None and accelerator.distributed_type == "FSDP"
 
 
 def require_unsharded(accelerator) -> None:
     """Refuse DeepSpeed / Megatron runs: their optimizer state differs on every rank, and saving
-    rank 0's state would silently lose the others. FSDP is supported (its state is gathered), with
+    rank 0's state would silently lose the others. FSDP is supported (sharded checkpoints), with
     FSDP1 only with use_orig_params=True (frozen parameters, optimizer state by parameter name).
     Call it before any model loads."""
     kind = accelerator.distributed_type  # a str enum: compares equal to its name
