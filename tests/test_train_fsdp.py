@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from higgs_tune.config import config_from_dict
 from higgs_tune.errors import CheckpointError
 from higgs_tune.families.select import family_for
+from higgs_tune.runfs import owned_names
 from higgs_tune.train.checkpoint import find_resume_checkpoint, load_training_state, verify_checkpoint
 from higgs_tune.train.loss import make_loss_module
 from higgs_tune.train.recipe import train
@@ -150,3 +151,25 @@ def test_fsdp_sharded_checkpoints_resume_exactly_and_in_one_process(mode, tiny_d
     with pytest.raises(CheckpointError, match=r"__1_0\.distcp does not match its sha256"):
         verify_checkpoint(run / "final")
     assert find_resume_checkpoint(run) == max(run.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+
+
+def test_fsdp_one_rank_failing_to_write_its_shards_publishes_nothing(tiny_dir, demo_cache, tmp_path):
+    """Rank 1 cannot write its shards at step 2: no checkpoint-2 appears (not even a partial one), no
+    temporary folder stays, both ranks carry on (on_save_error: continue) and later saves are whole."""
+    run = tmp_path / "run"
+    data = preset_dict(tiny_dir, demo_cache, None, run)
+    data["train"].update(max_steps=4, log_steps=1, warmup_steps=1, sample_steps=None, eval_steps=None)
+    data["checkpoint"].update(save_steps=2, keep_best=False, on_save_error="continue")
+    data["data"]["eval_cache"] = None
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(data))
+    p = torchrun2("fsdp_train_script.py", str(config), env={**FSDP_ENV, "HIGGS_TEST_FAIL_SHARDS": "1"})
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
+    assert "No space left on device" in p.stdout + p.stderr
+    assert not (run / "checkpoint-2").exists()
+    assert not [x.name for x in run.iterdir() if x.name.startswith(".tmp-")]
+    assert sorted(train_losses(run)) == [1, 2, 3, 4]
+    files = verify_checkpoint(run / "final")["files"]  # the save after the failed one is whole
+    assert {"dcp/__0_0.distcp", "dcp/__1_0.distcp", "dcp/.metadata"} <= set(files)
+    owned = owned_names(run)  # the ownership manifest lists what was published, nothing else
+    assert "checkpoint-2" not in owned and "final" in owned

@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.distributed.checkpoint.api import CheckpointException as DcpCheckpointException
 
 from higgs_tune.config import EVAL_LOSS, QUALITY_METRICS
 from higgs_tune.errors import CheckpointError
@@ -303,7 +304,6 @@ class CheckpointManager:
             return self._conclude(outcome, error, final)
         with dist_utils.preserved_rng() as mine:
             rng = dist_utils.gather_to_main(mine)  # every rank's state, on rank 0
-            full = None
             outcome, error = (
                 self._save_on_main(
                     step,
@@ -317,7 +317,6 @@ class CheckpointManager:
                     eval_loss=eval_loss,
                     final=final,
                     rng=rng,
-                    full=full,
                 )
                 if self.is_main
                 else (None, None)
@@ -373,7 +372,8 @@ class CheckpointManager:
             else:
                 try:  # every rank: its own shards
                     mine_files = ("ok", save_shards(tmp, self.sharded_root, kw["optimizer"]))
-                except Exception as e:  # noqa: BLE001  (reported by rank 0, with the rank that failed)
+                # DCP raises CheckpointException (a BaseException) on every rank when any rank's write failed
+                except (Exception, DcpCheckpointException) as e:  # noqa: BLE001  (reported by rank 0)
                     mine_files = ("failed", f"rank {dist_utils.rank()}: {type(e).__name__}: {e}")
                 shards = dist_utils.gather_to_main(mine_files)
             weights = self._gather_weights() if final else None  # collective: final/ gets usual weights
