@@ -375,7 +375,7 @@ def test_saved_config_loads_back_equal(tmp_path):
     assert load_config(tmp_path / "c.yaml").to_dict() == cfg.to_dict()
 
 
-@pytest.mark.parametrize("name", ["lora-1gpu.yaml", "full-multigpu.yaml", "demo-tiny-cpu.yaml"])
+@pytest.mark.parametrize("name", ["lora-1gpu.yaml", "full-multigpu.yaml", "full-fsdp.yaml", "demo-tiny-cpu.yaml"])
 def test_shipped_presets_validate(name, monkeypatch, tmp_path):
     for var in ("TINY_MODEL", "DEMO_CACHE", "DEMO_HELDOUT_CACHE", "OUTPUT_DIR"):
         monkeypatch.setenv(var, str(tmp_path / var.lower()))

@@ -1,46 +1,175 @@
-"""FSDP (FSDP2, two processes on CPU, gloo): training runs sharded, a checkpoint holds the full
-(gathered) weights and optimizer state, and a resumed run continues exactly."""
+"""FSDP (FSDP2, two processes on CPU, gloo): training runs sharded, every rank writes its own shards
+of the weights and optimizer state with torch.distributed.checkpoint (no rank-0 gather), a resumed
+run in two processes continues exactly, and one process (no FSDP) loads the same checkpoint."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
-from recipe_support import run_folder_at_checkpoint, small_config, torchrun2, train_losses
+import yaml
+from recipe_support import preset_dict, run_folder_at_checkpoint, torchrun2, train_losses
 from safetensors.torch import load_file
 
+from higgs_tune.config import config_from_dict
+from higgs_tune.errors import CheckpointError
+from higgs_tune.families.select import family_for
+from higgs_tune.runfs import owned_names
+from higgs_tune.train.checkpoint import find_resume_checkpoint, load_training_state, verify_checkpoint
+from higgs_tune.train.loss import make_loss_module
+from higgs_tune.train.recipe import train
+
+REPO = Path(__file__).resolve().parents[1]
 # torchrun, two processes: 20-90 s on 2 busy cores
 pytestmark = [pytest.mark.slow, pytest.mark.multiproc]
 FSDP_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_AUTO_WRAP_POLICY": "NO_WRAP"}
 
 
-def test_fsdp_two_processes_save_full_state_and_resume_exactly(tiny_dir, demo_cache, tmp_path):
-    overrides = ["train.max_steps=4", "train.log_steps=1", "train.warmup_steps=1", "checkpoint.save_steps=2"]
+def accelerate_env(config_file: Path) -> dict:
+    """The environment `accelerate launch --config_file CONFIG_FILE` gives its processes (accelerate's own code)."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    args = launch_command_parser().parse_args(["--config_file", str(config_file), "--num_processes", "2", "x.py"])
+    args = _validate_launch_command(args)[0]
+    return {k: v for k, v in prepare_multi_gpu_env(args).items() if k.startswith(("FSDP_", "ACCELERATE_USE_FSDP"))}
+
+
+def _dcp_full(folder, tmp_path) -> dict:
+    """The whole content of a checkpoint's shards, read by torch's own converter (not our loader)."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    out = tmp_path / f"{folder.parent.name}-{folder.name}.pt"
+    dcp_to_torch_save(folder / "dcp", out)
+    return torch.load(out, weights_only=False)
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_fsdp_sharded_checkpoints_resume_exactly_and_in_one_process(mode, tiny_dir, demo_cache, tmp_path):
+    def preset(out) -> dict:  # the demo preset, LoRA or full, four steps, a checkpoint every two
+        data = preset_dict(tiny_dir, demo_cache, None, out)
+        if mode == "full":
+            data["finetune"] = {"mode": "full"}
+        data["train"].update(max_steps=4, log_steps=1, warmup_steps=1, sample_steps=None, eval_steps=None)
+        data["checkpoint"].update(save_steps=2, keep_best=False)
+        data["data"]["eval_cache"] = None
+        return data
+
     run = tmp_path / "run"
     config = tmp_path / "run.yaml"
-    small_config(tiny_dir, demo_cache, None, run, overrides).save(config)
-    p = torchrun2("fsdp_train_script.py", str(config), env=FSDP_ENV)
+    config.write_text(yaml.safe_dump(preset(run)))
+    # full fine-tuning runs with the shipped accelerate config (one FSDP unit per decoder layer)
+    env = FSDP_ENV if mode == "lora" else accelerate_env(REPO / "configs" / "accelerate" / "fsdp2.yaml")
+    p = torchrun2("fsdp_train_script.py", str(config), env=env)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
     assert "2 process(es)" in p.stdout and "trained parameter types: ['DTensor']" in p.stdout
+    units = int(p.stdout.split("fsdp units:")[1].split()[0])
+    assert units == 1 if mode == "lora" else units > 2, p.stdout[-1000:]
     assert all(norm > 0 for _, norm in train_losses(run).values())  # clipping sees the sharded gradients
 
-    # the checkpoint holds the full optimizer state, keyed by parameter name, for every trained tensor
-    state = torch.load(run / "checkpoint-2" / "training_state.pt", weights_only=True)
-    assert state["world_size"] == 2 and len(state["rng"]) == 2 and state["optimizer_layout"] == "full-fqn"
-    adapter = load_file(run / "checkpoint-2" / "adapter_model.safetensors")
-    opt_state = state["optimizer"]["state"]
-    assert len(opt_state) == len(adapter) > 0
-    assert all(isinstance(name, str) and name.startswith("model.") for name in opt_state)
-    # full, not one rank's shard: the optimizer moments and the adapter have the same sizes
-    assert sorted(s["exp_avg"].numel() for s in opt_state.values()) == sorted(v.numel() for v in adapter.values())
+    # checkpoint-2: each rank's shard file plus the metadata, every one listed with its sha256; no gathered state
+    ckpt = run / "checkpoint-2"
+    manifest = verify_checkpoint(ckpt)
+    assert {"dcp/__0_0.distcp", "dcp/__1_0.distcp", "dcp/.metadata"} <= set(manifest["files"])
+    assert manifest["world_size"] == 2
+    assert not (ckpt / "adapter_model.safetensors").exists()
+    state = torch.load(ckpt / "training_state.pt", weights_only=True)
+    assert state["optimizer_layout"] == "dcp" and state["optimizer"] is None and len(state["rng"]) == 2
+    # the two ranks wrote different halves: each shard file is about half of the trained state
+    sizes = [manifest["files"][f"dcp/__{r}_0.distcp"]["bytes"] for r in (0, 1)]
+    assert min(sizes) > 0.3 * sum(sizes)
+
+    # the shards hold every trained weight and its AdamW moments, whole once read back
+    full = _dcp_full(ckpt, tmp_path)
+    weights = {k: v for k, v in full["model"].items()}
+    moments = full["optim"]["state"]
+    assert len(weights) > 0 and set(moments) == set(weights)
+    assert all(moments[k]["exp_avg"].shape == weights[k].shape for k in weights)
+
+    # final/ holds the shards AND the usual weights (for generate / export), equal to the shards' weights
+    weights_file = "adapter_model.safetensors" if mode == "lora" else "model.safetensors"
+    final_manifest = verify_checkpoint(run / "final")
+    assert weights_file in final_manifest["files"] and "dcp/.metadata" in final_manifest["files"]
+    final_full = _dcp_full(run / "final", tmp_path)
+    usual = load_file(run / "final" / weights_file)
+
+    def canonical(k):  # the live name of a saved tensor, as PEFT / save_pretrained name it
+        k = k.removeprefix("model.")
+        return k.replace(".modules_to_save.default", "").replace(".default", "") if mode == "lora" else k
+
+    shards = {canonical(k): v for k, v in final_full["model"].items()}
+    assert len(usual) > 0
+    assert set(shards) <= set(usual) if mode == "full" else set(usual) <= set(shards)
+    for name in set(usual) & set(shards):
+        assert torch.equal(shards[name], usual[name]), name
 
     # resume from checkpoint-2 in two processes: steps 3-4 and the final weights equal the uninterrupted run
     resumed = run_folder_at_checkpoint(run, 2, tmp_path / "resumed")
     config2 = tmp_path / "resumed.yaml"
-    small_config(tiny_dir, demo_cache, None, resumed, overrides).save(config2)
-    p = torchrun2("fsdp_train_script.py", str(config2), "--resume", "auto", env=FSDP_ENV)
+    config2.write_text(yaml.safe_dump(preset(resumed)))
+    p = torchrun2("fsdp_train_script.py", str(config2), "--resume", "auto", env=env)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
     assert train_losses(resumed) == train_losses(run)
-    a, b = (load_file(d / "final" / "adapter_model.safetensors") for d in (run, resumed))
+    a, b = (load_file(d / "final" / weights_file) for d in (run, resumed))
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+    # one process, no FSDP: the shards of two ranks load whole into an unsharded model and optimizer
+    cfg = config_from_dict(preset(tmp_path / "one"))
+    family = family_for(cfg.model.name_or_path, cfg.model.family)
+    model = family.apply_finetuning(family.load_model(cfg.model, device="cpu"), cfg.finetune)
+    root = make_loss_module(family, model, cfg.loss)
+    trainable = [p for p in root.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay)
+    restored = load_training_state(ckpt, optimizer=optimizer, scheduler=None, world_size=1, rank=0, model_root=root)
+    assert restored.step == 2 and restored.sampler_state["num_replicas"] == 1
+    assert restored.sampler_state["batches_consumed"] == 2 * state["sampler_state"]["batches_consumed"]
+    names = {p: n for n, p in root.named_parameters()}
+    for param in trainable:
+        name = names[param]
+        assert torch.equal(param.detach(), weights[name]), name
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(optimizer.state[param][key], moments[name][key]), (name, key)
+
+    # and a one-process run resumes that checkpoint end to end (not bit-exact: the batches are regrouped)
+    one = run_folder_at_checkpoint(run, 2, tmp_path / "one")
+    result = train(config_from_dict(preset(one)), resume="auto")
+    losses = train_losses(one)
+    assert sorted(losses) == [1, 2, 3, 4] and losses[1] == train_losses(run)[1]
+    assert all(torch.isfinite(torch.tensor(loss)) for loss, _ in losses.values())
+    assert result.model is not None and (one / "final" / weights_file).is_file()
+    assert json.loads((one / "final" / "manifest.json").read_text())["world_size"] == 1
+
+    # a damaged shard of any rank is caught on resume, which falls back to the previous checkpoint
+    shard = run / "final" / "dcp" / "__1_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"__1_0\.distcp does not match its sha256"):
+        verify_checkpoint(run / "final")
+    assert find_resume_checkpoint(run) == max(run.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+
+
+def test_fsdp_one_rank_failing_to_write_its_shards_publishes_nothing(tiny_dir, demo_cache, tmp_path):
+    """Rank 1 cannot write its shards at step 2: no checkpoint-2 appears (not even a partial one), no
+    temporary folder stays, both ranks carry on (on_save_error: continue) and later saves are whole."""
+    run = tmp_path / "run"
+    data = preset_dict(tiny_dir, demo_cache, None, run)
+    data["train"].update(max_steps=4, log_steps=1, warmup_steps=1, sample_steps=None, eval_steps=None)
+    data["checkpoint"].update(save_steps=2, keep_best=False, on_save_error="continue")
+    data["data"]["eval_cache"] = None
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(data))
+    p = torchrun2("fsdp_train_script.py", str(config), env={**FSDP_ENV, "HIGGS_TEST_FAIL_SHARDS": "1"})
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
+    assert "No space left on device" in p.stdout + p.stderr
+    assert not (run / "checkpoint-2").exists()
+    assert not [x.name for x in run.iterdir() if x.name.startswith(".tmp-")]
+    assert sorted(train_losses(run)) == [1, 2, 3, 4]
+    files = verify_checkpoint(run / "final")["files"]  # the save after the failed one is whole
+    assert {"dcp/__0_0.distcp", "dcp/__1_0.distcp", "dcp/.metadata"} <= set(files)
+    owned = owned_names(run)  # the ownership manifest lists what was published, nothing else
+    assert "checkpoint-2" not in owned and "final" in owned

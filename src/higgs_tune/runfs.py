@@ -361,7 +361,7 @@ def path_in_folder(folder: Path, name: str) -> Path:
 
 # Weight files of a checkpoint (a PEFT adapter or full fine-tune weights): every one on disk must be listed.
 WEIGHT_FILE_RE = re.compile(
-    r"^(?:adapter_config\.json|config\.json|.*\.safetensors|.*\.bin|.*\.safetensors\.index\.json)$"
+    r"^(?:adapter_config\.json|config\.json|.*\.safetensors|.*\.bin|.*\.safetensors\.index\.json|.*\.distcp)$"
 )
 
 
@@ -402,8 +402,10 @@ def verify_listed_files(folder: Path, files: Any, required: tuple[str, ...] = ()
                 f"{folder / rel} is not listed in {manifest}: weights added or replaced after the save, "
                 "which the checkpoint cannot vouch for."
             )
-    if not any(isinstance(rel, str) and Path(rel).suffix in (".safetensors", ".bin") for rel in files):
-        problems.append(f"{manifest} lists no weights file (*.safetensors): the checkpoint is incomplete.")
+    if not any(isinstance(rel, str) and Path(rel).suffix in (".safetensors", ".bin", ".distcp") for rel in files):
+        problems.append(
+            f"{manifest} lists no weights file (*.safetensors, or *.distcp shards): the checkpoint is incomplete."
+        )
     return problems
 
 

@@ -54,6 +54,7 @@ from higgs_tune.train.checkpoint import (
     read_manifest,
     require_unsharded,
 )
+from higgs_tune.train.checkpoint.sharded import has_usual_weights, is_sharded_checkpoint
 from higgs_tune.train.distributed import preserved_rng
 from higgs_tune.train.health import HealthMonitor
 from higgs_tune.train.logging import MetricsLogger, reduce_metrics
@@ -252,7 +253,16 @@ def _train(
 
     # --- model: load, audio self-attention, LoRA / full, report ---------------------------------
     model = family.load_model(cfg.model, device=accelerator.device)
-    if resume_from is not None:
+    shards_hold_weights = resume_from is not None and is_sharded_checkpoint(resume_from)
+    if shards_hold_weights and resume_weights_only and not has_usual_weights(resume_from):
+        raise CheckpointError(
+            f"--resume-weights-only {resume_from}: an FSDP checkpoint holds its weights only as shards; "
+            "start from the run's final/ (it also holds the usual weights), or resume the run itself with --resume."
+        )
+    if shards_hold_weights and not resume_weights_only:
+        # an FSDP checkpoint: the trained weights come from its shards (load_training_state, below)
+        model = family.apply_finetuning(model, cfg.finetune)
+    elif resume_from is not None:
         # the trained weights of the checkpoint (adapter + audio attention, or the full model)
         model = family.load_trainable(model, resume_from, is_trainable=True)
         if cfg.finetune.mode == "full":
@@ -303,6 +313,7 @@ def _train(
             world_size=accelerator.num_processes,
             rank=accelerator.process_index,
             sharded_root=wrapped if fsdp else None,
+            model_root=wrapped if fsdp else accelerator.unwrap_model(wrapped),  # an FSDP checkpoint's shards
         )
         step, epoch = state.step, int(state.epoch)
         data.sampler.load_state_dict(state.sampler_state)

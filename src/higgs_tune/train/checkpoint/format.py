@@ -59,7 +59,9 @@ KEY_SCHEDULER = "scheduler"
 KEY_GRAD_SCALER = "grad_scaler"
 KEY_SAMPLER = "sampler_state"
 KEY_RNG = "rng"  # list, one rng_state() per rank, in rank order
-KEY_OPTIMIZER_LAYOUT = "optimizer_layout"  # absent: optimizer.state_dict(); OPTIMIZER_FULL_FQN: FSDP, gathered
+# absent: optimizer.state_dict(); "dcp": FSDP, the optimizer state is in the dcp/ shards (sharded.py);
+# OPTIMIZER_FULL_FQN: FSDP checkpoints of earlier versions, gathered on rank 0 (still read)
+KEY_OPTIMIZER_LAYOUT = "optimizer_layout"
 OPTIMIZER_FULL_FQN = "full-fqn"  # torch.distributed.checkpoint full optimizer state dict (keyed by parameter name)
 
 
@@ -106,15 +108,15 @@ def training_state(
     step: int,
     epoch: int | float,
     world_size: int,
-    optimizer: dict,
+    optimizer: dict | None,
     scheduler: dict | None,
     grad_scaler: dict | None,
     sampler_state: Any,
     rng: list,
-    gathered: bool,
+    layout: str | None = None,
 ) -> dict:
-    """The contents of training_state.pt. `optimizer`: `optimizer.state_dict()`, or with
-    `gathered` (FSDP) the full optimizer state dict keyed by parameter name."""
+    """The contents of training_state.pt. `optimizer`: `optimizer.state_dict()`, or None with
+    `layout` "dcp" (FSDP: the optimizer state is in the checkpoint's dcp/ shards)."""
     state = {
         KEY_STEP: int(step),
         KEY_EPOCH: epoch,
@@ -125,8 +127,8 @@ def training_state(
         KEY_SAMPLER: sampler_state,
         KEY_RNG: rng,
     }
-    if gathered:
-        state[KEY_OPTIMIZER_LAYOUT] = OPTIMIZER_FULL_FQN
+    if layout is not None:
+        state[KEY_OPTIMIZER_LAYOUT] = layout
     return state
 
 
@@ -139,20 +141,25 @@ def write_checkpoint_files(
     eval_loss: float | None,
     metrics: Mapping[str, Any],
     data: Mapping[str, Any] | None = None,
+    hashed: Mapping[str, dict] | None = None,
 ) -> dict:
     """Complete a checkpoint in `folder` (which already holds the weights); return its manifest.
 
     Writes training_state.pt (`state`, keyed by KEY_*) and config.yaml, fsyncs them and the
-    weights, hashes every file, writes manifest.json and fsyncs the folder tree.
+    weights, hashes every file, writes manifest.json and fsyncs the folder tree. `hashed`:
+    {relative path: {bytes, sha256}} of files already fsync'd and hashed by the process that wrote
+    them (FSDP shards, each rank its own); every other file is hashed here.
     """
+    hashed = dict(hashed or {})
     torch.save(state, folder / TRAINING_STATE_FILE)
     (folder / CONFIG_FILE).write_text(config_yaml_text(config), encoding="utf-8")
     write_checkpoint_card(folder, config, int(state[KEY_STEP]), metrics, eval_loss)
     # Durable before the manifest vouches for them: file data first, folder entries below.
     for rel in files_under(folder):
-        fsync_path(folder / rel)
+        if str(rel) not in hashed:
+            fsync_path(folder / rel)
     files = {
-        str(rel): {"bytes": (folder / rel).stat().st_size, "sha256": sha256_file(folder / rel)}
+        str(rel): hashed.get(str(rel)) or {"bytes": (folder / rel).stat().st_size, "sha256": sha256_file(folder / rel)}
         for rel in files_under(folder)
     }
     manifest = {

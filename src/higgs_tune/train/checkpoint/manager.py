@@ -25,13 +25,12 @@ Multi-process: every rank calls `save` (the RNG states are gathered from all ran
 main process writes, and every rank leaves `save` at the same collective with the same outcome,
 so a failed save makes all ranks continue or all ranks raise.
 
-FSDP (`sharded_root` given): every rank's shard differs, so `save` first gathers, on all ranks,
-the full model state dict and the full optimizer state dict onto rank 0's CPU
-(`torch.distributed.checkpoint.state_dict`, full_state_dict + cpu_offload). The weights are
-written from that state dict; the optimizer state is stored keyed by parameter name
-(`optimizer_layout: full-fqn` in training_state.pt) and loaded back on every rank with
-`set_optimizer_state_dict`. The folder layout, manifest and verification are the same, so such a
-checkpoint is as complete as a DDP one (it resumes only into an FSDP run of the same world size).
+FSDP (`sharded_root` given): every rank writes its own shards of the trained weights and of the
+optimizer state with `torch.distributed.checkpoint` into the temporary folder rank 0 made (the run
+folder must be on a file system every rank sees) and hashes them; rank 0 writes the small files,
+lists every rank's shards in the manifest, checks that every rank succeeded and publishes (see
+sharded.py). No rank gathers the whole state, except that final/ also gets the consolidated
+trained weights on rank 0 for `generate` / `export`.
 """
 
 from __future__ import annotations
@@ -47,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.distributed.checkpoint.api import CheckpointException as DcpCheckpointException
 
 from higgs_tune.config import EVAL_LOSS, QUALITY_METRICS
 from higgs_tune.errors import CheckpointError
@@ -73,6 +73,13 @@ from higgs_tune.train.checkpoint.format import (
     read_manifest,
     training_state,
     write_checkpoint_files,
+)
+from higgs_tune.train.checkpoint.sharded import (
+    OPTIMIZER_DCP,
+    check_shards,
+    rank_tmp_ok,
+    save_shards,
+    trained_names,
 )
 
 log = logging.getLogger("higgs_tune.train.checkpoint")
@@ -123,13 +130,13 @@ def _failure_fix(e: BaseException, final: bool) -> str:
 
 
 def is_fsdp(accelerator) -> bool:
-    """True when `accelerator` shards the model with FSDP (the checkpoints then gather, see the module doc)."""
+    """True when `accelerator` shards the model with FSDP (the checkpoints are then sharded, see sharded.py)."""
     return accelerator is not None and accelerator.distributed_type == "FSDP"
 
 
 def require_unsharded(accelerator) -> None:
     """Refuse DeepSpeed / Megatron runs: their optimizer state differs on every rank, and saving
-    rank 0's state would silently lose the others. FSDP is supported (its state is gathered), with
+    rank 0's state would silently lose the others. FSDP is supported (sharded checkpoints), with
     FSDP1 only with use_orig_params=True (frozen parameters, optimizer state by parameter name).
     Call it before any model loads."""
     kind = accelerator.distributed_type  # a str enum: compares equal to its name
@@ -157,9 +164,9 @@ class CheckpointManager:
     estimate_bytes: expected size of one checkpoint (train.outdir.estimate_checkpoint_bytes),
         used for the free-space check of the first save; later saves use the previous size.
     sharded_root: FSDP runs only (required there): the FSDP-wrapped root module, and
-        `weights_prefix` the name of the trained model inside it (e.g. "model."). The full state
-        dicts are gathered from it, and save_weights / verify_weights are then called as
-        `f(dir, state_dict=full_weights)` with the trained model's full state dict.
+        `weights_prefix` the name of the trained model inside it (e.g. "model."). Every rank writes
+        its shards of it (sharded.py); for final/ the trained model's full state dict is gathered
+        on rank 0 and save_weights / verify_weights are called as `f(dir, state_dict=full_weights)`.
     """
 
     def __init__(
@@ -290,9 +297,13 @@ class CheckpointManager:
         # verify_weights may draw random numbers (building a model initialises weights, LoRA
         # initialises adapters): the streams are put back, so that a run with saves, a run
         # without them and a run resumed from this save all draw the same numbers.
+        if self.sharded_root is not None:
+            kw = dict(optimizer=optimizer, scheduler=scheduler, sampler_state=sampler_state, epoch=epoch)
+            kw.update(metrics=dict(metrics or {}), config=config, grad_scaler=grad_scaler, eval_loss=eval_loss)
+            outcome, error = self._save_sharded(step, final=final, **kw)
+            return self._conclude(outcome, error, final)
         with dist_utils.preserved_rng() as mine:
             rng = dist_utils.gather_to_main(mine)  # every rank's state, on rank 0
-            full = self._gather_sharded(optimizer)  # FSDP: collective, the full state on rank 0
             outcome, error = (
                 self._save_on_main(
                     step,
@@ -306,12 +317,13 @@ class CheckpointManager:
                     eval_loss=eval_loss,
                     final=final,
                     rng=rng,
-                    full=full,
                 )
                 if self.is_main
                 else (None, None)
             )
-            del full
+        return self._conclude(outcome, error, final)
+
+    def _conclude(self, outcome, error, final: bool) -> Path | None:
         # The one point where all ranks meet after a save: everyone learns the same outcome.
         status, message, fix = dist_utils.broadcast_from_main(outcome)
         if status == "ok":
@@ -334,22 +346,77 @@ class CheckpointManager:
             )
         return None
 
-    def _gather_sharded(self, optimizer) -> tuple[dict, dict] | None:
-        """FSDP: (trained model's full state dict, full optimizer state dict) on rank 0's CPU
-        (empty dicts on the other ranks); None without FSDP. Collective."""
-        if self.sharded_root is None:
-            return None
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            get_model_state_dict,
-            get_optimizer_state_dict,
-        )
+    def _save_sharded(self, step: int, *, final: bool, **kw) -> tuple[tuple | None, BaseException | None]:
+        """FSDP: rank 0 checks the space and makes the temporary folder, every rank writes and hashes
+        its shards there, rank 0 completes, verifies and publishes. Collective; the outcome as
+        `_save_on_main` returns it (on rank 0; (None, None) elsewhere)."""
+        name = FINAL_NAME if final else checkpoint_name(step)
+        with dist_utils.preserved_rng() as mine:
+            rng = dist_utils.gather_to_main(mine)
+            prepared, error = self._prepare_tmp(step, name, kw) if self.is_main else (None, None)
+            status, payload = dist_utils.broadcast_from_main(prepared)
+            if status != "ok":
+                return ((status, *payload) if self.is_main else None), error
+            tmp = Path(payload)
+            # every rank must see rank 0's folder before the collective write (a file system the
+            # ranks do not share fails here, clearly, instead of hanging in the write)
+            seen = dist_utils.gather_to_main(rank_tmp_ok(tmp))
+            blind = dist_utils.broadcast_from_main([r for r, ok in enumerate(seen or []) if not ok])
+            if blind:
+                mine_files: tuple = (
+                    "failed",
+                    f"rank(s) {blind} do not see {tmp}: an FSDP run folder must be on a file system every "
+                    "process (every node) shares",
+                )
+                shards = [mine_files]
+            else:
+                try:  # every rank: its own shards
+                    mine_files = ("ok", save_shards(tmp, self.sharded_root, kw["optimizer"]))
+                # DCP raises CheckpointException (a BaseException) on every rank when any rank's write failed
+                except (Exception, DcpCheckpointException) as e:  # noqa: BLE001  (reported by rank 0)
+                    mine_files = ("failed", f"rank {dist_utils.rank()}: {type(e).__name__}: {e}")
+                shards = dist_utils.gather_to_main(mine_files)
+            weights = self._gather_weights() if final else None  # collective: final/ gets usual weights
+            if not self.is_main:
+                return None, None
+            return self._save_on_main(step, final=final, rng=rng, tmp=tmp, shards=shards, full=weights, **kw)
+
+    def _prepare_tmp(self, step: int, name: str, kw: dict) -> tuple[tuple, BaseException | None]:
+        """Rank 0: ("ok", temporary folder) after the space and JSON checks, or ("failed", (message,
+        fix)) and the exception."""
+        tmp = temp_path(self.run_dir / name)
+        try:
+            self._check_space()
+            self._check_json(step, kw["metrics"], kw["eval_loss"], kw["epoch"])
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir()
+            fsync_path(self.run_dir)
+        except Exception as e:  # noqa: BLE001
+            what = "the final checkpoint" if name == FINAL_NAME else f"checkpoint-{step}"
+            msg = f"saving {what} to {self.run_dir} failed: {type(e).__name__}: {e}"
+            return ("failed", (msg, _failure_fix(e, name == FINAL_NAME))), e
+        return ("ok", str(tmp)), None
+
+    def _gather_weights(self) -> dict:
+        """FSDP: the trained model's full state dict on rank 0's CPU (empty on the others): one
+        tensor at a time through the GPU, the whole model in rank 0's host memory. Collective."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         model_sd = get_model_state_dict(self.sharded_root, options=options)
         n = len(self.weights_prefix)
-        weights = {k[n:]: v for k, v in model_sd.items() if k.startswith(self.weights_prefix)}
-        return weights, get_optimizer_state_dict(self.sharded_root, optimizer, options=options)
+        return {k[n:]: v for k, v in model_sd.items() if k.startswith(self.weights_prefix)}
+
+    @staticmethod
+    def _check_json(step, metrics, eval_loss, epoch) -> None:
+        try:
+            json.dumps({"metrics": metrics, "eval_loss": eval_loss, "epoch": epoch})  # fail before writing anything
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(
+                f"metrics/eval_loss/epoch of step {step} are not JSON numbers or strings ({e}); pass float(x) for "
+                "tensors."
+            ) from e
 
     def _save_on_main(self, step, *, final, **kw) -> tuple[tuple[str, str, str], BaseException | None]:
         """(("ok", path, ""), None) or (("failed", message, fix), the exception)."""
@@ -380,47 +447,64 @@ class CheckpointManager:
         final,
         rng,
         full=None,
+        tmp: Path | None = None,
+        shards: list | None = None,
     ) -> Path:
+        """Write, verify and publish. FSDP (`shards`: every rank's ("ok", hashed files) or ("failed",
+        message), already written into `tmp`): `full` is the gathered weights for final/, else None."""
         name = FINAL_NAME if final else checkpoint_name(step)
         target = self.run_dir / name
-        tmp = temp_path(target)
+        sharded = shards is not None
         t0 = time.monotonic()
         log.info("checkpoint: saving step %d to %s (attempt %d)", step, target, self._failures + 1)
-        self._check_space()
+        if not sharded:
+            self._check_space()
+            self._check_json(step, metrics, eval_loss, epoch)
+            tmp = temp_path(target)
+            if tmp.exists():
+                shutil.rmtree(tmp)
         try:
-            json.dumps({"metrics": metrics, "eval_loss": eval_loss, "epoch": epoch})  # fail before writing anything
-        except (TypeError, ValueError) as e:
-            raise CheckpointError(
-                f"metrics/eval_loss/epoch of step {step} are not JSON numbers or strings ({e}); pass float(x) for "
-                "tensors."
-            ) from e
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        try:
-            tmp.mkdir()
-            if full is None:
-                self.save_weights(tmp)
+            hashed: dict = {}
+            if sharded:
+                failed = [msg for status, msg in shards if status != "ok"]
+                if failed:
+                    raise CheckpointError("writing the shards failed on " + "; ".join(failed))
+                for _, files in shards:
+                    hashed.update(files)
             else:
-                self.save_weights(tmp, state_dict=full[0])
+                tmp.mkdir()
+            if not sharded:
+                self.save_weights(tmp)
+            elif full is not None:
+                self.save_weights(tmp, state_dict=full)
             state = training_state(
                 step=step,
                 epoch=epoch,
                 world_size=self.world_size,
-                optimizer=optimizer.state_dict() if full is None else full[1],
+                optimizer=None if sharded else optimizer.state_dict(),
                 scheduler=scheduler.state_dict() if scheduler is not None else None,
                 grad_scaler=grad_scaler.state_dict() if grad_scaler is not None else None,
                 sampler_state=sampler_state,
                 rng=rng,
-                gathered=full is not None,
+                layout=OPTIMIZER_DCP if sharded else None,
             )
             manifest = write_checkpoint_files(
-                tmp, state, config, final=final, eval_loss=eval_loss, metrics=metrics, data=self.data_identity
+                tmp,
+                state,
+                config,
+                final=final,
+                eval_loss=eval_loss,
+                metrics=metrics,
+                data=self.data_identity,
+                hashed=hashed,
             )
             check_written(tmp, manifest)
-            if full is None:
+            if not sharded:
                 self.verify_weights(tmp)
             else:
-                self.verify_weights(tmp, state_dict=full[0])
+                check_shards(tmp, trained_names(self.sharded_root))
+                if full is not None:
+                    self.verify_weights(tmp, state_dict=full)
             # Publish: one atomic rename; an earlier folder of that name (a damaged checkpoint
             # from an abandoned attempt, or an earlier final) is replaced only if it succeeds.
             publish_dir(tmp, target)

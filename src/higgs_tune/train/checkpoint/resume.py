@@ -51,6 +51,7 @@ from higgs_tune.train.checkpoint.format import (
     short_torch_error,
     verify_checkpoint,
 )
+from higgs_tune.train.checkpoint.sharded import OPTIMIZER_DCP, is_sharded_checkpoint, load_shards
 
 log = logging.getLogger("higgs_tune.train.checkpoint")
 
@@ -231,6 +232,7 @@ def load_training_state(
     grad_scaler: Any | None = None,
     config: Any | None = None,
     sharded_root: torch.nn.Module | None = None,
+    model_root: torch.nn.Module | None = None,
 ) -> TrainingState:
     """Restore optimizer, scheduler, grad scaler and this rank's RNG states from `ckpt`.
 
@@ -240,11 +242,19 @@ def load_training_state(
     uninterrupted run. Raises CheckpointError (suggesting --resume-weights-only) when the
     world size differs or `config` changes a key of RESUME_KEYS. `sharded_root`: the FSDP-wrapped
     module (as given to CheckpointManager) in an FSDP run; collective then (call on every rank).
+
+    A checkpoint of an FSDP run (dcp/ shards, sharded.py) also restores the trained weights, into
+    `model_root` (the module whose parameter names the shards use: the FSDP-wrapped root, or the
+    unwrapped one in a run without FSDP; default `sharded_root`), and loads into any number of
+    processes: with another world size the weights, optimizer and schedule are exact, while the data
+    order continues at the same fraction of the epoch with the batches regrouped, and the random
+    streams start from rank 0's saved state (logged as a warning).
     """
     ckpt = Path(ckpt)
     manifest = read_manifest(ckpt)
     saved_ws = int(manifest["world_size"])
-    if saved_ws != world_size:
+    sharded = is_sharded_checkpoint(ckpt)
+    if saved_ws != world_size and not sharded:
         raise CheckpointError(
             f"{ckpt} was saved by {saved_ws} process(es), this run has {world_size}: the data order and the per-rank "
             f"random streams cannot continue exactly. Launch {saved_ws} process(es) to resume, or start a new run "
@@ -279,6 +289,26 @@ def load_training_state(
         )
 
     layout = state.get(KEY_OPTIMIZER_LAYOUT)
+    if sharded or layout == OPTIMIZER_DCP:
+        root = model_root if model_root is not None else sharded_root
+        if root is None:
+            raise CheckpointError(f"{ckpt} holds FSDP shards: load_training_state needs model_root= to load them.")
+        load_shards(ckpt, root, optimizer)  # weights + optimizer, resharded to this run's processes
+        _load_scheduler_and_scaler(ckpt, path, state, scheduler, grad_scaler)
+        rngs, warnings = state[KEY_RNG], []
+        if saved_ws == world_size:
+            warnings = dist_utils.set_rng_state(rngs[rank])
+        else:
+            state[KEY_SAMPLER] = regroup_sampler_state(state[KEY_SAMPLER], saved_ws, world_size)
+            warnings = dist_utils.set_rng_state(rngs[0]) + [
+                f"{ckpt} was saved by {saved_ws} process(es), this run has {world_size}: the weights, optimizer "
+                "state and schedule are restored exactly (resharded), but the batches are regrouped for "
+                f"{world_size} process(es) from batch {state[KEY_SAMPLER]['batches_consumed']} of the epoch on and the "
+                "random streams continue from rank 0's, so the losses differ from an uninterrupted run's. "
+                "Keep the global batch: multiply train.gradient_accumulation_steps by "
+                f"{saved_ws}/{world_size} if your config allows it."
+            ]
+        return _restored(ckpt, state, manifest, saved_ws, rank, world_size, warnings, schedule_changes)
     if (layout == OPTIMIZER_FULL_FQN) != (sharded_root is not None):
         saved_by, run = ("an FSDP", "without FSDP") if sharded_root is None else ("a non-FSDP", "with FSDP")
         raise CheckpointError(
@@ -303,6 +333,26 @@ def load_training_state(
         raise CheckpointError(
             f"{path}: the optimizer state does not fit this optimizer ({e}). Use --resume-weights-only."
         ) from e
+    _load_scheduler_and_scaler(ckpt, path, state, scheduler, grad_scaler)
+    rngs = state[KEY_RNG]
+    if len(rngs) != world_size or not 0 <= rank < world_size:
+        raise CheckpointError(
+            f"{path} holds RNG states of {len(rngs)} rank(s); rank {rank} of {world_size} cannot be restored."
+        )
+    rng_warnings = dist_utils.set_rng_state(rngs[rank])
+    return _restored(ckpt, state, manifest, saved_ws, rank, world_size, rng_warnings, schedule_changes)
+
+
+def regroup_sampler_state(sampler_state: dict, saved_ws: int, world_size: int) -> dict:
+    """The sampler state of a `saved_ws`-process run for a `world_size`-process one: the same epoch,
+    at the same number of batches consumed by all ranks together (rounded down)."""
+    out = dict(sampler_state)
+    out["num_replicas"] = world_size
+    out["batches_consumed"] = int(sampler_state["batches_consumed"]) * saved_ws // world_size
+    return out
+
+
+def _load_scheduler_and_scaler(ckpt: Path, path: Path, state: dict, scheduler, grad_scaler) -> None:
     if scheduler is not None:
         if state.get(KEY_SCHEDULER) is None:
             raise CheckpointError(
@@ -315,12 +365,8 @@ def load_training_state(
         else:
             log.warning("resume: %s has no grad scaler state (saved without fp16); the scaler starts fresh", ckpt)
 
-    rngs = state[KEY_RNG]
-    if len(rngs) != world_size or not 0 <= rank < world_size:
-        raise CheckpointError(
-            f"{path} holds RNG states of {len(rngs)} rank(s); rank {rank} of {world_size} cannot be restored."
-        )
-    rng_warnings = dist_utils.set_rng_state(rngs[rank])
+
+def _restored(ckpt, state, manifest, saved_ws, rank, world_size, rng_warnings, schedule_changes) -> TrainingState:
     for w in rng_warnings:
         log.warning("resume: %s", w)
     log.info(
