@@ -97,18 +97,25 @@ class OutputDirNotEmpty(Exception):
     """make-tiny was pointed at a non-empty folder without overwrite."""
 
 
-def build_text_tokenizer(spec: TinySpec):
-    """Byte-level BPE trained on the bundled English+Arabic corpus, Llama-3 specials appended."""
+def train_corpus_bpe(vocab_size: int) -> Tokenizer:
+    """A byte-level BPE of at most `vocab_size` tokens trained on the bundled English+Arabic corpus
+    (the regular vocabulary of both tiny stacks; each appends its own special tokens)."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=spec.bpe_vocab_size,
+        vocab_size=vocab_size,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
         special_tokens=[],
     )
     tok.train_from_iterator(text_corpus_lines(), trainer=trainer)
+    return tok
+
+
+def build_text_tokenizer(spec: TinySpec):
+    """Byte-level BPE trained on the bundled English+Arabic corpus, Llama-3 specials appended."""
+    tok = train_corpus_bpe(spec.bpe_vocab_size)
     if tok.get_vocab_size() > spec.bpe_vocab_size:
         raise RuntimeError(f"BPE vocabulary {tok.get_vocab_size()} exceeds {spec.bpe_vocab_size}")
     # Pad the regular vocabulary to exactly bpe_vocab_size so the special block starts at a

@@ -24,7 +24,6 @@ from pathlib import Path
 
 import torch
 
-from higgs_tune.resources import text_corpus_lines
 from higgs_tune.runfs import claim
 
 # Relative to <|tts|>: the spacing reported for the real tokenizer (151667 ...).
@@ -62,19 +61,11 @@ class V3TinySpec:
 
 def build_v3_text_tokenizer(spec: V3TinySpec):
     """Byte-level BPE on the bundled English+Arabic corpus, then the v3 specials."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=spec.bpe_vocab_size,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-        special_tokens=[],
-    )
-    tok.train_from_iterator(text_corpus_lines(), trainer=trainer)
+    from higgs_tune.tiny.v2 import train_corpus_bpe
+
+    tok = train_corpus_bpe(spec.bpe_vocab_size)
     filler = [f"<|unused_{i}|>" for i in range(spec.bpe_vocab_size - tok.get_vocab_size())]
     if filler:
         tok.add_tokens(filler)
