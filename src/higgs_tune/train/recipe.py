@@ -349,6 +349,20 @@ def _train(
     stop.armed = True  # from here on a signal finishes the step, saves, then stops (train.signals)
     progress.start(total_steps, "train", "steps", done=step)
     progress_tokens, progress_t0 = 0, time.perf_counter()
+
+    def save_state() -> dict:
+        """What every checkpoint of this run records besides the weights, read when it is saved."""
+        return dict(
+            optimizer=optimizer,
+            scheduler=scheduler,
+            sampler_state=data.sampler.state_dict(),
+            epoch=epoch,
+            metrics=_json_metrics(last_metrics) | (quality.checkpoint_scores() if quality else {}),
+            config=cfg,
+            eval_loss=eval_loss,
+            grad_scaler=accelerator.scaler,
+        )
+
     wrapped.train()
     while step < total_steps:
         step += 1  # the optimizer step being computed, numbered from 1 as it is logged
@@ -442,17 +456,7 @@ def _train(
             degraded = health.check_quality(step, quality.evals, metric, checkpoint_at=checkpoint_at(checkpoints))
             stop_early = degraded and cfg.health.quality_early_stop
         if step % ck.save_steps == 0 and step < total_steps:
-            saved = checkpoints.save(
-                step,
-                optimizer=optimizer,
-                scheduler=scheduler,
-                sampler_state=data.sampler.state_dict(),
-                epoch=epoch,
-                metrics=_json_metrics(last_metrics) | (quality.checkpoint_scores() if quality else {}),
-                config=cfg,
-                eval_loss=eval_loss,
-                grad_scaler=accelerator.scaler,
-            )
+            saved = checkpoints.save(step, **save_state())
             last_ckpt = str(saved) if saved else last_ckpt
             last_saved_step = step if saved else last_saved_step
         if stop_early:
@@ -469,33 +473,13 @@ def _train(
                 last_ckpt,
                 checkpoints,
                 say,
-                save_state=dict(
-                    optimizer=optimizer,
-                    scheduler=scheduler,
-                    sampler_state=data.sampler.state_dict(),
-                    epoch=epoch,
-                    metrics=_json_metrics(last_metrics),
-                    config=cfg,
-                    eval_loss=eval_loss,
-                    grad_scaler=accelerator.scaler,
-                ),
+                save_state=save_state(),
             )
     stop.armed = False
     progress.close()
 
     # --- save: final/ always; the best by eval loss is kept by the checkpoint manager ----------
-    final_dir = checkpoints.save(
-        step,
-        optimizer=optimizer,
-        scheduler=scheduler,
-        sampler_state=data.sampler.state_dict(),
-        epoch=epoch,
-        metrics=_json_metrics(last_metrics) | (quality.checkpoint_scores() if quality else {}),
-        config=cfg,
-        eval_loss=eval_loss,
-        grad_scaler=accelerator.scaler,
-        final=True,
-    )
+    final_dir = checkpoints.save(step, **save_state(), final=True)
     say(f"final checkpoint: {final_dir}")
     # optional work only after final/ is on disk: a failure there can no longer cost the model
     if t.sample_steps and step > first_step:
