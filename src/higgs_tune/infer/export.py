@@ -30,6 +30,7 @@ The folder is written under a temporary name and renamed when complete.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import time
@@ -146,12 +147,7 @@ def export_merged(
     base_folder = resolve_checkpoint(stack.base)
     codec_source = Path(resolve_audio_tokenizer(base_folder, audio_tokenizer))
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path(out)
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    try:
-        tmp.mkdir()
+    with _staged(out) as tmp:
         net.save_pretrained(str(tmp))
         codec_dir = tmp / AUDIO_TOKENIZER_DIR
         if codec_source.is_dir():
@@ -196,11 +192,6 @@ def export_merged(
         }
         (tmp / EXPORT_MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
         (tmp / README).write_text(_export_card(stack.base, adapter, use_text_head), encoding="utf-8")
-        fsync_tree(tmp)
-        publish_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return ExportResult(
         out_dir=out,
         merged_lora=merged_lora,
@@ -211,16 +202,29 @@ def export_merged(
     )
 
 
-def _export_family_layout(stack, net, out: Path, adapter: Path, dtype: str, merged_lora: bool) -> ExportResult:
-    """The merged model written by its family in the released layout (v3), under a temporary name."""
-    for p in net.parameters():
-        p.requires_grad_(False)
+@contextlib.contextmanager
+def _staged(out: Path):
+    """A fresh temporary folder beside `out` to write the export into; published as `out` with one
+    rename (fsynced first) when the block ends, removed if it raises: an export is whole or absent."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(out)
     if tmp.exists():
         shutil.rmtree(tmp)
+    tmp.mkdir()
     try:
-        tmp.mkdir()
+        yield tmp
+        fsync_tree(tmp)
+        publish_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _export_family_layout(stack, net, out: Path, adapter: Path, dtype: str, merged_lora: bool) -> ExportResult:
+    """The merged model written by its family in the released layout (v3), under a temporary name."""
+    for p in net.parameters():
+        p.requires_grad_(False)
+    with _staged(out) as tmp:
         layout = stack.family.write_merged(net, Path(stack.base), tmp, stack.processor)
         marker = {
             "format": "higgs-tune-export",
@@ -234,11 +238,6 @@ def _export_family_layout(stack, net, out: Path, adapter: Path, dtype: str, merg
             "notes": list(stack.notes),
         }
         (tmp / EXPORT_MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
-        fsync_tree(tmp)
-        publish_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return ExportResult(
         out_dir=out,
         merged_lora=merged_lora,

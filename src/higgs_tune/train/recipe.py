@@ -350,6 +350,11 @@ def _train(
     progress.start(total_steps, "train", "steps", done=step)
     progress_tokens, progress_t0 = 0, time.perf_counter()
 
+    def samples(at: int) -> None:
+        """The fixed prompts of step `at` (optional work: a failure is logged, the run goes on)."""
+        out_dir = run_dir / SAMPLES_DIR / f"step-{at}"
+        write_samples(model, processor, data, out_dir, t.num_samples, accelerator, logger, at, family=family)
+
     def save_state() -> dict:
         """What every checkpoint of this run records besides the weights, read when it is saved."""
         return dict(
@@ -438,17 +443,7 @@ def _train(
             eval_loss = eval_metrics["loss"]
             wrapped.train()
         if t.sample_steps and step % t.sample_steps == 0 and step < total_steps:  # the last: after final/
-            write_samples(
-                model,
-                processor,
-                data,
-                run_dir / SAMPLES_DIR / f"step-{step}",
-                t.num_samples,
-                accelerator,
-                logger,
-                step,
-                family=family,
-            )
+            samples(step)
         stop_early = False
         if quality is not None and quality.due(step, total_steps):
             quality.run(model, step)
@@ -483,17 +478,7 @@ def _train(
     say(f"final checkpoint: {final_dir}")
     # optional work only after final/ is on disk: a failure there can no longer cost the model
     if t.sample_steps and step > first_step:
-        write_samples(
-            model,
-            processor,
-            data,
-            run_dir / SAMPLES_DIR / f"step-{step}",
-            t.num_samples,
-            accelerator,
-            logger,
-            step,
-            family=family,
-        )
+        samples(step)
     if ck.push_to_hub and accelerator.is_main_process:
         say(f"uploaded {final_dir.name}/ to {push_checkpoint(final_dir, ck.push_to_hub)}")
     warnings = health.warnings
