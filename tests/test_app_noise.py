@@ -49,3 +49,42 @@ def test_quiet_filters_theirs_not_ours(monkeypatch):
     finally:
         for n, level in levels.items():
             logging.getLogger(n).setLevel(level)
+
+
+def _launch_warnings(argv, monkeypatch) -> list[str]:
+    """What accelerate's own launcher logs while it checks `accelerate launch ARGV` (no process started)."""
+    import accelerate.commands.launch as launch
+
+    monkeypatch.setattr(launch, "default_config_file", "/nonexistent/default_config.yaml")  # no user config
+    said: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            said.append(record.getMessage())
+
+    keep = Keep()
+    launch.logger.addHandler(keep)
+    try:
+        launch._validate_launch_command(launch.launch_command_parser().parse_args(argv))
+    finally:
+        launch.logger.removeHandler(keep)
+    return said
+
+
+def test_readme_launch_commands_print_no_defaults_block(monkeypatch):
+    """accelerate's "defaults used" block is printed by the launcher before higgs-tune runs: every
+    `accelerate launch` line in the README passes what it asks for (flags or a config file)."""
+    import shlex
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    text = (repo / "README.md").read_text(encoding="utf-8").replace("\\\n", " ")
+    commands = [line.split("#")[0] for line in text.splitlines() if line.strip().startswith("accelerate launch")]
+    assert len(commands) >= 4, commands  # DDP with flags, DDP config file, FSDP2 one node, FSDP2 two nodes
+    monkeypatch.chdir(repo)  # the config files are named relative to the repository
+    for command in commands:
+        argv = shlex.split(command)[2:]
+        assert _launch_warnings(argv, monkeypatch) == [], command
+    # the block the README avoids: flags left out
+    said = _launch_warnings(["--multi_gpu", "--num_processes", "8", "-m", "higgs_tune", "train", "x.yaml"], monkeypatch)
+    assert len(said) == 1 and "had defaults used instead" in said[0]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -12,9 +13,10 @@ from safetensors import safe_open
 
 from higgs_tune.app.cli import main
 from higgs_tune.errors import OutputDirError
-from higgs_tune.infer.export import EXPORT_MARKER, export_merged
+from higgs_tune.infer.export import EXPORT_MARKER, codec_hub_id, export_merged
 from higgs_tune.infer.generate import GenerationRequest, SamplingOptions, encode_reference, generate_speech
 from higgs_tune.infer.loading import load_inference_stack
+from higgs_tune.model.load import resolve_audio_tokenizer
 from higgs_tune.tiny.eval_models import make_tiny_adapter
 
 DEMO = Path(__file__).resolve().parents[1] / "examples" / "data" / "demo"
@@ -63,9 +65,10 @@ def test_export_loads_with_plain_transformers_and_gives_the_same_codes(tiny_dir,
     assert recorded == str((out / "audio_tokenizer").resolve())
     # transformers resolves that path as written: the user is told what to change after moving the export
     assert (
-        f"note: processor_config.json points at the audio tokenizer by absolute path ({recorded}): if you move or "
-        "upload the export, set audio_tokenizer_name_or_path there to its new place (or a Hub id) for plain "
-        "transformers; higgs-tune finds OUT/audio_tokenizer by itself."
+        f"note: processor_config.json points at the audio tokenizer by absolute path ({recorded}): the audio "
+        "tokenizer has no Hub id (a local folder), and transformers does not resolve paths relative to the export. "
+        "If you move or upload the export, set audio_tokenizer_name_or_path there to its new place (or a Hub id) "
+        "for plain transformers; higgs-tune finds OUT/audio_tokenizer by itself."
     ) in " ".join(result.output.split())
     assert json.loads((out / "generation_config.json").read_text())["ras_win_len"] == 7
     marker = json.loads((out / EXPORT_MARKER).read_text())
@@ -106,6 +109,69 @@ def test_export_loads_with_plain_transformers_and_gives_the_same_codes(tiny_dir,
     again = CliRunner().invoke(main, ["export", str(out), "--adapter", str(adapter), "--model", str(tiny_dir)])
     assert again.exit_code == 2
     assert f"{out} is not empty. Choose an empty or new folder, or pass --overwrite to replace it." in again.output
+
+
+def hub_snapshot(cache: Path, repo_id: str, source: Path) -> Path:
+    """`source` laid out as the Hub cache holds a download of `repo_id` (what snapshot_download writes)."""
+    root = cache / f"models--{repo_id.replace('/', '--')}"
+    rev = "0123456789abcdef0123456789abcdef01234567"
+    (root / "refs").mkdir(parents=True)
+    (root / "refs" / "main").write_text(rev)
+    snap = root / "snapshots" / rev
+    shutil.copytree(source, snap)
+    return snap
+
+
+def test_export_with_a_hub_codec_loads_after_a_move_with_plain_transformers(tiny_dir, tmp_path, monkeypatch):
+    """The codec comes from a Hub-cache snapshot: the export names it by Hub id, so the folder can
+    be moved (and the working directory changed) and AutoProcessor still finds the codec."""
+    from transformers import AutoProcessor, HiggsAudioV2ForConditionalGeneration
+
+    cache = tmp_path / "hub-cache"
+    snap = hub_snapshot(cache, "acme/tiny-codec", tiny_dir / "audio_tokenizer")
+    adapter = make_tiny_adapter(tiny_dir, tmp_path / "adapter", seed=1)
+    out = tmp_path / "first" / "export"
+    result = CliRunner().invoke(
+        main, ["export", str(out), "--adapter", str(adapter), "--model", str(tiny_dir), "--audio-tokenizer", str(snap)]
+    )
+    assert result.exit_code == 0, result.output
+    assert "note:" not in result.output  # nothing to fix after a move
+    processor_config = json.loads((out / "processor_config.json").read_text())
+    assert processor_config["audio_tokenizer"]["audio_tokenizer_name_or_path"] == "acme/tiny-codec"
+    assert json.loads((out / EXPORT_MARKER).read_text())["audio_tokenizer_reference"] == "acme/tiny-codec"
+    assert (out / "audio_tokenizer" / "model.safetensors").read_bytes() == (snap / "model.safetensors").read_bytes()
+
+    moved = tmp_path / "elsewhere" / "my-voice"
+    moved.parent.mkdir()
+    shutil.move(str(out), str(moved))
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    processor = AutoProcessor.from_pretrained(str(moved), cache_dir=str(cache), local_files_only=True)
+    model = HiggsAudioV2ForConditionalGeneration.from_pretrained(str(moved)).eval()
+    stack = load_inference_stack(tiny_dir, adapter, device="cpu")
+    expected = _codes(stack.model, stack.processor, stack.tokens)
+    assert all(torch.equal(a, b) for a, b in zip(_codes(model, processor, stack.tokens), expected, strict=True))
+    # higgs-tune's own loader uses the copy in the moved folder, without the Hub cache
+    assert resolve_audio_tokenizer(moved) == str(moved / "audio_tokenizer")
+    merged = load_inference_stack(moved, device="cpu")
+    assert all(
+        torch.equal(a, b) for a, b in zip(_codes(merged.model, merged.processor, stack.tokens), expected, strict=True)
+    )
+
+
+def test_codec_hub_id_from_the_argument_a_snapshot_or_the_base(tiny_dir, tmp_path):
+    assert codec_hub_id(tiny_dir, "bosonai/higgs-audio-v2-tokenizer") == "bosonai/higgs-audio-v2-tokenizer"
+    assert codec_hub_id(tiny_dir, tmp_path / "hub" / "models--org--codec" / "snapshots" / "abc") == "org/codec"
+    # a folder inside a snapshot is not addressable by an id; a plain local folder has none
+    assert codec_hub_id(tiny_dir, tmp_path / "hub" / "models--org--m" / "snapshots" / "abc" / "audio_tokenizer") is None
+    assert codec_hub_id(tiny_dir, tiny_dir / "audio_tokenizer") is None
+    assert codec_hub_id(tiny_dir, None) is None  # the tiny stack records its codec by path
+    # a base whose processor_config.json records a Hub id (as the released model does)
+    base = tmp_path / "base"
+    base.mkdir()
+    config = json.loads((tiny_dir / "processor_config.json").read_text())
+    config["audio_tokenizer"]["audio_tokenizer_name_or_path"] = "bosonai/higgs-audio-v2-tokenizer"
+    (base / "processor_config.json").write_text(json.dumps(config))
+    assert codec_hub_id(base, None) == "bosonai/higgs-audio-v2-tokenizer"
 
 
 def test_export_with_audio_self_attention_keeps_its_weights(tiny_dir, tmp_path):

@@ -92,6 +92,32 @@ def test_export_push_to_hub_plan_and_the_pushed_repo_loads(tiny_dir, demo_cache,
     assert processor.audio_tokenizer.config.num_quantizers == 8
 
 
+def test_export_with_a_hub_codec_is_pushed_without_a_codec_copy(tiny_dir, demo_cache, tmp_path, hub):
+    """An export naming its codec by Hub id is uploaded as it is, minus audio_tokenizer/: the
+    pushed processor finds the codec's own repo."""
+    from transformers import AutoProcessor
+
+    codec = HubStandIn()._snap("acme/tiny-codec")  # the codec as the Hub (cache) has it
+    shutil.copytree(tiny_dir / "audio_tokenizer", codec, dirs_exist_ok=True)
+    run = train(
+        small_config(tiny_dir, demo_cache, None, tmp_path / "run", ["train.max_steps=1", "train.warmup_steps=0"])
+    )
+    out = tmp_path / "export"
+    res = CliRunner().invoke(
+        cli,
+        ["export", str(out), "--adapter", str(run.final_dir), "--audio-tokenizer", str(codec), "--push-to-hub", "me/v"],
+    )
+    assert res.exit_code == 0, res.output
+    assert "uploaded to https://hub.example/me/v (audio tokenizer: acme/tiny-codec)" in res.output
+    files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and p.parent == out)
+    assert hub.calls == [("create_repo", "me/v", False), ("upload_folder", "me/v", files)]
+    pushed = hub.cache / "models--me--v" / "snapshots" / "main"
+    assert not (pushed / "audio_tokenizer").exists()
+    assert (pushed / "processor_config.json").read_bytes() == (out / "processor_config.json").read_bytes()
+    processor = AutoProcessor.from_pretrained("me/v", cache_dir=str(hub.cache), local_files_only=True)
+    assert processor.audio_tokenizer.config.num_quantizers == 8
+
+
 def test_train_pushes_final_without_resume_state(tiny_dir, demo_cache, tmp_path, hub):
     cfg = small_config(
         tiny_dir,

@@ -9,7 +9,7 @@ loaded onto the base and saved the same way. The folder written:
 
     config.json, generation_config.json, model.safetensors   HiggsAudioV2ForConditionalGeneration
     tokenizer.json, tokenizer_config.json, chat_template.jinja
-    processor_config.json                                     absolute path of OUT/audio_tokenizer (a note says so)
+    processor_config.json                                     the audio tokenizer's Hub id (see below)
     audio_tokenizer/                                          copied from the base (codec unchanged)
     higgs_tune_export.json                                    base, adapter, dtype, text head, audio attention
 
@@ -24,6 +24,14 @@ Two things plain `transformers` cannot know, recorded in `higgs_tune_export.json
 - `audio_self_attention`: the added blocks are higgs-tune modules. transformers ignores their
   weights (a different model!); load such an export with higgs-tune
   (`model.audio_self_attention: true`, or `higgs-tune generate --model OUT`).
+
+Where the audio tokenizer is: transformers (5.24, 5.25) loads `audio_tokenizer_name_or_path`
+from processor_config.json as written -- a Hub id, or a path taken from the working directory,
+never from the export folder. So the export records the codec's Hub id when it has one (given
+as one, a Hub-cache snapshot, or recorded by the base, as the released model does): the folder
+then loads after a move or an upload, the codec coming from the Hub or its cache. A codec that
+is only a local folder is recorded by the absolute path of the copy in the export (a note says
+what to change after a move). higgs-tune itself always uses OUT/audio_tokenizer/.
 
 The folder is written under a temporary name and renamed when complete.
 """
@@ -44,7 +52,14 @@ from higgs_tune.errors import ModelLoadError, OutputDirError
 from higgs_tune.infer.card import README, build_model_card, data_summary, eval_summary_near
 from higgs_tune.infer.loading import adapter_base_from_checkpoint, adapter_needs_text_head, load_inference_stack
 from higgs_tune.model.audio_attention import has_audio_self_attention
-from higgs_tune.model.load import TEXT_HEAD_KEY, checkpoint_keys, resolve_audio_tokenizer, resolve_checkpoint
+from higgs_tune.model.hub import is_hub_id, snapshot_repo_id
+from higgs_tune.model.load import (
+    TEXT_HEAD_KEY,
+    recorded_audio_tokenizer,
+    checkpoint_keys,
+    resolve_audio_tokenizer,
+    resolve_checkpoint,
+)
 from higgs_tune.runfs import fsync_tree, publish_dir, temp_path
 
 EXPORT_MARKER = "higgs_tune_export.json"
@@ -59,6 +74,18 @@ class ExportResult:
     use_text_head: bool
     num_parameters: int
     notes: list[str] = field(default_factory=list)
+
+
+def codec_hub_id(base_folder: Path, audio_tokenizer: str | Path | None) -> str | None:
+    """The Hub id of the audio tokenizer an export uses, when it has one: the explicit
+    `audio_tokenizer` (an id, or a Hub-cache snapshot of one), else what the base's
+    processor_config.json records (an id, or a snapshot path) -- the base's own
+    `audio_tokenizer/` copy, which loading prefers, is that same codec (the codec is never
+    trained). None: a local folder with no Hub id."""
+    name = audio_tokenizer if audio_tokenizer is not None else recorded_audio_tokenizer(base_folder)
+    if name is None:
+        return None
+    return str(name) if is_hub_id(name) else snapshot_repo_id(name)
 
 
 def _check_out_dir(out: Path, overwrite: bool) -> None:
@@ -155,13 +182,16 @@ def export_merged(
         else:  # a Hub id: save the loaded codec
             stack.processor.audio_tokenizer.save_pretrained(str(codec_dir))
         processor = stack.processor
-        # processor_config.json records where the audio tokenizer lives: the copy in the export.
-        processor.audio_tokenizer.name_or_path = str((out / AUDIO_TOKENIZER_DIR).resolve())
+        # processor_config.json records where the audio tokenizer lives: its Hub id when it has
+        # one (the folder then loads anywhere), else the copy in the export by absolute path.
+        hub_codec = codec_hub_id(base_folder, audio_tokenizer)
+        reference = hub_codec or str((out / AUDIO_TOKENIZER_DIR).resolve())
+        processor.audio_tokenizer.name_or_path = reference
         processor.save_pretrained(str(tmp))
         recorded = json.loads((tmp / "processor_config.json").read_text(encoding="utf-8"))["audio_tokenizer"]
-        if recorded.get("audio_tokenizer_name_or_path") != str((out / AUDIO_TOKENIZER_DIR).resolve()):
+        if recorded.get("audio_tokenizer_name_or_path") != reference:
             raise ModelLoadError(
-                f"processor_config.json recorded the audio tokenizer as {recorded!r} instead of the exported copy; "
+                f"processor_config.json recorded the audio tokenizer as {recorded!r} instead of {reference!r}; "
                 "this transformers version saves processors differently. Report it with the transformers version."
             )
         notes = list(stack.notes)
@@ -171,14 +201,16 @@ def export_merged(
                 "(a different model). Load it with higgs-tune (model.audio_self_attention: true, or `higgs-tune "
                 "generate --model OUT`)."
             )
-        # transformers resolves audio_tokenizer_name_or_path as written (no relative paths), so
-        # plain from_pretrained finds the codec only while the export stays where it was written.
-        notes.append(
-            "processor_config.json points at the audio tokenizer by absolute path "
-            f"({(out / AUDIO_TOKENIZER_DIR).resolve()}): if you move or upload the export, set "
-            "audio_tokenizer_name_or_path there to its new place (or a Hub id) for plain transformers; higgs-tune "
-            "finds OUT/audio_tokenizer by itself."
-        )
+        # transformers resolves audio_tokenizer_name_or_path as written, never relative to the
+        # folder (5.24 and 5.25): only a Hub id keeps a moved or uploaded export loadable.
+        if hub_codec is None:
+            notes.append(
+                "processor_config.json points at the audio tokenizer by absolute path "
+                f"({reference}): the audio tokenizer has no Hub id (a local folder), and transformers does not "
+                "resolve paths relative to the export. If you move or upload the export, set "
+                "audio_tokenizer_name_or_path there to its new place (or a Hub id) for plain transformers; "
+                "higgs-tune finds OUT/audio_tokenizer by itself."
+            )
         marker = {
             "format": "higgs-tune-export",
             "base_model": stack.base,
@@ -187,6 +219,7 @@ def export_merged(
             "dtype": dtype,
             "use_text_head": use_text_head,
             "audio_self_attention": audio_attn,
+            "audio_tokenizer_reference": reference,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "notes": notes,
         }

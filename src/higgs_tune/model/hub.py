@@ -53,6 +53,22 @@ def cached_snapshot(repo_id: str, repo_type: str = "model") -> Path | None:
     return snaps[-1] if snaps else None
 
 
+def snapshot_repo_id(path: str | Path, repo_type: str = "model") -> str | None:
+    """The repo id whose Hub-cache snapshot `path` is (`.../models--org--name/snapshots/REV`), else None.
+
+    Only a snapshot's root names a repo: a folder inside a snapshot is not addressable by an id."""
+    path = Path(path).expanduser()
+    if path.parent.name != "snapshots" or not path.parent.parent.name.startswith(f"{repo_type}s--"):
+        return None
+    parts = path.parent.parent.name.split("--")[1:]
+    return "/".join(parts) if len(parts) == 2 and all(parts) else None
+
+
+def is_hub_id(name: str | Path) -> bool:
+    """`org/name`, not an existing path and not written like one."""
+    return not _looks_local(str(name)) and str(name).count("/") == 1
+
+
 def hub_reachable(timeout: float = PROBE_TIMEOUT_S) -> bool:
     """Can a TCP connection to the Hub endpoint be opened within `timeout` seconds?"""
     url = urlparse(hub_endpoint())

@@ -192,7 +192,7 @@ def load_text_tokenizer(name_or_path: str | Path):
         ) from e
 
 
-def _recorded_audio_tokenizer(folder: Path) -> str | None:
+def recorded_audio_tokenizer(folder: Path) -> str | None:
     """The audio tokenizer id/path that processor_config.json records, if any."""
     path = folder / "processor_config.json"
     if not path.is_file():
@@ -211,7 +211,7 @@ def resolve_audio_tokenizer(folder: Path, audio_tokenizer: str | Path | None = N
     local = folder / "audio_tokenizer"
     if (local / "config.json").is_file():
         return str(local)
-    recorded = _recorded_audio_tokenizer(folder)
+    recorded = recorded_audio_tokenizer(folder)
     if recorded is not None:
         if _looks_like_path(recorded) and not Path(recorded).expanduser().is_dir():
             raise ModelLoadError(

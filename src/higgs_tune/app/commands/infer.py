@@ -423,7 +423,10 @@ def _evaluation_to_tensorboard(adapter, summary: dict) -> None:
     "push_repo",
     metavar="REPO",
     default=None,
-    help="Then upload OUT_DIR to this Hub repo (the audio tokenizer to REPO-audio-tokenizer); uses your HF token.",
+    help=(
+        "Then upload OUT_DIR to this Hub repo; an audio tokenizer without a Hub id goes to "
+        "REPO-audio-tokenizer. Uses your HF token."
+    ),
 )
 @click.option("--private", is_flag=True, help="With --push-to-hub: create private repos.")
 def export_command(out_dir, adapter, model, audio_tokenizer, dtype, overwrite, push_repo, private):
@@ -445,10 +448,10 @@ def export_command(out_dir, adapter, model, audio_tokenizer, dtype, overwrite, p
     for note in result.notes:
         click.secho(f"note: {note}", fg="yellow")
     if push_repo:
-        from higgs_tune.infer.push import push_export, tokenizer_repo
+        from higgs_tune.infer.push import push_export
 
-        url = push_export(result.out_dir, push_repo, private=private)
-        click.echo(f"uploaded to {url} (audio tokenizer: {tokenizer_repo(push_repo)})")
+        url, codec = push_export(result.out_dir, push_repo, private=private)
+        click.echo(f"uploaded to {url} (audio tokenizer: {codec})")
 
 
 # ----------------------------------------------------------------------------- report
