@@ -58,7 +58,7 @@ def test_five_mistakes_give_one_error_with_five_lines(tmp_path):
         finetune:
           mode: full
           pathways: []
-          lora_r: 16
+          lora_r: 8
         data:
           train_cache: cache/train
         train:
@@ -133,7 +133,7 @@ def test_output_dir_is_required():
         ),
         (
             {
-                "finetune": {"mode": "full", "pathways": [], "lora_alpha": 32, "use_dora": True},
+                "finetune": {"mode": "full", "pathways": [], "lora_alpha": 64, "use_dora": True},
                 "model": {"dtype": "float32"},
             },
             [
@@ -251,8 +251,9 @@ def test_contradictions_are_rejected(sections, expected):
 
 
 def test_full_mode_options_are_judged_by_what_was_written():
-    # lora_r written explicitly (even at its default value) is a contradiction in full mode
-    assert problems(with_(finetune={"mode": "full", "pathways": [], "lora_r": 16}, model={"dtype": "float32"})) == [
+    # lora_r written with a value of its own is a contradiction in full mode (its default is what
+    # a saved config writes back, so that is accepted: test_full_mode_default_lora_values_...)
+    assert problems(with_(finetune={"mode": "full", "pathways": [], "lora_r": 4}, model={"dtype": "float32"})) == [
         "finetune.lora_r set in full mode: LoRA options have no effect there. Remove them or use mode: lora."
     ]
     # a Config built in code counts changed values
@@ -416,3 +417,22 @@ def test_help_lists_every_setting():
     assert "  save_steps (an integer, default 500): Save a checkpoint every N optimizer steps." in text
     assert text.splitlines()[-1] == "aliases: model.use_audio_out_self_attention -> model.audio_self_attention"
     assert yaml.safe_load(yaml.safe_dump(cfg)) == cfg
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")))
+def test_every_preset_saved_by_config_save_loads_back_equal(name, tmp_path, monkeypatch):
+    """A run's config.yaml is written by Config.save (every field, defaults included): it must load
+    back as the same config, in full mode too (where the LoRA defaults are written but unused)."""
+    for var in ("TINY_MODEL", "OUTPUT_DIR", "DEMO_CACHE", "DEMO_HELDOUT_CACHE"):  # demo-tiny-cpu's placeholders
+        monkeypatch.setenv(var, str(tmp_path / var.lower()))
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / name)
+    cfg.save(tmp_path / "saved.yaml")
+    assert load_config(tmp_path / "saved.yaml") == cfg
+
+
+def test_full_mode_default_lora_values_are_not_reported_other_values_are():
+    full = {"mode": "full", "pathways": [], "lora_r": 16, "use_dora": False}
+    assert config_from_dict(with_(finetune=full, model={"dtype": "float32"})).finetune.lora_r == 16
+    assert problems(with_(finetune={**full, "lora_r": 8}, model={"dtype": "float32"})) == [
+        "finetune.lora_r set in full mode: LoRA options have no effect there. Remove them or use mode: lora."
+    ]

@@ -211,14 +211,22 @@ class FinetuneConfig:
         return problems
 
     def _full_problems(self, was_given: WasGiven) -> list[str]:
+        # A value equal to its default changes nothing, and it is what a saved config holds
+        # (Config.save and a checkpoint's config.yaml write every field): only options set to
+        # another value are reported, so a saved full-mode config loads back.
+        defaults = {f.name: _default_value(f) for f in dataclasses.fields(self)}
+
+        def set_to_other(name: str) -> bool:
+            return was_given(name) and getattr(self, name) != defaults[name]
+
         problems = []
-        lora_options_set = [name for name in _LORA_OPTIONS if was_given(name)]
+        lora_options_set = [name for name in _LORA_OPTIONS if set_to_other(name)]
         if lora_options_set:
             problems.append(
                 f"finetune.{', finetune.'.join(lora_options_set)} set in full mode: LoRA options have no effect "
                 "there. Remove them or use mode: lora."
             )
-        if self.pathways and was_given("pathways"):
+        if self.pathways and set_to_other("pathways"):
             problems.append(
                 "finetune.pathways set in full mode: all weights are trained; use finetune.freeze to keep parts "
                 "frozen (or pathways: [])."
