@@ -419,7 +419,9 @@ def test_help_lists_every_setting():
     assert yaml.safe_load(yaml.safe_dump(cfg)) == cfg
 
 
-@pytest.mark.parametrize("name", sorted(p.name for p in (Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")))
+@pytest.mark.parametrize(
+    "name", sorted(p.name for p in (Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+)
 def test_every_preset_saved_by_config_save_loads_back_equal(name, tmp_path, monkeypatch):
     """A run's config.yaml is written by Config.save (every field, defaults included): it must load
     back as the same config, in full mode too (where the LoRA defaults are written but unused)."""

@@ -17,11 +17,12 @@ import soundfile as sf
 from click.testing import CliRunner
 
 from higgs_tune.app.cli import main
-from higgs_tune.errors import ModelLoadError
+from higgs_tune.errors import ModelLoadError, OutputDirError
 from higgs_tune.infer.evaluate import (
     CSV_COLUMNS,
     AsrModel,
     SpeakerModel,
+    check_eval_out,
     default_eval_dir,
     evaluate_manifest,
     plan_items,
@@ -232,5 +233,32 @@ def test_evaluate_cli_writes_into_the_run_folder(tiny_dir, adapter_dir, eval_mod
     doc = json.loads((run / "eval" / "results.json").read_text(encoding="utf-8"))
     assert [c["id"] for c in doc["clips"]] == HELDOUT_IDS[:2]
 
+    # evaluated again: its own results are replaced
+    again = CliRunner().invoke(main, args)
+    assert again.exit_code == 0, again.output
+
     usage = CliRunner().invoke(main, ["evaluate", str(DEMO / "heldout.jsonl"), "--adapter", str(adapter_dir)])
     assert usage.exit_code == 2 and "--out is required unless --adapter is a checkpoint folder of a run" in usage.output
+
+
+def test_evaluate_never_writes_over_a_users_files(tmp_path):
+    """Checked before any model loads: a results.json of another kind, or results.csv / wavs/ without
+    evaluate's results.json, stop the command with the file named; nothing is changed."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "results.json").write_text('{"accuracy": 0.9}', encoding="utf-8")
+    args = ["evaluate", str(DEMO / "heldout.jsonl"), "--model", "/nonexistent/model", "--out", str(mine)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2, result.output
+    assert f"{mine / 'results.json'} exists and was not written by `higgs-tune evaluate`; it is left as it is." in (
+        " ".join(result.output.split())
+    )
+    assert (mine / "results.json").read_text(encoding="utf-8") == '{"accuracy": 0.9}'
+    (mine / "results.json").unlink()
+    (mine / "wavs").mkdir()
+    with pytest.raises(OutputDirError, match=r"already has wavs but no results.json of `higgs-tune evaluate`"):
+        check_eval_out(mine)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OutputDirError, match="is a file"):
+        check_eval_out(tmp_path / "file")
+    check_eval_out(tmp_path / "new")  # a new folder is fine

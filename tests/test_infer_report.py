@@ -22,7 +22,7 @@ from click.testing import CliRunner
 from higgs_tune.app.charts import Series, nice_ticks, svg_line_chart
 from higgs_tune.app.cli import main
 from higgs_tune.app.report import build_report
-from higgs_tune.errors import DataError
+from higgs_tune.errors import DataError, OutputDirError
 from higgs_tune.infer.evaluate import CSV_COLUMNS, write_results
 from higgs_tune.infer.generate import write_wav
 from higgs_tune.train.health import HealthWarning
@@ -256,6 +256,30 @@ def test_report_cli_and_errors(run_dir, tmp_path):
     assert f"{tmp_path / 'empty'} has no metrics.jsonl: it is not a higgs-tune run folder" in result.output
     with pytest.raises(DataError, match="does not exist"):
         build_report(tmp_path / "nowhere")
+
+
+def test_report_replaces_its_own_page_and_never_a_users_file(run_dir, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    first = build_report(run).read_bytes()
+    assert b'<meta name="generator" content="higgs-tune report">' in first
+    (run / "report.html").write_bytes(first + b"<!-- stale -->")
+    assert b"<!-- stale -->" not in build_report(run).read_bytes()  # an earlier report is replaced
+
+    mine = tmp_path / "notes.html"
+    mine.write_text("<html>my own notes</html>", encoding="utf-8")
+    result = CliRunner().invoke(main, ["report", str(run), "--out", str(mine)])
+    assert result.exit_code == 2, result.output
+    assert f"{mine} exists and was not written by `higgs-tune report`; it is left as it is." in " ".join(
+        result.output.split()
+    )
+    assert mine.read_text(encoding="utf-8") == "<html>my own notes</html>"
+    (run / "report.html").write_text("a user's page", encoding="utf-8")
+    with pytest.raises(OutputDirError, match="Fix: pass --out with another file name"):
+        build_report(run)
+    assert (run / "report.html").read_text(encoding="utf-8") == "a user's page"
+    with pytest.raises(OutputDirError, match="is a folder"):
+        build_report(run, run / "samples")
 
 
 def test_audio_budget_and_torn_lines(run_dir, tmp_path):

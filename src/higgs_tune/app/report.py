@@ -38,7 +38,7 @@ import yaml
 
 from higgs_tune.app.charts import PALETTE, Series, svg_line_chart
 from higgs_tune.app.quality_report import QualityData, collect_quality, quality_section
-from higgs_tune.errors import DataError
+from higgs_tune.errors import DataError, OutputDirError
 from higgs_tune.infer.evaluate import read_results
 from higgs_tune.runfs import (
     CONFIG_FILE,
@@ -54,6 +54,8 @@ from higgs_tune.runfs import (
 )
 
 EVAL_RESULTS = Path(EVAL_DIR) / RESULTS_JSON
+GENERATOR_MARK = '<meta name="generator" content="higgs-tune report">'
+_EARLIER_MARK = "<title>higgs-tune run "  # reports written before the generator mark
 AUDIO_CHANCE = math.log(1026)  # ln(codebook_size + stream BOS/EOS) of Higgs Audio v2 (and the tiny stack)
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -546,7 +548,7 @@ def render_report(data: RunData, *, max_audio_mb: float = 100.0) -> str:
     title = f"higgs-tune run {data.run_dir.name}"
     return (
         "<!DOCTYPE html>\n"
-        f'<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+        f'<html lang="en"><head><meta charset="utf-8">{GENERATOR_MARK}<title>{html.escape(title)}</title>'
         f'<meta name="viewport" content="width=device-width, initial-scale=1"><style>{_CSS}</style></head>'
         f"<body><header><h1>{html.escape(title)}</h1><p>{html.escape(subtitle)}</p>"
         f'<p class="muted">generated {html.escape(time.strftime("%Y-%m-%d %H:%M:%S"))} '
@@ -555,10 +557,30 @@ def render_report(data: RunData, *, max_audio_mb: float = 100.0) -> str:
     )
 
 
+def written_by_report(path: Path) -> bool:
+    """Does the file at `path` start like a page this module renders (its generator mark)?"""
+    try:
+        with path.open("rb") as f:
+            head = f.read(8192)
+    except OSError:
+        return False
+    return any(mark.encode("utf-8") in head for mark in (GENERATOR_MARK, _EARLIER_MARK))
+
+
 def build_report(run_dir: str | Path, out: str | Path | None = None, *, max_audio_mb: float = 100.0) -> Path:
-    """Write the report of `run_dir` to `out` (default RUN_DIR/report.html); returns its path."""
-    data = collect_run(run_dir)
+    """Write the report of `run_dir` to `out` (default RUN_DIR/report.html); returns its path.
+
+    An earlier report is replaced; any other existing file is refused (OutputDirError), never
+    written over."""
     path = Path(out) if out is not None else Path(run_dir) / REPORT_FILE
+    if path.is_dir():
+        raise OutputDirError(f"{path} is a folder. Fix: give --out a file name, e.g. {path / REPORT_FILE}.")
+    if path.exists() and not written_by_report(path):
+        raise OutputDirError(
+            f"{path} exists and was not written by `higgs-tune report`; it is left as it is. "
+            "Fix: pass --out with another file name, or move that file away."
+        )
+    data = collect_run(run_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
     ours = out is None and (not path.exists() or REPORT_FILE in owned_names(run_dir))
     atomic_write_bytes(path, render_report(data, max_audio_mb=max_audio_mb).encode("utf-8"))

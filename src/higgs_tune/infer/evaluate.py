@@ -44,7 +44,7 @@ from transformers import AutoFeatureExtractor, AutoModelForAudioXVector, AutoMod
 
 from higgs_tune.data.audio import to_codec_input
 from higgs_tune.data.manifest import validate_manifest
-from higgs_tune.errors import DataError, ModelLoadError
+from higgs_tune.errors import DataError, ModelLoadError, OutputDirError
 from higgs_tune.infer import metrics as M
 from higgs_tune.infer.generate import (
     GenerationRequest,
@@ -316,6 +316,30 @@ def default_eval_dir(adapter: str | Path | None) -> Path | None:
     return run_dir / EVAL_DIR if (run_dir / METRICS_FILE).is_file() else None
 
 
+def check_eval_out(out: str | Path) -> None:
+    """evaluate writes results.json, results.csv and wavs/ into `out`: an earlier evaluation there
+    is replaced; a results.json of another kind, or a results.csv / wavs/ without evaluate's
+    results.json beside them, is refused (OutputDirError) before anything is generated."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise OutputDirError(f"{out} is a file. Fix: give --out a folder for results.json, results.csv and wavs/.")
+    if (out / RESULTS_JSON).is_file():
+        try:
+            read_results(out / RESULTS_JSON)
+            return
+        except DataError:
+            raise OutputDirError(
+                f"{out / RESULTS_JSON} exists and was not written by `higgs-tune evaluate`; it is left as it is. "
+                "Fix: pass another --out folder."
+            ) from None
+    theirs = [name for name in (RESULTS_CSV, WAVS_DIR) if (out / name).exists()]
+    if theirs:
+        raise OutputDirError(
+            f"{out} already has {' and '.join(theirs)} but no results.json of `higgs-tune evaluate`: evaluate would "
+            "write over them. Fix: pass another --out folder."
+        )
+
+
 def _claim_run_eval_dir(out: Path) -> None:
     """RUN_DIR/eval created by evaluate is the run's: listed so that `train --overwrite` may remove it."""
     if out.name == EVAL_DIR and (out.parent / METRICS_FILE).is_file() and not out.exists():
@@ -452,6 +476,7 @@ def evaluate_manifest(
         raise DataError(f"limit must be >= 1 (the number of clips to evaluate), got {limit}. Fix: omit it for all.")
     options = (options or SamplingOptions()).validate()
     out = Path(out_dir)
+    check_eval_out(out)
     rate = stack.sample_rate
     validation = validate_manifest(manifest, target_rate=rate)
     validation.raise_if_invalid(skip_invalid=skip_invalid, skip_hint=EVAL_SKIP_HINT)

@@ -55,8 +55,8 @@ from higgs_tune.model.audio_attention import has_audio_self_attention
 from higgs_tune.model.hub import is_hub_id, snapshot_repo_id
 from higgs_tune.model.load import (
     TEXT_HEAD_KEY,
-    recorded_audio_tokenizer,
     checkpoint_keys,
+    recorded_audio_tokenizer,
     resolve_audio_tokenizer,
     resolve_checkpoint,
 )

@@ -330,6 +330,7 @@ def evaluate_command(
         DEFAULT_SPEAKER_MODEL,
         AsrModel,
         SpeakerModel,
+        check_eval_out,
         default_eval_dir,
         evaluate_manifest,
     )
@@ -340,6 +341,7 @@ def evaluate_command(
             raise click.UsageError(
                 "--out is required unless --adapter is a checkpoint folder of a run (then RUN_DIR/eval is used)."
             )
+    check_eval_out(out_dir)  # before the slow loads
     # before the slow loads: a Hub id that cannot be fetched (offline) fails now, not after minutes
     for name, what, option in (
         (asr_model or DEFAULT_ASR_MODEL, "ASR model", "--asr-model"),
