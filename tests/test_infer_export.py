@@ -196,6 +196,31 @@ def test_export_with_audio_self_attention_keeps_its_weights(tiny_dir, tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
 
 
+def test_export_in_shards_loads_with_plain_transformers(tiny_dir, tmp_path):
+    """Above --max-shard-size the weights are split with an index, as the Hub's checkpoints are."""
+    from transformers import HiggsAudioV2ForConditionalGeneration
+
+    adapter = make_tiny_adapter(tiny_dir, tmp_path / "adapter", seed=1)
+    out = tmp_path / "sharded"
+    args = ["export", str(out), "--adapter", str(adapter), "--model", str(tiny_dir), "--max-shard-size", "2MB"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    shards = sorted(p.name for p in out.glob("model-*.safetensors"))
+    assert len(shards) > 1 and not (out / "model.safetensors").exists()
+    # transformers counts tensor bytes, 2MB as 2 MiB (a shard's file adds its JSON header)
+    assert all((out / name).stat().st_size < 2 * 2**20 + 8192 for name in shards)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert sorted(set(index["weight_map"].values())) == shards
+    stack = load_inference_stack(tiny_dir, adapter, device="cpu")
+    expected = _codes(stack.model, stack.processor, stack.tokens)
+    plain = HiggsAudioV2ForConditionalGeneration.from_pretrained(str(out)).eval()
+    assert all(torch.equal(a, b) for a, b in zip(_codes(plain, stack.processor, stack.tokens), expected, strict=True))
+    merged = load_inference_stack(out, device="cpu")  # and through higgs-tune
+    assert all(
+        torch.equal(a, b) for a, b in zip(_codes(merged.model, merged.processor, stack.tokens), expected, strict=True)
+    )
+
+
 def test_export_refuses_a_foreign_folder(tiny_dir, tmp_path):
     out = tmp_path / "data"
     out.mkdir()

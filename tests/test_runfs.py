@@ -78,6 +78,29 @@ def test_publish_dir_replaces_an_earlier_folder_whole(tmp_path):
     assert _entries(tmp_path) == ["export"]
 
 
+def test_published_files_follow_the_umask_not_safetensors_0600(tmp_path):
+    """safetensors writes owner-only files; a published checkpoint or export gets the umask's mode."""
+    import torch
+    from safetensors.torch import save_file
+
+    tmp = tmp_path / ".tmp-final"
+    (tmp / "sub").mkdir(parents=True)
+    save_file({"w": torch.zeros(2)}, str(tmp / "sub" / "adapter_model.safetensors"))
+    assert (tmp / "sub" / "adapter_model.safetensors").stat().st_mode & 0o777 == 0o600  # what safetensors does
+    (tmp / "card.md").write_text("x")
+    old = os.umask(0o022)
+    try:
+        assert runfs.current_umask() == 0o022
+        runfs.publish_dir(tmp, tmp_path / "final")
+        assert os.stat(tmp_path / "final" / "sub" / "adapter_model.safetensors").st_mode & 0o777 == 0o644
+        assert os.stat(tmp_path / "final" / "card.md").st_mode & 0o777 == 0o644
+        os.umask(0o077)  # a user who wants owner-only files keeps them
+        runfs.files_follow_umask(tmp_path / "final")
+        assert os.stat(tmp_path / "final" / "card.md").st_mode & 0o777 == 0o600
+    finally:
+        os.umask(old)
+
+
 def test_a_failed_publish_puts_the_earlier_folder_back(tmp_path, monkeypatch):
     target = tmp_path / "final"
     target.mkdir()

@@ -176,8 +176,34 @@ def write_json_atomic(path: Path, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2) + "\n")
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux shows it (/proc/self/status):
+    setting it to read it would leave a moment in which other threads create files with mode 0."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
+def files_follow_umask(folder: Path) -> None:
+    """Give every file below `folder` the mode a new file gets here (0o666 & ~umask).
+
+    safetensors writes its files owner-only (0600) whatever the umask: a checkpoint or an export
+    on a shared file system would then be unreadable to the rest of the team."""
+    mode = 0o666 & ~current_umask()
+    for path in Path(folder).rglob("*"):
+        if path.is_file() and not path.is_symlink() and (path.stat().st_mode & 0o777) != mode:
+            path.chmod(mode)
+
+
 def publish_dir(tmp: Path, target: Path) -> None:
-    """Give the finished, fsync'd folder `tmp` the name `target` in one rename.
+    """Give the finished, fsync'd folder `tmp` the name `target` in one rename (its files get
+    the umask's mode first: `files_follow_umask`).
 
     An existing `target` (an earlier export or final checkpoint, a damaged folder of an
     abandoned attempt) is moved aside to `.old-<name>-<pid>` first, because a rename cannot
@@ -186,6 +212,7 @@ def publish_dir(tmp: Path, target: Path) -> None:
     `tmp` on failure.
     """
     tmp, target = Path(tmp), Path(target)
+    files_follow_umask(tmp)
     old = trash_path(target)
     moved_aside = False
     try:

@@ -8,6 +8,7 @@ when the run added them, are merged and saved with the rest). A full fine-tune's
 loaded onto the base and saved the same way. The folder written:
 
     config.json, generation_config.json, model.safetensors   HiggsAudioV2ForConditionalGeneration
+      (or model-0000N-of-0000M.safetensors + model.safetensors.index.json above --max-shard-size)
     tokenizer.json, tokenizer_config.json, chat_template.jinja
     processor_config.json                                     the audio tokenizer's Hub id (see below)
     audio_tokenizer/                                          copied from the base (codec unchanged)
@@ -132,11 +133,14 @@ def export_merged(
     dtype: str = "float32",
     audio_tokenizer: str | Path | None = None,
     overwrite: bool = False,
+    max_shard_size: str | int = "5GB",
 ) -> ExportResult:
     """Merge `adapter` (a run's checkpoint-N/ or final/, or a PEFT folder) into `model` and save to `out_dir`.
 
     `model` None: the base recorded in the checkpoint's config.yaml. `dtype`: the saved weights'
-    dtype (merging runs in it; float32 is exact, bfloat16 halves the size).
+    dtype (merging runs in it; float32 is exact, bfloat16 halves the size). `max_shard_size`:
+    weight files of at most this size with a model.safetensors.index.json (the real v2 in
+    bfloat16 is ~11.6 GB: three shards), as the Hub's own checkpoints are laid out.
     """
     out = Path(out_dir)
     _check_out_dir(out, overwrite)
@@ -175,7 +179,7 @@ def export_merged(
     codec_source = Path(resolve_audio_tokenizer(base_folder, audio_tokenizer))
 
     with _staged(out) as tmp:
-        net.save_pretrained(str(tmp))
+        net.save_pretrained(str(tmp), max_shard_size=max_shard_size)
         codec_dir = tmp / AUDIO_TOKENIZER_DIR
         if codec_source.is_dir():
             shutil.copytree(codec_source, codec_dir)

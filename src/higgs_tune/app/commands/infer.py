@@ -421,6 +421,12 @@ def _evaluation_to_tensorboard(adapter, summary: dict) -> None:
 )
 @click.option("--overwrite", is_flag=True, help="Replace an earlier export in OUT_DIR.")
 @click.option(
+    "--max-shard-size",
+    default="5GB",
+    show_default=True,
+    help="Largest weight file; bigger models are split into shards with an index (as on the Hub).",
+)
+@click.option(
     "--push-to-hub",
     "push_repo",
     metavar="REPO",
@@ -431,7 +437,7 @@ def _evaluation_to_tensorboard(adapter, summary: dict) -> None:
     ),
 )
 @click.option("--private", is_flag=True, help="With --push-to-hub: create private repos.")
-def export_command(out_dir, adapter, model, audio_tokenizer, dtype, overwrite, push_repo, private):
+def export_command(out_dir, adapter, model, audio_tokenizer, dtype, overwrite, max_shard_size, push_repo, private):
     """Merge the adapter into the base model and save OUT_DIR: a folder that plain transformers
     loads (model, tokenizer, processor, audio_tokenizer/).
 
@@ -442,7 +448,15 @@ def export_command(out_dir, adapter, model, audio_tokenizer, dtype, overwrite, p
     """
     from higgs_tune.infer.export import export_merged  # lazy: peft and transformers
 
-    result = export_merged(model, adapter, out_dir, dtype=dtype, audio_tokenizer=audio_tokenizer, overwrite=overwrite)
+    result = export_merged(
+        model,
+        adapter,
+        out_dir,
+        dtype=dtype,
+        audio_tokenizer=audio_tokenizer,
+        overwrite=overwrite,
+        max_shard_size=max_shard_size,
+    )
     what = "LoRA merged" if result.merged_lora else "full fine-tune weights"
     click.echo(f"exported {result.out_dir} ({what}; {result.num_parameters:,} parameters, {dtype})")
     if result.use_text_head:
