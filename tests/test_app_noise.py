@@ -56,6 +56,9 @@ def _launch_warnings(argv, monkeypatch) -> list[str]:
     import accelerate.commands.launch as launch
 
     monkeypatch.setattr(launch, "default_config_file", "/nonexistent/default_config.yaml")  # no user config
+    # as in a fresh `accelerate launch` process: no quieting by an earlier test in this one
+    monkeypatch.setattr(launch.logger, "level", logging.WARNING)
+    monkeypatch.setattr(launch.logger, "disabled", False)
     said: list[str] = []
 
     class Keep(logging.Handler):
