@@ -411,7 +411,14 @@ def _evaluation_to_tensorboard(adapter, summary: dict) -> None:
 @click.option(
     "--model", "model", default=None, help="Base model folder or Hub id (default: from the checkpoint's config.yaml)."
 )
-@click.option("--audio-tokenizer", default=None, help="Audio tokenizer folder or id (default: MODEL/audio_tokenizer).")
+@click.option(
+    "--audio-tokenizer",
+    default=None,
+    help=(
+        "Audio tokenizer folder or id (default: MODEL/audio_tokenizer, else the one MODEL's processor names). "
+        "Its Hub id, when it has one, is what the export records: the folder then loads after a move."
+    ),
+)
 @click.option(
     "--dtype",
     default="float32",
