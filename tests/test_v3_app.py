@@ -165,4 +165,5 @@ def test_inspect_batches_of_a_v3_cache(tiny_v3_stack, v3_demo_cache, tmp_path):
     show = CliRunner().invoke(
         main, ["inspect", str(v3_demo_cache), "--model", str(tiny_v3_stack), "--show", "en_a_000"]
     )
-    assert show.exit_code == 2 and "--show renders the Higgs Audio v2 chat layout" in show.output
+    assert show.exit_code == 0, show.output  # tests/test_v3_inspect.py checks what --show prints for v3
+    assert show.stdout.splitlines()[-1].startswith("prompt matches training sample up to target audio: yes")

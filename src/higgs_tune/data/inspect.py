@@ -12,6 +12,8 @@ Three views, each a function returning plain data plus a text renderer:
   anything useful (no trained audio token, a codebook without an EOS label).
 - `render_sample(...)`: one sample token by token, labels under each position, beside the
   prompt generation would build for it (`layout.build_prompt`), checked to agree.
+  (v2; v3's renderer, `families/v3/inspect.py`, shares `token_text`, `code_text`,
+  `collapsed_text` and `training_index`.)
 
 Nothing here imports `train/`: the batches come from the caller (`data.pipeline.build_train_data`
 and `data.pipeline.first_batches`, what `train` itself uses).
@@ -499,6 +501,11 @@ def _token_text(tokenizer, tok: int, tokens, special_ids: set[int]) -> str:
         return "AO"
     if tok == tokens.audio_delay:
         return "D"
+    return token_text(tokenizer, tok, special_ids)
+
+
+def token_text(tokenizer, tok: int, special_ids: set[int]) -> str:
+    """One token as `--show` prints it: markup (`special_ids`) by name, text decoded and quoted."""
     if tok in special_ids:
         return tokenizer.convert_ids_to_tokens(tok)
     text = tokenizer.decode([tok])
@@ -511,7 +518,8 @@ def _token_text(tokenizer, tok: int, tokens, special_ids: set[int]) -> str:
     return _escape(text)
 
 
-def _code(v: int, tokens) -> str:
+def code_text(v: int, tokens) -> str:
+    """An audio code or label: -100 as the mask mark, `tokens.stream_bos` as B, `tokens.stream_eos` as E."""
     if v == IGNORE:
         return MASK
     if v == tokens.stream_bos:
@@ -584,8 +592,8 @@ def render_sample(sample: dict, prompt: dict, tokenizer, tokens) -> str:
         lab_s = MASK if labels[pos] == IGNORE else _token_text(tokenizer, labels[pos], tokens, special_ids)
         if pos in seg_of:
             c = seg_of[pos].audio_start + (pos - seg_of[pos].token_start)
-            ins = " ".join(f"{_code(int(v), tokens):>{code_w}}" for v in a_in[c])
-            labs = " ".join(f"{_code(int(v), tokens):>{code_w}}" for v in a_lab[c])
+            ins = " ".join(f"{code_text(int(v), tokens):>{code_w}}" for v in a_in[c])
+            labs = " ".join(f"{code_text(int(v), tokens):>{code_w}}" for v in a_lab[c])
             audio = f"{c:>4}  {ins}  {labs}"
         else:
             audio = f"{'':>4}  {'':<{codes_w}}  {'':<{codes_w}}"
@@ -598,16 +606,21 @@ def render_sample(sample: dict, prompt: dict, tokenizer, tokens) -> str:
 
 def _collapsed_text(tokenizer, ids: list[int], tokens) -> str:
     """The decoded sample with each run of audio placeholders shown as [audio: N columns]."""
+    return collapsed_text(tokenizer, ids, {tokens.audio_out, tokens.audio_delay}, "columns")
+
+
+def collapsed_text(tokenizer, ids: list[int], audio_ids: set[int], unit: str) -> str:
+    """`ids` decoded, each run of `audio_ids` shown as [audio: N `unit`], newlines as \\n."""
     parts, run, chunk = [], 0, []
     for t in ids + [None]:
-        if t is not None and t in (tokens.audio_out, tokens.audio_delay):
+        if t is not None and t in audio_ids:
             if chunk:
                 parts.append(tokenizer.decode(chunk))
                 chunk = []
             run += 1
             continue
         if run:
-            parts.append(f"[audio: {run} columns]")
+            parts.append(f"[audio: {run} {unit}]")
             run = 0
         if t is not None:
             chunk.append(t)
@@ -636,10 +649,8 @@ def check_cache_fits_model(cache, tokens, model_name: str) -> None:
         )
 
 
-def sample_and_prompt(dataset, sample_id: str) -> tuple[dict, dict]:
-    """The training sample `sample_id` of the dataset's current epoch and its generation prompt."""
-    from higgs_tune.data.layout import Conversation, build_prompt
-
+def training_index(dataset, sample_id: str) -> int:
+    """The dataset index of clip `sample_id`; DataError when it is held out or unknown (listing some ids)."""
     index = next((i for i, e in enumerate(dataset.entries) if e.id == sample_id), None)
     if index is None:
         in_cache = any(e.id == sample_id for e in dataset.cache.entries)
@@ -654,6 +665,14 @@ def sample_and_prompt(dataset, sample_id: str) -> tuple[dict, dict]:
             f"no clip with id {sample_id!r} in {dataset.cache.cache_dir} ({len(known)} training clips: {shown}). "
             "Check the id (ids are the manifest's `id` values)."
         )
+    return index
+
+
+def sample_and_prompt(dataset, sample_id: str) -> tuple[dict, dict]:
+    """The training sample `sample_id` of the dataset's current epoch and its generation prompt."""
+    from higgs_tune.data.layout import Conversation, build_prompt
+
+    index = training_index(dataset, sample_id)
     sample = dataset[index]
     plan, entry = dataset.plan(index), dataset.entries[index]
     conv = Conversation(

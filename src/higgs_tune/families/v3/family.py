@@ -20,7 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from higgs_tune.config import ModelConfig
-from higgs_tune.errors import DataError, ModelLoadError
+from higgs_tune.errors import ModelLoadError
 from higgs_tune.families.base import FAMILY_MARKER, GeneratedCodes, GenerationError, HealthSpec, ModelFamily, Processor
 from higgs_tune.families.v3.checkpoint import (
     MODEL_TYPE,
@@ -41,6 +41,7 @@ from higgs_tune.families.v3.data import (
     v3_batch_statistics,
 )
 from higgs_tune.families.v3.generate import V3Sampling, generate_v3
+from higgs_tune.families.v3.inspect import render_v3_dataset_sample
 from higgs_tune.families.v3.layout import CODEBOOK_VOCAB, EOC, V3Tokens
 from higgs_tune.families.v3.model import (
     AUDIO_TABLE_FILE,
@@ -243,10 +244,7 @@ class V3Family(ModelFamily):
         return stats, render_v3_batch_statistics(stats)
 
     def render_sample(self, dataset, sample_id: str, tokenizer, tokens) -> str:
-        raise DataError(
-            "inspect --show renders the Higgs Audio v2 chat layout; for a v3 model use --batches "
-            "(docs/V3.md describes the v3 sample layout)."
-        )
+        return render_v3_dataset_sample(dataset, sample_id, tokenizer, tokens)
 
     def check_first_batches(self, stats: dict) -> None:
         check_v3_trainable(stats)

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from higgs_tune.families.v3.layout import AUDIO_SLOT, BOC, EOC, V3Tokens, build_v3_sample, undelay_rows
+from higgs_tune.families.v3.layout import AUDIO_SLOT, BOC, EOC, V3Sample, V3Tokens, build_v3_sample, undelay_rows
 
 STOP_ROWS_AFTER_EOC = 6  # = K - 2 for K = 8: rows generated after codebook 0's first EOC
 
@@ -134,6 +134,16 @@ def generate_rows(first_logits_and_step, num_codebooks: int, sampling: V3Samplin
     return V3Generation(codes=undelay_rows(rows_t, frames), rows=rows_t, stopped=stopped)
 
 
+def generation_prompt(
+    tokenizer, tokens: V3Tokens, text: str, *, ref_codes: torch.Tensor | None = None, ref_text: str | None = None
+) -> V3Sample:
+    """The prompt `generate_v3` feeds the model: the training layout cut after `<|audio|>` (no target codes).
+
+    `inspect --show` renders it beside the training sample and checks the two agree.
+    """
+    return build_v3_sample(tokenizer, tokens, text, ref_codes=ref_codes, ref_text=ref_text)
+
+
 @torch.no_grad()
 def generate_v3(
     model,
@@ -150,7 +160,7 @@ def generate_v3(
     model.eval()
     try:
         device = next(model.parameters()).device
-        prompt = build_v3_sample(tokenizer, tokens, text, ref_codes=ref_codes, ref_text=ref_text)
+        prompt = generation_prompt(tokenizer, tokens, text, ref_codes=ref_codes, ref_text=ref_text)
         stepper = next_row_logits_fn(model)
         first = stepper(prompt["input_ids"][None].to(device), prompt["audio_codes"][None].to(device))
         slot = torch.tensor([[AUDIO_SLOT]], device=device)
