@@ -85,6 +85,28 @@ def test_v3_generation_follows_the_stop_rule_and_voice_cloning(v3_run, tiny_v3_s
             assert r.num_frames == 30
 
 
+def test_v3_prompt_longer_than_the_context_is_refused_with_its_length(v3_run, tiny_v3_stack):
+    """The length checked is that of the prompt generate_v3 feeds (generation_prompt), reference included."""
+    from higgs_tune.families.base import GenerationError
+    from higgs_tune.families.v3.generate import generation_prompt
+    from higgs_tune.infer.generate import GenerationRequest, SamplingOptions
+    from higgs_tune.infer.loading import load_inference_stack
+
+    stack = load_inference_stack(tiny_v3_stack, v3_run.final_dir, device="cpu")
+    ref = torch.randint(0, 1024, (8, 3000), generator=torch.Generator().manual_seed(0))  # 3007 rows
+    request = GenerationRequest(text="Long " * 600, ref_text="Reference words.", ref_codes=ref, id="long")
+    expected = len(
+        generation_prompt(
+            stack.processor.tokenizer, stack.tokens, request.text, ref_codes=ref, ref_text=request.ref_text
+        )["input_ids"]
+    )
+    assert expected > 4096
+    with pytest.raises(
+        GenerationError, match=rf"long: the prompt is {expected} tokens but the model's context is 4096"
+    ):
+        stack.family.generate_codes(stack.model, stack.processor, stack.tokens, request, SamplingOptions(), "long")
+
+
 def test_export_writes_the_released_layout_our_loader_reads(v3_run, tiny_v3_stack, tmp_path):
     from higgs_tune.infer.export import export_merged
 

@@ -40,7 +40,7 @@ from higgs_tune.families.v3.data import (
     render_v3_batch_statistics,
     v3_batch_statistics,
 )
-from higgs_tune.families.v3.generate import V3Sampling, generate_v3
+from higgs_tune.families.v3.generate import V3Sampling, generate_v3, generation_prompt
 from higgs_tune.families.v3.inspect import render_v3_dataset_sample
 from higgs_tune.families.v3.layout import CODEBOOK_VOCAB, EOC, V3Tokens
 from higgs_tune.families.v3.model import (
@@ -265,13 +265,10 @@ class V3Family(ModelFamily):
             raise GenerationError(f"{name}: a reference transcript without reference audio; give both (or neither).")
         base = _base(model)
         context = int(base.config.text_config.max_position_embeddings)
-        text_len = len(processor.tokenizer.encode(request.text, add_special_tokens=False))
-        ref_len = 0
-        if request.ref_codes is not None:
-            ref_len = tokens.num_rows(int(request.ref_codes.shape[1])) + 2
-            if request.ref_text is not None:
-                ref_len += len(processor.tokenizer.encode(request.ref_text, add_special_tokens=False))
-        prompt_len = 3 + text_len + ref_len
+        prompt = generation_prompt(
+            processor.tokenizer, tokens, request.text, ref_codes=request.ref_codes, ref_text=request.ref_text
+        )
+        prompt_len = len(prompt["input_ids"])  # the prompt generate_v3 feeds, built the same way
         room_frames = context - prompt_len - (tokens.num_codebooks - 1)
         if room_frames < 1:
             raise GenerationError(
