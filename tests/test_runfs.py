@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from pathlib import Path
 
 import pytest
 
@@ -147,3 +148,23 @@ def test_run_names_are_what_the_run_folder_check_counts_as_ours():
         runfs.LOGS_DIR,
     } <= runfs.RUN_DIRS
     assert runfs.format_bytes(1_500_000_000) == "1.50 GB"
+
+
+def test_a_mode_that_cannot_be_set_never_fails_the_publish(tmp_path, monkeypatch, caplog):
+    tmp = tmp_path / ".tmp-final"
+    tmp.mkdir()
+    (tmp / "adapter_model.safetensors").write_bytes(b"x")
+    os.chmod(tmp / "adapter_model.safetensors", 0o600)
+
+    def refuse(self, mode, **kw):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(Path, "chmod", refuse)
+    old = os.umask(0o022)
+    try:
+        with caplog.at_level("WARNING", logger="higgs_tune.runfs"):
+            runfs.publish_dir(tmp, tmp_path / "final")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "final" / "adapter_model.safetensors").read_bytes() == b"x"
+    assert f"could not give {tmp} the mode 644: adapter_model.safetensors (Operation not permitted)" in caplog.text

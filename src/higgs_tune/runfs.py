@@ -194,11 +194,19 @@ def files_follow_umask(folder: Path) -> None:
     """Give every file below `folder` the mode a new file gets here (0o666 & ~umask).
 
     safetensors writes its files owner-only (0600) whatever the umask: a checkpoint or an export
-    on a shared file system would then be unreadable to the rest of the team."""
+    on a shared file system would then be unreadable to the rest of the team. Best effort: a file
+    whose mode cannot be changed (another owner, a file system without modes) keeps its mode, with
+    a warning, and the save goes on."""
     mode = 0o666 & ~current_umask()
+    kept = []
     for path in Path(folder).rglob("*"):
-        if path.is_file() and not path.is_symlink() and (path.stat().st_mode & 0o777) != mode:
-            path.chmod(mode)
+        try:
+            if path.is_file() and not path.is_symlink() and (path.stat().st_mode & 0o777) != mode:
+                path.chmod(mode)
+        except OSError as e:
+            kept.append(f"{path.name} ({e.strerror})")
+    if kept:
+        log.warning("could not give %s the mode %o: %s", folder, mode, describe_names(kept))
 
 
 def publish_dir(tmp: Path, target: Path) -> None:
