@@ -54,6 +54,25 @@ def test_prepare_transcribe_fills_marks_and_inspect_lists(tiny_dir, demo_heldout
     bad = CliRunner().invoke(cli, ["prepare", str(manifest), "--transcribe"])
     assert bad.exit_code == 2 and "--transcribe needs --asr-model MODEL" in bad.output
 
+    # the user corrects an ASR transcript in the filled manifest; running the command again
+    # never replaces those corrections (refused before the ASR model loads) unless --overwrite
+    corrected = out.read_text(encoding="utf-8").replace(written[0]["text"], "Corrected by hand.")
+    out.write_text(corrected, encoding="utf-8")
+    again = CliRunner().invoke(cli, [*args, "--model", str(tiny_dir), "--out", str(tmp_path / "c2")])
+    assert again.exit_code == 2, again.output
+    assert (
+        f"{out} exists already (a filled manifest of an earlier --transcribe, perhaps with your corrections): it "
+        f"is left as it is. Fix: prepare it directly (`higgs-tune prepare {out} ...`, without --transcribe), or pass "
+        "--overwrite to transcribe again and replace it."
+    ) in " ".join(again.output.split())
+    assert out.read_text(encoding="utf-8") == corrected and not (tmp_path / "c2").exists()
+    direct = CliRunner().invoke(cli, ["prepare", str(out), "--model", str(tiny_dir), "--out", str(tmp_path / "c2")])
+    assert direct.exit_code == 0, direct.output
+    assert "Corrected by hand." in {e.text for e in CodeCache.open(tmp_path / "c2").entries}
+    replaced = CliRunner().invoke(cli, [*args, "--model", str(tiny_dir), "--out", str(tmp_path / "c3"), "--overwrite"])
+    assert replaced.exit_code == 0, replaced.output
+    assert [json.loads(x) for x in out.read_text(encoding="utf-8").splitlines()] == written
+
 
 def test_prepare_from_folder_transcribes_audio_without_a_transcript(tiny_dir, demo_heldout, tmp_path):
     asr_dir, _ = make_tiny_eval_models(tmp_path / "eval")

@@ -36,6 +36,24 @@ def _needs_text(row: dict) -> bool:
     return text is None or (isinstance(text, str) and not text.strip())
 
 
+def transcribed_path(manifest: str | Path) -> Path:
+    """Where the filled manifest goes: `<stem>.transcribed.jsonl` beside the original."""
+    manifest = Path(os.path.abspath(manifest))
+    return manifest.with_name(f"{manifest.stem}.transcribed.jsonl")
+
+
+def check_transcribed_target(target: str | Path, overwrite: bool = False) -> None:
+    """An existing filled manifest may hold the user's corrections of the ASR text: it is replaced
+    only with `overwrite` (DataError otherwise, before any model loads)."""
+    target = Path(target)
+    if target.exists() and not overwrite:
+        raise DataError(
+            f"{target} exists already (a filled manifest of an earlier --transcribe, perhaps with your "
+            f"corrections): it is left as it is. Fix: prepare it directly (`higgs-tune prepare {target} ...`, "
+            "without --transcribe), or pass --overwrite to transcribe again and replace it."
+        )
+
+
 def transcribe_missing(
     manifest: str | Path,
     asr: AsrModel,
@@ -43,8 +61,12 @@ def transcribe_missing(
     language: str | None = None,
     out: str | Path | None = None,
     progress: Progress | None = None,
+    overwrite: bool = False,
 ) -> TranscribeResult:
+    """See the module docstring. `out` (default `transcribed_path(manifest)`) is replaced only with
+    `overwrite`."""
     manifest = Path(os.path.abspath(manifest))
+    target = Path(out) if out else transcribed_path(manifest)
     try:
         lines = manifest.read_text(encoding="utf-8").splitlines()
     except (FileNotFoundError, UnicodeDecodeError) as e:
@@ -61,6 +83,7 @@ def transcribe_missing(
     ]
     if not todo:
         return TranscribeResult(manifest)
+    check_transcribed_target(target, overwrite)
     progress = progress or Progress()
     progress.start(len(todo), "transcribing", "clips")
     transcribed = []
@@ -78,6 +101,5 @@ def transcribe_missing(
             progress.update(n)
     finally:
         progress.close()
-    target = Path(out) if out else manifest.with_name(f"{manifest.stem}.transcribed.jsonl")
     atomic_write_bytes(target, ("\n".join(lines) + "\n").encode("utf-8"))
     return TranscribeResult(target, transcribed)

@@ -78,7 +78,8 @@ from higgs_tune.errors import TrainingHealthError
     is_flag=True,
     help=(
         "Rebuild CACHE_DIR from scratch (needed when it holds codes of another codec); with --from-folder, "
-        "replace an existing manifest that differs (an identical one is reused)."
+        "replace an existing manifest that differs (an identical one is reused); with --transcribe, replace "
+        "an existing <manifest>.transcribed.jsonl."
     ),
 )
 @click.option(
@@ -215,10 +216,13 @@ def prepare_command(
 
     if transcribe:
         from higgs_tune.infer.evaluate import AsrModel  # lazy: transformers
-        from higgs_tune.infer.transcribe import transcribe_missing
+        from higgs_tune.infer.transcribe import check_transcribed_target, transcribe_missing, transcribed_path
         from higgs_tune.progress import TerminalProgress
 
-        filled = transcribe_missing(manifest, AsrModel.load(asr_model), language=language, progress=TerminalProgress())
+        check_transcribed_target(transcribed_path(manifest), overwrite)  # before the ASR model loads
+        filled = transcribe_missing(
+            manifest, AsrModel.load(asr_model), language=language, progress=TerminalProgress(), overwrite=overwrite
+        )
         if filled.transcribed:
             click.echo(f"transcribed {len(filled.transcribed)} row(s) with {asr_model} -> {filled.manifest}")
         manifest = filled.manifest
