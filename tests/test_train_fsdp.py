@@ -37,6 +37,17 @@ def accelerate_env(config_file: Path) -> dict:
     return {k: v for k, v in prepare_multi_gpu_env(args).items() if k.startswith(("FSDP_", "ACCELERATE_USE_FSDP"))}
 
 
+def resume_in_two_processes(run: Path, preset, env: dict, tmp_path: Path) -> Path:
+    """A copy of `run` as at checkpoint-2, resumed in two processes; its steps 3-4 equal `run`'s."""
+    resumed = run_folder_at_checkpoint(run, 2, tmp_path / "resumed")
+    config = tmp_path / "resumed.yaml"
+    config.write_text(yaml.safe_dump(preset(resumed)))
+    p = torchrun2("fsdp_train_script.py", str(config), "--resume", "auto", env=env)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
+    assert train_losses(resumed) == train_losses(run)
+    return resumed
+
+
 def _dcp_full(folder, tmp_path) -> dict:
     """The whole content of a checkpoint's shards, read by torch's own converter (not our loader)."""
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
@@ -106,12 +117,7 @@ def test_fsdp_sharded_checkpoints_resume_exactly_and_in_one_process(mode, tiny_d
         assert torch.equal(shards[name], usual[name]), name
 
     # resume from checkpoint-2 in two processes: steps 3-4 and the final weights equal the uninterrupted run
-    resumed = run_folder_at_checkpoint(run, 2, tmp_path / "resumed")
-    config2 = tmp_path / "resumed.yaml"
-    config2.write_text(yaml.safe_dump(preset(resumed)))
-    p = torchrun2("fsdp_train_script.py", str(config2), "--resume", "auto", env=env)
-    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
-    assert train_losses(resumed) == train_losses(run)
+    resumed = resume_in_two_processes(run, preset, env, tmp_path)
     a, b = (load_file(d / "final" / weights_file) for d in (run, resumed))
     assert a.keys() == b.keys()
     for k in a:
@@ -173,3 +179,69 @@ def test_fsdp_one_rank_failing_to_write_its_shards_publishes_nothing(tiny_dir, d
     assert {"dcp/__0_0.distcp", "dcp/__1_0.distcp", "dcp/.metadata"} <= set(files)
     owned = owned_names(run)  # the ownership manifest lists what was published, nothing else
     assert "checkpoint-2" not in owned and "final" in owned
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_v3_under_fsdp_final_weights_equal_the_shards_and_resume_exactly(mode, tiny_v3_stack, v3_demo_cache, tmp_path):
+    """Higgs Audio v3 under FSDP2: the sharded checkpoints, final/'s usual weights (LoRA adapter +
+    the ONE audio table, or the whole model) gathered from the shards and equal to them, exact
+    resume in two processes, and final/ loads for generation in one process. Full fine-tuning
+    wraps one FSDP unit per Qwen3 decoder layer (the v3 body's layer class)."""
+    from higgs_tune.infer.loading import load_inference_stack
+
+    def preset(out) -> dict:
+        data = preset_dict(tiny_v3_stack, v3_demo_cache, None, out)
+        data["finetune"] = {"mode": "full", "pathways": []} if mode == "full" else {"train_modules": []}
+        data["train"].update(max_steps=4, log_steps=1, warmup_steps=1, sample_steps=None, eval_steps=None)
+        data["checkpoint"].update(save_steps=2, keep_best=False)
+        data["data"]["eval_cache"] = None
+        return data
+
+    env = FSDP_ENV
+    if mode == "full":
+        env = {
+            **FSDP_ENV,
+            "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP",
+            "FSDP_TRANSFORMER_CLS_TO_WRAP": "Qwen3DecoderLayer",
+        }
+    run = tmp_path / "run"
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(preset(run)))
+    p = torchrun2("fsdp_train_script.py", str(config), env=env)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
+    assert "trained parameter types: ['DTensor']" in p.stdout
+    units = int(p.stdout.split("fsdp units:")[1].split()[0])
+    assert units == 1 if mode == "lora" else units > 2, p.stdout[-1000:]
+    assert {"dcp/__0_0.distcp", "dcp/__1_0.distcp"} <= set(verify_checkpoint(run / "checkpoint-2")["files"])
+
+    final = run / "final"
+    files = verify_checkpoint(final)["files"]
+    shards = _dcp_full(final, tmp_path)["model"]
+    if mode == "lora":
+        assert {"adapter_model.safetensors", "audio_table.safetensors"} <= set(files)
+        table = load_file(final / "audio_table.safetensors")["audio_table.weight"]
+        (shard_table,) = [v for k, v in shards.items() if k.endswith("audio_table.weight")]
+        assert torch.equal(table, shard_table)
+        adapter = load_file(final / "adapter_model.safetensors")
+        lora_shards = {k: v for k, v in shards.items() if "lora_" in k}
+        assert len(adapter) == len(lora_shards) > 0
+        for (
+            name,
+            tensor,
+        ) in adapter.items():  # peft drops the adapter name: ".lora_A.weight" <- ".lora_A.default.weight"
+            (match,) = [v for k, v in lora_shards.items() if k.removeprefix("model.").replace(".default", "") == name]
+            assert torch.equal(tensor, match), name
+    else:
+        saved = load_file(final / "v3_trained.safetensors")
+        assert set(saved) == {k.removeprefix("model.") for k in shards}
+        for k, v in shards.items():
+            assert torch.equal(saved[k.removeprefix("model.")], v), k
+
+    resumed = resume_in_two_processes(run, preset, env, tmp_path)
+    weights_file = "audio_table.safetensors" if mode == "lora" else "v3_trained.safetensors"
+    a, b = (load_file(d / "final" / weights_file) for d in (run, resumed))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    stack = load_inference_stack(tiny_v3_stack, final, device="cpu")  # what generate / export load
+    base = stack.model.get_base_model() if mode == "lora" else stack.model
+    assert torch.equal(base.audio_table.weight, a["audio_table.weight"])

@@ -49,6 +49,7 @@ from higgs_tune.families.v3.model import (
     apply_v3_lora,
     load_v3_adapter,
     save_v3_adapter,
+    v3_table_weight,
 )
 from higgs_tune.model.load import resolve_checkpoint
 from higgs_tune.model.lora import parameter_report
@@ -193,35 +194,37 @@ class V3Family(ModelFamily):
         return model
 
     def save_trainable(self, model, folder, state_dict=None):
+        """LoRA: peft's adapter + audio_table.safetensors; full: v3_trained.safetensors. `state_dict`:
+        the model's full state dict when its parameters are sharded (FSDP, gathered by the caller on
+        the main process): what is saved then comes from it, not from the sharded live tensors."""
         from peft import PeftModel
 
         out = Path(folder)
         out.mkdir(parents=True, exist_ok=True)
         if isinstance(model, PeftModel):
-            save_v3_adapter(model, out)
+            save_v3_adapter(model, out, state_dict)
         else:
             state = state_dict if state_dict is not None else model.state_dict()
-            state = {k.removeprefix("model."): v for k, v in state.items()} if state_dict is not None else state
             save_file({k: v.detach().contiguous() for k, v in state.items()}, str(out / FULL_WEIGHTS_FILE))
         (out / FAMILY_MARKER).write_text(json.dumps({"family": self.name}) + "\n", encoding="utf-8")
         return out
 
     def verify_trainable(self, model, folder, state_dict=None) -> None:
-        """Read the saved weights back and compare them bit for bit with the model's."""
+        """Read the saved weights back and compare them bit for bit with the model's (with
+        `state_dict` when given: the gathered weights of a sharded model, as saved)."""
         from peft import PeftModel, get_peft_model_state_dict
 
         folder = Path(folder)
         if isinstance(model, PeftModel):
             saved = load_file(str(folder / ADAPTER_WEIGHTS))
-            live = {k: v for k, v in get_peft_model_state_dict(model).items()}
-            table = _base(model).audio_table.weight
-            if table.requires_grad:
+            live = dict(get_peft_model_state_dict(model, state_dict=state_dict))
+            if _base(model).audio_table.weight.requires_grad:
                 saved_table = load_file(str(folder / AUDIO_TABLE_FILE))[f"{AUDIO_TABLE_MODULE}.weight"]
                 saved["audio_table"] = saved_table
-                live["audio_table"] = table
+                live["audio_table"] = v3_table_weight(model, state_dict)
         else:
             saved = load_file(str(folder / FULL_WEIGHTS_FILE))
-            live = model.state_dict()
+            live = state_dict if state_dict is not None else model.state_dict()
         bad = sorted(k for k in set(saved) | set(live) if k not in saved or k not in live)
         bad += sorted(k for k in set(saved) & set(live) if not torch.equal(saved[k].cpu(), live[k].detach().cpu()))
         if bad:

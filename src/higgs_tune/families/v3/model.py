@@ -267,18 +267,30 @@ def apply_v3_lora(
 AUDIO_TABLE_FILE = "audio_table.safetensors"
 
 
-def save_v3_adapter(peft_model, out_dir) -> None:
+def v3_table_weight(peft_model, state_dict=None) -> torch.Tensor:
+    """The trained audio table of a LoRA model: from `state_dict` (the full state dict of a sharded
+    model, keyed as `peft_model.state_dict()`) when given, else the live parameter."""
+    if state_dict is None:
+        return peft_model.get_base_model().audio_table.weight
+    key = next((k for k in state_dict if k.endswith(f"{AUDIO_TABLE_MODULE}.weight")), None)
+    if key is None:
+        raise KeyError(f"the state dict holds no {AUDIO_TABLE_MODULE}.weight (keys: {sorted(state_dict)[:4]} ...)")
+    return state_dict[key]
+
+
+def save_v3_adapter(peft_model, out_dir, state_dict=None) -> None:
     """A LoRA checkpoint: peft's adapter folder (`adapter_model.safetensors` + `adapter_config.json`,
     loadable by plain `PeftModel.from_pretrained`) + `audio_table.safetensors` with the ONE trained
-    table (`audio_table.weight`), which peft does not save because it is not a modules_to_save copy."""
+    table (`audio_table.weight`), which peft does not save because it is not a modules_to_save copy.
+    `state_dict`: the full state dict of a sharded (FSDP) model, saved instead of the live tensors."""
     from pathlib import Path
 
     from safetensors.torch import save_file
 
     out = Path(out_dir)
-    peft_model.save_pretrained(str(out))
-    table = peft_model.get_base_model().audio_table.weight
-    if table.requires_grad:
+    peft_model.save_pretrained(str(out), **({} if state_dict is None else {"state_dict": state_dict}))
+    if peft_model.get_base_model().audio_table.weight.requires_grad:
+        table = v3_table_weight(peft_model, state_dict)
         save_file({f"{AUDIO_TABLE_MODULE}.weight": table.detach().contiguous()}, str(out / AUDIO_TABLE_FILE))
 
 
