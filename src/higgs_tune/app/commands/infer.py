@@ -431,7 +431,10 @@ def _evaluation_to_tensorboard(adapter, summary: dict) -> None:
     "--max-shard-size",
     default="5GB",
     show_default=True,
-    help="Largest weight file; bigger models are split into shards with an index (as on the Hub).",
+    help=(
+        "Largest weight file; bigger models are split into shards with an index (as on the Hub). "
+        "v2 only: a v3 export keeps the released one-file layout."
+    ),
 )
 @click.option(
     "--push-to-hub",
