@@ -397,6 +397,64 @@ def test_cache_of_another_codec_is_refused(tiny_dir, demo_manifest, tmp_path):
     assert CodeCache.open(out).header["codec_source"] == str(other)
 
 
+def _same_weights_from_a_config_dict(codec, folder):
+    """The codec as v3's loader builds its bundled copy (`load_v3_codec`): from a config written
+    without metadata, as the released STANDARD_CODEC_CONFIG is (no `architectures`, `dtype` None),
+    with the same weights loaded strictly."""
+    from higgs_tune.families.v3.checkpoint import CODEC_CONFIG_FILE, load_v3_codec
+
+    meta = ("architectures", "dtype", "torch_dtype", "_name_or_path", "transformers_version")
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {k: v for k, v in json.loads(codec.config.to_json_string()).items() if k not in meta}
+    (folder / CODEC_CONFIG_FILE).write_text(json.dumps(config))
+    return load_v3_codec(folder, codec_state=codec.state_dict())
+
+
+def test_codec_fingerprint_is_what_the_codec_computes_not_how_it_was_saved(codec, tmp_path):
+    from higgs_tune.data.prepare import codec_fingerprints
+
+    twin = _same_weights_from_a_config_dict(codec, tmp_path / "v3")
+    assert codec.config.to_dict()["architectures"] == ["HiggsAudioV2TokenizerModel"]
+    assert twin.config.to_dict()["architectures"] is None  # the metadata differ ...
+    assert codec_fingerprint(twin) == codec_fingerprint(codec)  # ... the fingerprint does not
+    (current, legacy), (twin_current, twin_legacy) = codec_fingerprints(codec), codec_fingerprints(twin)
+    assert current == twin_current and legacy != twin_legacy  # the old fingerprint told them apart
+    other = build_audio_tokenizer(TinySpec(seed=1))
+    assert codec_fingerprint(other) != current
+    with torch.no_grad():  # one weight changed by one ulp: another codec
+        tweaked = _same_weights_from_a_config_dict(codec, tmp_path / "v3b")
+        p = next(tweaked.parameters())
+        p.view(-1)[0] = torch.nextafter(p.view(-1)[0], torch.tensor(float("inf")))
+    assert codec_fingerprint(tweaked) != current
+
+
+def test_a_cache_with_the_legacy_fingerprint_stays_usable_with_its_codec(tiny_dir, demo_manifest, codec, tmp_path):
+    """Caches prepared before the metadata keys were left out record the legacy fingerprint:
+    training accepts them with the codec that made them, and a re-run of prepare continues them
+    (keeping the recorded fingerprint, so checkpoints of runs on them still resume)."""
+    from higgs_tune.data.cache import check_cache_codec
+    from higgs_tune.data.prepare import codec_fingerprints
+
+    manifest = small_dataset(tmp_path / "ds", demo_manifest, n=2)
+    out = tmp_path / "cache"
+    prepare_manifest(manifest, tiny_dir, out, progress=False)
+    current, legacy = codec_fingerprints(codec)
+    index = json.loads((out / "index.json").read_text())
+    assert index["header"]["codec_fingerprint"] == current
+    index["header"]["codec_fingerprint"] = legacy  # as the previous version wrote it
+    (out / "index.json").write_text(json.dumps(index))
+    cache = CodeCache.open(out)
+    check_cache_codec(cache, codec_fingerprints(codec))  # accepted
+    other = codec_fingerprints(build_audio_tokenizer(TinySpec(seed=1)))
+    with pytest.raises(
+        DataError, match=rf"audio tokenizer \(fingerprint {legacy[:12]}, .*fingerprint {other[0][:12]}\)"
+    ):
+        check_cache_codec(cache, other)
+    result = prepare_manifest(manifest, tiny_dir, out, progress=False)
+    assert (result.encoded, result.reused) == (0, 2)
+    assert CodeCache.open(out).codec_fingerprint == legacy
+
+
 def test_cache_dir_with_foreign_files_is_refused(tiny_dir, demo_manifest, tmp_path):
     manifest = small_dataset(tmp_path / "ds", demo_manifest, n=1)
     out = tmp_path / "cache"

@@ -13,7 +13,7 @@ from higgs_tune.data.cache import CodeCache, check_cache_codec
 from higgs_tune.data.collate import Collator, TokenBudgetBatchSampler
 from higgs_tune.data.dataset import TTSDataset, V2SampleLayout, split_ids
 from higgs_tune.data.layout import SpecialTokens
-from higgs_tune.data.prepare import codec_fingerprint
+from higgs_tune.data.prepare import codec_fingerprints
 from higgs_tune.errors import DataError
 
 log = logging.getLogger("higgs_tune.data")
@@ -58,7 +58,7 @@ def check_data_codec(data: TrainData, processor, model_name: str = "this model")
     codec = getattr(processor, "audio_tokenizer", None)
     if codec is None or not hasattr(codec, "state_dict"):
         return
-    mine = codec_fingerprint(codec)
+    mine = codec_fingerprints(codec)  # today's and the legacy one (caches prepared before 2026-12-03)
     for dataset in (data.train_set, data.eval_set):
         if dataset is not None:
             check_cache_codec(dataset.cache, mine, model_name)

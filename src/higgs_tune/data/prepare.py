@@ -139,20 +139,54 @@ def acoustic_pads(codec, num_samples: int) -> bool:
     )
 
 
-def codec_fingerprint(codec) -> str:
-    """sha256 over the codec's config (minus names/versions) and every weight and buffer."""
+# Config keys that say how a codec was saved or loaded, not what it computes: a codec read from a
+# folder has `architectures` and `dtype` set, the same weights built from a config dict (v3's
+# bundled codec) have None. The weights' dtypes are hashed with the weights.
+_CODEC_METADATA_KEYS = (
+    "_name_or_path",
+    "transformers_version",
+    "architectures",
+    "dtype",
+    "torch_dtype",
+    "_commit_hash",
+)
+_LEGACY_METADATA_KEYS = ("_name_or_path", "transformers_version")  # caches written before 2026-12-03
 
-    def clean(obj):
+
+def _codec_hashes(codec) -> tuple[str, str]:
+    """(fingerprint, legacy fingerprint): one pass over the weights, two config normalisations."""
+
+    def clean(obj, drop):
         if isinstance(obj, dict):
-            return {k: clean(v) for k, v in obj.items() if k not in ("_name_or_path", "transformers_version")}
+            return {k: clean(v, drop) for k, v in obj.items() if k not in drop}
         return obj
 
-    h = hashlib.sha256(json.dumps(clean(codec.config.to_dict()), sort_keys=True, default=str).encode())
+    config = codec.config.to_dict()
+    hashes = [
+        hashlib.sha256(json.dumps(clean(config, drop), sort_keys=True, default=str).encode())
+        for drop in (_CODEC_METADATA_KEYS, _LEGACY_METADATA_KEYS)
+    ]
     for name, t in sorted(codec.state_dict().items()):
         t = t.detach().cpu().contiguous()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+        head = f"{name}:{t.dtype}:{tuple(t.shape)}".encode()
+        data = t.reshape(-1).view(torch.uint8).numpy().tobytes()
+        for h in hashes:
+            h.update(head)
+            h.update(data)
+    return hashes[0].hexdigest(), hashes[1].hexdigest()
+
+
+def codec_fingerprint(codec) -> str:
+    """sha256 over what the codec computes: its config (minus names, versions, architectures and
+    the config's dtype) and every weight and buffer (names, dtypes, shapes, bytes). Equal for the
+    same codec however it was loaded (a v2 tokenizer folder, or v3's bundled copy)."""
+    return _codec_hashes(codec)[0]
+
+
+def codec_fingerprints(codec) -> tuple[str, str]:
+    """The fingerprints a cache made by this codec may record: today's first, then that of caches
+    prepared before the metadata keys were left out (they stay usable with the codec that made them)."""
+    return _codec_hashes(codec)
 
 
 def encode_batch(codec, waves: list[np.ndarray]) -> list[np.ndarray]:
@@ -345,8 +379,9 @@ def prepare_manifest(
     codec = (load_codec or load_audio_tokenizer)(model_dir, device)
     config = codec.config
     sample_rate = config.sample_rate
+    fingerprint, legacy_fingerprint = _codec_hashes(codec)
     header = {
-        "codec_fingerprint": codec_fingerprint(codec),
+        "codec_fingerprint": fingerprint,
         "num_codebooks": config.num_quantizers,
         "codebook_size": config.codebook_size,
         "frame_rate": config.frame_rate,
@@ -371,9 +406,11 @@ def prepare_manifest(
     }
     if previous is not None:
         old = previous["header"]
-        differs = [
-            k for k in ("codec_fingerprint", "num_codebooks", "codebook_size", "sample_rate") if old.get(k) != header[k]
-        ]
+        differs = [k for k in ("num_codebooks", "codebook_size", "sample_rate") if old.get(k) != header[k]]
+        if old.get("codec_fingerprint") == legacy_fingerprint:
+            header["codec_fingerprint"] = legacy_fingerprint  # the same codec: keep what the cache records
+        elif old.get("codec_fingerprint") != fingerprint:
+            differs.insert(0, "codec_fingerprint")
         if differs and not overwrite:
             what = ", ".join(f"{k} {old.get(k)!r} vs {header[k]!r}" for k in differs)
             raise DataError(
