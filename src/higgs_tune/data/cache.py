@@ -141,19 +141,14 @@ def read_index(cache_dir: Path) -> dict | None:
     return index
 
 
-def check_cache_codec(
-    cache: CodeCache, fingerprint: str | tuple[str, ...] | None, model_name: str = "this model"
-) -> None:
+def check_cache_codec(cache: CodeCache, fingerprints: tuple[str, ...] | None, model_name: str = "this model") -> None:
     """Refuse a cache whose codes another codec made: the header records the codec's fingerprint
     (config + weights, `prepare.codec_fingerprint`); its codes would mean other sounds to the model
-    (the loss falls, nothing useful is learned). `fingerprint`: the model codec's, or the ones
-    `prepare.codec_fingerprints` gives (today's first, then the legacy one); None: not checked."""
-    if fingerprint is None:
+    (the loss falls, nothing useful is learned). `fingerprints`: what `prepare.codec_fingerprints`
+    gives for the model's codec (today's first, then the legacy one); None: not checked."""
+    if fingerprints is None or cache.codec_fingerprint in fingerprints:
         return
-    accepted = (fingerprint,) if isinstance(fingerprint, str) else tuple(fingerprint)
-    if cache.codec_fingerprint in accepted:
-        return
-    fingerprint = accepted[0]
+    fingerprint = fingerprints[0]
     source = cache.header.get("codec_source")
     raise DataError(
         f"{cache.cache_dir} was encoded by another audio tokenizer (fingerprint {cache.codec_fingerprint[:12]}, "

@@ -153,8 +153,10 @@ _CODEC_METADATA_KEYS = (
 _LEGACY_METADATA_KEYS = ("_name_or_path", "transformers_version")  # caches written before 2026-12-03
 
 
-def _codec_hashes(codec) -> tuple[str, str]:
-    """(fingerprint, legacy fingerprint): one pass over the weights, two config normalisations."""
+def codec_fingerprints(codec) -> tuple[str, str]:
+    """The fingerprints a cache made by this codec may record: today's (`codec_fingerprint`) first,
+    then that of caches prepared before the metadata keys were left out (they stay usable with the
+    codec that made them). One pass over the weights, two config normalisations."""
 
     def clean(obj, drop):
         if isinstance(obj, dict):
@@ -180,13 +182,7 @@ def codec_fingerprint(codec) -> str:
     """sha256 over what the codec computes: its config (minus names, versions, architectures and
     the config's dtype) and every weight and buffer (names, dtypes, shapes, bytes). Equal for the
     same codec however it was loaded (a v2 tokenizer folder, or v3's bundled copy)."""
-    return _codec_hashes(codec)[0]
-
-
-def codec_fingerprints(codec) -> tuple[str, str]:
-    """The fingerprints a cache made by this codec may record: today's first, then that of caches
-    prepared before the metadata keys were left out (they stay usable with the codec that made them)."""
-    return _codec_hashes(codec)
+    return codec_fingerprints(codec)[0]
 
 
 def encode_batch(codec, waves: list[np.ndarray]) -> list[np.ndarray]:
@@ -379,7 +375,7 @@ def prepare_manifest(
     codec = (load_codec or load_audio_tokenizer)(model_dir, device)
     config = codec.config
     sample_rate = config.sample_rate
-    fingerprint, legacy_fingerprint = _codec_hashes(codec)
+    fingerprint, legacy_fingerprint = codec_fingerprints(codec)
     header = {
         "codec_fingerprint": fingerprint,
         "num_codebooks": config.num_quantizers,

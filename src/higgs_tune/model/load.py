@@ -44,7 +44,7 @@ from higgs_tune.model.audio_attention import (
     AUDIO_ATTN_KEY_PARTS,
     enable_audio_self_attention,
 )
-from higgs_tune.model.hub import check_hub_source, hub_cache_dir
+from higgs_tune.model.hub import check_hub_source, hub_cache_dir, is_hub_id
 from higgs_tune.resources import chat_template
 
 logger = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ _HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "audi
 
 # ----------------------------------------------------------------------------- folders and files
 def _looks_like_path(name: str) -> bool:
-    return name.startswith(("/", ".", "~")) or name.count("/") != 1 or Path(name).exists()
+    return not is_hub_id(name)
 
 
 def resolve_checkpoint(name_or_path: str | Path) -> Path:

@@ -274,6 +274,18 @@ class V3Checkpoint:
     passthrough: dict[str, torch.Tensor]  # pass to save_v3_checkpoint to write them back
 
 
+def read_released(folder: str | Path) -> tuple[V3ModelConfig, ReleasedParts]:
+    """A released-layout folder's config.json and its weights split strictly (`split_released`)."""
+    config = read_v3_config(folder)
+    parts = split_released(
+        read_released_tensors(folder),
+        config.text_config.num_hidden_layers,
+        str(folder),
+        text_tied=bool(config.text_config.tie_word_embeddings),
+    )
+    return config, parts
+
+
 def load_v3_checkpoint(
     folder: str | Path,
     *,
@@ -283,13 +295,7 @@ def load_v3_checkpoint(
 ) -> V3Checkpoint:
     """Build the model from config.json and load every weight strictly through the key map."""
     folder = Path(folder)
-    config = read_v3_config(folder)
-    parts = split_released(
-        read_released_tensors(folder),
-        config.text_config.num_hidden_layers,
-        str(folder),
-        text_tied=bool(config.text_config.tie_word_embeddings),
-    )
+    config, parts = read_released(folder)
     model = build_v3_model(
         config, dtype=dtype, attn_implementation=attn_implementation, gradient_checkpointing=gradient_checkpointing
     )

@@ -28,10 +28,8 @@ from higgs_tune.families.v3.checkpoint import (
     load_v3_checkpoint,
     load_v3_codec,
     load_v3_tokenizer,
-    read_released_tensors,
-    read_v3_config,
+    read_released,
     save_v3_checkpoint,
-    split_released,
 )
 from higgs_tune.families.v3.data import (
     V3Collator,
@@ -310,13 +308,7 @@ class V3Family(ModelFamily):
         tied.*/body.* keys and the base's bundled codec, head copies as the base had them, the
         tokenizer, codec_config.json): what `load_v3_checkpoint`, SGLang-Omni and vLLM-Omni read."""
         base_folder = resolve_checkpoint(base_folder)
-        config = read_v3_config(base_folder)
-        parts = split_released(
-            read_released_tensors(base_folder),
-            config.text_config.num_hidden_layers,
-            str(base_folder),
-            text_tied=bool(config.text_config.tie_word_embeddings),
-        )
+        _, parts = read_released(base_folder)
         save_v3_checkpoint(
             net,
             out,
