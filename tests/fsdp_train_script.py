@@ -62,11 +62,16 @@ def main() -> None:
     result = train(load_config(sys.argv[1]), resume=resume)
     trained = [p for p in result.model.parameters() if p.requires_grad]
     # the parameters the run trained were FSDP2 shards (DTensors), not DDP replicas
-    print("trained parameter types:", sorted({type(p).__name__ for p in trained}))
     from torch.distributed.fsdp import FSDPModule
 
     # FSDP units: 1 = the whole model as one unit (NO_WRAP); 1 + layers with TRANSFORMER_BASED_WRAP
-    print("fsdp units:", sum(isinstance(m, FSDPModule) for m in result.model.modules()) + 1)
+    units = sum(isinstance(m, FSDPModule) for m in result.model.modules()) + 1
+    # one rank reports, each line in ONE write: both ranks share the pipe, and print() writes its
+    # arguments, separators and end one by one, so two ranks' words could interleave mid-line
+    if os.environ.get("RANK", "0") == "0":
+        sys.stdout.write(f"trained parameter types: {sorted({type(p).__name__ for p in trained})}\n")
+        sys.stdout.write(f"fsdp units: {units}\n")
+        sys.stdout.flush()
 
 
 if __name__ == "__main__":
