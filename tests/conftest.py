@@ -35,5 +35,5 @@ def demo_heldout() -> Path:
     return DEMO_DIR / "heldout.jsonl"
 
 
-# Prepared code caches of the demo data (tests/fixtures_data.py): demo_cache, demo_heldout_cache.
-from fixtures_data import demo_cache, demo_heldout_cache, tiny_v3_stack, v3_demo_cache  # noqa: E402,F401
+# Prepared code caches of the demo data (tests/fixtures_data.py): v2 and v3, training and held-out clips.
+from fixtures_data import demo_cache, demo_heldout_cache, tiny_v3_stack, v3_demo_cache, v3_heldout_cache  # noqa: E402,F401

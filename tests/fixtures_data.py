@@ -47,3 +47,12 @@ def v3_demo_cache(tiny_v3_stack, demo_manifest, tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("v3_demo_cache") / "cache"
     return prepare_demo_cache(demo_manifest, tiny_v3_stack, out, load_codec=load_codec_for)
+
+
+@pytest.fixture(scope="session")
+def v3_heldout_cache(tiny_v3_stack, demo_heldout, tmp_path_factory) -> Path:
+    """The held-out demo clips encoded with the tiny v3 checkpoint's bundled codec."""
+    from higgs_tune.families.select import load_codec_for
+
+    out = tmp_path_factory.mktemp("v3_heldout_cache") / "cache"
+    return prepare_demo_cache(demo_heldout, tiny_v3_stack, out, load_codec=load_codec_for)

@@ -245,3 +245,81 @@ def test_v3_under_fsdp_final_weights_equal_the_shards_and_resume_exactly(mode, t
     stack = load_inference_stack(tiny_v3_stack, final, device="cpu")  # what generate / export load
     base = stack.model.get_base_model() if mode == "lora" else stack.model
     assert torch.equal(base.audio_table.weight, a["audio_table.weight"])
+
+
+@pytest.mark.parametrize("family", ["v2", "v3"])
+def test_fsdp_generates_samples_and_quality_as_one_process_does(
+    family, tiny_dir, demo_cache, demo_heldout_cache, tiny_v3_stack, v3_demo_cache, v3_heldout_cache, tmp_path
+):
+    """Under FSDP2 (full fine-tuning, one unit per decoder layer) every rank generates the training
+    samples and the quality set in step with the main process, which writes and scores them: the files
+    equal those of one process without FSDP on the same weights. The learning rate is 1e-30, so every
+    update is below float32 resolution and both runs keep the base weights (a wrong premise fails the
+    comparison, it cannot pass it)."""
+    from higgs_tune.tiny.eval_models import make_tiny_eval_models
+
+    asr, speaker = make_tiny_eval_models(tmp_path / "eval-models", seed=0)
+    model, train_cache, heldout = (
+        (tiny_dir, demo_cache, demo_heldout_cache)
+        if family == "v2"
+        else (tiny_v3_stack, v3_demo_cache, v3_heldout_cache)
+    )
+
+    def preset(out: Path) -> dict:
+        data = preset_dict(model, train_cache, heldout, out)
+        data["finetune"] = {"mode": "full"} if family == "v2" else {"mode": "full", "pathways": []}
+        data["train"].update(
+            max_steps=2,
+            learning_rate=1e-30,
+            warmup_steps=1,
+            log_steps=1,
+            eval_steps=None,
+            sample_steps=1,
+            num_samples=2,
+            quality_eval_steps=2,
+            quality_eval_clips=2,
+            quality_asr_model=str(asr),
+            quality_speaker_model=str(speaker),
+            quality_cache_dir=str(out.parent / f"{out.name}-baselines"),  # each run scores its base model
+        )
+        data["checkpoint"].update(save_steps=2, keep_best=False)
+        return data
+
+    sharded, one = tmp_path / "fsdp", tmp_path / "one"
+    config = tmp_path / "fsdp.yaml"
+    config.write_text(yaml.safe_dump(preset(sharded)))
+    if family == "v2":
+        env = accelerate_env(REPO / "configs" / "accelerate" / "fsdp2.yaml")
+    else:
+        env = accelerate_env(REPO / "configs" / "accelerate" / "fsdp2-v3.yaml")
+    p = torchrun2("fsdp_train_script.py", str(config), env=env)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
+    assert "trained parameter types: ['DTensor']" in p.stdout
+    assert int(p.stdout.split("fsdp units:")[1].split()[0]) > 2  # nested units: the layers gather per call
+    train(config_from_dict(preset(one)))
+
+    def files(run: Path) -> dict[str, bytes]:
+        found = [*run.glob("samples/step-*/*.wav"), *run.glob("quality/step-*/wavs/*.wav")]
+        return {str(f.relative_to(run)): f.read_bytes() for f in found}
+
+    got, want = files(sharded), files(one)
+    assert sorted(want) == sorted(got)
+    # samples after steps 1 and 2, the quality set of the base model (step 0) and of step 2
+    assert {Path(k).parts[:2] for k in want} == {
+        ("samples", "step-1"),
+        ("samples", "step-2"),
+        ("quality", "step-0"),
+        ("quality", "step-2"),
+    }
+    assert len(want) == 2 * 2 + 2 * 2
+    for name in want:
+        assert got[name] == want[name], name
+    assert all(len(data) > 44 for data in want.values())  # more than a WAV header: audio was generated
+
+    def scores(run: Path) -> dict:
+        doc = json.loads((run / "quality" / "history.json").read_text(encoding="utf-8"))
+        keep = lambda e: {k: v for k, v in e.items() if k not in ("seconds", "cost_seconds", "cache_key", "train_loss")}  # noqa: E731
+        return {"baseline": keep(doc["baseline"]), "evals": [keep(e) for e in doc["evals"]]}
+
+    assert scores(sharded) == scores(one)
+    assert [e["step"] for e in scores(sharded)["evals"]] == [2]

@@ -422,24 +422,6 @@ def test_two_processes_score_on_the_main_one_and_stop_together(
     assert all(torch.equal(r0[k], r1[k]) for k in r0)  # the ranks stayed in step
 
 
-@pytest.mark.multiproc
-def test_fsdp_refuses_the_quality_evaluation_with_the_reason(
-    tiny_dir, demo_cache, demo_heldout_cache, tmp_path, eval_models
-):
-    from recipe_support import torchrun2
-    from test_train_fsdp import FSDP_ENV
-
-    cfg = quality_config(tiny_dir, demo_cache, demo_heldout_cache, tmp_path / "run", eval_models)
-    cfg.save(tmp_path / "run.yaml")
-    p = torchrun2("fsdp_train_script.py", str(tmp_path / "run.yaml"), env=FSDP_ENV)
-    assert p.returncode != 0
-    assert (
-        "train.quality_eval_steps: the in-training quality evaluation generates on the main process alone, "
-        "which cannot run an FSDP-sharded model; set train.quality_eval_steps: null"
-    ) in p.stderr
-    assert not (tmp_path / "run" / "quality").exists()  # refused before anything was generated
-
-
 def test_a_wrong_quality_model_fails_before_training_naming_the_setting(
     tiny_dir, demo_cache, demo_heldout_cache, tmp_path, eval_models
 ):

@@ -44,6 +44,22 @@ def test_stop_rule_gives_exactly_t_frames(frames):
     assert torch.equal(sampled.codes, codes)
 
 
+def test_agreed_rows_drive_the_loop_and_the_stop():
+    """`agree` (rank 0's row under FSDP) replaces each sampled row: the loop feeds, keeps and stops on it."""
+    mine, rank0 = delay_codes(random_codes(9, seed=1)), delay_codes(random_codes(4, seed=2))
+    stepper, fed = scripted(mine)  # this rank's model would generate 9 frames
+    seen = []
+
+    def agree(row):
+        seen.append(row.clone())
+        return rank0[len(seen) - 1]
+
+    gen = generate_rows(stepper, K, V3Sampling(temperature=0), agree=agree)
+    assert torch.equal(gen.rows, rank0) and gen.num_frames == 4 and gen.stopped  # rank 0's rows and stop
+    assert torch.equal(torch.stack(fed), rank0[:-1])  # the model was fed rank 0's rows
+    assert torch.equal(seen[0], mine[0])  # agree saw this rank's own sample
+
+
 def test_layout_is_forced_where_the_training_layout_is_fixed():
     codes = random_codes(4, seed=0)
     delayed = delay_codes(codes)

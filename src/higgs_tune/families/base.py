@@ -152,4 +152,9 @@ class ModelFamily(ABC):
 
     # ------------------------------------------------------------------ generation
     @abstractmethod
-    def generate_codes(self, model, processor, tokens, request, options, name: str) -> GeneratedCodes: ...
+    def generate_codes(
+        self, model, processor, tokens, request, options, name: str, *, synced: bool = False
+    ) -> GeneratedCodes:
+        """One request -> codes. `synced`: every rank of a sharded (FSDP) model runs this same call, and
+        each rank's model forward passes must stay in step (no rank may stop while another still needs
+        the gathered weights)."""

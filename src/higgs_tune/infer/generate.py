@@ -156,6 +156,7 @@ def generate_speech(
     *,
     family: ModelFamily | None = None,
     progress: Progress | None = None,
+    synced: bool = False,
 ) -> list[GenerationResult]:
     """Generate each request -> GenerationResult(codes (K, T), wav, stopped, num_frames).
 
@@ -164,6 +165,9 @@ def generate_speech(
     audio tokenizer (codec) for decoding. `family`: the model family (None: v2); its
     `generate_codes` builds the prompt and applies its stop rule. `progress` (higgs_tune.progress) is
     told after each request (the CLI's bar, a UI's callback).
+    `synced`: `model` is sharded (FSDP) and every rank calls this with the same requests; the family's
+    loop keeps the ranks' forward passes in step, and grad mode is plain `no_grad` (FSDP's gathered
+    weights are not inference tensors). The caller gathers the root unit's weights (train.distributed).
     Raises GenerationError when a prompt does not fit the model's context with room for at
     least one frame.
     """
@@ -189,10 +193,10 @@ def generate_speech(
                 if seeded
                 else contextlib.nullcontext()
             )
-            with rng, torch.inference_mode():
+            with rng, torch.no_grad() if synced else torch.inference_mode():
                 if seeded:
                     torch.manual_seed(options.seed + i)
-                gen = generate_codes(model, processor, tokens, req, options, name)
+                gen = generate_codes(model, processor, tokens, req, options, name, synced=synced)
             wav = decode_codes(codec, gen.codes, codec_device)
             results.append(
                 GenerationResult(

@@ -160,3 +160,43 @@ def preserved_rng() -> Iterator[dict[str, Any]]:
 def gather_rng_states() -> list[dict[str, Any]] | None:
     """Every rank's `rng_state()`, in rank order, on rank 0 (None elsewhere). Collective."""
     return gather_to_main(rng_state())
+
+
+# ---------------------------------------------------------------- generation on a sharded model
+
+
+def outermost_fsdp_units(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The FSDP2 units of `model` that no other unit of it holds (for the module given to
+    `accelerator.prepare`: the root unit, i.e. embeddings, heads, final norm and whatever no nested
+    unit wraps; all of the model when it is one unit)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    named = [(n, m) for n, m in model.named_modules() if isinstance(m, FSDPModule)]
+    names = [n for n, _ in named]
+    return [m for n, m in named if not any(o != n and (o == "" or n.startswith(o + ".")) for o in names)]
+
+
+@contextlib.contextmanager
+def gathered_for_generation(sharded_root: torch.nn.Module | None) -> Iterator[None]:
+    """Make the model inside an FSDP2-sharded `sharded_root` (the module given to
+    `accelerator.prepare`) usable by a generation loop on every rank at once.
+
+    Generation calls the model's own methods (transformers' `generate`, the v3 stepper), never the
+    root module's forward, so the root unit's hooks would never gather its weights: they are gathered
+    here for the block and sharded again after it (the embeddings and heads; nested units, one per
+    decoder layer, gather and free themselves per call as in training). Collective: every rank enters
+    with the same generation to run (`generate_speech(..., synced=True)`). With None it does nothing.
+    """
+    units = outermost_fsdp_units(sharded_root) if sharded_root is not None else []
+    for unit in units:
+        # Before the first training step (the quality baseline) no forward has run through the root,
+        # so FSDP has not yet decided which unit is the root; a layer called first would take that
+        # role and the next training forward fail ("already been lazily initialized"). torch offers
+        # no public call for it: the root's own lazy init, a no-op once done.
+        unit._get_fsdp_state()._lazy_init()
+        unit.unshard()
+    try:
+        yield
+    finally:
+        for unit in units:
+            unit.reshard()

@@ -127,8 +127,8 @@ class V2Family(ModelFamily):
         )
 
     # ------------------------------------------------------------------ generation
-    def generate_codes(self, model, processor, tokens, request, options, name: str):
-        return generate_v2_codes(model, processor, tokens, request, options, name)
+    def generate_codes(self, model, processor, tokens, request, options, name: str, *, synced: bool = False):
+        return generate_v2_codes(model, processor, tokens, request, options, name, synced=synced)
 
 
 V2 = V2Family()

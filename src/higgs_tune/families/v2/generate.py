@@ -12,8 +12,11 @@ from higgs_tune.families.base import GeneratedCodes, GenerationError
 logger = logging.getLogger("higgs_tune.infer.generate")
 
 
-def generate_v2_codes(model, processor, tokens, request, options, name: str) -> GeneratedCodes:
-    """One request -> GeneratedCodes; `model` in eval mode, the caller holds the RNG."""
+def generate_v2_codes(model, processor, tokens, request, options, name: str, *, synced: bool = False) -> GeneratedCodes:
+    """One request -> GeneratedCodes; `model` in eval mode, the caller holds the RNG.
+
+    `synced`: every rank of a sharded model runs this call; transformers' `synced_gpus` keeps a rank that
+    has finished running forward passes until every rank has (each pass gathers the shards)."""
     context = model.config.max_position_embeddings  # a PeftModel forwards .config to the wrapped model
     min_columns = tokens.num_columns(1)  # BOS column + one frame through the delay + EOS column
     device = next(model.parameters()).device
@@ -41,7 +44,7 @@ def generate_v2_codes(model, processor, tokens, request, options, name: str) -> 
     gen_config = options.generation_config(model.generation_config, limit)
     prompt = {k: v.to(device) for k, v in prompt.items()}
     prompt_columns = prompt["audio_input_ids"].shape[1] if "audio_input_ids" in prompt else 0
-    out = model.generate(**prompt, generation_config=gen_config)
+    out = model.generate(**prompt, generation_config=gen_config, synced_gpus=synced)
     audio = out.audio_sequences[0].cpu()  # (N_prompt + N_generated, K)
     generated = audio[prompt_columns:]
     stopped = bool(generated.shape[0] > 0 and (generated[-1] == tokens.stream_eos).all())

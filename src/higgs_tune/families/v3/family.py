@@ -261,7 +261,9 @@ class V3Family(ModelFamily):
         )
 
     # ------------------------------------------------------------------ generation
-    def generate_codes(self, model, processor, tokens, request, options, name: str) -> GeneratedCodes:
+    def generate_codes(
+        self, model, processor, tokens, request, options, name: str, *, synced: bool = False
+    ) -> GeneratedCodes:
         if request.ref_text is not None and request.ref_codes is None:
             raise GenerationError(f"{name}: a reference transcript without reference audio; give both (or neither).")
         base = _base(model)
@@ -293,6 +295,7 @@ class V3Family(ModelFamily):
             ref_codes=request.ref_codes,
             ref_text=request.ref_text,
             sampling=sampling,
+            synced=synced,
         )
         return GeneratedCodes(
             codes=gen.codes.cpu(),

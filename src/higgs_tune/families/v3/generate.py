@@ -28,6 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from higgs_tune.families.v3.layout import AUDIO_SLOT, BOC, EOC, V3Sample, V3Tokens, build_v3_sample, undelay_rows
 
@@ -107,9 +108,11 @@ def next_row_logits_fn(model):
 
 
 @torch.no_grad()
-def generate_rows(first_logits_and_step, num_codebooks: int, sampling: V3Sampling) -> V3Generation:
+def generate_rows(first_logits_and_step, num_codebooks: int, sampling: V3Sampling, *, agree=None) -> V3Generation:
     """The sampling loop over a stepper: `first_logits_and_step` = (logits of row 0 (K, V), step(row (K,)) -> (K, V)).
 
+    `agree(row) -> row` (optional) replaces each sampled row before it is used: `rank0_row` makes every
+    rank of a sharded model continue with rank 0's row, so all ranks stop at the same row.
     Kept separate from the model so tests can drive it with constructed logits.
     """
     logits, step = first_logits_and_step
@@ -122,6 +125,8 @@ def generate_rows(first_logits_and_step, num_codebooks: int, sampling: V3Samplin
     while len(rows) < max_rows:
         r = len(rows)
         row = sample_row(constrain_logits(logits, r, eoc_row, sampling.min_frames), sampling, generator)
+        if agree is not None:
+            row = agree(row)
         rows.append(row)
         if eoc_row is None and int(row[0]) == EOC:
             eoc_row = r
@@ -132,6 +137,15 @@ def generate_rows(first_logits_and_step, num_codebooks: int, sampling: V3Samplin
     stopped = eoc_row is not None
     frames = eoc_row if stopped else max(0, len(rows) - num_codebooks + 1)
     return V3Generation(codes=undelay_rows(rows_t, frames), rows=rows_t, stopped=stopped)
+
+
+def rank0_row(row: torch.Tensor) -> torch.Tensor:
+    """Rank 0's row on every rank (a collective; the row itself without a process group)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return row
+    row = row.contiguous()
+    dist.broadcast(row, src=0)
+    return row
 
 
 def generation_prompt(
@@ -154,8 +168,12 @@ def generate_v3(
     ref_codes: torch.Tensor | None = None,
     ref_text: str | None = None,
     sampling: V3Sampling = V3Sampling(),
+    synced: bool = False,
 ) -> V3Generation:
-    """Speech codes (K, T) for `text` (TTS) or in the voice of `ref_codes` (+ its transcript `ref_text`)."""
+    """Speech codes (K, T) for `text` (TTS) or in the voice of `ref_codes` (+ its transcript `ref_text`).
+
+    `synced`: every rank of a sharded model runs this call and continues with rank 0's rows, so every
+    rank makes the same forward passes and stops together."""
     was_training = model.training
     model.eval()
     try:
@@ -168,6 +186,6 @@ def generate_v3(
         def step(row: torch.Tensor) -> torch.Tensor:
             return stepper(slot, row.view(1, 1, -1).to(device))
 
-        return generate_rows((first, step), tokens.num_codebooks, sampling)
+        return generate_rows((first, step), tokens.num_codebooks, sampling, agree=rank0_row if synced else None)
     finally:
         model.train(was_training)
