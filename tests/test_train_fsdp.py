@@ -57,6 +57,12 @@ def _dcp_full(folder, tmp_path) -> dict:
     return torch.load(out, weights_only=False)
 
 
+def usual_name(k: str, mode: str) -> str:
+    """The name a shard's tensor has in the usual weights (PEFT's adapter, or save_pretrained's model)."""
+    k = k.removeprefix("model.")
+    return k.replace(".modules_to_save.default", "").replace(".default", "") if mode == "lora" else k
+
+
 @pytest.mark.parametrize("mode", ["lora", "full"])
 def test_fsdp_sharded_checkpoints_resume_exactly_and_in_one_process(mode, tiny_dir, demo_cache, tmp_path):
     def preset(out) -> dict:  # the demo preset, LoRA or full, four steps, a checkpoint every two
@@ -106,11 +112,7 @@ def test_fsdp_sharded_checkpoints_resume_exactly_and_in_one_process(mode, tiny_d
     final_full = _dcp_full(run / "final", tmp_path)
     usual = load_file(run / "final" / weights_file)
 
-    def canonical(k):  # the live name of a saved tensor, as PEFT / save_pretrained name it
-        k = k.removeprefix("model.")
-        return k.replace(".modules_to_save.default", "").replace(".default", "") if mode == "lora" else k
-
-    shards = {canonical(k): v for k, v in final_full["model"].items()}
+    shards = {usual_name(k, mode): v for k, v in final_full["model"].items()}
     assert len(usual) > 0
     assert set(shards) <= set(usual) if mode == "full" else set(usual) <= set(shards)
     for name in set(usual) & set(shards):
@@ -323,3 +325,45 @@ def test_fsdp_generates_samples_and_quality_as_one_process_does(
 
     assert scores(sharded) == scores(one)
     assert [e["step"] for e in scores(sharded)["evals"]] == [2]
+
+
+def test_fsdp_best_checkpoint_holds_the_usual_weights(tiny_dir, demo_cache, demo_heldout_cache, tmp_path):
+    """A checkpoint of an FSDP run that becomes the new best (best/ links it) also gets the usual
+    weights, equal to its shards, so best/ generates like final/; one that is not the best holds only
+    shards, and generate says so instead of failing on a missing file."""
+    from higgs_tune.errors import ModelLoadError
+    from higgs_tune.infer.loading import load_inference_stack
+    from higgs_tune.train.checkpoint.sharded import has_usual_weights
+
+    run = tmp_path / "run"
+    data = preset_dict(tiny_dir, demo_cache, demo_heldout_cache, run)
+    # a save and an evaluation every step; a learning rate far too high makes the held-out loss rise
+    data["train"].update(max_steps=4, log_steps=1, warmup_steps=1, sample_steps=None, eval_steps=1, learning_rate=1.0)
+    data["checkpoint"].update(save_steps=1, save_total_limit=10, keep_best=True, best_metric="eval_loss")
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(data))
+    p = torchrun2("fsdp_train_script.py", str(config), env=FSDP_ENV)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
+
+    # every checkpoint in save order: usual weights exactly where it was the best so far
+    losses = {s: json.loads((run / f"checkpoint-{s}" / "manifest.json").read_text())["eval_loss"] for s in (1, 2, 3)}
+    assert losses[1] < min(losses[2], losses[3])  # measured: 11.3, 93.7, 14.2 (checkpoint-1 stays the best)
+    best_so_far = None
+    for step in (1, 2, 3):
+        became_best = losses[step] is not None and (best_so_far is None or losses[step] <= best_so_far)
+        best_so_far = losses[step] if became_best else best_so_far
+        assert has_usual_weights(run / f"checkpoint-{step}") == became_best, step
+    assert has_usual_weights(run / "final")
+
+    best = run / "best"
+    manifest = verify_checkpoint(best)
+    assert "adapter_model.safetensors" in manifest["files"] and "dcp/.metadata" in manifest["files"]
+    usual = load_file(best / "adapter_model.safetensors")
+    shards = {usual_name(k, "lora"): v for k, v in _dcp_full(best, tmp_path)["model"].items()}
+    assert set(usual) <= set(shards)
+    assert all(torch.equal(usual[k], shards[k]) for k in usual)
+    stack = load_inference_stack(None, best, device="cpu")  # best/ loads for generation
+    assert stack.adapter == str(best)
+
+    with pytest.raises(ModelLoadError, match=r"checkpoint-2 is a checkpoint of an FSDP run: it holds the weights "):
+        load_inference_stack(None, run / "checkpoint-2", device="cpu")

@@ -63,6 +63,7 @@ CHECKPOINT_PREFIX = "checkpoint-"
 FINAL_NAME = "final"
 MANIFEST_FILE = "manifest.json"
 TRAINING_STATE_FILE = "training_state.pt"
+DCP_DIR = "dcp"  # an FSDP checkpoint's shards (torch.distributed.checkpoint), see train/checkpoint/sharded.py
 
 # evaluation results (in EVAL_DIR for a run, or any --out folder)
 RESULTS_JSON = "results.json"

@@ -23,7 +23,7 @@ from higgs_tune.families.select import family_for
 from higgs_tune.families.v2.family import V2
 from higgs_tune.families.v2.loading import adapter_needs_text_head, check_adapter_fits  # noqa: F401 - imported from here
 from higgs_tune.model.load import resolve_checkpoint
-from higgs_tune.runfs import MANIFEST_FILE, verify_listed_files
+from higgs_tune.runfs import DCP_DIR, MANIFEST_FILE, verify_listed_files
 
 
 @dataclass
@@ -116,6 +116,12 @@ def load_inference_stack(
                 "PEFT adapter folder)."
             )
         markers = ("adapter_config.json", "config.json", FAMILY_MARKER)
+        if not any((adapter_dir / m).is_file() for m in markers) and (adapter_dir / DCP_DIR).is_dir():
+            raise ModelLoadError(
+                f"{adapter_dir} is a checkpoint of an FSDP run: it holds the weights only as shards ({DCP_DIR}/), "
+                "to resume from. Generate, evaluate or export the run's final/ or best/ folder (both also hold the "
+                "weights in the usual format)."
+            )
         if not any((adapter_dir / m).is_file() for m in markers):
             raise ModelLoadError(
                 f"{adapter_dir} holds neither adapter_config.json (LoRA adapter) nor config.json (full fine-tune "

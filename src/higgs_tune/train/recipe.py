@@ -242,7 +242,8 @@ def _train(
     if shards_hold_weights and resume_weights_only and not has_usual_weights(resume_from):
         raise CheckpointError(
             f"--resume-weights-only {resume_from}: an FSDP checkpoint holds its weights only as shards; "
-            "start from the run's final/ (it also holds the usual weights), or resume the run itself with --resume."
+            "start from the run's final/ or best/ (they also hold the usual weights), or resume the run itself with "
+            "--resume."
         )
     if shards_hold_weights and not resume_weights_only:
         # an FSDP checkpoint: the trained weights come from its shards (load_training_state, below)

@@ -29,8 +29,9 @@ FSDP (`sharded_root` given): every rank writes its own shards of the trained wei
 optimizer state with `torch.distributed.checkpoint` into the temporary folder rank 0 made (the run
 folder must be on a file system every rank sees) and hashes them; rank 0 writes the small files,
 lists every rank's shards in the manifest, checks that every rank succeeded and publishes (see
-sharded.py). No rank gathers the whole state, except that final/ also gets the consolidated
-trained weights on rank 0 for `generate` / `export`.
+sharded.py). No rank gathers the whole state, except that final/ and a checkpoint that becomes the
+new best (`checkpoint.keep_best`: best/ links it) also get the consolidated trained weights on rank 0,
+so that `generate` / `evaluate` / `export` can use them.
 """
 
 from __future__ import annotations
@@ -165,8 +166,9 @@ class CheckpointManager:
         used for the free-space check of the first save; later saves use the previous size.
     sharded_root: FSDP runs only (required there): the FSDP-wrapped root module, and
         `weights_prefix` the name of the trained model inside it (e.g. "model."). Every rank writes
-        its shards of it (sharded.py); for final/ the trained model's full state dict is gathered
-        on rank 0 and save_weights / verify_weights are called as `f(dir, state_dict=full_weights)`.
+        its shards of it (sharded.py); for final/ and for a checkpoint that becomes the new best the
+        trained model's full state dict is gathered on rank 0 and save_weights / verify_weights are
+        called as `f(dir, state_dict=full_weights)`.
     """
 
     def __init__(
@@ -376,10 +378,29 @@ class CheckpointManager:
                 except (Exception, DcpCheckpointException) as e:  # noqa: BLE001  (reported by rank 0)
                     mine_files = ("failed", f"rank {dist_utils.rank()}: {type(e).__name__}: {e}")
                 shards = dist_utils.gather_to_main(mine_files)
-            weights = self._gather_weights() if final else None  # collective: final/ gets usual weights
+            # final/ and a new best also get the usual weights (best/ must be usable by generate / export)
+            usual = dist_utils.broadcast_from_main(final or (self.is_main and self._would_be_best(step, kw)))
+            weights = self._gather_weights() if usual else None  # collective
             if not self.is_main:
                 return None, None
             return self._save_on_main(step, final=final, rng=rng, tmp=tmp, shards=shards, full=weights, **kw)
+
+    def _would_be_best(self, step: int, kw: dict) -> bool:
+        """Rank 0: a checkpoint of `step` with these metrics would be linked as best/ (keep_best on);
+        decided by `best` itself, with the candidate among the records for the question."""
+        if not self.cfg.keep_best:
+            return False
+        name = checkpoint_name(step)
+        before = self._records.get(name)
+        self._records[name] = _Record(name, int(step), kw["eval_loss"], 0, dict(kw["metrics"]))
+        try:
+            best = self.best
+            return best is not None and best.name == name
+        finally:
+            if before is None:
+                del self._records[name]
+            else:
+                self._records[name] = before
 
     def _prepare_tmp(self, step: int, name: str, kw: dict) -> tuple[tuple, BaseException | None]:
         """Rank 0: ("ok", temporary folder) after the space and JSON checks, or ("failed", (message,

@@ -9,11 +9,12 @@
       config.yaml, README.md, manifest.json   as in every checkpoint (the manifest lists every
                                   rank's shard file with its sha256, hashed by the rank that wrote it)
     final/                        the same, plus the consolidated weights in the usual format (PEFT
-                                  adapter or full safetensors) for `generate` / `export`
+                                  adapter or full safetensors) for `generate` / `export`; so does a
+                                  checkpoint that became the new best (best/ links it)
 
 No rank gathers the whole state: each rank writes and hashes its own part, rank 0 writes the small
-files, checks that every rank succeeded and publishes the folder with one rename. Only final/ also
-gathers the trained weights (not the optimizer state) into rank 0's host memory, to write them in
+files, checks that every rank succeeded and publishes the folder with one rename. Only final/ (and
+a new best) also gathers the trained weights (not the optimizer state) into rank 0's host memory, to write them in
 the usual format: the trained model's weights in their dtype (LoRA: the adapter, megabytes; full
 fine-tuning of v2 in bf16: ~11.6 GB of host RAM on rank 0), one tensor at a time on the GPU.
 
@@ -30,10 +31,10 @@ from pathlib import Path
 import torch
 
 from higgs_tune.errors import CheckpointError
-from higgs_tune.runfs import fsync_path, sha256_file
+from higgs_tune.families.base import FAMILY_MARKER
+from higgs_tune.runfs import DCP_DIR, fsync_path, sha256_file
 from higgs_tune.train import distributed as dist_utils
 
-DCP_DIR = "dcp"
 DCP_METADATA = ".metadata"
 OPTIMIZER_DCP = "dcp"  # training_state.pt's optimizer_layout: the optimizer state is in dcp/
 
@@ -115,10 +116,11 @@ def load_shards(folder: Path, root: torch.nn.Module, optimizer) -> None:
 
 
 def has_usual_weights(folder: Path) -> bool:
-    """`folder` also holds the weights in the usual format (final/ of an FSDP run): a PEFT adapter
-    or a full model's config.json + safetensors."""
+    """`folder` also holds the weights in the usual format (final/ or a best checkpoint of an FSDP run):
+    a PEFT adapter, a full model's config.json + safetensors, or v3's full weights with their family
+    marker."""
     folder = Path(folder)
-    return (folder / "adapter_config.json").is_file() or (folder / "config.json").is_file()
+    return any((folder / m).is_file() for m in ("adapter_config.json", "config.json", FAMILY_MARKER))
 
 
 def rank_tmp_ok(tmp: Path) -> bool:
