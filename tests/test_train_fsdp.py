@@ -332,8 +332,8 @@ def test_fsdp_best_checkpoint_holds_the_usual_weights(tiny_dir, demo_cache, demo
     weights, equal to its shards, so best/ generates like final/; one that is not the best holds only
     shards, and generate says so instead of failing on a missing file."""
     from higgs_tune.errors import ModelLoadError
+    from higgs_tune.families.base import has_usual_weights
     from higgs_tune.infer.loading import load_inference_stack
-    from higgs_tune.train.checkpoint.sharded import has_usual_weights
 
     run = tmp_path / "run"
     data = preset_dict(tiny_dir, demo_cache, demo_heldout_cache, run)

@@ -35,6 +35,14 @@ from higgs_tune.errors import HiggsTuneError
 FAMILY_MARKER = "higgs_tune_family.json"
 
 
+def has_usual_weights(folder: Path) -> bool:
+    """`folder` holds trained weights in the usual format (what generate / export load): a PEFT
+    adapter, a full model's config.json + safetensors, or v3's full weights with their family marker.
+    A shards-only checkpoint of an FSDP run has none of them."""
+    folder = Path(folder)
+    return any((folder / m).is_file() for m in ("adapter_config.json", "config.json", FAMILY_MARKER))
+
+
 class GenerationError(HiggsTuneError):
     """A generation request cannot be served (bad request, prompt longer than the context)."""
 

@@ -39,7 +39,6 @@ The folder is written under a temporary name and renamed when complete.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
 import time
@@ -61,7 +60,7 @@ from higgs_tune.model.load import (
     resolve_audio_tokenizer,
     resolve_checkpoint,
 )
-from higgs_tune.runfs import fsync_tree, publish_dir, temp_path
+from higgs_tune.runfs import staged_dir
 
 EXPORT_MARKER = "higgs_tune_export.json"
 AUDIO_TOKENIZER_DIR = "audio_tokenizer"
@@ -178,7 +177,7 @@ def export_merged(
     base_folder = resolve_checkpoint(stack.base)
     codec_source = Path(resolve_audio_tokenizer(base_folder, audio_tokenizer))
 
-    with _staged(out) as tmp:
+    with staged_dir(out) as tmp:
         net.save_pretrained(str(tmp), max_shard_size=max_shard_size)
         codec_dir = tmp / AUDIO_TOKENIZER_DIR
         if codec_source.is_dir():
@@ -239,29 +238,11 @@ def export_merged(
     )
 
 
-@contextlib.contextmanager
-def _staged(out: Path):
-    """A fresh temporary folder beside `out` to write the export into; published as `out` with one
-    rename (fsynced first) when the block ends, removed if it raises: an export is whole or absent."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path(out)
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
-        yield tmp
-        fsync_tree(tmp)
-        publish_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def _export_family_layout(stack, net, out: Path, adapter: Path, dtype: str, merged_lora: bool) -> ExportResult:
     """The merged model written by its family in the released layout (v3), under a temporary name."""
     for p in net.parameters():
         p.requires_grad_(False)
-    with _staged(out) as tmp:
+    with staged_dir(out) as tmp:
         layout = stack.family.write_merged(net, Path(stack.base), tmp, stack.processor)
         marker = {
             "format": "higgs-tune-export",

@@ -18,7 +18,7 @@ import torch
 import yaml
 
 from higgs_tune.errors import ModelLoadError
-from higgs_tune.families.base import FAMILY_MARKER, ModelFamily
+from higgs_tune.families.base import ModelFamily, has_usual_weights
 from higgs_tune.families.select import family_for
 from higgs_tune.families.v2.family import V2
 from higgs_tune.families.v2.loading import adapter_needs_text_head, check_adapter_fits  # noqa: F401 - imported from here
@@ -115,14 +115,13 @@ def load_inference_stack(
                 f"adapter folder {adapter_dir} does not exist. Pass a run's checkpoint-N/ or final/ folder (or a "
                 "PEFT adapter folder)."
             )
-        markers = ("adapter_config.json", "config.json", FAMILY_MARKER)
-        if not any((adapter_dir / m).is_file() for m in markers) and (adapter_dir / DCP_DIR).is_dir():
-            raise ModelLoadError(
-                f"{adapter_dir} is a checkpoint of an FSDP run: it holds the weights only as shards ({DCP_DIR}/), "
-                "to resume from. Generate, evaluate or export the run's final/ or best/ folder (both also hold the "
-                "weights in the usual format)."
-            )
-        if not any((adapter_dir / m).is_file() for m in markers):
+        if not has_usual_weights(adapter_dir):
+            if (adapter_dir / DCP_DIR).is_dir():
+                raise ModelLoadError(
+                    f"{adapter_dir} is a checkpoint of an FSDP run: it holds the weights only as shards ({DCP_DIR}/), "
+                    "to resume from. Generate, evaluate or export the run's final/ or best/ folder (both also hold "
+                    "the weights in the usual format)."
+                )
             raise ModelLoadError(
                 f"{adapter_dir} holds neither adapter_config.json (LoRA adapter) nor config.json (full fine-tune "
                 "weights). Pass a run's checkpoint-N/ or final/ folder."

@@ -39,6 +39,7 @@ from accelerate.utils import InitProcessGroupKwargs, set_seed
 from higgs_tune.config import QUALITY_METRICS, Config
 from higgs_tune.data.pipeline import FamilyData, TrainData, build_train_data, check_data_codec, first_batches
 from higgs_tune.errors import CheckpointError
+from higgs_tune.families.base import has_usual_weights
 from higgs_tune.families.select import family_for
 from higgs_tune.infer.generate import GenerationRequest, SamplingOptions, generate_speech, write_wav
 from higgs_tune.infer.push import push_checkpoint
@@ -54,7 +55,7 @@ from higgs_tune.train.checkpoint import (
     read_manifest,
     require_unsharded,
 )
-from higgs_tune.train.checkpoint.sharded import has_usual_weights, is_sharded_checkpoint
+from higgs_tune.train.checkpoint.sharded import is_sharded_checkpoint
 from higgs_tune.train.distributed import gathered_for_generation, preserved_rng
 from higgs_tune.train.health import HealthMonitor
 from higgs_tune.train.logging import MetricsLogger, reduce_metrics

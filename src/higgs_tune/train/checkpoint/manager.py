@@ -62,8 +62,8 @@ from higgs_tune.runfs import (
     disown,
     format_bytes,
     fsync_path,
-    fsync_tree,
     publish_dir,
+    staged_dir,
     temp_path,
     write_json_atomic,
 )
@@ -254,12 +254,16 @@ class CheckpointManager:
     def best(self) -> Path | None:
         """The checkpoint with the best `checkpoint.best_metric` (lowest eval loss / CER / WER /
         cer_sim, highest similarity; the newest of equals); None when no save has that metric."""
+        best = self._best_of(self._records.values())
+        return self.run_dir / best.name if best is not None else None
+
+    def _best_of(self, records) -> _Record | None:
         metric = self.best_metric
-        scored = [r for r in self._records.values() if r.score(metric) is not None]
+        scored = [r for r in records if r.score(metric) is not None]
         if not scored:
             return None
         sign = -1.0 if QUALITY_METRICS.get(metric, False) else 1.0
-        return self.run_dir / min(scored, key=lambda r: (sign * r.score(metric), -r.step)).name
+        return min(scored, key=lambda r: (sign * r.score(metric), -r.step))
 
     def at_step(self, step: int) -> Path | None:
         """The checkpoint saved after optimizer step `step` (checkpoint-<step> before final/), if kept."""
@@ -386,21 +390,13 @@ class CheckpointManager:
             return self._save_on_main(step, final=final, rng=rng, tmp=tmp, shards=shards, full=weights, **kw)
 
     def _would_be_best(self, step: int, kw: dict) -> bool:
-        """Rank 0: a checkpoint of `step` with these metrics would be linked as best/ (keep_best on);
-        decided by `best` itself, with the candidate among the records for the question."""
+        """Rank 0: a checkpoint of `step` with these metrics would be linked as best/ (keep_best on)."""
         if not self.cfg.keep_best:
             return False
         name = checkpoint_name(step)
-        before = self._records.get(name)
-        self._records[name] = _Record(name, int(step), kw["eval_loss"], 0, dict(kw["metrics"]))
-        try:
-            best = self.best
-            return best is not None and best.name == name
-        finally:
-            if before is None:
-                del self._records[name]
-            else:
-                self._records[name] = before
+        candidate = _Record(name, int(step), kw["eval_loss"], 0, dict(kw["metrics"]))
+        others = [r for r in self._records.values() if r.name != name]
+        return self._best_of([*others, candidate]) is candidate
 
     def _prepare_tmp(self, step: int, name: str, kw: dict) -> tuple[tuple, BaseException | None]:
         """Rank 0: ("ok", temporary folder) after the space and JSON checks, or ("failed", (message,
@@ -607,10 +603,7 @@ class CheckpointManager:
         target = self.run_dir / BEST_NAME
         if best is None or (self._linked == best.name and target.is_dir()):
             return
-        tmp = temp_path(target)
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        try:
+        with staged_dir(target) as tmp:
             for src in sorted(best.rglob("*")):
                 dst = tmp / src.relative_to(best)
                 if src.is_dir():
@@ -621,12 +614,7 @@ class CheckpointManager:
                     os.link(src, dst)
                 except OSError:
                     shutil.copy2(src, dst)
-            fsync_tree(tmp)
-            publish_dir(tmp, target)
-            claim(self.run_dir, BEST_NAME)  # ours: --overwrite may remove it
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        claim(self.run_dir, BEST_NAME)  # ours: --overwrite may remove it
         self._linked = best.name
         log.info("checkpoint: %s is the best by %s: linked as %s", best.name, self.best_metric, target)
 

@@ -31,7 +31,6 @@ from pathlib import Path
 import torch
 
 from higgs_tune.errors import CheckpointError
-from higgs_tune.families.base import FAMILY_MARKER
 from higgs_tune.runfs import DCP_DIR, fsync_path, sha256_file
 from higgs_tune.train import distributed as dist_utils
 
@@ -113,14 +112,6 @@ def load_shards(folder: Path, root: torch.nn.Module, optimizer) -> None:
 
     set_model_state_dict(root, state["model"], options=StateDictOptions(strict=False))
     set_optimizer_state_dict(root, optimizer, state["optim"])
-
-
-def has_usual_weights(folder: Path) -> bool:
-    """`folder` also holds the weights in the usual format (final/ or a best checkpoint of an FSDP run):
-    a PEFT adapter, a full model's config.json + safetensors, or v3's full weights with their family
-    marker."""
-    folder = Path(folder)
-    return any((folder / m).is_file() for m in ("adapter_config.json", "config.json", FAMILY_MARKER))
 
 
 def rank_tmp_ok(tmp: Path) -> bool:
